@@ -7,3 +7,4 @@ pub mod ir;
 pub mod tensor;
 pub mod diag;
 pub mod syntax;
+pub mod model;
