@@ -102,3 +102,95 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     }
     i
 }
+
+/// The byte range of `span` inside `text`, clamped to the text and widened
+/// to char boundaries, so a stale or hostile span can never make a slice
+/// panic inside the renderer.
+fn clamp_range(text: &str, span: Span) -> std::ops::Range<usize> {
+    let start = floor_char_boundary(text, (span.start as usize).min(text.len()));
+    let mut end = (span.end as usize).clamp(start, text.len());
+    while end < text.len() && !text.is_char_boundary(end) {
+        end += 1;
+    }
+    start..end
+}
+
+/// `file:line:col: error: message` — one line per diagnostic, for tests and
+/// terse output.
+pub fn one_line(d: &Diagnostic, sources: &SourceMap) -> String {
+    let name = sources
+        .get(d.span.file)
+        .map_or("<unknown>", |f| f.name.as_str());
+    let (line, col) = sources.line_col(d.span.file, d.span.start);
+    let sev = match d.severity {
+        Severity::Error => "error",
+        Severity::Warning => "warning",
+    };
+    format!("{name}:{line}:{col}: {sev}: {}", d.message)
+}
+
+/// Renders diagnostics the way the CLI prints them: severity and message,
+/// `file:line:col`, the source line with `^^^` under the span, related
+/// places as secondary labels and `help` as a note. Plain text, no colours.
+pub fn render(diags: &[Diagnostic], sources: &SourceMap) -> String {
+    use codespan_reporting::diagnostic::{Diagnostic as CsDiagnostic, Label, Severity as CsSeverity};
+    use codespan_reporting::files::SimpleFiles;
+    use codespan_reporting::term::{self, termcolor::NoColor, Chars, Config};
+
+    let mut files = SimpleFiles::new();
+    for f in &sources.files {
+        files.add(f.name.as_str(), f.text.as_str());
+    }
+    let config = Config {
+        chars: Chars::ascii(),
+        ..Config::default()
+    };
+    let label = |span: Span, primary: bool| -> Option<Label<usize>> {
+        let f = sources.get(span.file)?;
+        let range = clamp_range(&f.text, span);
+        let id = span.file as usize;
+        Some(if primary {
+            Label::primary(id, range)
+        } else {
+            Label::secondary(id, range)
+        })
+    };
+
+    let mut out = NoColor::new(Vec::new());
+    for d in diags {
+        let severity = match d.severity {
+            Severity::Error => CsSeverity::Error,
+            Severity::Warning => CsSeverity::Warning,
+        };
+        let mut labels = Vec::new();
+        let mut notes = Vec::new();
+        match label(d.span, true) {
+            Some(l) => labels.push(l),
+            // A span into a file the map does not hold still gets its
+            // message printed rather than being dropped.
+            None => notes.push(format!("at {}", one_line(d, sources))),
+        }
+        for (span, text) in &d.related {
+            match label(*span, false) {
+                Some(l) => labels.push(l.with_message(text.clone())),
+                None => notes.push(text.clone()),
+            }
+        }
+        if let Some(h) = &d.help {
+            notes.push(format!("help: {h}"));
+        }
+        let cs = CsDiagnostic::new(severity)
+            .with_message(d.message.clone())
+            .with_labels(labels)
+            .with_notes(notes);
+        if term::emit(&mut out, &config, &files, &cs).is_err() {
+            // The renderer refused (it should not, spans are clamped): fall
+            // back to the one-line form so the message is never lost.
+            let mut v = std::mem::take(out.get_mut());
+            v.extend_from_slice(one_line(d, sources).as_bytes());
+            v.push(b'\n');
+            *out.get_mut() = v;
+        }
+    }
+    String::from_utf8_lossy(&out.into_inner()).into_owned()
+}

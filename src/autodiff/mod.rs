@@ -1,0 +1,191 @@
+//! Reverse-mode automatic differentiation on the IR.
+//!
+//! Differentiation is a graph transformation: it appends ordinary IR nodes
+//! (including the gradient helper ops such as `conv_grad_input`) to the
+//! forward graph, so the backward pass and the optimizer update are just
+//! more IR that the passes optimise and the JIT compiles. Nothing
+//! downstream knows a node came from differentiation.
+//!
+//! - [`gradients`] — the core: walk the graph in reverse topological order
+//!   from a scalar loss, apply one rule per op (`rules.rs`), sum the
+//!   contributions that reach each value.
+//! - [`with_gradients`] — the forward graph plus `grad.<param>` outputs.
+//! - [`training_step`] — forward, backward of the objective and the
+//!   optimizer update as one graph (`train.rs`).
+
+mod emit;
+mod rules;
+mod train;
+
+pub use train::training_step;
+
+use crate::ir::{Graph, Op, OutputKind, ShapeError, Span, Value};
+use crate::model::Model;
+use crate::tensor::DType;
+use emit::Emit;
+use petgraph::stable_graph::NodeIndex;
+use std::collections::{BTreeMap, HashSet};
+
+/// Why a gradient or training graph could not be built.
+#[derive(thiserror::Error, Debug)]
+pub enum AutodiffError {
+    #[error("the loss must be a scalar f32 (type f32[]), but it is {ty}")]
+    LossNotScalar { ty: String },
+    #[error("model `{model}` has no `loss`, so there is nothing to differentiate; add a `loss = ...` statement")]
+    NoLoss { model: String },
+    #[error("cannot take a gradient with respect to {what}: it is {ty}, and only f32 values have gradients")]
+    NotFloat { what: String, ty: String },
+    #[error("`{op}` has no gradient rule, but the loss depends on its result through a value being differentiated")]
+    NoGradientRule {
+        op: &'static str,
+        /// Where the op came from in the source, when known.
+        span: Option<Span>,
+    },
+    #[error("building the gradient of `{op}` produced an ill-typed op: {source}")]
+    Build {
+        op: &'static str,
+        #[source]
+        source: ShapeError,
+    },
+    #[error("invalid optimizer setting: {0}")]
+    BadHyperparameter(String),
+}
+
+/// Append to `g` the gradient of scalar `loss` w.r.t. each of `wrt`; returns
+/// one Value per entry of `wrt` (a zero Fill when the loss does not depend on
+/// it).
+pub fn gradients(g: &mut Graph, loss: Value, wrt: &[Value]) -> Result<Vec<Value>, AutodiffError> {
+    let lt = g.ty(loss);
+    if lt.dtype != DType::F32 || !lt.shape.is_empty() {
+        return Err(AutodiffError::LossNotScalar { ty: lt.to_string() });
+    }
+    for &w in wrt {
+        let t = g.ty(w);
+        if t.dtype != DType::F32 {
+            return Err(AutodiffError::NotFloat {
+                what: describe(g, w),
+                ty: t.to_string(),
+            });
+        }
+    }
+
+    // Only nodes on a path from some `wrt` to the loss carry gradient; the
+    // rest (e.g. branches that only read inputs) would be dead code.
+    let order = g.topo_order();
+    let on_path = on_path(g, loss, wrt);
+
+    // ∂loss/∂value for every value reached so far; several contributions
+    // to one value are summed as they arrive.
+    let mut grad: BTreeMap<Value, Value> = BTreeMap::new();
+    let seed = Emit::new(g, "loss", None).scalar(1.0)?;
+    grad.insert(loss, seed);
+
+    for &n in order.iter().rev() {
+        if !on_path.contains(&n) || g.node(n).op.is_leaf() {
+            continue;
+        }
+        let outs = g.node(n).outputs.len();
+        let dys: Vec<Option<Value>> = (0..outs)
+            .map(|p| {
+                grad.get(&Value {
+                    node: n,
+                    port: p as u16,
+                })
+                .copied()
+            })
+            .collect();
+        let Some(dy) = dys[0] else { continue };
+        let node = g.node(n);
+        let (op, span) = (node.op.clone(), node.span);
+        if outs != 1 {
+            // Only the gradient helper ops have several results, and they
+            // have no rules; say so rather than drop the other ports.
+            return Err(AutodiffError::NoGradientRule {
+                op: op.name(),
+                span,
+            });
+        }
+        let xs = g.inputs(n);
+        let y = Value::new(n);
+        let mut e = Emit::new(g, op.name(), span);
+        let dxs = rules::backward(&mut e, &op, &xs, y, dy)?;
+        for (&x, dx) in xs.iter().zip(dxs) {
+            let Some(dx) = dx else { continue };
+            if !on_path.contains(&x.node) || e.g.ty(x).dtype != DType::F32 {
+                continue;
+            }
+            let total = match grad.get(&x) {
+                Some(&prev) => e.add(prev, dx)?,
+                None => dx,
+            };
+            grad.insert(x, total);
+        }
+    }
+
+    wrt.iter()
+        .map(|&w| match grad.get(&w) {
+            Some(&d) => Ok(d),
+            None => {
+                let shape = g.ty(w).shape.clone();
+                Emit::new(g, "loss", None).fill(0.0, shape)
+            }
+        })
+        .collect()
+}
+
+/// The forward graph plus one output `grad.<param>` (OutputKind::Grad) per
+/// parameter (sorted by name) — gradients of the `loss` output alone (no
+/// regulariser). Used by `dlc run --grads` and golden tests.
+pub fn with_gradients(model: &Model) -> Result<Graph, AutodiffError> {
+    let mut g = model.graph.clone();
+    let loss = loss_of(model)?;
+    let params = g.params();
+    let wrt: Vec<Value> = params.iter().map(|(_, v)| *v).collect();
+    let grads = gradients(&mut g, loss, &wrt)?;
+    for ((name, _), d) in params.iter().zip(grads) {
+        g.push_output(format!("grad.{name}"), OutputKind::Grad, d);
+    }
+    Ok(g)
+}
+
+/// The value of the model's `loss` output.
+fn loss_of(model: &Model) -> Result<Value, AutodiffError> {
+    model
+        .graph
+        .outputs
+        .iter()
+        .find(|o| o.kind == OutputKind::Loss)
+        .map(|o| o.value)
+        .ok_or_else(|| AutodiffError::NoLoss {
+            model: model.name.clone(),
+        })
+}
+
+/// Nodes that both depend on some `wrt` value and feed the loss.
+fn on_path(g: &Graph, loss: Value, wrt: &[Value]) -> HashSet<NodeIndex> {
+    let mut feeds_loss = HashSet::new();
+    let mut stack = vec![loss.node];
+    while let Some(n) = stack.pop() {
+        if feeds_loss.insert(n) {
+            stack.extend(g.inputs(n).iter().map(|v| v.node));
+        }
+    }
+    let mut from_wrt = HashSet::new();
+    let mut stack: Vec<NodeIndex> = wrt.iter().map(|v| v.node).collect();
+    while let Some(n) = stack.pop() {
+        if feeds_loss.contains(&n) && from_wrt.insert(n) {
+            stack.extend(g.users(n));
+        }
+    }
+    from_wrt
+}
+
+/// A value as a user would name it: the leaf's name, or the op that made it.
+fn describe(g: &Graph, v: Value) -> String {
+    match &g.node(v.node).op {
+        Op::Input { name } => format!("input `{name}`"),
+        Op::Param { name, .. } => format!("parameter `{name}`"),
+        Op::State { name } => format!("state `{name}`"),
+        op => format!("the result of `{}`", op.name()),
+    }
+}

@@ -1,0 +1,285 @@
+//! Small helpers over `FunctionBuilder` shared by every kernel template:
+//! the kernel signature, operand addressing, counted loops and f32x4 access.
+//!
+//! Every kernel has the signature
+//! `fn(arena: *mut u8, ptrs: *const *const u8, start: i64, end: i64) -> i64`:
+//! intermediate buffers sit at fixed offsets in the arena, fed tensors are
+//! reached through the pointer table, `[start, end)` is the slice of the
+//! kernel's work units this call must do, and a non-zero result reports a
+//! bad value (see `runtime::RuntimeError`).
+
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I64};
+use cranelift_codegen::ir::{
+    AbiParam, Block, Function, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind,
+    Type, UserFuncName, Value,
+};
+use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+
+/// Where a kernel operand lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loc {
+    /// A byte offset into the runtime-owned arena.
+    Arena(usize),
+    /// An entry of the pointer table (a tensor fed by the caller).
+    Extern(usize),
+}
+
+/// The signature every kernel function has.
+pub fn kernel_signature(call_conv: CallConv) -> Signature {
+    let mut sig = Signature::new(call_conv);
+    for _ in 0..4 {
+        sig.params.push(AbiParam::new(I64));
+    }
+    sig.returns.push(AbiParam::new(I64));
+    sig
+}
+
+/// Plain data access: the runtime guarantees bounds and 4-byte alignment.
+pub fn flags() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+/// Data that no store of this function can change (packed panels): such
+/// loads may move next to their use and fold into the consuming instruction.
+pub fn ro_flags() -> MemFlagsData {
+    MemFlagsData::trusted().with_readonly().with_can_move()
+}
+
+/// A kernel under construction.
+pub struct Kb<'a> {
+    pub b: FunctionBuilder<'a>,
+    arena: Value,
+    ptrs: Value,
+    pub start: Value,
+    pub end: Value,
+    ret: Block,
+}
+
+/// Build one kernel function; `body` emits the work for `[start, end)` and
+/// returns when done (the helper adds the successful return).
+pub fn build_kernel(
+    config: TargetFrontendConfig,
+    index: u32,
+    body: impl FnOnce(&mut Kb),
+) -> Function {
+    let mut func = Function::with_name_signature(
+        UserFuncName::user(0, index),
+        kernel_signature(config.default_call_conv),
+    );
+    let mut ctx = FunctionBuilderContext::new();
+    {
+        let mut b = FunctionBuilder::new(&mut func, &mut ctx);
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let p = b.block_params(entry).to_vec();
+        let ret = b.create_block();
+        b.append_block_param(ret, I64);
+        let mut kb = Kb {
+            b,
+            arena: p[0],
+            ptrs: p[1],
+            start: p[2],
+            end: p[3],
+            ret,
+        };
+        body(&mut kb);
+        let zero = kb.iconst(0);
+        kb.jump_ret(zero);
+        kb.b.switch_to_block(ret);
+        let code = kb.b.block_params(ret)[0];
+        kb.b.ins().return_(&[code]);
+        kb.b.seal_all_blocks();
+        kb.b.finalize(config);
+    }
+    func
+}
+
+impl Kb<'_> {
+    pub fn iconst(&mut self, v: i64) -> Value {
+        self.b.ins().iconst(I64, v)
+    }
+
+    pub fn fconst(&mut self, v: f32) -> Value {
+        self.b.ins().f32const(v)
+    }
+
+    pub fn vconst(&mut self, v: f32) -> Value {
+        let s = self.fconst(v);
+        self.b.ins().splat(F32X4, s)
+    }
+
+    /// Leave the kernel with `code` (0 = success); code after this point in
+    /// the current block is unreachable, so a fresh block is opened.
+    pub fn jump_ret(&mut self, code: Value) {
+        self.b
+            .ins()
+            .jump(self.ret, &[cranelift_codegen::ir::BlockArg::Value(code)]);
+        let next = self.b.create_block();
+        self.b.switch_to_block(next);
+    }
+
+    /// Base address of an operand.
+    pub fn base(&mut self, loc: Loc) -> Value {
+        match loc {
+            Loc::Arena(off) => self.b.ins().iadd_imm_s(self.arena, off as i64),
+            Loc::Extern(slot) => {
+                self.b
+                    .ins()
+                    .load(I64, ro_flags(), self.ptrs, (slot * 8) as i32)
+            }
+        }
+    }
+
+    /// `base + idx * scale` (byte address of element `idx`).
+    pub fn addr(&mut self, base: Value, idx: Value, scale: i64) -> Value {
+        let off = self.b.ins().imul_imm_s(idx, scale);
+        self.b.ins().iadd(base, off)
+    }
+
+    pub fn load_f(&mut self, addr: Value, off: i32) -> Value {
+        self.b.ins().load(F32, flags(), addr, off)
+    }
+    pub fn store_f(&mut self, v: Value, addr: Value, off: i32) {
+        self.b.ins().store(flags(), v, addr, off);
+    }
+    pub fn load_v(&mut self, addr: Value, off: i32) -> Value {
+        self.b.ins().load(F32X4, flags(), addr, off)
+    }
+    pub fn load_i(&mut self, addr: Value, off: i32) -> Value {
+        self.b.ins().load(I32, flags(), addr, off)
+    }
+    pub fn load_ty(&mut self, ty: Type, addr: Value, off: i32) -> Value {
+        self.b.ins().load(ty, flags(), addr, off)
+    }
+
+    /// A mutable local.
+    pub fn var(&mut self, ty: Type, init: Value) -> Variable {
+        let v = self.b.declare_var(ty);
+        self.b.def_var(v, init);
+        v
+    }
+
+    /// `for i in (lo..hi).step_by(step)`; `body` gets `i`.
+    pub fn for_range(&mut self, lo: Value, hi: Value, step: i64, body: impl FnOnce(&mut Self, Value)) {
+        let hdr = self.b.create_block();
+        let bb = self.b.create_block();
+        let exit = self.b.create_block();
+        let iv = self.var(I64, lo);
+        self.b.ins().jump(hdr, &[]);
+        self.b.switch_to_block(hdr);
+        let i = self.b.use_var(iv);
+        // `i + step <= hi` keeps stepped loops to whole steps.
+        let cond = if step == 1 {
+            self.b.ins().icmp(IntCC::SignedLessThan, i, hi)
+        } else {
+            let last = self.b.ins().iadd_imm_s(i, step);
+            self.b.ins().icmp(IntCC::SignedLessThanOrEqual, last, hi)
+        };
+        self.b.ins().brif(cond, bb, &[], exit, &[]);
+        self.b.switch_to_block(bb);
+        body(self, i);
+        let i = self.b.use_var(iv);
+        let next = self.b.ins().iadd_imm_s(i, step);
+        self.b.def_var(iv, next);
+        self.b.ins().jump(hdr, &[]);
+        self.b.switch_to_block(exit);
+    }
+
+    /// `for i in lo..hi` over constants.
+    pub fn for_const(&mut self, lo: usize, hi: usize, body: impl FnOnce(&mut Self, Value)) {
+        let lo = self.iconst(lo as i64);
+        let hi = self.iconst(hi as i64);
+        self.for_range(lo, hi, 1, body);
+    }
+
+    /// Loop over `[lo, hi)` with f32x4 steps, then the scalar tail; the
+    /// tail start is also returned so callers can continue from it.
+    pub fn for_vec_tail(
+        &mut self,
+        lo: Value,
+        hi: Value,
+        mut vec_body: impl FnMut(&mut Self, Value),
+        mut tail_body: impl FnMut(&mut Self, Value),
+    ) {
+        let iv = self.var(I64, lo);
+        let hdr = self.b.create_block();
+        let bb = self.b.create_block();
+        let tail = self.b.create_block();
+        self.b.ins().jump(hdr, &[]);
+        self.b.switch_to_block(hdr);
+        let i = self.b.use_var(iv);
+        let last = self.b.ins().iadd_imm_s(i, 4);
+        let cond = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, last, hi);
+        self.b.ins().brif(cond, bb, &[], tail, &[]);
+        self.b.switch_to_block(bb);
+        vec_body(self, i);
+        let i = self.b.use_var(iv);
+        let next = self.b.ins().iadd_imm_s(i, 4);
+        self.b.def_var(iv, next);
+        self.b.ins().jump(hdr, &[]);
+        self.b.switch_to_block(tail);
+        let i = self.b.use_var(iv);
+        self.for_range(i, hi, 1, |k, j| tail_body(k, j));
+    }
+
+    /// `if cond { then }`.
+    pub fn if_then(&mut self, cond: Value, then: impl FnOnce(&mut Self)) {
+        let tb = self.b.create_block();
+        let done = self.b.create_block();
+        self.b.ins().brif(cond, tb, &[], done, &[]);
+        self.b.switch_to_block(tb);
+        then(self);
+        self.b.ins().jump(done, &[]);
+        self.b.switch_to_block(done);
+    }
+
+    /// `if cond { then } else { els }`.
+    pub fn if_else(&mut self, cond: Value, then: impl FnOnce(&mut Self), els: impl FnOnce(&mut Self)) {
+        let tb = self.b.create_block();
+        let eb = self.b.create_block();
+        let done = self.b.create_block();
+        self.b.ins().brif(cond, tb, &[], eb, &[]);
+        self.b.switch_to_block(tb);
+        then(self);
+        self.b.ins().jump(done, &[]);
+        self.b.switch_to_block(eb);
+        els(self);
+        self.b.ins().jump(done, &[]);
+        self.b.switch_to_block(done);
+    }
+
+    /// A 16-byte-aligned stack buffer of `bytes`; returns its address.
+    pub fn stack_buf(&mut self, bytes: u32) -> Value {
+        let slot = self
+            .b
+            .create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, bytes, 4));
+        self.b.ins().stack_addr(I64, slot, 0)
+    }
+
+    /// Decompose a flat index into its coordinates over `dims` (row-major)
+    /// and return `Σ coord_d · strides[k][d]` for each stride vector `k`.
+    pub fn unflatten_offsets(&mut self, flat: Value, dims: &[usize], strides: &[Vec<i64>]) -> Vec<Value> {
+        let mut offs: Vec<Value> = strides.iter().map(|_| self.iconst(0)).collect();
+        let mut rest = flat;
+        for d in (0..dims.len()).rev() {
+            let n = dims[d] as i64;
+            let coord = if d == 0 {
+                rest
+            } else {
+                let c = self.b.ins().urem_imm_u(rest, n);
+                rest = self.b.ins().udiv_imm_u(rest, n);
+                c
+            };
+            for (k, s) in strides.iter().enumerate() {
+                if s[d] != 0 {
+                    let t = self.b.ins().imul_imm_s(coord, s[d]);
+                    offs[k] = self.b.ins().iadd(offs[k], t);
+                }
+            }
+        }
+        offs
+    }
+}

@@ -1,0 +1,286 @@
+//! Lowering of one IR node to kernel steps, specialised to its shapes and
+//! to where its operands live.
+
+use super::emit::Loc;
+use super::kernel::{
+    broadcast_strides, collapse, contiguous_strides, Copy, Elementwise, EwOp, Fill, Gather,
+    MatmulPhase, ScatterAdd, Step, View,
+};
+use super::matmul::{Matmul, MmOperand};
+use super::reduce::{CrossEntropy, Reduce, Softmax};
+use crate::ir::{Op, TensorType};
+use crate::tensor::numel;
+
+/// The steps of one node and the scratch bytes they use past `scratch`.
+pub struct Lowered {
+    pub steps: Vec<Step>,
+    pub scratch_bytes: usize,
+}
+
+/// Bytes reserved for each scratch region, rounded to keep 64-byte alignment.
+pub fn align64(n: usize) -> usize {
+    n.div_ceil(64) * 64
+}
+
+/// Lower `op`, or `None` when it has no compiled kernel yet.
+pub fn lower(
+    op: &Op,
+    ins: &[(Loc, &TensorType)],
+    outs: &[(Loc, &TensorType)],
+    scratch: usize,
+) -> Option<Lowered> {
+    let plain = |steps: Vec<Step>| {
+        Some(Lowered {
+            steps,
+            scratch_bytes: 0,
+        })
+    };
+    let out = outs.first()?;
+    let oshape = &out.1.shape;
+    match op {
+        Op::Fill { value, .. } => plain(vec![Step::Fill(Fill {
+            dst: out.0,
+            off: 0,
+            n: numel(oshape),
+            bits: value.to_bits(),
+        })]),
+        Op::Unary(u) => plain(vec![elementwise(EwOp::Unary(*u), ins, out)]),
+        Op::Binary(b) => plain(vec![elementwise(EwOp::Binary(*b), ins, out)]),
+        Op::Reduce { op, axes, .. } => {
+            let (src, st) = ins[0];
+            let shape = &st.shape;
+            let cs = contiguous_strides(shape);
+            let mut kept = Vec::new();
+            let mut kept_s = Vec::new();
+            let mut red = Vec::new();
+            let mut red_s = Vec::new();
+            for d in 0..shape.len() {
+                if axes.contains(&d) {
+                    red.push(shape[d]);
+                    red_s.push(cs[d]);
+                } else {
+                    kept.push(shape[d]);
+                    kept_s.push(cs[d]);
+                }
+            }
+            let mut out_s = contiguous_strides(&kept);
+            let kept = collapse(&kept, &mut [&mut out_s, &mut kept_s]);
+            let red = collapse(&red, &mut [&mut red_s]);
+            plain(vec![Step::Reduce(Reduce {
+                op: *op,
+                src,
+                dst: out.0,
+                kept_dims: kept,
+                kept_strides: kept_s,
+                red_dims: red,
+                red_strides: red_s,
+            })])
+        }
+        Op::Softmax { axis } | Op::LogSoftmax { axis } => {
+            let shape = &ins[0].1.shape;
+            plain(vec![Step::Softmax(Softmax {
+                src: ins[0].0,
+                dst: out.0,
+                outer: shape[..*axis].iter().product(),
+                len: shape[*axis],
+                inner: shape[axis + 1..].iter().product(),
+                log: matches!(op, Op::LogSoftmax { .. }),
+            })])
+        }
+        Op::MatMul => {
+            let (a, b) = (&ins[0].1.shape, &ins[1].1.shape);
+            let r = oshape.len();
+            let batch = oshape[..r - 2].to_vec();
+            let (m, k, n) = (a[a.len() - 2], a[a.len() - 1], b[b.len() - 1]);
+            let bs = |s: &[usize], mat: usize| -> Vec<i64> {
+                broadcast_strides(&s[..s.len() - 2], &batch)
+                    .into_iter()
+                    .map(|x| x * mat as i64)
+                    .collect()
+            };
+            let mut mm = Matmul {
+                batch: batch.clone(),
+                m,
+                k,
+                n,
+                a: MmOperand {
+                    loc: ins[0].0,
+                    off: 0,
+                    batch_strides: bs(a, m * k),
+                    rs: k as i64,
+                    cs: 1,
+                },
+                b: MmOperand {
+                    loc: ins[1].0,
+                    off: 0,
+                    batch_strides: bs(b, k * n),
+                    rs: n as i64,
+                    cs: 1,
+                },
+                c: out.0,
+                c_off: 0,
+                pack_a: Loc::Arena(scratch),
+                pack_b: Loc::Arena(scratch),
+            };
+            if numel(oshape) == 0 {
+                return plain(vec![]);
+            }
+            if k == 0 {
+                return plain(vec![Step::Fill(Fill {
+                    dst: out.0,
+                    off: 0,
+                    n: numel(oshape),
+                    bits: 0,
+                })]);
+            }
+            let pa = align64(mm.pack_a_bytes());
+            mm.pack_b = Loc::Arena(scratch + pa);
+            let total = pa + align64(mm.pack_b_bytes());
+            Some(Lowered {
+                steps: vec![
+                    Step::Matmul(mm.clone(), MatmulPhase::PackA),
+                    Step::Matmul(mm.clone(), MatmulPhase::PackB),
+                    Step::Matmul(mm, MatmulPhase::Compute),
+                ],
+                scratch_bytes: total,
+            })
+        }
+        Op::Transpose { perm } => {
+            let cs = contiguous_strides(&ins[0].1.shape);
+            let src_s: Vec<i64> = perm.iter().map(|&p| cs[p]).collect();
+            plain(vec![copy(oshape, ins[0].0, 0, src_s, out.0, 0, contiguous_strides(oshape))])
+        }
+        Op::Reshape { .. } => {
+            let n = numel(oshape);
+            plain(vec![copy(&[n], ins[0].0, 0, vec![1], out.0, 0, vec![1])])
+        }
+        Op::Expand { shape } => {
+            let src_s = broadcast_strides(&ins[0].1.shape, shape);
+            plain(vec![copy(oshape, ins[0].0, 0, src_s, out.0, 0, contiguous_strides(oshape))])
+        }
+        Op::Concat { axis } => {
+            let os = contiguous_strides(oshape);
+            let mut at = 0usize;
+            let mut steps = Vec::new();
+            for (loc, t) in ins {
+                let s = &t.shape;
+                steps.push(copy(s, *loc, 0, contiguous_strides(s), out.0, at * os[*axis] as usize, os.clone()));
+                at += s[*axis];
+            }
+            plain(steps)
+        }
+        Op::Slice { axis, start, .. } => {
+            let cs = contiguous_strides(&ins[0].1.shape);
+            plain(vec![copy(
+                oshape,
+                ins[0].0,
+                start * cs[*axis] as usize,
+                cs,
+                out.0,
+                0,
+                contiguous_strides(oshape),
+            )])
+        }
+        Op::PadSlice { axis, start, .. } => {
+            let os = contiguous_strides(oshape);
+            let s = &ins[0].1.shape;
+            plain(vec![
+                Step::Fill(Fill {
+                    dst: out.0,
+                    off: 0,
+                    n: numel(oshape),
+                    bits: 0,
+                }),
+                copy(s, ins[0].0, 0, contiguous_strides(s), out.0, start * os[*axis] as usize, os),
+            ])
+        }
+        Op::Gather => {
+            let t = &ins[0].1.shape;
+            plain(vec![Step::Gather(Gather {
+                table: ins[0].0,
+                ids: ins[1].0,
+                out: out.0,
+                rows: t[0],
+                width: t[1],
+                count: numel(&ins[1].1.shape),
+            })])
+        }
+        Op::ScatterAdd { rows } => plain(vec![Step::ScatterAdd(ScatterAdd {
+            ids: ins[0].0,
+            dy: ins[1].0,
+            out: out.0,
+            rows: *rows,
+            width: oshape[1],
+            count: numel(&ins[0].1.shape),
+        })]),
+        Op::CrossEntropy | Op::CrossEntropyGrad => {
+            let s = &ins[0].1.shape;
+            plain(vec![Step::CrossEntropy(CrossEntropy {
+                logits: ins[0].0,
+                labels: ins[1].0,
+                out: out.0,
+                n: s[0],
+                c: s[1],
+                grad: ins.get(2).map(|x| x.0),
+            })])
+        }
+        _ => None,
+    }
+}
+
+fn elementwise(op: EwOp, ins: &[(Loc, &TensorType)], out: &(Loc, &TensorType)) -> Step {
+    let oshape = &out.1.shape;
+    let mut out_s = contiguous_strides(oshape);
+    let mut in_s: Vec<Vec<i64>> = ins
+        .iter()
+        .map(|(_, t)| broadcast_strides(&t.shape, oshape))
+        .collect();
+    let dims = {
+        let mut views: Vec<&mut Vec<i64>> = vec![&mut out_s];
+        views.extend(in_s.iter_mut());
+        collapse(oshape, &mut views)
+    };
+    Step::Elementwise(Elementwise {
+        op,
+        dims,
+        out: View {
+            loc: out.0,
+            off: 0,
+            strides: out_s,
+        },
+        ins: ins
+            .iter()
+            .zip(in_s)
+            .map(|((loc, _), strides)| View {
+                loc: *loc,
+                off: 0,
+                strides,
+            })
+            .collect(),
+    })
+}
+
+fn copy(
+    dims: &[usize],
+    src: Loc,
+    src_off: usize,
+    mut src_s: Vec<i64>,
+    dst: Loc,
+    dst_off: usize,
+    mut dst_s: Vec<i64>,
+) -> Step {
+    let dims = collapse(dims, &mut [&mut dst_s, &mut src_s]);
+    Step::Copy(Copy {
+        dims,
+        src: View {
+            loc: src,
+            off: src_off,
+            strides: src_s,
+        },
+        dst: View {
+            loc: dst,
+            off: dst_off,
+            strides: dst_s,
+        },
+    })
+}

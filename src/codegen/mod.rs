@@ -1,0 +1,368 @@
+//! The Cranelift JIT backend: every kernel of a graph becomes native code
+//! specialised to its shapes.
+//!
+//! **Architecture invariants.** A kernel is a sequence of steps; each step is
+//! one Cranelift function `fn(arena, ptrs, start, end) -> i64` over a range
+//! of independent work units, so the runtime may split any step over
+//! threads without changing a single bit of its result. JIT code never
+//! allocates: intermediate buffers live at the [`MemoryPlan`]'s offsets in
+//! the runtime's arena, fed tensors are read in place through the pointer
+//! table. Ops without a compiled kernel run through the interpreter
+//! ([`crate::interp::eval_op`]) and are counted by
+//! [`JitModel::interpreted_kernels`].
+//!
+//! Today one kernel is one non-leaf node, in [`Graph::topo_order`]; fusion
+//! will hand over groups through the same [`compile_with_plan`] seam.
+
+pub mod emit;
+pub mod kernel;
+pub mod lower;
+pub mod math;
+pub mod matmul;
+pub mod plan;
+pub mod reduce;
+
+pub use crate::runtime::{JitModel, RuntimeError};
+pub use plan::MemoryPlan;
+
+use crate::ir::{Graph, Op, TensorType, Value};
+use crate::runtime::{Exec, ExecKernel, JitStep, StepCheck};
+use cranelift_codegen::ir::Function;
+use cranelift_codegen::isa::{OwnedTargetIsa, TargetFrontendConfig};
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{Linkage, Module};
+use emit::Loc;
+use kernel::Step;
+use petgraph::stable_graph::NodeIndex;
+use std::collections::HashMap;
+
+/// Options of the JIT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JitOptions {
+    /// Worker threads (including the calling one); at least 1.
+    pub threads: usize,
+}
+
+impl Default for JitOptions {
+    fn default() -> Self {
+        JitOptions {
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        }
+    }
+}
+
+/// Why a graph could not be compiled.
+#[derive(Debug, thiserror::Error)]
+pub enum CodegenError {
+    #[error("cannot set up the JIT for this machine: {0}")]
+    Isa(String),
+    #[error("Cranelift rejected the kernel of node %{node} ({op}): {message}")]
+    Cranelift {
+        node: usize,
+        op: &'static str,
+        message: String,
+    },
+    #[error("the graph has a cycle; kernels cannot be ordered")]
+    Cycle,
+    #[error("the memory plan is invalid: {0}")]
+    Plan(String),
+    #[error("output '{0}' refers to a value that is not in the graph")]
+    BadOutput(String),
+}
+
+/// The host ISA with the flags our kernels rely on (FMA, SSE4.1 rounding).
+pub fn host_isa() -> Result<OwnedTargetIsa, CodegenError> {
+    let mut flags = settings::builder();
+    let set = |f: &mut settings::Builder, k: &str, v: &str| {
+        f.set(k, v)
+            .map_err(|e| CodegenError::Isa(format!("setting {k}={v}: {e}")))
+    };
+    set(&mut flags, "opt_level", "speed")?;
+    set(&mut flags, "is_pic", "false")?;
+    let mut isa = cranelift_native::builder().map_err(|e| CodegenError::Isa(e.to_string()))?;
+    #[cfg(target_arch = "x86_64")]
+    {
+        // Without `has_fma`, `fma` would become calls to `fmaf`.
+        for (feature, present) in [
+            ("has_sse41", std::is_x86_feature_detected!("sse4.1")),
+            ("has_avx", std::is_x86_feature_detected!("avx")),
+            ("has_avx2", std::is_x86_feature_detected!("avx2")),
+            ("has_fma", std::is_x86_feature_detected!("fma")),
+        ] {
+            if present {
+                isa.enable(feature)
+                    .map_err(|e| CodegenError::Isa(format!("{feature}: {e}")))?;
+            }
+        }
+    }
+    isa.finish(settings::Flags::new(flags))
+        .map_err(|e| CodegenError::Isa(e.to_string()))
+}
+
+/// One kernel before code generation.
+enum Planned {
+    Jit(Vec<Step>),
+    Host,
+}
+
+struct Prepared {
+    order: Vec<NodeIndex>,
+    locs: HashMap<Value, Loc>,
+    kernels: Vec<(NodeIndex, Planned)>,
+    feeds: Vec<(String, &'static str, Value)>,
+    plan: MemoryPlan,
+}
+
+fn leaf_kind(op: &Op) -> Option<(&'static str, &str)> {
+    match op {
+        Op::Input { name } => Some(("input", name)),
+        Op::Param { name, .. } => Some(("param", name)),
+        Op::State { name } => Some(("state", name)),
+        _ => None,
+    }
+}
+
+fn operands(g: &Graph, n: NodeIndex, locs: &HashMap<Value, Loc>) -> Vec<(Loc, TensorType)> {
+    g.inputs(n)
+        .into_iter()
+        .map(|v| (locs.get(&v).copied().unwrap_or(Loc::Arena(0)), g.ty(v).clone()))
+        .collect()
+}
+
+fn results(g: &Graph, n: NodeIndex, locs: &HashMap<Value, Loc>) -> Vec<(Loc, TensorType)> {
+    g.node(n)
+        .outputs
+        .iter()
+        .enumerate()
+        .map(|(p, t)| {
+            let v = Value {
+                node: n,
+                port: p as u16,
+            };
+            (locs.get(&v).copied().unwrap_or(Loc::Arena(0)), t.clone())
+        })
+        .collect()
+}
+
+fn lower_node(g: &Graph, n: NodeIndex, locs: &HashMap<Value, Loc>, scratch: usize) -> Option<lower::Lowered> {
+    let ins = operands(g, n, locs);
+    let outs = results(g, n, locs);
+    let ins_ref: Vec<(Loc, &TensorType)> = ins.iter().map(|(l, t)| (*l, t)).collect();
+    let outs_ref: Vec<(Loc, &TensorType)> = outs.iter().map(|(l, t)| (*l, t)).collect();
+    lower::lower(&g.node(n).op, &ins_ref, &outs_ref, scratch)
+}
+
+fn prepare(g: &Graph, plan: Option<MemoryPlan>) -> Result<Prepared, CodegenError> {
+    let order = g.topo_order();
+    if order.len() != g.graph.node_count() {
+        return Err(CodegenError::Cycle);
+    }
+    for o in &g.outputs {
+        let ok = g.graph.node_weight(o.value.node).is_some_and(|nd| (o.value.port as usize) < nd.outputs.len());
+        if !ok {
+            return Err(CodegenError::BadOutput(o.name.clone()));
+        }
+    }
+    let mut feeds = Vec::new();
+    for &n in &order {
+        if let Some((kind, name)) = leaf_kind(&g.node(n).op) {
+            feeds.push((name.to_string(), kind, Value::new(n)));
+        }
+    }
+    feeds.sort_by(|a, b| (a.0.as_str(), a.1).cmp(&(b.0.as_str(), b.1)));
+    // Scratch sizes come from a trial lowering; they do not depend on where
+    // buffers are.
+    let empty = HashMap::new();
+    let mut scratch_bytes = HashMap::new();
+    for &n in &order {
+        if leaf_kind(&g.node(n).op).is_none() {
+            if let Some(l) = lower_node(g, n, &empty, 0) {
+                scratch_bytes.insert(n, l.scratch_bytes);
+            }
+        }
+    }
+    let plan = match plan {
+        Some(p) => {
+            p.check(g, &scratch_bytes).map_err(CodegenError::Plan)?;
+            p
+        }
+        None => MemoryPlan::naive(g, &scratch_bytes),
+    };
+    let mut locs: HashMap<Value, Loc> = plan.values.iter().map(|(v, o)| (*v, Loc::Arena(*o))).collect();
+    for (slot, (_, _, v)) in feeds.iter().enumerate() {
+        locs.insert(*v, Loc::Extern(slot));
+    }
+    let mut kernels = Vec::new();
+    for &n in &order {
+        if leaf_kind(&g.node(n).op).is_some() {
+            continue;
+        }
+        let scratch = plan.scratch.get(&n).copied().unwrap_or(0);
+        let k = match lower_node(g, n, &locs, scratch) {
+            Some(l) => Planned::Jit(l.steps),
+            None => Planned::Host,
+        };
+        kernels.push((n, k));
+    }
+    Ok(Prepared {
+        order,
+        locs,
+        kernels,
+        feeds,
+        plan,
+    })
+}
+
+/// Compile a graph with the default memory plan.
+pub fn compile(g: &Graph, opts: &JitOptions) -> Result<JitModel, CodegenError> {
+    compile_with_plan(g, None, opts)
+}
+
+/// Compile a graph with a given memory plan (checked), or the default one.
+pub fn compile_with_plan(
+    g: &Graph,
+    plan: Option<MemoryPlan>,
+    opts: &JitOptions,
+) -> Result<JitModel, CodegenError> {
+    let p = prepare(g, plan)?;
+    let isa = host_isa()?;
+    let config = isa.frontend_config();
+    let call_conv = config.default_call_conv;
+    let mut module = JITModule::new(JITBuilder::with_isa(isa, cranelift_module::default_libcall_names()));
+    let sig = emit::kernel_signature(call_conv);
+    let mut ctx = module.make_context();
+    let mut pending: Vec<(usize, usize, cranelift_module::FuncId)> = Vec::new();
+    let mut execs: Vec<ExecKernel> = Vec::new();
+    let mut fn_index = 0u32;
+    for (ki, (n, k)) in p.kernels.iter().enumerate() {
+        let node = g.node(*n);
+        let exec = match k {
+            Planned::Host => Exec::Host {
+                op: node.op.clone(),
+                ins: operands(g, *n, &p.locs),
+                outs: results(g, *n, &p.locs),
+            },
+            Planned::Jit(steps) => {
+                let mut js = Vec::new();
+                for (si, step) in steps.iter().enumerate() {
+                    let func = build_step(config, fn_index, step);
+                    let id = module
+                        .declare_function(&format!("k{fn_index}"), Linkage::Local, &sig)
+                        .map_err(|e| cranelift_err(*n, &node.op, e.to_string()))?;
+                    ctx.func = func;
+                    module
+                        .define_function(id, &mut ctx)
+                        .map_err(|e| cranelift_err(*n, &node.op, format!("{e:?}")))?;
+                    module.clear_context(&mut ctx);
+                    pending.push((ki, si, id));
+                    fn_index += 1;
+                    js.push(JitStep {
+                        func: None,
+                        units: step.units(),
+                        grain: step.grain(),
+                        check: step_check(g, *n, step),
+                    });
+                }
+                Exec::Jit(js)
+            }
+        };
+        execs.push(ExecKernel {
+            node: n.index(),
+            op: node.op.name(),
+            exec,
+        });
+    }
+    module
+        .finalize_definitions()
+        .map_err(|e| CodegenError::Isa(format!("finalizing kernels: {e}")))?;
+    for (ki, si, id) in pending {
+        let ptr = module.get_finalized_function(id);
+        if let Exec::Jit(steps) = &mut execs[ki].exec {
+            steps[si].func = Some(ptr as usize);
+        }
+    }
+    let feeds = p
+        .feeds
+        .iter()
+        .map(|(name, kind, v)| (name.clone(), *kind, g.ty(*v).clone()))
+        .collect();
+    let outputs = g
+        .outputs
+        .iter()
+        .map(|o| (o.name.clone(), p.locs.get(&o.value).copied().unwrap_or(Loc::Arena(0)), g.ty(o.value).clone()))
+        .collect();
+    let _ = &p.order;
+    Ok(JitModel::new(module, execs, feeds, outputs, p.plan.size, opts.threads))
+}
+
+fn cranelift_err(n: NodeIndex, op: &Op, message: String) -> CodegenError {
+    CodegenError::Cranelift {
+        node: n.index(),
+        op: op.name(),
+        message,
+    }
+}
+
+fn build_step(config: TargetFrontendConfig, index: u32, step: &Step) -> Function {
+    emit::build_kernel(config, index, |kb| step.emit(kb))
+}
+
+/// How a non-zero kernel result is turned into an error.
+fn step_check(g: &Graph, n: NodeIndex, step: &Step) -> StepCheck {
+    let ins = g.inputs(n);
+    let op = g.node(n).op.name();
+    match step {
+        Step::Gather(s) => StepCheck::Id {
+            op,
+            ids: s.ids,
+            shape: g.ty(ins[1]).shape.clone(),
+            rows: s.rows,
+        },
+        Step::ScatterAdd(s) => StepCheck::Id {
+            op,
+            ids: s.ids,
+            shape: g.ty(ins[0]).shape.clone(),
+            rows: s.rows,
+        },
+        Step::CrossEntropy(c) => StepCheck::Label {
+            op,
+            labels: c.labels,
+            classes: c.c,
+        },
+        _ => StepCheck::None,
+    }
+}
+
+/// The Cranelift IR of every kernel function, for `--emit clif`; nodes run
+/// by the interpreter are listed as comments.
+pub fn emit_clif(g: &Graph) -> String {
+    let p = match prepare(g, None) {
+        Ok(p) => p,
+        Err(e) => return format!("; error: {e}\n"),
+    };
+    let config = match host_isa() {
+        Ok(isa) => isa.frontend_config(),
+        Err(e) => return format!("; error: {e}\n"),
+    };
+    let mut out = String::new();
+    let mut index = 0u32;
+    for (n, k) in &p.kernels {
+        let op = &g.node(*n).op;
+        match k {
+            Planned::Host => out.push_str(&format!("; %{} {op}: interpreted\n\n", n.index())),
+            Planned::Jit(steps) => {
+                for (si, step) in steps.iter().enumerate() {
+                    out.push_str(&format!("; %{} {op}, step {si}\n", n.index()));
+                    let f = build_step(config, index, step);
+                    out.push_str(&f.display().to_string());
+                    out.push('\n');
+                    index += 1;
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,409 @@
+//! Reductions, softmax / log_softmax and the cross-entropy loss and its
+//! gradient. Each work unit owns whole output elements or lines, and
+//! accumulates in a fixed order, so chunking never changes a result.
+
+use super::emit::{Kb, Loc};
+use super::kernel::{ew_scalar, EwOp};
+use crate::ir::{ReduceOp, UnaryOp};
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::{F32, F32X4, I64};
+use cranelift_codegen::ir::{InstBuilder, Value};
+
+/// Reduce a strided source over `red_dims` for every output element
+/// (contiguous over `kept_dims`). Work units are output elements.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reduce {
+    pub op: ReduceOp,
+    pub src: Loc,
+    pub dst: Loc,
+    pub kept_dims: Vec<usize>,
+    pub kept_strides: Vec<i64>,
+    pub red_dims: Vec<usize>,
+    pub red_strides: Vec<i64>,
+}
+
+impl Reduce {
+    pub fn units(&self) -> usize {
+        self.kept_dims.iter().product()
+    }
+    pub fn unit_cost(&self) -> usize {
+        self.red_dims.iter().product::<usize>().max(1)
+    }
+
+    pub fn emit(&self, kb: &mut Kb) {
+        let src = kb.base(self.src);
+        let dst = kb.base(self.dst);
+        let (start, end) = (kb.start, kb.end);
+        let count: usize = self.red_dims.iter().product();
+        kb.for_range(start, end, 1, |k, u| {
+            let off = k.unflatten_offsets(u, &self.kept_dims, std::slice::from_ref(&self.kept_strides))[0];
+            let p = k.addr(src, off, 4);
+            let init = match self.op {
+                ReduceOp::Max => k.fconst(f32::NEG_INFINITY),
+                _ => k.fconst(0.0),
+            };
+            let acc = k.var(F32, init);
+            let op = self.op;
+            let inner_contig = self.red_strides.last() == Some(&1);
+            nest(k, p, &self.red_dims, &self.red_strides, &mut |k, ptr, n, stride| {
+                let zero = k.iconst(0);
+                let nv = k.iconst(n as i64);
+                if inner_contig && stride == 1 && n >= 8 && op != ReduceOp::Max {
+                    // Four partial sums, combined at the end of the line.
+                    let z = k.vconst(0.0);
+                    let vacc = k.var(F32X4, z);
+                    let fz = k.fconst(0.0);
+                    let tail_acc = k.var(F32, fz);
+                    k.for_vec_tail(
+                        zero,
+                        nv,
+                        |k, i| {
+                            let a = k.addr(ptr, i, 4);
+                            let x = k.load_v(a, 0);
+                            let o = k.b.use_var(vacc);
+                            let s = k.b.ins().fadd(o, x);
+                            k.b.def_var(vacc, s);
+                        },
+                        |k, i| {
+                            let a = k.addr(ptr, i, 4);
+                            let x = k.load_f(a, 0);
+                            let o = k.b.use_var(tail_acc);
+                            let s = k.b.ins().fadd(o, x);
+                            k.b.def_var(tail_acc, s);
+                        },
+                    );
+                    let v = k.b.use_var(vacc);
+                    let h = hsum(k, v);
+                    let t = k.b.use_var(tail_acc);
+                    let h = k.b.ins().fadd(h, t);
+                    let o = k.b.use_var(acc);
+                    let s = k.b.ins().fadd(o, h);
+                    k.b.def_var(acc, s);
+                } else {
+                    k.for_range(zero, nv, 1, |k, i| {
+                        let a = k.addr(ptr, i, 4 * stride);
+                        let x = k.load_f(a, 0);
+                        let o = k.b.use_var(acc);
+                        let s = match op {
+                            ReduceOp::Max => k.b.ins().fmax(o, x),
+                            _ => k.b.ins().fadd(o, x),
+                        };
+                        k.b.def_var(acc, s);
+                    });
+                }
+            });
+            let mut r = k.b.use_var(acc);
+            if op == ReduceOp::Mean {
+                let c = k.fconst(count as f32);
+                r = k.b.ins().fdiv(r, c);
+            }
+            let d = k.addr(dst, u, 4);
+            k.store_f(r, d, 0);
+        });
+    }
+}
+
+/// Walk all but the innermost of `dims` with nested loops and hand the
+/// innermost line (pointer, length, stride) to `line`.
+fn nest(
+    k: &mut Kb,
+    ptr: Value,
+    dims: &[usize],
+    strides: &[i64],
+    line: &mut dyn FnMut(&mut Kb, Value, usize, i64),
+) {
+    if dims.is_empty() {
+        line(k, ptr, 1, 0);
+    } else if dims.len() == 1 {
+        line(k, ptr, dims[0], strides[0]);
+    } else {
+        let (d0, s0) = (dims[0], strides[0]);
+        k.for_const(0, d0, |k, i| {
+            let p = k.addr(ptr, i, 4 * s0);
+            nest(k, p, &dims[1..], &strides[1..], line);
+        });
+    }
+}
+
+/// `(l0 + l2) + (l1 + l3)`.
+fn hsum(k: &mut Kb, v: Value) -> Value {
+    let l: Vec<Value> = (0..4).map(|i| k.b.ins().extractlane(v, i as u8)).collect();
+    let a = k.b.ins().fadd(l[0], l[2]);
+    let b = k.b.ins().fadd(l[1], l[3]);
+    k.b.ins().fadd(a, b)
+}
+
+fn hmax(k: &mut Kb, v: Value) -> Value {
+    let l: Vec<Value> = (0..4).map(|i| k.b.ins().extractlane(v, i as u8)).collect();
+    let a = k.b.ins().fmax(l[0], l[2]);
+    let b = k.b.ins().fmax(l[1], l[3]);
+    k.b.ins().fmax(a, b)
+}
+
+/// Max over a line of `n` elements `stride` apart.
+fn line_max(k: &mut Kb, p: Value, n: usize, stride: i64) -> Value {
+    let ninf = k.fconst(f32::NEG_INFINITY);
+    let acc = k.var(F32, ninf);
+    let zero = k.iconst(0);
+    let nv = k.iconst(n as i64);
+    if stride == 1 {
+        let vninf = k.vconst(f32::NEG_INFINITY);
+        let vacc = k.var(F32X4, vninf);
+        k.for_vec_tail(
+            zero,
+            nv,
+            |k, i| {
+                let a = k.addr(p, i, 4);
+                let x = k.load_v(a, 0);
+                let o = k.b.use_var(vacc);
+                let m = k.b.ins().fmax(o, x);
+                k.b.def_var(vacc, m);
+            },
+            |k, i| {
+                let a = k.addr(p, i, 4);
+                let x = k.load_f(a, 0);
+                let o = k.b.use_var(acc);
+                let m = k.b.ins().fmax(o, x);
+                k.b.def_var(acc, m);
+            },
+        );
+        let v = k.b.use_var(vacc);
+        let h = hmax(k, v);
+        let t = k.b.use_var(acc);
+        k.b.ins().fmax(h, t)
+    } else {
+        k.for_range(zero, nv, 1, |k, i| {
+            let a = k.addr(p, i, 4 * stride);
+            let x = k.load_f(a, 0);
+            let o = k.b.use_var(acc);
+            let m = k.b.ins().fmax(o, x);
+            k.b.def_var(acc, m);
+        });
+        k.b.use_var(acc)
+    }
+}
+
+/// `Σ exp(x - m)` over a line; with `store`, also writes each `exp(x - m)`
+/// to the same position of the `store` line.
+fn line_sum_exp(k: &mut Kb, p: Value, n: usize, stride: i64, m: Value, store: Option<Value>) -> Value {
+    let z = k.fconst(0.0);
+    let acc = k.var(F32, z);
+    let zero = k.iconst(0);
+    let nv = k.iconst(n as i64);
+    let exp = EwOp::Unary(UnaryOp::Exp);
+    if stride == 1 {
+        let vz = k.vconst(0.0);
+        let vacc = k.var(F32X4, vz);
+        let mv = k.b.ins().splat(F32X4, m);
+        k.for_vec_tail(
+            zero,
+            nv,
+            |k, i| {
+                let a = k.addr(p, i, 4);
+                let x = k.load_v(a, 0);
+                let d = k.b.ins().fsub(x, mv);
+                let e = k.vexp(d);
+                if let Some(s) = store {
+                    let sa = k.addr(s, i, 4);
+                    k.b.ins().store(super::emit::flags(), e, sa, 0);
+                }
+                let o = k.b.use_var(vacc);
+                let t = k.b.ins().fadd(o, e);
+                k.b.def_var(vacc, t);
+            },
+            |k, i| {
+                let a = k.addr(p, i, 4);
+                let x = k.load_f(a, 0);
+                let d = k.b.ins().fsub(x, m);
+                let e = ew_scalar(k, &exp, &[d]);
+                if let Some(s) = store {
+                    let sa = k.addr(s, i, 4);
+                    k.store_f(e, sa, 0);
+                }
+                let o = k.b.use_var(acc);
+                let t = k.b.ins().fadd(o, e);
+                k.b.def_var(acc, t);
+            },
+        );
+        let v = k.b.use_var(vacc);
+        let h = hsum(k, v);
+        let t = k.b.use_var(acc);
+        k.b.ins().fadd(h, t)
+    } else {
+        k.for_range(zero, nv, 1, |k, i| {
+            let a = k.addr(p, i, 4 * stride);
+            let x = k.load_f(a, 0);
+            let d = k.b.ins().fsub(x, m);
+            let e = ew_scalar(k, &exp, &[d]);
+            if let Some(s) = store {
+                let sa = k.addr(s, i, 4 * stride);
+                k.store_f(e, sa, 0);
+            }
+            let o = k.b.use_var(acc);
+            let t = k.b.ins().fadd(o, e);
+            k.b.def_var(acc, t);
+        });
+        k.b.use_var(acc)
+    }
+}
+
+/// `softmax`/`log_softmax` along an axis of length `len` with `inner`
+/// elements after it. Work units are lines (`outer · inner`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Softmax {
+    pub src: Loc,
+    pub dst: Loc,
+    pub outer: usize,
+    pub len: usize,
+    pub inner: usize,
+    pub log: bool,
+}
+
+impl Softmax {
+    pub fn units(&self) -> usize {
+        self.outer * self.inner
+    }
+    pub fn unit_cost(&self) -> usize {
+        self.len * 12
+    }
+
+    pub fn emit(&self, kb: &mut Kb) {
+        let src = kb.base(self.src);
+        let dst = kb.base(self.dst);
+        let (start, end) = (kb.start, kb.end);
+        let stride = self.inner as i64;
+        let n = self.len;
+        kb.for_range(start, end, 1, |k, u| {
+            let o = k.b.ins().udiv_imm_u(u, self.inner as i64);
+            let i = k.b.ins().urem_imm_u(u, self.inner as i64);
+            let off = k.b.ins().imul_imm_s(o, (self.len * self.inner) as i64);
+            let off = k.b.ins().iadd(off, i);
+            let sp = k.addr(src, off, 4);
+            let dp = k.addr(dst, off, 4);
+            let m = line_max(k, sp, n, stride);
+            let zero = k.iconst(0);
+            let nv = k.iconst(n as i64);
+            if self.log {
+                let s = line_sum_exp(k, sp, n, stride, m, None);
+                let ls = ew_scalar(k, &EwOp::Unary(UnaryOp::Log), &[s]);
+                k.for_range(zero, nv, 1, |k, j| {
+                    let a = k.addr(sp, j, 4 * stride);
+                    let x = k.load_f(a, 0);
+                    let y = k.b.ins().fsub(x, m);
+                    let y = k.b.ins().fsub(y, ls);
+                    let d = k.addr(dp, j, 4 * stride);
+                    k.store_f(y, d, 0);
+                });
+            } else {
+                let s = line_sum_exp(k, sp, n, stride, m, Some(dp));
+                k.for_range(zero, nv, 1, |k, j| {
+                    let d = k.addr(dp, j, 4 * stride);
+                    let e = k.load_f(d, 0);
+                    let y = k.b.ins().fdiv(e, s);
+                    k.store_f(y, d, 0);
+                });
+            }
+        });
+    }
+}
+
+/// `cross_entropy(logits [n, c], labels)`; with `grad`, instead
+/// `dlogits = dloss/n · (softmax(logits) - onehot(labels))`. A label outside
+/// `[0, c)` returns its row + 1.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CrossEntropy {
+    pub logits: Loc,
+    pub labels: Loc,
+    pub out: Loc,
+    pub n: usize,
+    pub c: usize,
+    /// The incoming scalar gradient, for the gradient kernel.
+    pub grad: Option<Loc>,
+}
+
+impl CrossEntropy {
+    pub fn units(&self) -> usize {
+        // The loss sums over rows in one fixed order, so it is one unit.
+        if self.grad.is_some() {
+            self.n
+        } else {
+            1
+        }
+    }
+    pub fn unit_cost(&self) -> usize {
+        if self.grad.is_some() {
+            self.c * 24
+        } else {
+            self.n * self.c * 12
+        }
+    }
+
+    fn row(&self, k: &mut Kb, logits: Value, labels: Value, r: Value) -> (Value, Value, Value) {
+        let lp = k.addr(labels, r, 4);
+        let label = k.load_i(lp, 0);
+        let label = k.b.ins().sextend(I64, label);
+        let cv = k.iconst(self.c as i64);
+        let bad = k.b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, label, cv);
+        k.if_then(bad, |k| {
+            let code = k.b.ins().iadd_imm_s(r, 1);
+            k.jump_ret(code);
+        });
+        let xp = k.addr(logits, r, (self.c * 4) as i64);
+        (xp, label, line_max(k, xp, self.c, 1))
+    }
+
+    pub fn emit(&self, kb: &mut Kb) {
+        let logits = kb.base(self.logits);
+        let labels = kb.base(self.labels);
+        let out = kb.base(self.out);
+        let (start, end) = (kb.start, kb.end);
+        let log = EwOp::Unary(UnaryOp::Log);
+        match self.grad {
+            None => {
+                let z = kb.fconst(0.0);
+                let total = kb.var(F32, z);
+                kb.for_const(0, self.n, |k, r| {
+                    let (xp, label, m) = self.row(k, logits, labels, r);
+                    let s = line_sum_exp(k, xp, self.c, 1, m, None);
+                    let ls = ew_scalar(k, &log, &[s]);
+                    let lse = k.b.ins().fadd(m, ls);
+                    let xa = k.addr(xp, label, 4);
+                    let xl = k.load_f(xa, 0);
+                    let l = k.b.ins().fsub(lse, xl);
+                    let t = k.b.use_var(total);
+                    let t = k.b.ins().fadd(t, l);
+                    k.b.def_var(total, t);
+                });
+                let t = kb.b.use_var(total);
+                let nf = kb.fconst(self.n as f32);
+                let r = kb.b.ins().fdiv(t, nf);
+                kb.store_f(r, out, 0);
+            }
+            Some(g) => {
+                let gp = kb.base(g);
+                let dl = kb.load_f(gp, 0);
+                let nf = kb.fconst(self.n as f32);
+                let scale = kb.b.ins().fdiv(dl, nf);
+                kb.for_range(start, end, 1, |k, r| {
+                    let (xp, label, m) = self.row(k, logits, labels, r);
+                    let dp = k.addr(out, r, (self.c * 4) as i64);
+                    let s = line_sum_exp(k, xp, self.c, 1, m, Some(dp));
+                    let zero = k.iconst(0);
+                    let cv = k.iconst(self.c as i64);
+                    k.for_range(zero, cv, 1, |k, j| {
+                        let d = k.addr(dp, j, 4);
+                        let e = k.load_f(d, 0);
+                        let p = k.b.ins().fdiv(e, s);
+                        let is_l = k.b.ins().icmp(IntCC::Equal, j, label);
+                        let one = k.fconst(1.0);
+                        let zf = k.fconst(0.0);
+                        let oh = k.b.ins().select(is_l, one, zf);
+                        let p = k.b.ins().fsub(p, oh);
+                        let y = k.b.ins().fmul(p, scale);
+                        k.store_f(y, d, 0);
+                    });
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! Elaboration: AST → shape-checked IR graph.
+//!
+//! Expands `fn` calls (std.dl included), names parameters by the bindings
+//! that created them (LANGUAGE.md §3), binds dimension symbols and checks
+//! every op's shapes, reporting all errors of a file together. The same
+//! code runs over symbolic dims ([`check`]) and over sizes ([`elaborate`]).
+
+pub mod dimexpr;
+mod expand;
+mod items;
+mod prims;
+mod train;
+mod value;
+
+pub use dimexpr::DimExpr;
+
+use crate::diag::{Diagnostic, SourceMap};
+use crate::ir::Span;
+use crate::model::Model;
+use crate::syntax::ast::{DimAst, ExprKind, File, Item, ModelDef, StmtKind, TensorTypeAst};
+use expand::{Elab, Symbols};
+use items::Items;
+use std::collections::BTreeMap;
+
+/// The standard library, parsed like user code as its own source file.
+pub const STD_SOURCE: &str = include_str!("../../lang/std.dl");
+
+/// The name std.dl gets in the source map (and so in its diagnostics).
+pub const STD_NAME: &str = "std.dl";
+
+#[derive(Clone, Debug, Default)]
+pub struct ElabOptions {
+    /// `--model`; default: the first model in the file.
+    pub model: Option<String>,
+    /// `--dim N=32`.
+    pub dims: BTreeMap<String, usize>,
+    /// Shapes of the actual input tensors (`dlc run`/`test`): symbols are
+    /// bound from them.
+    pub input_shapes: BTreeMap<String, Vec<usize>>,
+}
+
+pub struct Elaborated {
+    pub model: Model,
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// Parse + check every model of the file over symbolic dims (no sizes
+/// needed). Adds std.dl to `sources`. Returns errors and warnings.
+pub fn check(sources: &mut SourceMap, file: u32) -> Vec<Diagnostic> {
+    let Some((user, std, mut diags)) = parse_both(sources, file) else {
+        return vec![missing_file(file)];
+    };
+    let items = Items::new(&user, &std, &mut diags);
+    let no_shapes = BTreeMap::new();
+    for m in items.models.clone() {
+        let mut el: Elab<'_, DimExpr> = Elab::new(&items, Symbols::default(), &no_shapes);
+        // Defaults are validated but not used: checking is over symbols.
+        collect_defaults(m, &mut el.diags);
+        el.model(m);
+        diags.append(&mut el.diags);
+    }
+    finish(diags)
+}
+
+/// Parse + elaborate one model with all symbols bound to sizes → concrete
+/// IR graph.
+pub fn elaborate(sources: &mut SourceMap, file: u32, opts: &ElabOptions) -> Result<Elaborated, Vec<Diagnostic>> {
+    let Some((user, std, mut diags)) = parse_both(sources, file) else {
+        return Err(vec![missing_file(file)]);
+    };
+    let items = Items::new(&user, &std, &mut diags);
+    let whole_file = Span { file, start: 0, end: 0 };
+    let names: Vec<&str> = items.models.iter().map(|m| m.name.name.as_str()).collect();
+    let chosen = match &opts.model {
+        Some(want) => items.models.iter().find(|m| m.name.name == *want).copied().ok_or_else(|| {
+            let list = if names.is_empty() { "it has none".to_string() } else { format!("it has {}", names.join(", ")) };
+            Diagnostic::error(whole_file, format!("the file has no model named `{want}`; {list}"))
+        }),
+        None => items
+            .models
+            .first()
+            .copied()
+            .ok_or_else(|| Diagnostic::error(whole_file, "the file has no model to compile")),
+    };
+    let m = match chosen {
+        Ok(m) => m,
+        Err(d) => {
+            diags.push(d);
+            return Err(finish(diags));
+        }
+    };
+    let mut syms = Symbols {
+        defaults: collect_defaults(m, &mut diags),
+        ..Symbols::default()
+    };
+    prebind_symbols(m, opts, &mut syms, &mut diags);
+    let mut el: Elab<'_, usize> = Elab::new(&items, syms, &opts.input_shapes);
+    el.model(m);
+    diags.append(&mut el.diags);
+    let diags = finish(diags);
+    if diags.iter().any(Diagnostic::is_error) {
+        return Err(diags);
+    }
+    Ok(Elaborated {
+        model: Model {
+            name: m.name.name.clone(),
+            graph: el.graph,
+            dims: el.model_dims,
+            train: el.train,
+        },
+        warnings: diags,
+    })
+}
+
+/// The names of the models in a file, in order (for `--model` errors and
+/// listing). Parse errors are ignored here; `check` reports them.
+pub fn model_names(sources: &SourceMap, file: u32) -> Vec<String> {
+    let Some(f) = sources.get(file) else {
+        return Vec::new();
+    };
+    let (ast, _) = crate::syntax::parse(&f.text, file);
+    ast.items
+        .iter()
+        .filter_map(|it| match it {
+            Item::Model(m) => Some(m.name.name.clone()),
+            Item::Fn(_) => None,
+        })
+        .collect()
+}
+
+fn missing_file(file: u32) -> Diagnostic {
+    Diagnostic::error(Span { file, start: 0, end: 0 }, format!("no source file with id {file}"))
+}
+
+/// Parse the user file and std.dl (added to `sources` once).
+fn parse_both(sources: &mut SourceMap, file: u32) -> Option<(File, File, Vec<Diagnostic>)> {
+    let text = sources.get(file)?.text.clone();
+    let std_file = match sources
+        .files
+        .iter()
+        .position(|f| f.name == STD_NAME && f.text == STD_SOURCE)
+    {
+        Some(i) => i as u32,
+        None => sources.add(STD_NAME, STD_SOURCE),
+    };
+    let (user, mut diags) = crate::syntax::parse(&text, file);
+    let (std, std_diags) = crate::syntax::parse(STD_SOURCE, std_file);
+    diags.extend(std_diags);
+    Some((user, std, diags))
+}
+
+/// Drop exact duplicates (a fn expanded twice reports its errors once) and
+/// order by place.
+fn finish(diags: Vec<Diagnostic>) -> Vec<Diagnostic> {
+    let mut out: Vec<Diagnostic> = Vec::with_capacity(diags.len());
+    for d in diags {
+        if !out.iter().any(|o| o.span == d.span && o.message == d.message) {
+            out.push(d);
+        }
+    }
+    out.sort_by_key(|d| (d.span.file, d.span.start, d.span.end));
+    out
+}
+
+fn model_types(m: &ModelDef) -> impl Iterator<Item = (Option<&str>, &TensorTypeAst)> {
+    m.body.iter().filter_map(|st| match &st.kind {
+        StmtKind::Input { name, ty } => Some((Some(name.name.as_str()), ty)),
+        StmtKind::Param { ty, .. } => Some((None, ty)),
+        _ => None,
+    })
+}
+
+/// `N=32` defaults of the model's types; a default must be a non-negative
+/// integer literal, and a symbol gets at most one.
+fn collect_defaults(m: &ModelDef, diags: &mut Vec<Diagnostic>) -> BTreeMap<String, (usize, Span)> {
+    let mut out: BTreeMap<String, (usize, Span)> = BTreeMap::new();
+    for (_, ty) in model_types(m) {
+        for d in &ty.dims {
+            let DimAst::Expr { expr, default: Some(def) } = d else { continue };
+            let ExprKind::Name(sym) = &expr.kind else {
+                diags.push(Diagnostic::error(expr.span, "only a plain symbol can have a default (`N=32`)"));
+                continue;
+            };
+            let value = match def.kind {
+                ExprKind::Number { value, is_int: true } if (0.0..1e15).contains(&value) => value as usize,
+                ExprKind::Error => continue,
+                _ => {
+                    diags.push(Diagnostic::error(
+                        def.span,
+                        format!("the default of `{sym}` must be a non-negative integer"),
+                    ));
+                    continue;
+                }
+            };
+            match out.get(sym) {
+                Some((prev, prev_span)) if *prev != value => diags.push(
+                    Diagnostic::error(def.span, format!("`{sym}` is given two different defaults ({prev} and {value})"))
+                        .with_related(*prev_span, "first default"),
+                ),
+                Some(_) => {}
+                None => {
+                    out.insert(sym.clone(), (value, def.span));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Bind symbols from the given input shapes, then from `--dim`; a
+/// contradiction names both sources.
+fn prebind_symbols(m: &ModelDef, opts: &ElabOptions, syms: &mut Symbols, diags: &mut Vec<Diagnostic>) {
+    let mut origin: BTreeMap<String, (String, Span)> = BTreeMap::new();
+    for (name, ty) in model_types(m) {
+        let Some(name) = name else { continue };
+        let Some(given) = opts.input_shapes.get(name) else { continue };
+        if given.len() != ty.dims.len() {
+            // Reported with the full shapes once the input is elaborated.
+            continue;
+        }
+        for (d, &size) in ty.dims.iter().zip(given) {
+            let DimAst::Expr { expr, .. } = d else { continue };
+            let ExprKind::Name(sym) = &expr.kind else { continue };
+            match syms.bound.get(sym) {
+                Some(&prev) if prev != size => {
+                    let (prev_input, prev_span) = origin.get(sym).cloned().unwrap_or_default();
+                    diags.push(
+                        Diagnostic::error(
+                            expr.span,
+                            format!(
+                                "dimension `{sym}` is {size} in input `{name}` but {prev} in input `{prev_input}`"
+                            ),
+                        )
+                        .with_related(prev_span, format!("`{sym}` = {prev} here")),
+                    );
+                    syms.conflicted.insert(name.to_string());
+                }
+                Some(_) => {}
+                None => {
+                    syms.bound.insert(sym.clone(), size);
+                    origin.insert(sym.clone(), (name.to_string(), expr.span));
+                }
+            }
+        }
+    }
+    for (sym, &size) in &opts.dims {
+        match syms.bound.get(sym) {
+            Some(&prev) if prev != size => {
+                let (input, span) = origin.get(sym).cloned().unwrap_or_default();
+                syms.conflicted.insert(input.clone());
+                diags.push(Diagnostic::error(
+                    span,
+                    format!("`--dim {sym}={size}` contradicts input `{input}`, whose shape gives `{sym}` = {prev}"),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                syms.bound.insert(sym.clone(), size);
+            }
+        }
+    }
+}

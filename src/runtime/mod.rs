@@ -1,0 +1,373 @@
+//! Running compiled graphs: the arena, the pointer table of fed tensors, the
+//! thread pool, and the fallback to the interpreter for ops without a
+//! compiled kernel.
+//!
+//! **Architecture invariant:** the runtime owns all memory JIT code touches.
+//! Kernels receive the arena base, the pointer table and a range of work
+//! units; they never allocate.
+
+pub mod pool;
+
+use crate::codegen::emit::Loc;
+use crate::interp::{eval_op, Array, InterpError, Precision};
+use crate::ir::{Op, TensorType};
+use crate::tensor::{numel, DType, Data, Tensor};
+use cranelift_jit::JITModule;
+use pool::{KernelFn, Pool};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+/// A failure while running a compiled graph; each says what is wrong and
+/// where, with the interpreter's wording for the same problem.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// A bad feed, a label or id out of range, or a failure of an op run by
+    /// the interpreter.
+    #[error(transparent)]
+    Value(#[from] InterpError),
+    #[error("kernel of node %{node} ({op}) failed with code {code}")]
+    Kernel {
+        node: usize,
+        op: &'static str,
+        code: i64,
+    },
+}
+
+/// How a kernel's non-zero result code is explained.
+#[derive(Clone, Debug)]
+pub(crate) enum StepCheck {
+    None,
+    /// Code = flat index + 1 of an id outside `[0, rows)`.
+    Id {
+        op: &'static str,
+        ids: Loc,
+        shape: Vec<usize>,
+        rows: usize,
+    },
+    /// Code = row + 1 of a label outside `[0, classes)`.
+    Label {
+        op: &'static str,
+        labels: Loc,
+        classes: usize,
+    },
+}
+
+pub(crate) struct JitStep {
+    /// Address of the finalized function (set once the module is final).
+    pub func: Option<usize>,
+    pub units: usize,
+    pub grain: usize,
+    pub check: StepCheck,
+}
+
+pub(crate) enum Exec {
+    Jit(Vec<JitStep>),
+    /// Run by the interpreter: operands and results with their places.
+    Host {
+        op: Op,
+        ins: Vec<(Loc, TensorType)>,
+        outs: Vec<(Loc, TensorType)>,
+    },
+}
+
+pub(crate) struct ExecKernel {
+    pub node: usize,
+    pub op: &'static str,
+    pub exec: Exec,
+}
+
+/// Keeps the JIT code alive as long as the model.
+struct Code(Option<JITModule>);
+
+// SAFETY: after `finalize_definitions` the module is never used again except
+// to free its memory on drop; the code it holds is immutable and callable
+// from any thread.
+unsafe impl Send for Code {}
+// SAFETY: as above, no method of the module is called through `&Code`.
+unsafe impl Sync for Code {}
+
+impl Drop for Code {
+    fn drop(&mut self) {
+        if let Some(m) = self.0.take() {
+            // SAFETY: the model owning this code is being dropped, so no
+            // kernel is running and no function pointer outlives it.
+            unsafe { m.free_memory() };
+        }
+    }
+}
+
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Line([u8; 64]);
+
+struct Arena {
+    lines: Vec<Line>,
+    pool: Pool,
+}
+
+/// A compiled graph, ready to run. Several can coexist; one model runs one
+/// call at a time (concurrent calls wait for the arena).
+pub struct JitModel {
+    kernels: Vec<ExecKernel>,
+    feeds: Vec<(String, &'static str, TensorType)>,
+    outputs: Vec<(String, Loc, TensorType)>,
+    arena: Mutex<Arena>,
+    threads: usize,
+    // Dropped last: kernels point into it.
+    _code: Code,
+}
+
+impl JitModel {
+    pub(crate) fn new(
+        module: JITModule,
+        kernels: Vec<ExecKernel>,
+        feeds: Vec<(String, &'static str, TensorType)>,
+        outputs: Vec<(String, Loc, TensorType)>,
+        arena_bytes: usize,
+        threads: usize,
+    ) -> JitModel {
+        let threads = threads.max(1);
+        JitModel {
+            kernels,
+            feeds,
+            outputs,
+            arena: Mutex::new(Arena {
+                lines: vec![Line([0; 64]); arena_bytes.div_ceil(64)],
+                pool: Pool::new(threads),
+            }),
+            threads,
+            _code: Code(Some(module)),
+        }
+    }
+
+    /// Kernels run by the interpreter because no compiled kernel exists.
+    pub fn interpreted_kernels(&self) -> usize {
+        self.kernels.iter().filter(|k| matches!(k.exec, Exec::Host { .. })).count()
+    }
+
+    /// Names of the ops run by the interpreter, one per kernel.
+    pub fn interpreted_ops(&self) -> Vec<&'static str> {
+        self.kernels
+            .iter()
+            .filter(|k| matches!(k.exec, Exec::Host { .. }))
+            .map(|k| k.op)
+            .collect()
+    }
+
+    /// Number of kernels (one per non-leaf node today).
+    pub fn kernel_count(&self) -> usize {
+        self.kernels.len()
+    }
+
+    /// Bytes of the arena.
+    pub fn arena_bytes(&self) -> usize {
+        self.arena
+            .lock()
+            .map(|a| a.lines.len() * 64)
+            .unwrap_or_else(|e| e.into_inner().lines.len() * 64)
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Run the graph: every input/param/state leaf fed by name; returns every
+    /// graph output by name (as `interp::run_f32`).
+    pub fn run(&self, feeds: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        let mut ptrs: Vec<*const u8> = Vec::with_capacity(self.feeds.len());
+        for (name, kind, ty) in &self.feeds {
+            let t = check_feed(feeds, name, kind, ty)?;
+            ptrs.push(match &t.data {
+                Data::F32(v) => v.as_ptr() as *const u8,
+                Data::I32(v) => v.as_ptr() as *const u8,
+            });
+        }
+        let mut guard = self.arena.lock().unwrap_or_else(|e| e.into_inner());
+        let arena = &mut *guard;
+        let base = arena.lines.as_mut_ptr() as *mut u8;
+        let arena_len = arena.lines.len() * 64;
+        for k in &self.kernels {
+            match &k.exec {
+                Exec::Jit(steps) => {
+                    for s in steps {
+                        let Some(addr) = s.func else { continue };
+                        if s.units == 0 {
+                            continue;
+                        }
+                        // SAFETY: `addr` is a finalized kernel of this model's
+                        // module (alive as long as `self`) with the
+                        // `KernelFn` signature it was declared with.
+                        let f: KernelFn = unsafe { std::mem::transmute::<usize, KernelFn>(addr) };
+                        // SAFETY: codegen specialised the kernel to the
+                        // checked feed shapes and to this arena's plan, so
+                        // every access is inside the arena or a fed tensor,
+                        // both alive and unaliased for the call (the arena
+                        // is locked, feeds are borrowed).
+                        let code = unsafe { arena.pool.run(f, base, ptrs.as_ptr(), s.units, s.grain) };
+                        if code != 0 {
+                            return Err(explain(k, &s.check, code, base, &ptrs));
+                        }
+                    }
+                }
+                Exec::Host { op, ins, outs } => {
+                    let arrays: Vec<Array> = ins
+                        .iter()
+                        .map(|(loc, ty)| Array::from(&read(*loc, ty, base, arena_len, &ptrs, feeds, &self.feeds)))
+                        .collect();
+                    let refs: Vec<&Array> = arrays.iter().collect();
+                    let res = eval_op(op, &refs, Precision::F32)?;
+                    for ((loc, ty), a) in outs.iter().zip(res) {
+                        write(*loc, ty, &a.to_tensor(), base, arena_len);
+                    }
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        for (name, loc, ty) in &self.outputs {
+            out.insert(name.clone(), read(*loc, ty, base, arena_len, &ptrs, feeds, &self.feeds));
+        }
+        Ok(out)
+    }
+}
+
+fn check_feed<'a>(
+    feeds: &'a BTreeMap<String, Tensor>,
+    name: &str,
+    kind: &'static str,
+    ty: &TensorType,
+) -> Result<&'a Tensor, InterpError> {
+    let t = feeds.get(name).ok_or_else(|| InterpError::MissingFeed {
+        kind,
+        name: name.to_string(),
+    })?;
+    if t.dtype() != ty.dtype {
+        return Err(InterpError::FeedDType {
+            kind,
+            name: name.to_string(),
+            got: t.dtype(),
+            want: ty.dtype,
+        });
+    }
+    if t.shape != ty.shape {
+        return Err(InterpError::FeedShape {
+            kind,
+            name: name.to_string(),
+            got: t.shape.clone(),
+            want: ty.shape.clone(),
+        });
+    }
+    let len = match &t.data {
+        Data::F32(v) => v.len(),
+        Data::I32(v) => v.len(),
+    };
+    if len != numel(&t.shape) {
+        return Err(InterpError::FeedData {
+            kind,
+            name: name.to_string(),
+            len,
+            shape: t.shape.clone(),
+        });
+    }
+    Ok(t)
+}
+
+/// The bytes of a value, wherever it lives.
+fn read(
+    loc: Loc,
+    ty: &TensorType,
+    base: *mut u8,
+    arena_len: usize,
+    _ptrs: &[*const u8],
+    feeds: &BTreeMap<String, Tensor>,
+    feed_list: &[(String, &'static str, TensorType)],
+) -> Tensor {
+    let n = numel(&ty.shape);
+    match loc {
+        Loc::Extern(slot) => feed_list
+            .get(slot)
+            .and_then(|(name, _, _)| feeds.get(name))
+            .cloned()
+            .unwrap_or_else(|| Tensor::zeros(ty.dtype, ty.shape.clone())),
+        Loc::Arena(off) => {
+            assert!(off + n * 4 <= arena_len, "value outside the arena (a codegen bug)");
+            // SAFETY: the range was just checked to lie inside the arena,
+            // which is 64-byte aligned with every offset a multiple of 16;
+            // the arena lock is held by the caller.
+            let bytes = unsafe { std::slice::from_raw_parts(base.add(off) as *const u8, n * 4) };
+            let words = bytes.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]);
+            match ty.dtype {
+                DType::F32 => Tensor::f32(ty.shape.clone(), words.map(f32::from_ne_bytes).collect()),
+                DType::I32 => Tensor::i32(ty.shape.clone(), words.map(i32::from_ne_bytes).collect()),
+            }
+        }
+    }
+}
+
+fn write(loc: Loc, ty: &TensorType, t: &Tensor, base: *mut u8, arena_len: usize) {
+    let Loc::Arena(off) = loc else { return };
+    let n = numel(&ty.shape);
+    assert!(off + n * 4 <= arena_len, "value outside the arena (a codegen bug)");
+    // SAFETY: checked to lie inside the arena, whose lock the caller holds.
+    let dst = unsafe { std::slice::from_raw_parts_mut(base.add(off), n * 4) };
+    match &t.data {
+        Data::F32(v) => {
+            for (d, x) in dst.chunks_exact_mut(4).zip(v) {
+                d.copy_from_slice(&x.to_ne_bytes());
+            }
+        }
+        Data::I32(v) => {
+            for (d, x) in dst.chunks_exact_mut(4).zip(v) {
+                d.copy_from_slice(&x.to_ne_bytes());
+            }
+        }
+    }
+}
+
+/// Turn a kernel's error code into the interpreter's error for the same
+/// bad value.
+fn explain(k: &ExecKernel, check: &StepCheck, code: i64, base: *mut u8, ptrs: &[*const u8]) -> RuntimeError {
+    let index = (code - 1) as usize;
+    let read_i32 = |loc: Loc| -> i32 {
+        let p = match loc {
+            Loc::Arena(off) => base.wrapping_add(off) as *const u8,
+            Loc::Extern(slot) => ptrs.get(slot).copied().unwrap_or(std::ptr::null()),
+        };
+        if p.is_null() {
+            return 0;
+        }
+        // SAFETY: the kernel reported `index` as an element it read from
+        // this i32 buffer, so the element exists.
+        unsafe { (p as *const i32).add(index).read_unaligned() }
+    };
+    match check {
+        StepCheck::Id { op, ids, shape, rows } => InterpError::IdOutOfRange {
+            op,
+            id: read_i32(*ids),
+            index: unravel(index, shape),
+            rows: *rows,
+        }
+        .into(),
+        StepCheck::Label { op, labels, classes } => InterpError::LabelOutOfRange {
+            op,
+            label: read_i32(*labels),
+            index,
+            classes: *classes,
+        }
+        .into(),
+        StepCheck::None => RuntimeError::Kernel {
+            node: k.node,
+            op: k.op,
+            code,
+        },
+    }
+}
+
+fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
+    let mut idx = vec![0; shape.len()];
+    for d in (0..shape.len()).rev() {
+        let n = shape[d].max(1);
+        idx[d] = flat % n;
+        flat /= n;
+    }
+    idx
+}

@@ -1,0 +1,292 @@
+//! Robustness of the front end: random token soups, arbitrary text and
+//! mutated versions of real models go through `parse`; it must never panic,
+//! and every span it reports (diagnostics and tree nodes) must lie inside
+//! the source, on char boundaries, so rendering can always show it.
+//!
+//! Cases: `DLC_FUZZ_CASES` (default 2000).
+
+#[path = "fuzz_frontend/corpus.rs"]
+mod corpus;
+
+use std::path::Path;
+
+use dlc::diag::{render, SourceMap};
+use dlc::ir::Span;
+use dlc::syntax::ast::{DimAst, Expr, ExprKind, File, Item, Stmt, StmtKind, TensorTypeAst, TypeAnn};
+use dlc::syntax::parse;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+
+/// Real sources: the embedded corpus plus any `.dl` file the repository
+/// itself holds under `lang/` or `tests/golden/`.
+fn sources() -> Vec<String> {
+    let mut out: Vec<String> = corpus::CORPUS.iter().map(|(_, s)| s.to_string()).collect();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for dir in ["lang", "tests/golden"] {
+        collect_dl(&root.join(dir), &mut out);
+    }
+    out
+}
+
+fn collect_dl(dir: &Path, out: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            collect_dl(&p, out);
+        } else if p.extension().is_some_and(|x| x == "dl") {
+            if let Ok(text) = std::fs::read_to_string(&p) {
+                out.push(text);
+            }
+        }
+    }
+}
+
+/// Pieces that token soups and mutations are made of: every token kind,
+/// near-misses of tokens, error characters and multi-byte text.
+const PIECES: &[&str] = &[
+    "model", "fn", "input", "param", "output", "loss", "train", "return", "int", "float", "bool",
+    "f32", "i32", "true", "false", "x", "y", "N", "dense", "relu", "conv2d", "_a1", "12", "0.5",
+    "1e-4", "3.", "25e-2", "1e", "1e+", ".5", "3..4", "12abc", "\"same\"", "\"open", "=", "|>", "|",
+    ">", "+", "-", "*", "/", "@", "(", ")", "[", "]", "{", "}", ",", ":", "...", "..", ".", ";", "\n",
+    "\n\n", " ", "\t", "\r\n", "# comment\n", "$", "%", "!", "é", "→", "😀", "\u{0}", "\u{feff}",
+    "N=32", "f32[N, 784]", "x |> dense(3)", "k=2",
+];
+
+fn piece() -> impl Strategy<Value = String> {
+    prop::sample::select(PIECES).prop_map(str::to_string)
+}
+
+fn token_soup() -> impl Strategy<Value = String> {
+    prop::collection::vec((piece(), prop::bool::ANY), 0..80).prop_map(|v| {
+        v.into_iter()
+            .map(|(p, space)| if space { p + " " } else { p })
+            .collect()
+    })
+}
+
+#[derive(Clone, Debug)]
+enum Mutation {
+    Delete { at: usize, len: usize },
+    Insert { at: usize, text: String },
+    Duplicate { at: usize, len: usize },
+    Truncate { at: usize },
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        (any::<usize>(), 1usize..12).prop_map(|(at, len)| Mutation::Delete { at, len }),
+        (any::<usize>(), piece()).prop_map(|(at, text)| Mutation::Insert { at, text }),
+        (any::<usize>(), 1usize..40).prop_map(|(at, len)| Mutation::Duplicate { at, len }),
+        any::<usize>().prop_map(|at| Mutation::Truncate { at }),
+    ]
+}
+
+/// Applies mutations on chars, so the result is always valid UTF-8 (the
+/// parser takes `&str`; byte-level damage is the file reader's concern).
+fn mutate(src: &str, muts: &[Mutation]) -> String {
+    let mut c: Vec<char> = src.chars().collect();
+    for m in muts {
+        let n = c.len() + 1;
+        match m {
+            Mutation::Delete { at, len } => {
+                let a = at % n;
+                let b = (a + len).min(c.len());
+                c.drain(a.min(b)..b);
+            }
+            Mutation::Insert { at, text } => {
+                let a = at % n;
+                c.splice(a..a, text.chars());
+            }
+            Mutation::Duplicate { at, len } => {
+                let a = at % n;
+                let b = (a + len).min(c.len());
+                let dup: Vec<char> = c[a.min(b)..b].to_vec();
+                c.splice(a..a, dup);
+            }
+            Mutation::Truncate { at } => c.truncate(at % n),
+        }
+    }
+    c.into_iter().collect()
+}
+
+fn check_span(src: &str, file: u32, span: Span, what: &str) -> Result<(), TestCaseError> {
+    prop_assert_eq!(span.file, file, "{} span in the wrong file", what);
+    prop_assert!(span.start <= span.end, "{} span reversed: {:?}", what, span);
+    prop_assert!((span.end as usize) <= src.len(), "{} span past the end: {:?} (len {})", what, span, src.len());
+    prop_assert!(
+        src.is_char_boundary(span.start as usize) && src.is_char_boundary(span.end as usize),
+        "{} span splits a char: {:?}",
+        what,
+        span
+    );
+    Ok(())
+}
+
+fn walk_type(src: &str, t: &TensorTypeAst, spans: &mut Vec<Span>) {
+    spans.push(t.span);
+    for d in &t.dims {
+        match d {
+            DimAst::Ellipsis(s) => spans.push(*s),
+            DimAst::Expr { expr, default } => {
+                walk_expr(src, expr, spans);
+                if let Some(e) = default {
+                    walk_expr(src, e, spans);
+                }
+            }
+        }
+    }
+}
+
+fn walk_expr(src: &str, e: &Expr, spans: &mut Vec<Span>) {
+    spans.push(e.span);
+    match &e.kind {
+        ExprKind::Binary { lhs, rhs, .. } => {
+            walk_expr(src, lhs, spans);
+            walk_expr(src, rhs, spans);
+        }
+        ExprKind::Neg(x) => walk_expr(src, x, spans),
+        ExprKind::Call { callee, args } => {
+            spans.push(callee.span);
+            for a in args {
+                if let Some(n) = &a.name {
+                    spans.push(n.span);
+                }
+                walk_expr(src, &a.value, spans);
+            }
+        }
+        ExprKind::List(items) => items.iter().for_each(|x| walk_expr(src, x, spans)),
+        _ => {}
+    }
+}
+
+fn walk_stmt(src: &str, s: &Stmt, spans: &mut Vec<Span>) {
+    spans.push(s.span);
+    match &s.kind {
+        StmtKind::Input { name, ty } => {
+            spans.push(name.span);
+            walk_type(src, ty, spans);
+        }
+        StmtKind::Param { name, ty, init } => {
+            spans.push(name.span);
+            walk_type(src, ty, spans);
+            if let Some(e) = init {
+                walk_expr(src, e, spans);
+            }
+        }
+        StmtKind::Let { name, value } => {
+            spans.push(name.span);
+            walk_expr(src, value, spans);
+        }
+        StmtKind::Output { name, value } => {
+            spans.push(name.span);
+            if let Some(e) = value {
+                walk_expr(src, e, spans);
+            }
+        }
+        StmtKind::Loss { keyword, value } => {
+            spans.push(*keyword);
+            walk_expr(src, value, spans);
+        }
+        StmtKind::Train { entries } => {
+            for (k, v) in entries {
+                spans.push(k.span);
+                walk_expr(src, v, spans);
+            }
+        }
+        StmtKind::Return(e) => walk_expr(src, e, spans),
+    }
+}
+
+fn tree_spans(src: &str, file: &File) -> Vec<Span> {
+    let mut spans = Vec::new();
+    for item in &file.items {
+        match item {
+            Item::Model(m) => {
+                spans.extend([m.span, m.name.span]);
+                m.body.iter().for_each(|s| walk_stmt(src, s, &mut spans));
+            }
+            Item::Fn(f) => {
+                spans.extend([f.span, f.name.span]);
+                for p in &f.params {
+                    spans.extend([p.span, p.name.span]);
+                    match &p.ann {
+                        Some(TypeAnn::Tensor(t)) => walk_type(src, t, &mut spans),
+                        Some(TypeAnn::Int(s) | TypeAnn::Float(s) | TypeAnn::Bool(s)) => spans.push(*s),
+                        None => {}
+                    }
+                    if let Some(d) = &p.default {
+                        walk_expr(src, d, &mut spans);
+                    }
+                }
+                f.body.iter().for_each(|s| walk_stmt(src, s, &mut spans));
+            }
+        }
+    }
+    spans
+}
+
+/// The whole front-end contract on one input.
+fn check_frontend(src: &str) -> Result<(), TestCaseError> {
+    const FILE: u32 = 3;
+    let (tree, diags) = parse(src, FILE);
+    for d in &diags {
+        check_span(src, FILE, d.span, "diagnostic")?;
+        for (s, _) in &d.related {
+            check_span(src, FILE, *s, "related")?;
+        }
+        prop_assert!(!d.message.is_empty());
+    }
+    for s in tree_spans(src, &tree) {
+        check_span(src, FILE, s, "tree")?;
+    }
+    let mut map = SourceMap::default();
+    for i in 0..=FILE {
+        map.add(format!("f{i}.dl"), if i == FILE { src } else { "" });
+    }
+    let out = render(&diags, &map);
+    prop_assert_eq!(out.matches("error").count() >= diags.len(), true);
+    Ok(())
+}
+
+fn cases() -> u32 {
+    std::env::var("DLC_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
+}
+
+#[test]
+fn corpus_parses_cleanly() {
+    for src in sources() {
+        let (tree, diags) = parse(&src, 0);
+        assert!(diags.is_empty(), "diagnostics for a valid model: {diags:?}\n{src}");
+        assert!(!tree.items.is_empty());
+    }
+}
+
+#[test]
+fn fuzz_parse_never_panics_and_spans_stay_inside() {
+    let corpus = sources();
+    let n = corpus.len();
+    let input = prop_oneof![
+        2 => token_soup(),
+        1 => any::<String>(),
+        4 => (0..n, prop::collection::vec(mutation(), 1..6))
+            .prop_map(move |(i, muts)| mutate(&corpus[i], &muts)),
+    ];
+    let cases = cases();
+    let start = std::time::Instant::now();
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let result = runner.run(&input, |src| check_frontend(&src));
+    eprintln!("fuzz_frontend: {cases} cases in {:.1?}", start.elapsed());
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}

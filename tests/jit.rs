@@ -1,0 +1,398 @@
+//! Differential tests: the JIT against the reference interpreter, for every
+//! compiled op on several random shape sets (sizes not multiples of 4,
+//! size-1 dims, broadcasts), and bitwise-equal outputs for 1, 2 and 3
+//! threads.
+
+use dlc::codegen::{self, JitOptions};
+use dlc::interp;
+use dlc::ir::{BinaryOp, Graph, Op, OutputKind, ReduceOp, TensorType, UnaryOp, Value};
+use dlc::tensor::{numel, DType, Tensor};
+use std::collections::BTreeMap;
+
+/// xorshift64*: deterministic test data without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// Uniform in [-1, 1).
+    fn f(&mut self) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn rand_f32(rng: &mut Rng, shape: &[usize], scale: f32) -> Tensor {
+    let n = numel(shape);
+    Tensor::f32(shape.to_vec(), (0..n).map(|_| rng.f() * scale).collect())
+}
+
+fn rand_ids(rng: &mut Rng, shape: &[usize], below: usize) -> Tensor {
+    let n = numel(shape);
+    Tensor::i32(shape.to_vec(), (0..n).map(|_| rng.below(below) as i32).collect())
+}
+
+/// A graph under construction with its feeds.
+struct Case {
+    g: Graph,
+    feeds: BTreeMap<String, Tensor>,
+}
+
+impl Case {
+    fn new() -> Case {
+        Case {
+            g: Graph::new(),
+            feeds: BTreeMap::new(),
+        }
+    }
+    fn input(&mut self, name: &str, t: Tensor) -> Value {
+        let ty = TensorType::new(t.dtype(), t.shape.clone());
+        let v = self.g.add_leaf(Op::Input { name: name.into() }, ty, None);
+        self.feeds.insert(name.into(), t);
+        v
+    }
+    fn op(&mut self, op: Op, ins: &[Value]) -> Value {
+        self.g.add(op, ins, None).expect("test graphs are well-typed")
+    }
+    fn out(&mut self, name: &str, v: Value) {
+        self.g.push_output(name, OutputKind::Output, v);
+    }
+
+    /// JIT vs interpreter within `atol + rtol·|e|`, and bitwise equality
+    /// across threads.
+    fn check(&self, rtol: f32) {
+        self.check_tol(rtol, rtol * 1e-3)
+    }
+
+    fn check_tol(&self, rtol: f32, atol: f32) {
+        let want = interp::run_f32(&self.g, &self.feeds).expect("interpreter runs");
+        let mut first: Option<BTreeMap<String, Tensor>> = None;
+        for threads in [1, 2, 3] {
+            let m = codegen::compile(&self.g, &JitOptions { threads }).expect("compiles");
+            assert_eq!(m.interpreted_kernels(), 0, "ops interpreted: {:?}", m.interpreted_ops());
+            let got = m.run(&self.feeds).expect("runs");
+            for (name, w) in &want {
+                let g = &got[name];
+                assert_eq!(g.shape, w.shape, "{name}: shape");
+                match (g.as_f32(), w.as_f32()) {
+                    (Some(gv), Some(wv)) => {
+                        for (i, (a, e)) in gv.iter().zip(wv).enumerate() {
+                            let ok = (a - e).abs() <= atol + rtol * e.abs() || (a.is_nan() && e.is_nan()) || a == e;
+                            assert!(ok, "{name}[{i}]: jit {a} vs interp {e}");
+                        }
+                    }
+                    _ => assert_eq!(g, w, "{name}"),
+                }
+            }
+            match &first {
+                None => first = Some(got),
+                Some(f) => {
+                    for (name, t) in f {
+                        let bits = |t: &Tensor| -> Vec<u32> {
+                            match t.as_f32() {
+                                Some(v) => v.iter().map(|x| x.to_bits()).collect(),
+                                None => t.as_i32().unwrap_or(&[]).iter().map(|&x| x as u32).collect(),
+                            }
+                        };
+                        assert_eq!(bits(t), bits(&got[name]), "{name}: threads={threads} differs bitwise");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_matches_interpreter() {
+    let mut rng = Rng(1);
+    // (a shape, b shape): odd sizes, size-1 dims, broadcast batch dims.
+    let cases: &[(&[usize], &[usize])] = &[
+        (&[7, 13], &[13, 9]),
+        (&[1, 1], &[1, 1]),
+        (&[5, 8], &[8, 8]),
+        (&[3, 1, 6, 11], &[4, 11, 17]),
+        (&[2, 37, 300], &[300, 21]),
+        (&[131, 67], &[67, 259]),
+        (&[1, 5], &[5, 1]),
+    ];
+    for (a, b) in cases {
+        let mut c = Case::new();
+        let x = c.input("a", rand_f32(&mut rng, a, 1.0));
+        let y = c.input("b", rand_f32(&mut rng, b, 1.0));
+        let z = c.op(Op::MatMul, &[x, y]);
+        c.out("y", z);
+        // f32 accumulation over K terms of size ≤ 1: cancellation can leave
+        // a small result with an absolute error of a few K·ε.
+        c.check_tol(1e-5, 1e-5);
+    }
+}
+
+const UNARY: [UnaryOp; 10] = [
+    UnaryOp::Relu,
+    UnaryOp::Sigmoid,
+    UnaryOp::Tanh,
+    UnaryOp::Exp,
+    UnaryOp::Log,
+    UnaryOp::Sqrt,
+    UnaryOp::Abs,
+    UnaryOp::Neg,
+    UnaryOp::Step,
+    UnaryOp::Sign,
+];
+
+#[test]
+fn unary_ops_match_interpreter() {
+    let mut rng = Rng(2);
+    for shape in [&[7usize, 5][..], &[1, 3, 1], &[33], &[]] {
+        for u in UNARY {
+            let mut c = Case::new();
+            let mut t = rand_f32(&mut rng, shape, 6.0);
+            if matches!(u, UnaryOp::Log | UnaryOp::Sqrt) {
+                if let dlc::tensor::Data::F32(v) = &mut t.data {
+                    v.iter_mut().for_each(|x| *x = x.abs() + 1e-3);
+                }
+            }
+            let x = c.input("x", t);
+            let y = c.op(Op::Unary(u), &[x]);
+            c.out("y", y);
+            c.check(1e-5);
+        }
+    }
+}
+
+#[test]
+fn binary_ops_broadcast_like_the_interpreter() {
+    let mut rng = Rng(3);
+    let shapes: &[(&[usize], &[usize])] = &[
+        (&[6, 7], &[6, 7]),
+        (&[2, 3, 5], &[5]),
+        (&[4, 1, 3], &[1, 7, 1]),
+        (&[9], &[]),
+        (&[3, 1], &[1, 1, 13]),
+    ];
+    for op in [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Maximum,
+        BinaryOp::Minimum,
+        BinaryOp::Greater,
+        BinaryOp::Equal,
+    ] {
+        for (a, b) in shapes {
+            let mut c = Case::new();
+            let ta = rand_f32(&mut rng, a, 2.0);
+            // Some equal elements so `equal` and ties are exercised.
+            let mut tb = rand_f32(&mut rng, b, 2.0);
+            if a == b {
+                if let (Some(va), dlc::tensor::Data::F32(vb)) = (ta.as_f32(), &mut tb.data) {
+                    vb[0] = va[0];
+                }
+            }
+            let x = c.input("a", ta);
+            let y = c.input("b", tb);
+            let z = c.op(Op::Binary(op), &[x, y]);
+            c.out("y", z);
+            c.check(1e-5);
+        }
+    }
+}
+
+#[test]
+fn reductions_match_interpreter() {
+    let mut rng = Rng(4);
+    let cases: &[(&[usize], &[usize])] = &[
+        (&[5, 7], &[1]),
+        (&[5, 7], &[0]),
+        (&[3, 1, 9, 2], &[0, 2]),
+        (&[6, 4, 3], &[0, 1, 2]),
+        (&[2, 37], &[1]),
+    ];
+    for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max] {
+        for (shape, axes) in cases {
+            for keepdims in [false, true] {
+                let mut c = Case::new();
+                let x = c.input("x", rand_f32(&mut rng, shape, 3.0));
+                let y = c.op(
+                    Op::Reduce {
+                        op,
+                        axes: axes.to_vec(),
+                        keepdims,
+                    },
+                    &[x],
+                );
+                c.out("y", y);
+                c.check(1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn softmax_and_log_softmax_match_interpreter() {
+    let mut rng = Rng(5);
+    for (shape, axis) in [(&[4usize, 11][..], 1usize), (&[3, 5, 2], 1), (&[1, 7], 0), (&[2, 3, 9], 2)] {
+        for log in [false, true] {
+            let mut c = Case::new();
+            let x = c.input("x", rand_f32(&mut rng, shape, 5.0));
+            let op = if log {
+                Op::LogSoftmax { axis }
+            } else {
+                Op::Softmax { axis }
+            };
+            let y = c.op(op, &[x]);
+            c.out("y", y);
+            c.check(1e-5);
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_and_grad_match_interpreter() {
+    let mut rng = Rng(6);
+    for (n, classes) in [(4usize, 3usize), (1, 1), (9, 13)] {
+        let mut c = Case::new();
+        let x = c.input("x", rand_f32(&mut rng, &[n, classes], 4.0));
+        let l = c.input("l", rand_ids(&mut rng, &[n], classes));
+        let d = c.input("d", Tensor::scalar(0.7));
+        let loss = c.op(Op::CrossEntropy, &[x, l]);
+        let g = c.op(Op::CrossEntropyGrad, &[x, l, d]);
+        c.out("loss", loss);
+        c.out("g", g);
+        c.check(1e-5);
+    }
+}
+
+#[test]
+fn a_label_out_of_range_is_the_interpreters_error() {
+    let mut c = Case::new();
+    let x = c.input("x", Tensor::f32(vec![2, 3], vec![0.0; 6]));
+    let l = c.input("l", Tensor::i32(vec![2], vec![1, 3]));
+    let loss = c.op(Op::CrossEntropy, &[x, l]);
+    c.out("loss", loss);
+    let m = codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
+    let jit = m.run(&c.feeds).expect_err("label 3 is out of range").to_string();
+    let reference = interp::run_f32(&c.g, &c.feeds).expect_err("also in the interpreter").to_string();
+    assert_eq!(jit, reference);
+}
+
+#[test]
+fn layout_ops_match_interpreter() {
+    let mut rng = Rng(7);
+    for shape in [&[2usize, 3, 5][..], &[1, 7, 1], &[4, 1, 6]] {
+        let n = shape.len();
+        let ops = vec![
+            Op::Transpose {
+                perm: (0..n).rev().collect(),
+            },
+            Op::Reshape {
+                shape: vec![numel(shape)],
+            },
+            Op::Slice {
+                axis: n - 1,
+                start: 0,
+                end: shape[n - 1].div_ceil(2),
+            },
+            Op::Slice {
+                axis: 1,
+                start: shape[1] / 2,
+                end: shape[1],
+            },
+            Op::PadSlice {
+                axis: 1,
+                start: 2,
+                full: shape[1] + 3,
+            },
+            Op::Expand {
+                shape: {
+                    let mut s = vec![3];
+                    s.extend(shape.iter().map(|&d| if d == 1 { 4 } else { d }));
+                    s
+                },
+            },
+        ];
+        for op in ops {
+            for dtype in [DType::F32, DType::I32] {
+                let mut c = Case::new();
+                let t = match dtype {
+                    DType::F32 => rand_f32(&mut rng, shape, 1.0),
+                    DType::I32 => rand_ids(&mut rng, shape, 1000),
+                };
+                if dtype == DType::I32 && matches!(op, Op::PadSlice { .. }) {
+                    continue; // pad_slice is a gradient: f32 only
+                }
+                let x = c.input("x", t);
+                let y = c.op(op.clone(), &[x]);
+                c.out("y", y);
+                c.check(0.0);
+            }
+        }
+        // concat along each axis
+        for axis in 0..n {
+            let mut c = Case::new();
+            let mut s2 = shape.to_vec();
+            s2[axis] += 2;
+            let a = c.input("a", rand_f32(&mut rng, shape, 1.0));
+            let b = c.input("b", rand_f32(&mut rng, &s2, 1.0));
+            let y = c.op(Op::Concat { axis }, &[a, b, a]);
+            c.out("y", y);
+            c.check(0.0);
+        }
+    }
+}
+
+#[test]
+fn gather_and_scatter_add_match_interpreter() {
+    let mut rng = Rng(8);
+    for (rows, width, ids_shape) in [(10usize, 7usize, &[3usize, 5][..]), (1, 1, &[4]), (6, 9, &[1])] {
+        let mut c = Case::new();
+        let table = c.input("t", rand_f32(&mut rng, &[rows, width], 1.0));
+        let ids = c.input("i", rand_ids(&mut rng, ids_shape, rows));
+        let mut dys = ids_shape.to_vec();
+        dys.push(width);
+        let dy = c.input("dy", rand_f32(&mut rng, &dys, 1.0));
+        let g = c.op(Op::Gather, &[table, ids]);
+        let s = c.op(Op::ScatterAdd { rows }, &[ids, dy]);
+        c.out("g", g);
+        c.out("s", s);
+        c.check(1e-6);
+    }
+}
+
+#[test]
+fn fill_and_a_chain_of_kernels() {
+    let mut c = Case::new();
+    let mut rng = Rng(9);
+    let x = c.input("x", rand_f32(&mut rng, &[3, 10], 1.0));
+    let w = c.input("w", rand_f32(&mut rng, &[10, 6], 1.0));
+    let b = c.g.add(Op::Fill { value: 0.25, shape: vec![6] }, &[], None).expect("fill");
+    let h = c.op(Op::MatMul, &[x, w]);
+    let h = c.op(Op::Binary(BinaryOp::Add), &[h, b]);
+    let h = c.op(Op::Unary(UnaryOp::Tanh), &[h]);
+    let p = c.op(Op::Softmax { axis: 1 }, &[h]);
+    c.out("p", p);
+    c.out("h", h);
+    c.check(1e-5);
+}
+
+#[test]
+fn feeds_are_validated() {
+    let mut c = Case::new();
+    let x = c.input("x", Tensor::f32(vec![2], vec![1.0, 2.0]));
+    let y = c.op(Op::Unary(UnaryOp::Neg), &[x]);
+    c.out("y", y);
+    let m = codegen::compile(&c.g, &JitOptions { threads: 1 }).expect("compiles");
+    let mut bad = BTreeMap::new();
+    assert!(m.run(&bad).expect_err("missing").to_string().contains("missing value for input 'x'"));
+    bad.insert("x".to_string(), Tensor::f32(vec![3], vec![0.0; 3]));
+    assert!(m.run(&bad).expect_err("shape").to_string().contains("shape [3]"));
+    bad.insert("x".to_string(), Tensor::i32(vec![2], vec![0; 2]));
+    assert!(m.run(&bad).expect_err("dtype").to_string().contains("i32"));
+}
