@@ -277,7 +277,7 @@ impl Compiler {
                 let warnings = if e.warnings.is_empty() {
                     String::new()
                 } else {
-                    render(&e.warnings, &sm)
+                    crate::diag::render(&e.warnings, &sm)
                 };
                 Ok(CompiledModel(Arc::new(Inner {
                     model: e.model,
@@ -289,7 +289,7 @@ impl Compiler {
                 })))
             }
             Err(diags) => Err(Error::Compile {
-                rendered: render(&diags, &sm),
+                rendered: crate::diag::render(&diags, &sm),
                 diagnostics: diags,
             }),
         }
@@ -308,28 +308,16 @@ fn read_source(path: &Path) -> Result<String> {
     })
 }
 
-// Temporary until `diag::render` lands: `file:line:col: severity: message`.
-fn render(diags: &[Diagnostic], sm: &SourceMap) -> String {
-    let mut out = String::new();
-    for d in diags {
-        let file = sm.get(d.span.file).map_or("?", |f| f.name.as_str());
-        let (line, col) = sm.line_col(d.span.file, d.span.start);
-        let sev = if d.is_error() { "error" } else { "warning" };
-        out.push_str(&format!("{file}:{line}:{col}: {sev}: {}\n", d.message));
-    }
-    out
-}
-
 fn split_diagnostics(diags: Vec<Diagnostic>, sm: &SourceMap) -> Result<String> {
     if diags.iter().any(Diagnostic::is_error) {
         Err(Error::Compile {
-            rendered: render(&diags, sm),
+            rendered: crate::diag::render(&diags, sm),
             diagnostics: diags,
         })
     } else if diags.is_empty() {
         Ok(String::new())
     } else {
-        Ok(render(&diags, sm))
+        Ok(crate::diag::render(&diags, sm))
     }
 }
 
@@ -751,6 +739,61 @@ pub fn classification_operands(g: &Graph) -> Option<(crate::ir::Value, crate::ir
         }
         _ => None,
     })
+}
+
+/// Seeded random values for every input of a model (for `dlc bench`):
+/// f32 inputs from a standard normal, i32 inputs uniform over the range
+/// their consumer accepts (classes of a loss, rows of a `gather`), else 0.
+pub fn random_inputs(model: &CompiledModel, seed: u64) -> TensorMap {
+    let g = model.graph();
+    let mut rng = crate::init::SplitMix64::new(seed);
+    let mut out = TensorMap::new();
+    for (name, v) in g.inputs_by_name() {
+        let ty = g.ty(v);
+        let n = crate::tensor::numel(&ty.shape);
+        let t = match ty.dtype {
+            DType::F32 => Tensor::f32(
+                ty.shape.clone(),
+                (0..n).map(|_| rng.normal() as f32).collect(),
+            ),
+            DType::I32 => {
+                let range = i32_range(g, v).max(1) as u64;
+                Tensor::i32(
+                    ty.shape.clone(),
+                    (0..n).map(|_| (rng.next_u64() % range) as i32).collect(),
+                )
+            }
+        };
+        out.insert(name, t);
+    }
+    out
+}
+
+/// How many distinct values an i32 input may take: the class count of a
+/// loss or the row count of a gather table that reads it.
+fn i32_range(g: &Graph, v: crate::ir::Value) -> usize {
+    for user in g.users(v.node) {
+        let ins = g.inputs(user);
+        let slot = ins.iter().position(|x| *x == v);
+        match (&g.node(user).op, slot) {
+            (Op::CrossEntropy | Op::Hinge, Some(1)) => {
+                return g.ty(ins[0]).shape.last().copied().unwrap_or(1)
+            }
+            (Op::Gather, Some(1)) => return g.ty(ins[0]).shape.first().copied().unwrap_or(1),
+            _ => {}
+        }
+    }
+    1
+}
+
+/// Bytes of every value a graph computes, if each had its own buffer (what
+/// a memory plan would improve on).
+pub fn naive_bytes(g: &Graph) -> usize {
+    g.graph
+        .node_indices()
+        .flat_map(|n| g.node(n).outputs.iter())
+        .map(|t| crate::tensor::numel(&t.shape) * 4)
+        .sum()
 }
 
 #[cfg(test)]

@@ -266,7 +266,7 @@ fn read_config(path: &Path) -> Result<CaseConfig, String> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Comparison {
     pub max_abs: f64,
-    /// Largest `|a - e| / |e|` over elements with `e != 0`.
+    /// Largest `|a - e| / |e|` over elements with `|e| > atol`.
     pub max_rel: f64,
     /// `[index]: got a, expected e` of the first element out of tolerance.
     pub first_mismatch: Option<String>,
@@ -306,7 +306,8 @@ pub fn compare(actual: &Tensor, expected: &Tensor, rtol: f64, atol: f64) -> Resu
         } else {
             let d = (a - e).abs();
             c.max_abs = c.max_abs.max(d);
-            if e != 0.0 {
+            // Below atol the relative error says nothing (atol governs).
+            if e.abs() > atol {
                 c.max_rel = c.max_rel.max(d / e.abs());
             }
             d <= atol + rtol * e.abs()

@@ -74,7 +74,9 @@ pub fn sample(init: &Init, shape: &[usize], rng: &mut SplitMix64) -> Vec<f32> {
     match init {
         Init::Zeros => vec![0.0; n],
         Init::Ones => vec![1.0; n],
-        Init::Normal { std } => (0..n).map(|_| (f64::from(*std) * rng.normal()) as f32).collect(),
+        Init::Normal { std } => (0..n)
+            .map(|_| (f64::from(*std) * rng.normal()) as f32)
+            .collect(),
         Init::Uniform { lo, hi } => (0..n)
             .map(|_| uniform(rng, f64::from(*lo), f64::from(*hi)) as f32)
             .collect(),
@@ -102,7 +104,11 @@ pub fn sample(init: &Init, shape: &[usize], rng: &mut SplitMix64) -> Vec<f32> {
 /// is one (passed through unchecked), else the initialised one. Entries of
 /// `given` that name no parameter are left out. A name used by several param
 /// nodes is initialised once, from the first node (in node order).
-pub fn init_params(g: &Graph, seed: u64, given: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+pub fn init_params(
+    g: &Graph,
+    seed: u64,
+    given: &BTreeMap<String, Tensor>,
+) -> BTreeMap<String, Tensor> {
     let mut rng = SplitMix64::new(seed);
     let mut out = BTreeMap::new();
     // `Graph::params` is sorted by name, which fixes the draw order.
@@ -174,7 +180,10 @@ mod tests {
 
     #[test]
     fn same_seed_same_values_different_seed_different_values() {
-        let g = graph(&[("w", vec![3, 4], Init::GlorotUniform), ("v", vec![5], Init::Normal { std: 1.0 })]);
+        let g = graph(&[
+            ("w", vec![3, 4], Init::GlorotUniform),
+            ("v", vec![5], Init::Normal { std: 1.0 }),
+        ]);
         let a = init_params(&g, 7, &BTreeMap::new());
         let b = init_params(&g, 7, &BTreeMap::new());
         let c = init_params(&g, 8, &BTreeMap::new());
@@ -190,14 +199,20 @@ mod tests {
         let p2 = ("b", vec![4], Init::Normal { std: 0.5 });
         let g1 = graph(&[p1.clone(), p2.clone()]);
         let g2 = graph(&[p2, p1]);
-        assert_eq!(init_params(&g1, 3, &BTreeMap::new()), init_params(&g2, 3, &BTreeMap::new()));
+        assert_eq!(
+            init_params(&g1, 3, &BTreeMap::new()),
+            init_params(&g2, 3, &BTreeMap::new())
+        );
     }
 
     #[test]
     fn first_parameter_uses_the_first_draws() {
         // "a" sorts first, so its first value is lo + (hi - lo)·u with u the
         // top 53 bits of the generator's first output for seed 0.
-        let g = graph(&[("z", vec![1], Init::Zeros), ("a", vec![1], Init::Uniform { lo: 2.0, hi: 4.0 })]);
+        let g = graph(&[
+            ("z", vec![1], Init::Zeros),
+            ("a", vec![1], Init::Uniform { lo: 2.0, hi: 4.0 }),
+        ]);
         let got = init_params(&g, 0, &BTreeMap::new());
         let first = SplitMix64::new(0).next_u64();
         let u = (first >> 11) as f64 / (1u64 << 53) as f64;
@@ -207,7 +222,10 @@ mod tests {
 
     #[test]
     fn given_parameters_are_kept_and_consume_nothing() {
-        let g = graph(&[("a", vec![2], Init::Normal { std: 1.0 }), ("b", vec![3], Init::Normal { std: 1.0 })]);
+        let g = graph(&[
+            ("a", vec![2], Init::Normal { std: 1.0 }),
+            ("b", vec![3], Init::Normal { std: 1.0 }),
+        ]);
         let mut given = BTreeMap::new();
         given.insert("a".to_string(), Tensor::f32(vec![2], vec![9.0, 9.0]));
         given.insert("unrelated".to_string(), Tensor::scalar(1.0));
@@ -215,7 +233,11 @@ mod tests {
         assert_eq!(values(&with["a"]), vec![9.0, 9.0]);
         assert!(!with.contains_key("unrelated"));
         // "b" draws as if "a" did not exist: the same as a model with b only.
-        let only_b = init_params(&graph(&[("b", vec![3], Init::Normal { std: 1.0 })]), 11, &BTreeMap::new());
+        let only_b = init_params(
+            &graph(&[("b", vec![3], Init::Normal { std: 1.0 })]),
+            11,
+            &BTreeMap::new(),
+        );
         assert_eq!(with["b"], only_b["b"]);
     }
 

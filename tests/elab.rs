@@ -16,7 +16,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 const EXAMPLES: &[&str] = &[
-    "gemm", "mlp", "lenet", "vgg", "lstm", "gru", "transformer", "residual", "textclf",
+    "gemm",
+    "mlp",
+    "lenet",
+    "vgg",
+    "lstm",
+    "gru",
+    "transformer",
+    "residual",
+    "textclf",
 ];
 
 fn root() -> PathBuf {
@@ -31,13 +39,22 @@ fn load(path: &Path) -> (SourceMap, u32) {
 }
 
 fn render(diags: &[dlc::diag::Diagnostic], sources: &SourceMap) -> String {
-    diags.iter().map(|d| one_line(d, sources)).collect::<Vec<_>>().join("\n")
+    diags
+        .iter()
+        .map(|d| one_line(d, sources))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn elab_ok(path: &Path, opts: &ElabOptions) -> Elaborated {
     let (mut sources, file) = load(path);
     let diags = check(&mut sources, file);
-    assert!(diags.is_empty(), "check {}:\n{}", path.display(), render(&diags, &sources));
+    assert!(
+        diags.is_empty(),
+        "check {}:\n{}",
+        path.display(),
+        render(&diags, &sources)
+    );
     match elaborate(&mut sources, file, opts) {
         Ok(e) => {
             assert!(e.warnings.is_empty(), "{}", render(&e.warnings, &sources));
@@ -56,7 +73,10 @@ fn params(e: &Elaborated) -> BTreeMap<String, Vec<usize>> {
 }
 
 fn example(name: &str) -> Elaborated {
-    elab_ok(&root().join(format!("lang/examples/{name}.dl")), &ElabOptions::default())
+    elab_ok(
+        &root().join(format!("lang/examples/{name}.dl")),
+        &ElabOptions::default(),
+    )
 }
 
 #[test]
@@ -86,7 +106,13 @@ fn lenet_parameter_names_and_shapes() {
         .iter()
         .map(|o| (o.name.as_str(), o.kind, g.ty(o.value).shape.clone()))
         .collect();
-    assert_eq!(outs, vec![("probs", OutputKind::Output, vec![32, 10]), ("loss", OutputKind::Loss, vec![])]);
+    assert_eq!(
+        outs,
+        vec![
+            ("probs", OutputKind::Output, vec![32, 10]),
+            ("loss", OutputKind::Loss, vec![])
+        ]
+    );
 }
 
 #[test]
@@ -100,7 +126,10 @@ fn transformer_parameter_names_and_shapes() {
     assert_eq!(p["b1.up.weight"], vec![64, 256]);
     assert_eq!(p["b1.down.weight"], vec![256, 64]);
     assert_eq!(p["logits.weight"], vec![64, 1000]);
-    assert_eq!(e.model.dims, BTreeMap::from([("N".to_string(), 8), ("T".to_string(), 64)]));
+    assert_eq!(
+        e.model.dims,
+        BTreeMap::from([("N".to_string(), 8), ("T".to_string(), 64)])
+    );
 }
 
 #[test]
@@ -118,7 +147,13 @@ fn std_initialisers_follow_the_spec() {
             })
             .unwrap_or_else(|| panic!("no param {name}"))
     };
-    assert_eq!(init("e.weight"), Init::Uniform { lo: -0.05, hi: 0.05 });
+    assert_eq!(
+        init("e.weight"),
+        Init::Uniform {
+            lo: -0.05,
+            hi: 0.05
+        }
+    );
     assert_eq!(init("h.w_x"), Init::GlorotUniform);
     assert_eq!(init("h.w_h"), Init::GlorotUniform);
     assert_eq!(init("h.b"), Init::Zeros);
@@ -129,13 +164,31 @@ fn std_initialisers_follow_the_spec() {
     assert_eq!(p["h.b"], vec![192]);
     assert_eq!(
         e.model.train.optimizer,
-        Some(Optimizer::Adam { lr: 0.002, beta1: 0.9, beta2: 0.999, eps: 1e-8 })
+        Some(Optimizer::Adam {
+            lr: 0.002,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8
+        })
     );
     assert_eq!(e.model.train.regularize, Some(Regularizer::L2(1e-4)));
-    let ln = elab_ok(&root().join("tests/golden/layers/layer_norm/model.dl"), &dims(&[("N", 2), ("T", 3)]));
+    let ln = elab_ok(
+        &root().join("tests/golden/layers/layer_norm/model.dl"),
+        &dims(&[("N", 2), ("T", 3)]),
+    );
     let g = &ln.model.graph;
-    let gamma = g.params().into_iter().find(|(n, _)| n == "n1.gamma").map(|(_, v)| v);
-    assert!(matches!(gamma.map(|v| &g.node(v.node).op), Some(Op::Param { init: Init::Ones, .. })));
+    let gamma = g
+        .params()
+        .into_iter()
+        .find(|(n, _)| n == "n1.gamma")
+        .map(|(_, v)| v);
+    assert!(matches!(
+        gamma.map(|v| &g.node(v.node).op),
+        Some(Op::Param {
+            init: Init::Ones,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -161,15 +214,24 @@ fn dims(d: &[(&str, usize)]) -> ElabOptions {
 fn dims_bind_from_input_shapes_then_flags_then_defaults() {
     let path = root().join("lang/examples/lstm.dl");
     // Defaults alone.
-    assert_eq!(example("lstm").model.dims, BTreeMap::from([("N".into(), 16), ("T".into(), 32)]));
+    assert_eq!(
+        example("lstm").model.dims,
+        BTreeMap::from([("N".into(), 16), ("T".into(), 32)])
+    );
     // --dim overrides a default.
     let e = elab_ok(&path, &dims(&[("T", 5)]));
-    assert_eq!(e.model.dims, BTreeMap::from([("N".into(), 16), ("T".into(), 5)]));
+    assert_eq!(
+        e.model.dims,
+        BTreeMap::from([("N".into(), 16), ("T".into(), 5)])
+    );
     // Input shapes bind first; --dim agreeing with them is fine.
     let mut opts = dims(&[("N", 3)]);
     opts.input_shapes.insert("x".into(), vec![3, 7, 64]);
     let e = elab_ok(&path, &opts);
-    assert_eq!(e.model.dims, BTreeMap::from([("N".into(), 3), ("T".into(), 7)]));
+    assert_eq!(
+        e.model.dims,
+        BTreeMap::from([("N".into(), 3), ("T".into(), 7)])
+    );
     let g = &e.model.graph;
     assert_eq!(g.ty(g.inputs_by_name()[0].1).shape, vec![3]);
 }
@@ -185,11 +247,19 @@ fn model_selection() {
     opts.model = Some("second".into());
     let second = elab_ok(&path, &opts);
     assert_eq!(second.model.name, "second");
-    assert_eq!(params(&second), BTreeMap::from([("h.weight".into(), vec![4, 3]), ("h.bias".into(), vec![3])]));
+    assert_eq!(
+        params(&second),
+        BTreeMap::from([("h.weight".into(), vec![4, 3]), ("h.bias".into(), vec![3])])
+    );
     let (mut sources, file) = load(&path);
     opts.model = Some("third".into());
-    let err = elaborate(&mut sources, file, &opts).err().expect("no model third");
-    assert_eq!(err[0].message, "the file has no model named `third`; it has first, second");
+    let err = elaborate(&mut sources, file, &opts)
+        .err()
+        .expect("no model third");
+    assert_eq!(
+        err[0].message,
+        "the file has no model named `third`; it has first, second"
+    );
 }
 
 // ------------------------------------------------------------ golden cases
@@ -205,8 +275,16 @@ fn tensor_shapes(path: &Path) -> BTreeMap<String, (String, Vec<usize>)> {
         .iter()
         .filter(|(k, _)| *k != "__metadata__")
         .map(|(k, v)| {
-            let shape = v["shape"].as_array().expect("shape").iter().map(|d| d.as_u64().expect("dim") as usize).collect();
-            (k.clone(), (v["dtype"].as_str().expect("dtype").to_string(), shape))
+            let shape = v["shape"]
+                .as_array()
+                .expect("shape")
+                .iter()
+                .map(|d| d.as_u64().expect("dim") as usize)
+                .collect();
+            (
+                k.clone(),
+                (v["dtype"].as_str().expect("dtype").to_string(), shape),
+            )
         })
         .collect()
 }
@@ -239,7 +317,10 @@ fn golden_models_elaborate_with_the_reference_shapes_and_names() {
         let inputs = tensor_shapes(&case.join("inputs.safetensors"));
         let expected = tensor_shapes(&case.join("expected.safetensors"));
         let mut opts = ElabOptions::default();
-        opts.input_shapes = inputs.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect();
+        opts.input_shapes = inputs
+            .iter()
+            .map(|(k, (_, s))| (k.clone(), s.clone()))
+            .collect();
         if let Ok(toml) = std::fs::read_to_string(case.join("case.toml")) {
             let v: toml::Table = toml.parse().expect("case.toml");
             opts.model = v.get("model").and_then(|m| m.as_str()).map(String::from);
@@ -249,8 +330,16 @@ fn golden_models_elaborate_with_the_reference_shapes_and_names() {
         let name = case.display();
         for (input, v) in g.inputs_by_name() {
             let (dtype, shape) = &inputs[&input];
-            let want = if dtype == "I32" { DType::I32 } else { DType::F32 };
-            assert_eq!((g.ty(v).dtype, &g.ty(v).shape), (want, shape), "{name}: input {input}");
+            let want = if dtype == "I32" {
+                DType::I32
+            } else {
+                DType::F32
+            };
+            assert_eq!(
+                (g.ty(v).dtype, &g.ty(v).shape),
+                (want, shape),
+                "{name}: input {input}"
+            );
         }
         let p = params(&e);
         let mut grads = BTreeMap::new();
@@ -258,8 +347,14 @@ fn golden_models_elaborate_with_the_reference_shapes_and_names() {
             if let Some(param) = key.strip_prefix("grad.") {
                 grads.insert(param.to_string(), shape.clone());
             } else {
-                let out = g.output(key).unwrap_or_else(|| panic!("{name}: no output {key}"));
-                let kind = if key == "loss" { OutputKind::Loss } else { OutputKind::Output };
+                let out = g
+                    .output(key)
+                    .unwrap_or_else(|| panic!("{name}: no output {key}"));
+                let kind = if key == "loss" {
+                    OutputKind::Loss
+                } else {
+                    OutputKind::Output
+                };
                 assert_eq!(out.kind, kind, "{name}: {key}");
                 assert_eq!(&g.ty(out.value).shape, shape, "{name}: output {key}");
             }
@@ -272,15 +367,29 @@ fn golden_models_elaborate_with_the_reference_shapes_and_names() {
                 assert_eq!(p.get(&k), Some(&shape), "{name}: param {k}");
             }
         }
-        assert_eq!(g.outputs.len(), expected.keys().filter(|k| !k.starts_with("grad.")).count(), "{name}");
+        assert_eq!(
+            g.outputs.len(),
+            expected.keys().filter(|k| !k.starts_with("grad.")).count(),
+            "{name}"
+        );
     }
 }
 
 #[test]
 fn fn_nested_names_from_its_comment() {
-    let e = elab_ok(&root().join("tests/golden/models/fn_nested/model.dl"), &dims(&[("N", 2)]));
+    let e = elab_ok(
+        &root().join("tests/golden/models/fn_nested/model.dl"),
+        &dims(&[("N", 2)]),
+    );
     let p = params(&e);
-    for name in ["b1.a.weight", "b2.a.bias", "st.inner.a.weight", "st.s.g", "logits.weight", "w"] {
+    for name in [
+        "b1.a.weight",
+        "b2.a.bias",
+        "st.inner.a.weight",
+        "st.s.g",
+        "logits.weight",
+        "w",
+    ] {
         assert!(p.contains_key(name), "missing {name}: {:?}", p.keys());
     }
     assert_eq!(p["st.s.g"], vec![8]);

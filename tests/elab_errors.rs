@@ -35,7 +35,10 @@ fn check_elab(src: &str, opts: ElabOptions, expected: Expect) {
 
 fn shapes(pairs: &[(&str, &[usize])]) -> ElabOptions {
     ElabOptions {
-        input_shapes: pairs.iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect(),
+        input_shapes: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_vec()))
+            .collect(),
         ..ElabOptions::default()
     }
 }
@@ -463,4 +466,120 @@ fn poisoned_bindings_do_not_cascade() {
             test.dl:3:9: error: matmul: inner dimensions differ: [N, 4] @ [N, 4] (4 vs N)
         "#]],
     );
+}
+
+#[test]
+fn pattern_symbols_must_agree_across_arguments() {
+    check(
+        "fn add(a: f32[N, D], b: f32[N, D]) {\n    return a + b\n}\nmodel m {\n    input x: f32[B, 4]\n    input y: f32[B, 5]\n    output z = add(x, y)\n}\n",
+        expect![[r#"
+            test.dl:7:23: error: argument `b` of `add` has size 5 where its pattern f32[N, D] needs D = 4
+        "#]],
+    );
+}
+
+#[test]
+fn mutual_recursion() {
+    check(
+        "fn f(x) {\n    return g(x)\n}\nfn g(x) {\n    return f(x)\n}\nmodel m {\n    input x: f32[N, 4]\n    output y = f(x)\n}\n",
+        expect![[r#"
+            test.dl:5:12: error: `f` calls itself (f -> g -> f); recursion is not supported because fns are expanded at each call
+        "#]],
+    );
+}
+
+#[test]
+fn syntax_and_elaboration_errors_together() {
+    check(
+        "model m {\n    input x: f32[N, 4]\n    h = relu(x +)\n    output y = tanh(z)\n}\n",
+        expect![[r#"
+            test.dl:3:17: error: expected an expression, found ')'
+            test.dl:4:21: error: unknown name `z`
+        "#]],
+    );
+}
+
+#[test]
+fn statements_in_the_wrong_item() {
+    check(
+        "fn f(x) {\n    input y: f32[3]\n    return x\n}\nmodel m {\n    input x: f32[N, 4]\n    output y = f(x)\n    return x\n}\n",
+        expect![[r#"
+            test.dl:2:5: error: 'input' is not allowed in a fn; a fn body holds bindings, 'param' and 'return'
+            test.dl:8:5: error: 'return' is only allowed in a fn
+        "#]],
+    );
+}
+
+#[test]
+fn bad_attributes() {
+    check(
+        "model m {\n    input x: f32[N, 3, 8, 8]\n    param w: f32[4, 3, 3, 3]\n    output a = conv(x, w, stride=2, pad=\"same\")\n    output b = conv(x, w, stride=0)\n    output c = max_pool2d(x, 2.5)\n    output d = transpose(x, [0, 1, 1, 2])\n}\n",
+        expect![[r#"
+            test.dl:4:41: error: conv: pad="same" needs stride 1, got stride 2
+            test.dl:5:34: error: conv: `stride` must be at least 1, got 0
+            test.dl:6:30: error: max_pool2d: `window` must be an integer, got the number 2.5
+            test.dl:7:16: error: transpose: [0, 1, 1, 2] is not a permutation of the 4 axes of [N, 3, 8, 8]
+        "#]],
+    );
+}
+
+#[test]
+fn bad_initialisers_and_param_types() {
+    check(
+        "model m {\n    param a: f32[3] = gaussian(1.0)\n    param b: i32[3]\n    param c: f32[3] = uniform(1.0, 0.5)\n    param d: f32[-2]\n}\n",
+        expect![[r#"
+            test.dl:2:23: error: unknown initialiser `gaussian`; expected zeros, ones, normal(std), uniform(lo, hi), glorot_uniform or he_normal
+            test.dl:3:14: error: parameter `b` must be f32 (parameters are trained), not i32
+            test.dl:4:23: error: uniform: `lo` (1) is greater than `hi` (0.5)
+            test.dl:5:18: error: a dimension must not be negative, got -2
+        "#]],
+    );
+}
+
+/// Every line deleted and every digit replaced by an extreme value, in
+/// every example and golden model: diagnostics, never a panic.
+#[test]
+fn mutated_sources_never_panic() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(root.join("lang/examples"))
+        .expect("examples")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "dl"))
+        .collect();
+    let mut stack = vec![root.join("tests/golden")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).expect("golden dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n == "model.dl") {
+                files.push(p);
+            }
+        }
+    }
+    files.push(root.join("lang/std.dl"));
+    let mut runs = 0;
+    for f in files {
+        let src = std::fs::read_to_string(&f).expect("source");
+        let lines: Vec<&str> = src.lines().collect();
+        let mut variants = Vec::new();
+        for i in 0..lines.len() {
+            let mut v = lines.clone();
+            v.remove(i);
+            variants.push(v.join("\n"));
+        }
+        for (i, _) in src.match_indices(|c: char| c.is_ascii_digit()) {
+            for rep in ["0", "99999999999999999999"] {
+                variants.push(format!("{}{rep}{}", &src[..i], &src[i + 1..]));
+            }
+        }
+        for v in variants {
+            let mut sources = SourceMap::default();
+            let file = sources.add("m.dl", v);
+            let _ = dlc::elab::check(&mut sources, file);
+            let _ = elaborate(&mut sources, file, &ElabOptions::default());
+            runs += 1;
+        }
+    }
+    assert!(runs > 1000, "only {runs} variants");
 }

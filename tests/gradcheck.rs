@@ -99,12 +99,6 @@ impl Check {
         self.g.add(op, ins, None).expect("test graph is well-typed")
     }
 
-    fn multi(&mut self, op: Op, ins: &[Value]) -> Vec<Value> {
-        self.g
-            .add_multi(op, ins, None)
-            .expect("test graph is well-typed")
-    }
-
     /// `loss = Σ y ⊙ r` with fixed random `r`, so every element of `y` gets
     /// a different upstream gradient; returns the loss.
     fn weighted_sum(&mut self, y: Value) -> Value {
@@ -603,7 +597,9 @@ fn lstm_and_gru_match_finite_differences() {
 
 #[test]
 fn attention_matches_finite_differences() {
-    let cases: [(bool, &[usize], &[usize], &[usize]); 4] = [
+    // (causal, q, k, v shapes)
+    type Case<'a> = (bool, &'a [usize], &'a [usize], &'a [usize]);
+    let cases: [Case; 4] = [
         (false, &[2, 3, 4], &[2, 5, 4], &[2, 5, 3]),
         (true, &[2, 4, 3], &[2, 4, 3], &[2, 4, 2]),
         (true, &[4, 3], &[4, 3], &[4, 3]),
@@ -1091,4 +1087,159 @@ fn training_step_rejects_bad_hyperparameters() {
         training_step(&model, &sgd, None),
         Err(AutodiffError::BadHyperparameter(_))
     ));
+}
+
+// ---------------------------------------------------------------- golden gradients
+
+/// Every golden case that asks for `grad.*` entries: elaborate the model,
+/// build `with_gradients`, run it in f64 and compare with the independent
+/// reference's gradients at the golden tolerances (CLI.md).
+#[test]
+fn golden_gradients_match_the_reference() {
+    let root = std::path::Path::new("/work/shared/golden");
+    if !root.is_dir() {
+        // The golden suite lives outside the crate; without it there is
+        // nothing to compare against.
+        return;
+    }
+    let mut cases = Vec::new();
+    collect_cases(root, &mut cases);
+    cases.sort();
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for dir in &cases {
+        match golden_case(dir) {
+            Ok(true) => checked += 1,
+            Ok(false) => {}
+            Err(e) => failures.push(format!("{}: {e}", dir.display())),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} failed:\n{}",
+        failures.len(),
+        checked + failures.len(),
+        failures.join("\n")
+    );
+    eprintln!("checked the gradients of {checked} golden cases");
+    assert!(
+        checked > 0,
+        "no golden case with gradients found under {}",
+        root.display()
+    );
+}
+
+fn collect_cases(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    if dir.join("model.dl").is_file() {
+        out.push(dir.to_path_buf());
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.path().is_dir() {
+            collect_cases(&e.path(), out);
+        }
+    }
+}
+
+/// `Ok(false)` when the case has no gradients to check.
+fn golden_case(dir: &std::path::Path) -> Result<bool, String> {
+    use dlc::io::read_safetensors;
+    let expected =
+        read_safetensors(&dir.join("expected.safetensors")).map_err(|e| e.to_string())?;
+    if !expected.keys().any(|k| k.starts_with("grad.")) {
+        return Ok(false);
+    }
+    let inputs = read_safetensors(&dir.join("inputs.safetensors")).map_err(|e| e.to_string())?;
+    let params_path = dir.join("params.safetensors");
+    let params = if params_path.is_file() {
+        read_safetensors(&params_path).map_err(|e| e.to_string())?
+    } else {
+        Default::default()
+    };
+    let (mut model_name, mut rtol, mut atol) = (None, 1e-3, 1e-4);
+    if let Ok(text) = std::fs::read_to_string(dir.join("case.toml")) {
+        let t: toml::Table = text.parse().map_err(|e| format!("case.toml: {e}"))?;
+        model_name = t.get("model").and_then(|v| v.as_str()).map(String::from);
+        let num = |v: &toml::Value| v.as_float().or_else(|| v.as_integer().map(|i| i as f64));
+        rtol = t.get("grad_rtol").and_then(num).unwrap_or(rtol);
+        atol = t.get("grad_atol").and_then(num).unwrap_or(atol);
+    }
+    let src = std::fs::read_to_string(dir.join("model.dl")).map_err(|e| e.to_string())?;
+    let mut sources = dlc::diag::SourceMap::default();
+    let file = sources.add("model.dl", src);
+    let opts = dlc::elab::ElabOptions {
+        model: model_name,
+        input_shapes: inputs
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shape.clone()))
+            .collect(),
+        ..Default::default()
+    };
+    let model = dlc::elab::elaborate(&mut sources, file, &opts)
+        .map_err(|d| format!("elaboration failed: {}", dlc::diag::render(&d, &sources)))?
+        .model;
+    let g = with_gradients(&model).map_err(|e| format!("autodiff: {e}"))?;
+    let feeds: BTreeMap<String, Array> = inputs
+        .iter()
+        .chain(params.iter())
+        .map(|(k, t)| (k.clone(), Array::from(t)))
+        .collect();
+    let out = run(&g, &feeds, Precision::F64).map_err(|e| format!("interpreter: {e}"))?;
+    for (name, want) in expected.iter().filter(|(k, _)| k.starts_with("grad.")) {
+        let got = out.get(name).ok_or_else(|| format!("no output {name}"))?;
+        if got.shape != want.shape {
+            return Err(format!(
+                "{name}: shape {:?} but expected {:?}",
+                got.shape, want.shape
+            ));
+        }
+        let want = want.as_f32().ok_or_else(|| format!("{name} is not f32"))?;
+        for (i, (g, w)) in floats(got).iter().zip(want).enumerate() {
+            let w = f64::from(*w);
+            if (g - w).abs() > atol + rtol * w.abs() {
+                return Err(format!("{name}[{i}]: got {g}, expected {w}"));
+            }
+        }
+    }
+    Ok(true)
+}
+
+#[test]
+fn no_gradient_is_built_for_values_not_asked_for() {
+    // tiny model: pred = x @ w + b. Only dw = xᵀ·dpred needs a matmul;
+    // dx = dpred·wᵀ (x is an input) must not be left in the graph.
+    let (model, _) = tiny_model();
+    let g = with_gradients(&model).unwrap();
+    let matmuls = g
+        .graph
+        .node_indices()
+        .filter(|n| matches!(g.node(*n).op, Op::MatMul))
+        .count();
+    assert_eq!(matmuls, 2, "{}", dlc::ir::print::print(&g));
+    // the bias gradient sums the batch axis straight to [2], no reshape
+    let reshapes = g
+        .graph
+        .node_indices()
+        .filter(|n| matches!(g.node(*n).op, Op::Reshape { .. }))
+        .count();
+    assert_eq!(reshapes, 0, "{}", dlc::ir::print::print(&g));
+}
+
+#[test]
+fn rejects_a_node_whose_declared_type_contradicts_its_operands() {
+    let mut c = Check::new(19);
+    let a = c.param("a", &[2, 3]);
+    let b = c.param("b", &[3, 4]);
+    // claims [2, 5] where the shape rule gives [2, 4]
+    let y =
+        c.g.add_node_unchecked(Op::MatMul, vec![TensorType::f32(vec![2, 5])], &[a, b], None)[0];
+    let loss = c.weighted_sum(y);
+    let err = gradients(&mut c.g, loss, &[a]).unwrap_err();
+    assert!(
+        matches!(err, AutodiffError::Malformed { op: "matmul", .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("f32[2, 5]"), "{err}");
 }

@@ -777,3 +777,159 @@ fn o0_and_o1_give_one_kernel_per_op() {
         assert_eq!(l.kernels.len(), l.graph.op_count());
     }
 }
+
+// ---------- whole models through the front end ----------
+
+use dlc::diag::SourceMap;
+use dlc::elab::{elaborate, ElabOptions};
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn elab(path: &Path, model: Option<String>, dims: &[(&str, usize)], shapes: BTreeMap<String, Vec<usize>>) -> Model {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut sm = SourceMap::default();
+    let file = sm.add(path.display().to_string(), text);
+    let opts = ElabOptions {
+        model,
+        dims: dims.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        input_shapes: shapes,
+    };
+    match elaborate(&mut sm, file, &opts) {
+        Ok(e) => e.model,
+        Err(d) => panic!("{}: {:?}", path.display(), d),
+    }
+}
+
+/// The graphs a model is compiled as: forward, forward with gradients, and
+/// training steps with sgd + momentum + l2 and with adam + l1.
+fn variants(m: &Model) -> Vec<(String, Graph)> {
+    let mut out = vec![("forward".to_string(), m.graph.clone())];
+    if m.graph.output("loss").is_some() {
+        out.push((
+            "with_gradients".into(),
+            dlc::autodiff::with_gradients(m).expect("gradients build"),
+        ));
+        let sgd = Optimizer::Sgd {
+            lr: 0.01,
+            momentum: 0.9,
+        };
+        out.push((
+            "train sgd".into(),
+            dlc::autodiff::training_step(m, &sgd, Some(Regularizer::L2(1e-4))).expect("training step builds"),
+        ));
+        let adam = Optimizer::Adam {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        };
+        out.push((
+            "train adam".into(),
+            dlc::autodiff::training_step(m, &adam, Some(Regularizer::L1(1e-4))).expect("training step builds"),
+        ));
+    }
+    out
+}
+
+/// Optimise at O1 (results equal as values) and O2 (1e-6 relative), with the
+/// verifier after every pass and the plan checked.
+fn check_model(label: &str, m: &Model, known: &BTreeMap<String, Tensor>) {
+    for (what, g) in variants(m) {
+        verify(&g).unwrap_or_else(|e| panic!("{label} {what}: the input graph is invalid: {e}"));
+        for (level, rtol) in [(OptLevel::O1, 0.0), (OptLevel::O2, 1e-6)] {
+            let l = lower_with(&g, level, &verify)
+                .unwrap_or_else(|e| panic!("{label} {what} {level:?}: {e}"));
+            memplan::check(&l.graph, &l.kernels, &l.plan)
+                .unwrap_or_else(|e| panic!("{label} {what} {level:?}: {e}"));
+            assert_same_with(&g, &l.graph, rtol, known, &format!("{label} {what} {level:?}"));
+        }
+    }
+}
+
+fn assert_same_with(a: &Graph, b: &Graph, rtol: f32, known: &BTreeMap<String, Tensor>, label: &str) {
+    let mut f = feeds(a, 7);
+    for (k, t) in known {
+        if f.get(k).is_some_and(|x| x.shape == t.shape && x.dtype() == t.dtype()) {
+            f.insert(k.clone(), t.clone());
+        }
+    }
+    let ra = run_f32(a, &f).unwrap_or_else(|e| panic!("{label}: original: {e}"));
+    let rb = run_f32(b, &f).unwrap_or_else(|e| panic!("{label}: optimised: {e}"));
+    for (name, ta) in &ra {
+        let tb = &rb[name];
+        assert_eq!(ta.shape, tb.shape, "{label}: output {name}");
+        let (va, vb) = (values(ta), values(tb));
+        let scale = va.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (i, (x, y)) in va.iter().zip(&vb).enumerate() {
+            let ok = if rtol == 0.0 {
+                x == y || (x.is_nan() && y.is_nan())
+            } else {
+                // relative to the output's magnitude: a sum reordered near a
+                // cancellation moves by ulps of its terms, not of its result
+                (x - y).abs() <= rtol * x.abs().max(y.abs()).max(scale) + 1e-30
+                    || (x.is_nan() && y.is_nan())
+            };
+            assert!(ok, "{label}: output {name}[{i}]: {x} before vs {y} after");
+        }
+    }
+}
+
+#[test]
+fn example_models_keep_their_results() {
+    let dir = root().join("lang/examples");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_none_or(|x| x != "dl") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut sm = SourceMap::default();
+        let file = sm.add("m.dl", text);
+        for name in dlc::elab::model_names(&sm, file) {
+            // small sizes keep the interpreter quick; symbols a model lacks are ignored
+            let dims = [("N", 2), ("T", 5), ("M", 8), ("K", 8), ("P", 8)];
+            let m = elab(&path, Some(name.clone()), &dims, BTreeMap::new());
+            check_model(&format!("{} {name}", path.display()), &m, &BTreeMap::new());
+            n += 1;
+        }
+    }
+    assert!(n >= 7, "only {n} example models found");
+}
+
+/// Every golden case folder below `dir` (one holding a model.dl).
+fn golden_cases(dir: &Path, out: &mut Vec<PathBuf>) {
+    if dir.join("model.dl").exists() {
+        out.push(dir.to_path_buf());
+    }
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let mut subs: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
+    subs.sort();
+    for s in subs {
+        golden_cases(&s, out);
+    }
+}
+
+#[test]
+fn golden_models_keep_their_results() {
+    let mut cases = Vec::new();
+    golden_cases(&root().join("tests/golden"), &mut cases);
+    assert!(cases.len() >= 40, "found {} golden cases", cases.len());
+    for case in cases {
+        let mut known = dlc::io::read_tensors(&case.join("inputs.safetensors")).unwrap();
+        let shapes = known.iter().map(|(k, t)| (k.clone(), t.shape.clone())).collect();
+        if let Ok(p) = dlc::io::read_tensors(&case.join("params.safetensors")) {
+            known.extend(p);
+        }
+        let model = std::fs::read_to_string(case.join("case.toml"))
+            .ok()
+            .and_then(|t| t.parse::<toml::Table>().ok())
+            .and_then(|t| t.get("model").and_then(|m| m.as_str()).map(String::from));
+        let m = elab(&case.join("model.dl"), model, &[], shapes);
+        let known: BTreeMap<String, Tensor> = known.into_iter().collect();
+        check_model(&case.display().to_string(), &m, &known);
+    }
+}

@@ -28,11 +28,18 @@ fn check_tree(src: &str, expected: Expect) {
 fn stmt(body: &str) -> String {
     let src = format!("model m {{\n{body}\n}}\n");
     let (file, diags) = parse(&src, 0);
-    assert!(diags.is_empty(), "unexpected diagnostics for {body:?}: {diags:?}");
+    assert!(
+        diags.is_empty(),
+        "unexpected diagnostics for {body:?}: {diags:?}"
+    );
     let Some(Item::Model(m)) = file.items.first() else {
         panic!("no model parsed from {body:?}");
     };
-    m.body.iter().map(dlc::syntax::sexpr_stmt).collect::<Vec<_>>().join("\n")
+    m.body
+        .iter()
+        .map(dlc::syntax::sexpr_stmt)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 // ---- lexical errors ------------------------------------------------------
@@ -67,7 +74,9 @@ fn malformed_numbers() {
 fn unterminated_string() {
     check(
         "model m {\n    y = conv(x, w, pad=\"same)\n    z = y\n}\n",
-        expect![[r#"t.dl:2:24: error: unterminated string — expected a closing '"' before the end of the line"#]],
+        expect![[
+            r#"t.dl:2:24: error: unterminated string — expected a closing '"' before the end of the line"#
+        ]],
     );
 }
 
@@ -83,14 +92,20 @@ fn unclosed_paren_at_end_of_line() {
 
 #[test]
 fn unclosed_bracket_at_end_of_file() {
-    check("model m {\n    y = reshape(x, [2, 3", expect![[r#"
+    check(
+        "model m {\n    y = reshape(x, [2, 3",
+        expect![[r#"
         t.dl:1:9: error: unclosed '{' — expected '}' before the end of the file
-        t.dl:2:20: error: unclosed '[' — expected ']' before the end of the file"#]]);
+        t.dl:2:20: error: unclosed '[' — expected ']' before the end of the file"#]],
+    );
 }
 
 #[test]
 fn unclosed_brace() {
-    check("model m {\n    y = relu(x)\n", expect!["t.dl:1:9: error: unclosed '{' — expected '}' before the end of the file"]);
+    check(
+        "model m {\n    y = relu(x)\n",
+        expect!["t.dl:1:9: error: unclosed '{' — expected '}' before the end of the file"],
+    );
 }
 
 #[test]
@@ -103,27 +118,46 @@ fn unclosed_brace_before_next_item() {
 
 #[test]
 fn mismatched_bracket() {
-    check("model m {\n    y = f(x]\n}\n", expect!["t.dl:2:12: error: mismatched ']' — expected ')' to close '('"]);
+    check(
+        "model m {\n    y = f(x]\n}\n",
+        expect!["t.dl:2:12: error: mismatched ']' — expected ')' to close '('"],
+    );
 }
 
 #[test]
 fn missing_eq_in_binding() {
-    check("model m {\n    y relu(x)\n}\n", expect!["t.dl:2:7: error: expected '=' after 'y' in a binding 'y = EXPR', found 'relu'"]);
+    check(
+        "model m {\n    y relu(x)\n}\n",
+        expect!["t.dl:2:7: error: expected '=' after 'y' in a binding 'y = EXPR', found 'relu'"],
+    );
 }
 
 #[test]
 fn missing_expression() {
-    check("model m {\n    y = (x + )\n}\n", expect!["t.dl:2:14: error: expected an expression, found ')'"]);
+    check(
+        "model m {\n    y = (x + )\n}\n",
+        expect!["t.dl:2:14: error: expected an expression, found ')'"],
+    );
 }
 
 #[test]
 fn stray_closing_paren() {
-    check("model m {\n    y = x )\n}\n", expect!["t.dl:2:11: error: expected the end of the statement (a new line or ';'), found ')'"]);
+    check(
+        "model m {\n    y = x )\n}\n",
+        expect![
+            "t.dl:2:11: error: expected the end of the statement (a new line or ';'), found ')'"
+        ],
+    );
 }
 
 #[test]
 fn pipe_into_number() {
-    check("model m {\n    y = x |> 3\n}\n", expect!["t.dl:2:14: error: the right side of '|>' must be a function name or a call, found '3'"]);
+    check(
+        "model m {\n    y = x |> 3\n}\n",
+        expect![
+            "t.dl:2:14: error: the right side of '|>' must be a function name or a call, found '3'"
+        ],
+    );
 }
 
 #[test]
@@ -133,22 +167,34 @@ fn pipe_into_expression() {
 
 #[test]
 fn missing_item_keyword() {
-    check("lenet {\n    input x: f32[2]\n}\n", expect!["t.dl:1:1: error: expected 'model' or 'fn' to start an item, found 'lenet'"]);
+    check(
+        "lenet {\n    input x: f32[2]\n}\n",
+        expect!["t.dl:1:1: error: expected 'model' or 'fn' to start an item, found 'lenet'"],
+    );
 }
 
 #[test]
 fn missing_model_name() {
-    check("model {\n    y = x\n}\n", expect!["t.dl:1:7: error: expected a name after 'model', found '{'"]);
+    check(
+        "model {\n    y = x\n}\n",
+        expect!["t.dl:1:7: error: expected a name after 'model', found '{'"],
+    );
 }
 
 #[test]
 fn ellipsis_outside_type() {
-    check("model m {\n    y = reshape(x, [..., 4])\n}\n", expect!["t.dl:2:21: error: '...' is only allowed inside a tensor type, as in f32[..., D]"]);
+    check(
+        "model m {\n    y = reshape(x, [..., 4])\n}\n",
+        expect!["t.dl:2:21: error: '...' is only allowed inside a tensor type, as in f32[..., D]"],
+    );
 }
 
 #[test]
 fn loss_without_eq() {
-    check("model m {\n    loss cross_entropy(a, b)\n}\n", expect!["t.dl:2:10: error: 'loss' takes '=' and an expression, found 'cross_entropy'"]);
+    check(
+        "model m {\n    loss cross_entropy(a, b)\n}\n",
+        expect!["t.dl:2:10: error: 'loss' takes '=' and an expression, found 'cross_entropy'"],
+    );
 }
 
 #[test]
@@ -158,7 +204,10 @@ fn input_without_type() {
 
 #[test]
 fn input_with_scalar_type() {
-    check("model m {\n    input x: int\n}\n", expect!["t.dl:2:14: error: expected a tensor type, found the scalar type 'int'"]);
+    check(
+        "model m {\n    input x: int\n}\n",
+        expect!["t.dl:2:14: error: expected a tensor type, found the scalar type 'int'"],
+    );
 }
 
 #[test]
@@ -168,15 +217,21 @@ fn tensor_type_without_brackets() {
 
 #[test]
 fn default_on_a_dim_expression() {
-    check("model m {\n    input x: f32[2*N=3]\n}\n", expect!["t.dl:2:21: error: a default ('N=32') can only follow a symbol name"]);
+    check(
+        "model m {\n    input x: f32[2*N=3]\n}\n",
+        expect!["t.dl:2:21: error: a default ('N=32') can only follow a symbol name"],
+    );
 }
 
 #[test]
 fn keyword_as_name() {
-    check("model m {\n    input = 3\n}\nfn f(loss) {\n    return loss\n}\n", expect![[r#"
+    check(
+        "model m {\n    input = 3\n}\nfn f(loss) {\n    return loss\n}\n",
+        expect![[r#"
         t.dl:2:11: error: expected a name after 'input', found '='
         t.dl:4:6: error: 'loss' is a keyword and cannot be used as a name
-        t.dl:5:12: error: 'loss' is a keyword and cannot be used in an expression"#]]);
+        t.dl:5:12: error: 'loss' is a keyword and cannot be used in an expression"#]],
+    );
 }
 
 #[test]
@@ -191,14 +246,19 @@ fn statement_not_allowed_here() {
 
 #[test]
 fn positional_after_keyword_argument() {
-    check("model m {\n    y = conv(x, pad=1, w)\n}\n", expect!["t.dl:2:24: error: a positional argument cannot follow a keyword argument"]);
+    check(
+        "model m {\n    y = conv(x, pad=1, w)\n}\n",
+        expect!["t.dl:2:24: error: a positional argument cannot follow a keyword argument"],
+    );
 }
 
 #[test]
 fn train_entry_without_eq() {
     check(
         "model m {\n    train {\n        optimizer sgd(lr=0.1)\n    }\n}\n",
-        expect!["t.dl:3:19: error: expected '=' after the training setting 'optimizer', found 'sgd'"],
+        expect![
+            "t.dl:3:19: error: expected '=' after the training setting 'optimizer', found 'sgd'"
+        ],
     );
 }
 
@@ -274,22 +334,27 @@ fn unary_minus_binds_tighter_than_division() {
 
 #[test]
 fn multiplicative_and_additive_levels() {
-    expect!["(let y (- (+ a (@ (* b c) d)) (/ e f)))"].assert_eq(&stmt("y = a + b * c @ d - e / f"));
+    expect!["(let y (- (+ a (@ (* b c) d)) (/ e f)))"]
+        .assert_eq(&stmt("y = a + b * c @ d - e / f"));
 }
 
 #[test]
 fn pipe_into_call_puts_value_first() {
-    expect!["(let y (call h (call g (call f a b k=v)) 1))"].assert_eq(&stmt("y = a |> f(b, k=v) |> g |> h(1)"));
+    expect!["(let y (call h (call g (call f a b k=v)) 1))"]
+        .assert_eq(&stmt("y = a |> f(b, k=v) |> g |> h(1)"));
 }
 
 #[test]
 fn parentheses_and_lists() {
-    expect!["(let y (* (+ a b) (neg (- c [1 2.5 (neg 3)]))))"].assert_eq(&stmt("y = (a + b) * -(c - [1, 2.5, -3])"));
+    expect!["(let y (* (+ a b) (neg (- c [1 2.5 (neg 3)]))))"]
+        .assert_eq(&stmt("y = (a + b) * -(c - [1, 2.5, -3])"));
 }
 
 #[test]
 fn literals() {
-    expect![[r#"(let y (call f 12 0.5 0.0001 3.0 0.25 "same" true false))"#]].assert_eq(&stmt("y = f(12, 0.5, 1e-4, 3., 25e-2, \"same\", true, false)"));
+    expect![[r#"(let y (call f 12 0.5 0.0001 3.0 0.25 "same" true false))"#]].assert_eq(&stmt(
+        "y = f(12, 0.5, 1e-4, 3., 25e-2, \"same\", true, false)",
+    ));
 }
 
 #[test]
@@ -395,7 +460,8 @@ fn render_shows_location_source_line_and_caret() {
         2 |     y = relu(x
           |             ^
 
-    "#]].assert_eq(&render(&diags, &map));
+    "#]]
+    .assert_eq(&render(&diags, &map));
 }
 
 #[test]
@@ -404,10 +470,21 @@ fn render_related_and_help() {
     let mut map = SourceMap::default();
     map.add("net.dl", src);
     let d = Diagnostic::error(
-        dlc::ir::Span { file: 0, start: 24, end: 25 },
+        dlc::ir::Span {
+            file: 0,
+            start: 24,
+            end: 25,
+        },
         "'a' is already bound",
     )
-    .with_related(dlc::ir::Span { file: 0, start: 14, end: 15 }, "first bound here")
+    .with_related(
+        dlc::ir::Span {
+            file: 0,
+            start: 14,
+            end: 15,
+        },
+        "first bound here",
+    )
     .with_help("pick another name");
     expect![[r#"
         error: 'a' is already bound
@@ -420,7 +497,8 @@ fn render_related_and_help() {
           |
           = help: pick another name
 
-    "#]].assert_eq(&render(&[d], &map));
+    "#]]
+    .assert_eq(&render(&[d], &map));
 }
 
 #[test]
@@ -430,8 +508,24 @@ fn render_clamps_out_of_range_spans() {
     let spans = [(1, 1), (0, 100), (50, 60), (6, 2)];
     let diags: Vec<Diagnostic> = spans
         .iter()
-        .map(|&(start, end)| Diagnostic::error(dlc::ir::Span { file: 0, start, end }, "bad"))
-        .chain([Diagnostic::error(dlc::ir::Span { file: 9, start: 0, end: 1 }, "elsewhere")])
+        .map(|&(start, end)| {
+            Diagnostic::error(
+                dlc::ir::Span {
+                    file: 0,
+                    start,
+                    end,
+                },
+                "bad",
+            )
+        })
+        .chain([Diagnostic::error(
+            dlc::ir::Span {
+                file: 9,
+                start: 0,
+                end: 1,
+            },
+            "elsewhere",
+        )])
         .collect();
     let out = render(&diags, &map);
     assert_eq!(out.matches("error: bad").count(), 4);
@@ -444,9 +538,29 @@ fn hostile_nesting_is_an_error_not_a_crash() {
         let src = format!("model m {{\n    y = {}x\n}}\n", opener.repeat(100_000));
         let (_, diags) = parse(&src, 0);
         assert_eq!(diags.len(), 1, "{opener}: {diags:?}");
-        assert_eq!(diags[0].message, "expression nested too deeply (more than 200 levels)");
+        assert_eq!(
+            diags[0].message,
+            "expression nested too deeply (more than 200 levels)"
+        );
     }
     // Within the limit nesting is fine.
-    let (_, diags) = parse(&format!("model m {{\n    y = {}x{}\n}}\n", "(".repeat(150), ")".repeat(150)), 0);
+    let (_, diags) = parse(
+        &format!(
+            "model m {{\n    y = {}x{}\n}}\n",
+            "(".repeat(150),
+            ")".repeat(150)
+        ),
+        0,
+    );
     assert!(diags.is_empty(), "{diags:?}");
+}
+
+#[test]
+fn item_keyword_inside_train_block() {
+    check(
+        "model m {\n    train {\n    model n {\n}\n",
+        expect![[r#"
+            t.dl:1:9: error: unclosed '{' — expected '}' before the next item ('model')
+            t.dl:2:11: error: unclosed '{' — expected '}' before the next item ('model')"#]],
+    );
 }

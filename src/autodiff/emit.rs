@@ -133,11 +133,18 @@ impl<'g> Emit<'g> {
         let axes: Vec<usize> = (0..shape.len())
             .filter(|&i| i < lead || (target[i - lead] == 1 && shape[i] != 1))
             .collect();
-        let summed = if axes.is_empty() {
-            x
-        } else {
-            self.reduce(ReduceOp::Sum, x, axes, true)?
-        };
+        if axes.is_empty() {
+            return self.reshape(x, target.to_vec());
+        }
+        // Dropping the summed axes often gives `target` already (a bias
+        // gradient sums the leading batch axes); otherwise keep them as 1s
+        // and reshape.
+        let dropped: Vec<usize> = (0..shape.len())
+            .filter(|i| !axes.contains(i))
+            .map(|i| shape[i])
+            .collect();
+        let keepdims = dropped != target;
+        let summed = self.reduce(ReduceOp::Sum, x, axes, keepdims)?;
         self.reshape(summed, target.to_vec())
     }
 }

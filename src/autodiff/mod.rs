@@ -19,7 +19,7 @@ mod train;
 
 pub use train::training_step;
 
-use crate::ir::{Graph, Op, OutputKind, ShapeError, Span, Value};
+use crate::ir::{infer, Graph, Op, OutputKind, ShapeError, Span, TensorType, Value};
 use crate::model::Model;
 use crate::tensor::DType;
 use emit::Emit;
@@ -47,6 +47,8 @@ pub enum AutodiffError {
         #[source]
         source: ShapeError,
     },
+    #[error("malformed graph at a `{op}` node: {message}")]
+    Malformed { op: &'static str, message: String },
     #[error("invalid optimizer setting: {0}")]
     BadHyperparameter(String),
 }
@@ -72,6 +74,7 @@ pub fn gradients(g: &mut Graph, loss: Value, wrt: &[Value]) -> Result<Vec<Value>
     // Only nodes on a path from some `wrt` to the loss carry gradient; the
     // rest (e.g. branches that only read inputs) would be dead code.
     let order = g.topo_order();
+    let existing: HashSet<NodeIndex> = order.iter().copied().collect();
     let on_path = on_path(g, loss, wrt);
 
     // ∂loss/∂value for every value reached so far; several contributions
@@ -106,6 +109,7 @@ pub fn gradients(g: &mut Graph, loss: Value, wrt: &[Value]) -> Result<Vec<Value>
             });
         }
         let xs = g.inputs(n);
+        check_node(g, n, &xs)?;
         let y = Value::new(n);
         let mut e = Emit::new(g, op.name(), span);
         let dxs = rules::backward(&mut e, &op, &xs, y, dy)?;
@@ -122,7 +126,8 @@ pub fn gradients(g: &mut Graph, loss: Value, wrt: &[Value]) -> Result<Vec<Value>
         }
     }
 
-    wrt.iter()
+    let results = wrt
+        .iter()
         .map(|&w| match grad.get(&w) {
             Some(&d) => Ok(d),
             None => {
@@ -130,7 +135,54 @@ pub fn gradients(g: &mut Graph, loss: Value, wrt: &[Value]) -> Result<Vec<Value>
                 Emit::new(g, "loss", None).fill(0.0, shape)
             }
         })
-        .collect()
+        .collect::<Result<Vec<Value>, AutodiffError>>()?;
+    remove_dead(g, &existing, &results);
+    Ok(results)
+}
+
+/// Remove the nodes added since `existing` that no result depends on: rules
+/// emit the gradient of every float operand (`dx` of `x @ w` when only `dw`
+/// is wanted), and leaving that dead code to later passes would only make
+/// every consumer of the raw graph pay for it.
+fn remove_dead(g: &mut Graph, existing: &HashSet<NodeIndex>, results: &[Value]) {
+    let mut live = HashSet::new();
+    let mut stack: Vec<NodeIndex> = results.iter().map(|v| v.node).collect();
+    while let Some(n) = stack.pop() {
+        if !existing.contains(&n) && live.insert(n) {
+            stack.extend(g.inputs(n).iter().map(|v| v.node));
+        }
+    }
+    let dead: Vec<NodeIndex> = g
+        .graph
+        .node_indices()
+        .filter(|n| !existing.contains(n) && !live.contains(n))
+        .collect();
+    for n in dead {
+        g.graph.remove_node(n);
+    }
+}
+
+/// The rules index operands and their dims by position, so make sure the
+/// node really is what its op's shape rule says (a graph built with
+/// `add_node_unchecked` could claim anything).
+fn check_node(g: &Graph, n: NodeIndex, xs: &[Value]) -> Result<(), AutodiffError> {
+    let node = g.node(n);
+    let types: Vec<&TensorType> = xs.iter().map(|v| g.ty(*v)).collect();
+    let malformed = |message: String| AutodiffError::Malformed {
+        op: node.op.name(),
+        message,
+    };
+    let want = infer(&node.op, &types).map_err(|e| malformed(e.message))?;
+    if want != node.outputs {
+        let got: Vec<String> = node.outputs.iter().map(|t| t.to_string()).collect();
+        let want: Vec<String> = want.iter().map(|t| t.to_string()).collect();
+        return Err(malformed(format!(
+            "the node declares {} but its operands give {}",
+            got.join(", "),
+            want.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 /// The forward graph plus one output `grad.<param>` (OutputKind::Grad) per

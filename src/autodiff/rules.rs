@@ -248,7 +248,7 @@ fn unary(
         UnaryOp::Log => e.div(dy, x)?,
         // sqrt' = 1/(2y)
         UnaryOp::Sqrt => {
-            let two_y = e.scale(2.001, y)?;
+            let two_y = e.scale(2.0, y)?;
             e.div(dy, two_y)?
         }
         // abs' = sign(x), which is 0 at x = 0
@@ -295,7 +295,7 @@ fn binary(e: &mut Emit, b: BinaryOp, a: Value, c: Value, y: Value, dy: Value) ->
 fn tie_split(e: &mut Emit, p: Value, q: Value, dy: Value) -> Result<Value, AutodiffError> {
     let gt = e.binary(BinaryOp::Greater, p, q)?;
     let eq = e.binary(BinaryOp::Equal, p, q)?;
-    let half_eq = e.scale(0.5, gt)?;
+    let half_eq = e.scale(0.5, eq)?;
     let share = e.add(gt, half_eq)?;
     e.mul(dy, share)
 }

@@ -125,7 +125,12 @@ impl DimExpr {
             };
         }
         if den.terms.len() == 1 {
-            let (dm, dc) = den.terms.iter().next().map(|(m, c)| (m.clone(), *c)).unwrap_or_default();
+            let (dm, dc) = den
+                .terms
+                .iter()
+                .next()
+                .map(|(m, c)| (m.clone(), *c))
+                .unwrap_or_default();
             let mut quotient = DimExpr::default();
             let exact = dc > 0
                 && self.terms.iter().all(|(m, k)| match m.div(&dm) {
@@ -139,7 +144,10 @@ impl DimExpr {
                 return quotient;
             }
         }
-        DimExpr::atom(Atom::FloorDiv(Box::new(self.clone()), Box::new(den.clone())))
+        DimExpr::atom(Atom::FloorDiv(
+            Box::new(self.clone()),
+            Box::new(den.clone()),
+        ))
     }
 
     /// Display ordering: higher degree first, the constant last.
@@ -154,7 +162,12 @@ impl DimExpr {
         match self.terms.len() {
             0 => true,
             1 => {
-                let (m, c) = self.terms.iter().next().map(|(m, c)| (m, *c)).unwrap_or((&EMPTY, 0));
+                let (m, c) = self
+                    .terms
+                    .iter()
+                    .next()
+                    .map(|(m, c)| (m, *c))
+                    .unwrap_or((&EMPTY, 0));
                 (m.is_one() && c >= 0) || (c == 1 && m.0.len() == 1)
             }
             _ => false,
@@ -281,7 +294,10 @@ mod tests {
         // floor((2N + 1)/2) == N
         assert_eq!(s("N").mul(&c(2)).add(&c(1)).div_floor(&c(2)), s("N"));
         // stride 1 conv output: H + 2 - 3 + 1 == H
-        assert_eq!(s("H").add(&c(2)).sub(&c(3)).div_floor(&c(1)).add(&c(1)), s("H"));
+        assert_eq!(
+            s("H").add(&c(2)).sub(&c(3)).div_floor(&c(1)).add(&c(1)),
+            s("H")
+        );
     }
 
     #[test]

@@ -7,10 +7,13 @@
 use super::items::{closest, Callee, Items};
 use super::value::{Bound, ElabDim, Int, Val};
 use crate::diag::Diagnostic;
-use crate::ir::{BinaryOp, Graph, Init, Op, OutputKind, ShapeError, Span, TensorType, UnaryOp, Value};
+use crate::ir::{
+    BinaryOp, Graph, Init, Op, OutputKind, ShapeError, Span, TensorType, UnaryOp, Value,
+};
 use crate::model::TrainConfig;
 use crate::syntax::ast::{
-    Arg, BinOp, DimAst, Expr, ExprKind, FnDef, Ident, ModelDef, Stmt, StmtKind, TensorTypeAst, TypeAnn,
+    Arg, BinOp, DimAst, Expr, ExprKind, FnDef, Ident, ModelDef, Stmt, StmtKind, TensorTypeAst,
+    TypeAnn,
 };
 use crate::tensor::DType;
 use std::collections::{BTreeMap, HashMap};
@@ -96,7 +99,11 @@ pub(crate) fn join(prefix: &str, name: &str) -> String {
 }
 
 impl<'a, D: ElabDim> Elab<'a, D> {
-    pub fn new(items: &'a Items<'a>, syms: Symbols, input_shapes: &'a BTreeMap<String, Vec<usize>>) -> Self {
+    pub fn new(
+        items: &'a Items<'a>,
+        syms: Symbols,
+        input_shapes: &'a BTreeMap<String, Vec<usize>>,
+    ) -> Self {
         Elab {
             items,
             graph: Graph::new(),
@@ -135,7 +142,10 @@ impl<'a, D: ElabDim> Elab<'a, D> {
 
     fn stmt(&mut self, sc: &mut Scope<D>, st: &Stmt, ret: &mut Option<Val<D>>) {
         if ret.is_some() {
-            self.error(st.span, "this statement comes after `return` and is never reached");
+            self.error(
+                st.span,
+                "this statement comes after `return` and is never reached",
+            );
             return;
         }
         let model_only = |what: &str| format!("`{what}` is only allowed in a model, not in a fn");
@@ -200,7 +210,10 @@ impl<'a, D: ElabDim> Elab<'a, D> {
             }
             StmtKind::Return(e) => {
                 if sc.is_model {
-                    self.error(st.span, "`return` is only allowed in a fn; a model names its results with `output`");
+                    self.error(
+                        st.span,
+                        "`return` is only allowed in a fn; a model names its results with `output`",
+                    );
                     return;
                 }
                 let mut ctx = Ctx::Return;
@@ -225,7 +238,10 @@ impl<'a, D: ElabDim> Elab<'a, D> {
             self.diags.push(
                 Diagnostic::error(
                     name.span,
-                    format!("`{}` is already bound; a name is bound once per scope", name.name),
+                    format!(
+                        "`{}` is already bound; a name is bound once per scope",
+                        name.name
+                    ),
                 )
                 .with_related(prev, "first bound here")
                 .with_help("choose a new name for this value"),
@@ -241,7 +257,10 @@ impl<'a, D: ElabDim> Elab<'a, D> {
             let _ = self.bind(sc, name, Val::Poison);
             return;
         };
-        let given = self.input_shapes.get(&name.name).filter(|_| !self.syms.conflicted.contains(&name.name));
+        let given = self
+            .input_shapes
+            .get(&name.name)
+            .filter(|_| !self.syms.conflicted.contains(&name.name));
         if let Some(given) = given {
             let given_d: Vec<D> = given.iter().map(|n| D::lit(*n)).collect();
             if given_d != shape {
@@ -258,7 +277,9 @@ impl<'a, D: ElabDim> Elab<'a, D> {
             }
         }
         let v = self.graph.add_leaf(
-            Op::Input { name: name.name.clone() },
+            Op::Input {
+                name: name.name.clone(),
+            },
             TensorType::new(ty.dtype, shape),
             Some(name.span),
         );
@@ -274,7 +295,10 @@ impl<'a, D: ElabDim> Elab<'a, D> {
         if ty.dtype != DType::F32 {
             self.error(
                 ty.span,
-                format!("parameter `{}` must be f32 (parameters are trained), not {}", name.name, ty.dtype),
+                format!(
+                    "parameter `{}` must be f32 (parameters are trained), not {}",
+                    name.name, ty.dtype
+                ),
             );
             let _ = self.bind(sc, name, Val::Poison);
             return;
@@ -294,20 +318,26 @@ impl<'a, D: ElabDim> Elab<'a, D> {
             return;
         }
         self.params.insert(full.clone(), name.span);
-        let v = self
-            .graph
-            .add_leaf(Op::Param { name: full, init }, TensorType::f32(shape), Some(name.span));
+        let v = self.graph.add_leaf(
+            Op::Param { name: full, init },
+            TensorType::f32(shape),
+            Some(name.span),
+        );
         let _ = self.bind(sc, name, Val::Tensor(v));
     }
 
     fn init(&mut self, sc: &Scope<D>, e: &Expr) -> Option<Init> {
-        const KNOWN: &str = "expected zeros, ones, normal(std), uniform(lo, hi), glorot_uniform or he_normal";
+        const KNOWN: &str =
+            "expected zeros, ones, normal(std), uniform(lo, hi), glorot_uniform or he_normal";
         let (name, span, args): (&str, Span, &[Arg]) = match &e.kind {
             ExprKind::Name(n) => (n, e.span, &[]),
             ExprKind::Call { callee, args } => (&callee.name, callee.span, args),
             ExprKind::Error => return None,
             _ => {
-                self.error(e.span, format!("a parameter initialiser must be a name or a call; {KNOWN}"));
+                self.error(
+                    e.span,
+                    format!("a parameter initialiser must be a name or a call; {KNOWN}"),
+                );
                 return None;
             }
         };
@@ -316,9 +346,19 @@ impl<'a, D: ElabDim> Elab<'a, D> {
             "normal" => &[("std", true)],
             "uniform" => &[("lo", false), ("hi", false)],
             _ => {
-                let hint = closest(name, ["zeros", "ones", "normal", "uniform", "glorot_uniform", "he_normal"])
-                    .map(|c| format!("did you mean `{c}`? "))
-                    .unwrap_or_default();
+                let hint = closest(
+                    name,
+                    [
+                        "zeros",
+                        "ones",
+                        "normal",
+                        "uniform",
+                        "glorot_uniform",
+                        "he_normal",
+                    ],
+                )
+                .map(|c| format!("did you mean `{c}`? "))
+                .unwrap_or_default();
                 self.error(span, format!("unknown initialiser `{name}`; {hint}{KNOWN}"));
                 return None;
             }
@@ -339,7 +379,10 @@ impl<'a, D: ElabDim> Elab<'a, D> {
             "normal" => {
                 let std = num(self, 0, "std", 1.0)?;
                 if std < 0.0 {
-                    self.error(e.span, format!("normal: `std` must not be negative, got {std}"));
+                    self.error(
+                        e.span,
+                        format!("normal: `std` must not be negative, got {std}"),
+                    );
                     return None;
                 }
                 Init::Normal { std }
@@ -348,7 +391,10 @@ impl<'a, D: ElabDim> Elab<'a, D> {
                 let lo = num(self, 0, "lo", 0.0)?;
                 let hi = num(self, 1, "hi", 0.0)?;
                 if lo > hi {
-                    self.error(e.span, format!("uniform: `lo` ({lo}) is greater than `hi` ({hi})"));
+                    self.error(
+                        e.span,
+                        format!("uniform: `lo` ({lo}) is greater than `hi` ({hi})"),
+                    );
                     return None;
                 }
                 Init::Uniform { lo, hi }
@@ -367,11 +413,16 @@ impl<'a, D: ElabDim> Elab<'a, D> {
         }
         self.outputs.insert(name.name.clone(), name.span);
         match v {
-            Val::Tensor(t) => self.graph.push_output(name.name.clone(), OutputKind::Output, t),
+            Val::Tensor(t) => self
+                .graph
+                .push_output(name.name.clone(), OutputKind::Output, t),
             Val::Poison => {}
             other => {
                 let d = self.describe(&other);
-                self.error(name.span, format!("output `{}` must be a tensor, got {d}", name.name));
+                self.error(
+                    name.span,
+                    format!("output `{}` must be a tensor, got {d}", name.name),
+                );
             }
         }
     }
@@ -379,7 +430,8 @@ impl<'a, D: ElabDim> Elab<'a, D> {
     fn loss(&mut self, keyword: Span, span: Span, v: Val<D>) {
         if let Some(prev) = self.loss {
             self.diags.push(
-                Diagnostic::error(keyword, "a model has at most one `loss`").with_related(prev, "first loss here"),
+                Diagnostic::error(keyword, "a model has at most one `loss`")
+                    .with_related(prev, "first loss here"),
             );
             return;
         }
@@ -408,7 +460,10 @@ impl<'a, D: ElabDim> Elab<'a, D> {
         for d in &ty.dims {
             match d {
                 DimAst::Ellipsis(s) => {
-                    self.error(*s, "`...` is only allowed in the type pattern of a fn argument");
+                    self.error(
+                        *s,
+                        "`...` is only allowed in the type pattern of a fn argument",
+                    );
                     ok = false;
                 }
                 DimAst::Expr { expr, .. } => {
@@ -487,10 +542,21 @@ impl<'a, D: ElabDim> Elab<'a, D> {
 
     /// Check a fn argument against its annotation; a tensor annotation is a
     /// shape pattern whose symbols get bound in the fn's scope.
-    fn check_ann(&mut self, sc: &mut Scope<D>, f: &str, arg: &str, ann: &TypeAnn, v: Val<D>, span: Span) -> Val<D> {
+    fn check_ann(
+        &mut self,
+        sc: &mut Scope<D>,
+        f: &str,
+        arg: &str,
+        ann: &TypeAnn,
+        v: Val<D>,
+        span: Span,
+    ) -> Val<D> {
         let kind_err = |this: &mut Self, want: &str, v: &Val<D>| {
             let d = this.describe(v);
-            this.error(span, format!("argument `{arg}` of `{f}` must be {want}, got {d}"));
+            this.error(
+                span,
+                format!("argument `{arg}` of `{f}` must be {want}, got {d}"),
+            );
             Val::Poison
         };
         match ann {
@@ -510,10 +576,12 @@ impl<'a, D: ElabDim> Elab<'a, D> {
             TypeAnn::Tensor(tt) => {
                 let t = match &v {
                     Val::Tensor(t) => *t,
-                    Val::Int(_) | Val::Float(_) if tt.dtype == DType::F32 => match self.tensor(&v, span, "") {
-                        Some(t) => t,
-                        None => return Val::Poison,
-                    },
+                    Val::Int(_) | Val::Float(_) if tt.dtype == DType::F32 => {
+                        match self.tensor(&v, span, "") {
+                            Some(t) => t,
+                            None => return Val::Poison,
+                        }
+                    }
                     other => return kind_err(self, &format!("a tensor {}", type_text(tt)), other),
                 };
                 if self.match_pattern(sc, f, arg, tt, t, span) {
@@ -525,17 +593,31 @@ impl<'a, D: ElabDim> Elab<'a, D> {
         }
     }
 
-    fn match_pattern(&mut self, sc: &mut Scope<D>, f: &str, arg: &str, tt: &TensorTypeAst, t: Value, span: Span) -> bool {
+    fn match_pattern(
+        &mut self,
+        sc: &mut Scope<D>,
+        f: &str,
+        arg: &str,
+        tt: &TensorTypeAst,
+        t: Value,
+        span: Span,
+    ) -> bool {
         let ty = self.graph.ty(t).clone();
         let pat = type_text(tt);
         if ty.dtype != tt.dtype {
-            self.error(span, format!("argument `{arg}` of `{f}` must be {pat}, got {ty}"));
+            self.error(
+                span,
+                format!("argument `{arg}` of `{f}` must be {pat}, got {ty}"),
+            );
             return false;
         }
         let ellipsis = matches!(tt.dims.first(), Some(DimAst::Ellipsis(_)));
         let fixed = &tt.dims[usize::from(ellipsis)..];
         if let Some(DimAst::Ellipsis(s)) = fixed.iter().find(|d| matches!(d, DimAst::Ellipsis(_))) {
-            self.error(*s, "`...` may only stand for the leading dimensions of a pattern");
+            self.error(
+                *s,
+                "`...` may only stand for the leading dimensions of a pattern",
+            );
             return false;
         }
         let rank_ok = if ellipsis {
@@ -549,15 +631,21 @@ impl<'a, D: ElabDim> Elab<'a, D> {
             } else {
                 format!("rank {}", fixed.len())
             };
-            self.error(span, format!("argument `{arg}` of `{f}` must have {want} ({pat}), got {ty}"));
+            self.error(
+                span,
+                format!("argument `{arg}` of `{f}` must have {want} ({pat}), got {ty}"),
+            );
             return false;
         }
         let actual = ty.shape[ty.rank() - fixed.len()..].to_vec();
         for (d, a) in fixed.iter().zip(&actual) {
-            let DimAst::Expr { expr, .. } = d else { continue };
+            let DimAst::Expr { expr, .. } = d else {
+                continue;
+            };
             if let ExprKind::Name(s) = &expr.kind {
                 if !sc.names.contains_key(s) {
-                    sc.names.insert(s.clone(), (Val::Int(Int::from_dim(a)), expr.span));
+                    sc.names
+                        .insert(s.clone(), (Val::Int(Int::from_dim(a)), expr.span));
                     continue;
                 }
             }
@@ -615,7 +703,10 @@ impl<'a, D: ElabDim> Elab<'a, D> {
 
     fn unknown_name(&mut self, sc: &Scope<D>, n: &str, span: Span) {
         if self.items.resolve(n, sc.in_std).is_some() {
-            self.error(span, format!("`{n}` is a function, not a value; call it, e.g. `{n}(x)` or `x |> {n}`"));
+            self.error(
+                span,
+                format!("`{n}` is a function, not a value; call it, e.g. `{n}(x)` or `x |> {n}`"),
+            );
             return;
         }
         let hint = closest(n, sc.names.keys().map(|s| s.as_str()))
@@ -646,7 +737,11 @@ impl<'a, D: ElabDim> Elab<'a, D> {
                 match r {
                     Some(r) => Val::Int(r),
                     None => {
-                        let why = if op == BinOp::Div { "division by zero" } else { "integer overflow" };
+                        let why = if op == BinOp::Div {
+                            "division by zero"
+                        } else {
+                            "integer overflow"
+                        };
                         self.error(span, format!("{why} in `{x} {sym} {y}`"));
                         Val::Poison
                     }
@@ -712,7 +807,10 @@ impl<'a, D: ElabDim> Elab<'a, D> {
                 // whose graph is never run; any constant will do there.
                 let value = num_f64(v).unwrap_or(1.0) as f32;
                 Some(self.graph.add_leaf(
-                    Op::Fill { value, shape: vec![] },
+                    Op::Fill {
+                        value,
+                        shape: vec![],
+                    },
                     TensorType::f32(vec![]),
                     Some(span),
                 ))
@@ -783,7 +881,10 @@ impl<'a, D: ElabDim> Elab<'a, D> {
     pub(crate) fn matmul(&mut self, a: Value, b: Value, span: Span) -> Val<D> {
         let (ta, tb) = (self.graph.ty(a).clone(), self.graph.ty(b).clone());
         if ta.rank() == 0 || tb.rank() == 0 {
-            self.error(span, format!("matmul: operands must have at least one dimension, got {ta} and {tb}"));
+            self.error(
+                span,
+                format!("matmul: operands must have at least one dimension, got {ta} and {tb}"),
+            );
             return Val::Poison;
         }
         // NumPy: a 1-D left operand is a row, a 1-D right operand a column;
@@ -838,7 +939,14 @@ impl<'a, D: ElabDim> Elab<'a, D> {
 
     // ---------------------------------------------------------------- calls
 
-    fn call(&mut self, sc: &Scope<D>, span: Span, callee: &Ident, args: &[Arg], ctx: &mut Ctx) -> Val<D> {
+    fn call(
+        &mut self,
+        sc: &Scope<D>,
+        span: Span,
+        callee: &Ident,
+        args: &[Arg],
+        ctx: &mut Ctx,
+    ) -> Val<D> {
         let target = self.items.resolve(&callee.name, sc.in_std);
         let Some(target) = target else {
             // Still look inside the arguments for their own errors.
@@ -849,17 +957,26 @@ impl<'a, D: ElabDim> Elab<'a, D> {
             let hint = closest(&callee.name, names)
                 .map(|c| format!("; did you mean `{c}`?"))
                 .unwrap_or_default();
-            self.error(callee.span, format!("unknown function `{}`{hint}", callee.name));
+            self.error(
+                callee.span,
+                format!("unknown function `{}`{hint}", callee.name),
+            );
             return Val::Poison;
         };
         let (fname, sig): (String, Vec<(String, bool)>) = match target {
             Callee::Prim(p) => (
                 p.name().to_string(),
-                p.signature().iter().map(|(n, d)| (n.to_string(), *d)).collect(),
+                p.signature()
+                    .iter()
+                    .map(|(n, d)| (n.to_string(), *d))
+                    .collect(),
             ),
             Callee::Fn(f, _) => (
                 f.name.name.clone(),
-                f.params.iter().map(|p| (p.name.name.clone(), p.default.is_some())).collect(),
+                f.params
+                    .iter()
+                    .map(|p| (p.name.name.clone(), p.default.is_some()))
+                    .collect(),
             ),
         };
         let sig_ref: Vec<(&str, bool)> = sig.iter().map(|(n, d)| (n.as_str(), *d)).collect();
@@ -895,7 +1012,10 @@ impl<'a, D: ElabDim> Elab<'a, D> {
             match &a.name {
                 None => {
                     if seen_kw {
-                        self.error(a.value.span, format!("`{fname}`: a positional argument follows a keyword argument"));
+                        self.error(
+                            a.value.span,
+                            format!("`{fname}`: a positional argument follows a keyword argument"),
+                        );
                         ok = false;
                         continue;
                     }
@@ -922,11 +1042,17 @@ impl<'a, D: ElabDim> Elab<'a, D> {
                             let hint = closest(&k.name, sig.iter().map(|(n, _)| *n))
                                 .map(|c| format!("; did you mean `{c}`?"))
                                 .unwrap_or_default();
-                            self.error(k.span, format!("`{fname}` has no argument named `{}`{hint}", k.name));
+                            self.error(
+                                k.span,
+                                format!("`{fname}` has no argument named `{}`{hint}", k.name),
+                            );
                             ok = false;
                         }
                         Some(i) if bound[i].is_some() => {
-                            self.error(k.span, format!("`{fname}` got two values for argument `{}`", k.name));
+                            self.error(
+                                k.span,
+                                format!("`{fname}` got two values for argument `{}`", k.name),
+                            );
                             ok = false;
                         }
                         Some(i) => bound[i] = Some((v, a.value.span)),
@@ -968,20 +1094,41 @@ impl<'a, D: ElabDim> Elab<'a, D> {
         ctx: &mut Ctx,
     ) -> Val<D> {
         let name = &f.name.name;
-        if self.stack.iter().any(|fr| fr.name == *name && fr.in_std == in_std) {
+        if let Some(first) = self
+            .stack
+            .iter()
+            .position(|fr| fr.name == *name && fr.in_std == in_std)
+        {
+            let chain: Vec<&str> = self.stack[first..]
+                .iter()
+                .map(|fr| fr.name.as_str())
+                .chain([name.as_str()])
+                .collect();
+            let through = if chain.len() > 2 {
+                format!(" ({})", chain.join(" -> "))
+            } else {
+                String::new()
+            };
             self.error(
                 callee.span,
-                format!("`{name}` calls itself; recursion is not supported because fns are expanded at each call"),
+                format!("`{name}` calls itself{through}; recursion is not supported because fns are expanded at each call"),
             );
             return Val::Poison;
         }
         if self.stack.len() >= MAX_DEPTH {
-            self.error(callee.span, format!("fn calls are nested more than {MAX_DEPTH} deep"));
+            self.error(
+                callee.span,
+                format!("fn calls are nested more than {MAX_DEPTH} deep"),
+            );
             return Val::Poison;
         }
         let prefix = if self.items.creates_params(f, in_std) {
             match ctx {
-                Ctx::Bind { prefix, binding, first } => {
+                Ctx::Bind {
+                    prefix,
+                    binding,
+                    first,
+                } => {
                     if let Some((other, other_span)) = first.clone() {
                         self.diags.push(
                             Diagnostic::error(
@@ -1019,7 +1166,14 @@ impl<'a, D: ElabDim> Elab<'a, D> {
         self.expand(f, in_std, bound, span, prefix)
     }
 
-    fn expand(&mut self, f: &FnDef, in_std: bool, bound: Bound<D>, call: Span, prefix: String) -> Val<D> {
+    fn expand(
+        &mut self,
+        f: &FnDef,
+        in_std: bool,
+        bound: Bound<D>,
+        call: Span,
+        prefix: String,
+    ) -> Val<D> {
         self.stack.push(Frame {
             name: f.name.name.clone(),
             in_std,
@@ -1037,15 +1191,20 @@ impl<'a, D: ElabDim> Elab<'a, D> {
                 (None, None) => (Val::Poison, p.span),
             };
             let v = match (&p.ann, v.is_poison()) {
-                (Some(ann), false) => self.check_ann(&mut sc, &f.name.name, &p.name.name, ann, v, vspan),
+                (Some(ann), false) => {
+                    self.check_ann(&mut sc, &f.name.name, &p.name.name, ann, v, vspan)
+                }
                 (_, _) => v,
             };
             ok &= !v.is_poison();
             if let Some((_, prev)) = sc.names.get(&p.name.name) {
                 let prev = *prev;
                 self.diags.push(
-                    Diagnostic::error(p.name.span, format!("`{}` is already bound in `{}`", p.name.name, f.name.name))
-                        .with_related(prev, "first bound here"),
+                    Diagnostic::error(
+                        p.name.span,
+                        format!("`{}` is already bound in `{}`", p.name.name, f.name.name),
+                    )
+                    .with_related(prev, "first bound here"),
                 );
                 ok = false;
                 continue;
@@ -1073,7 +1232,10 @@ impl<'a, D: ElabDim> Elab<'a, D> {
             Val::Int(_) | Val::Float(_) => Some(num_f64(v).unwrap_or(1.0) as f32),
             other => {
                 let d = self.describe(other);
-                self.error(span, format!("`{f}`: argument `{arg}` must be a number, got {d}"));
+                self.error(
+                    span,
+                    format!("`{f}`: argument `{arg}` must be a number, got {d}"),
+                );
                 None
             }
         }
@@ -1116,7 +1278,10 @@ pub(crate) fn expr_text(e: &Expr) -> String {
                 BinOp::MatMul => " @ ",
             };
             let wrap = |x: &Expr| match x.kind {
-                ExprKind::Binary { op: BinOp::Add | BinOp::Sub, .. } if matches!(op, BinOp::Mul | BinOp::Div) => {
+                ExprKind::Binary {
+                    op: BinOp::Add | BinOp::Sub,
+                    ..
+                } if matches!(op, BinOp::Mul | BinOp::Div) => {
                     format!("({})", expr_text(x))
                 }
                 _ => expr_text(x),

@@ -69,8 +69,11 @@ impl<'a> Items<'a> {
                     let name = m.name.name.as_str();
                     if let Some(prev) = models.get(name) {
                         diags.push(
-                            Diagnostic::error(m.name.span, format!("model `{name}` is defined twice"))
-                                .with_related(prev.name.span, "first defined here"),
+                            Diagnostic::error(
+                                m.name.span,
+                                format!("model `{name}` is defined twice"),
+                            )
+                            .with_related(prev.name.span, "first defined here"),
                         );
                         continue;
                     }
@@ -136,7 +139,10 @@ impl<'a> Items<'a> {
             })
             .collect();
         for (f, in_std) in &fns {
-            if f.body.iter().any(|s| matches!(s.kind, StmtKind::Param { .. })) {
+            if f.body
+                .iter()
+                .any(|s| matches!(s.kind, StmtKind::Param { .. }))
+            {
                 self.creates.insert((f.name.name.as_str(), *in_std));
             }
         }
@@ -148,7 +154,9 @@ impl<'a> Items<'a> {
                     continue;
                 }
                 let creates = names.iter().any(|n| match self.resolve(n, *in_std) {
-                    Some(Callee::Fn(g, g_std)) => self.creates.contains(&(g.name.name.as_str(), g_std)),
+                    Some(Callee::Fn(g, g_std)) => {
+                        self.creates.contains(&(g.name.name.as_str(), g_std))
+                    }
                     _ => false,
                 });
                 if creates {
@@ -207,7 +215,10 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// The candidate closest to `name`, if it is close enough to be a typo.
-pub(crate) fn closest<'c>(name: &str, candidates: impl IntoIterator<Item = &'c str>) -> Option<&'c str> {
+pub(crate) fn closest<'c>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'c str>,
+) -> Option<&'c str> {
     let limit = 1 + name.chars().count() / 4;
     candidates
         .into_iter()

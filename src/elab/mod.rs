@@ -64,18 +64,38 @@ pub fn check(sources: &mut SourceMap, file: u32) -> Vec<Diagnostic> {
 
 /// Parse + elaborate one model with all symbols bound to sizes → concrete
 /// IR graph.
-pub fn elaborate(sources: &mut SourceMap, file: u32, opts: &ElabOptions) -> Result<Elaborated, Vec<Diagnostic>> {
+pub fn elaborate(
+    sources: &mut SourceMap,
+    file: u32,
+    opts: &ElabOptions,
+) -> Result<Elaborated, Vec<Diagnostic>> {
     let Some((user, std, mut diags)) = parse_both(sources, file) else {
         return Err(vec![missing_file(file)]);
     };
     let items = Items::new(&user, &std, &mut diags);
-    let whole_file = Span { file, start: 0, end: 0 };
+    let whole_file = Span {
+        file,
+        start: 0,
+        end: 0,
+    };
     let names: Vec<&str> = items.models.iter().map(|m| m.name.name.as_str()).collect();
     let chosen = match &opts.model {
-        Some(want) => items.models.iter().find(|m| m.name.name == *want).copied().ok_or_else(|| {
-            let list = if names.is_empty() { "it has none".to_string() } else { format!("it has {}", names.join(", ")) };
-            Diagnostic::error(whole_file, format!("the file has no model named `{want}`; {list}"))
-        }),
+        Some(want) => items
+            .models
+            .iter()
+            .find(|m| m.name.name == *want)
+            .copied()
+            .ok_or_else(|| {
+                let list = if names.is_empty() {
+                    "it has none".to_string()
+                } else {
+                    format!("it has {}", names.join(", "))
+                };
+                Diagnostic::error(
+                    whole_file,
+                    format!("the file has no model named `{want}`; {list}"),
+                )
+            }),
         None => items
             .models
             .first()
@@ -129,7 +149,14 @@ pub fn model_names(sources: &SourceMap, file: u32) -> Vec<String> {
 }
 
 fn missing_file(file: u32) -> Diagnostic {
-    Diagnostic::error(Span { file, start: 0, end: 0 }, format!("no source file with id {file}"))
+    Diagnostic::error(
+        Span {
+            file,
+            start: 0,
+            end: 0,
+        },
+        format!("no source file with id {file}"),
+    )
 }
 
 /// Parse the user file and std.dl (added to `sources` once).
@@ -154,7 +181,10 @@ fn parse_both(sources: &mut SourceMap, file: u32) -> Option<(File, File, Vec<Dia
 fn finish(diags: Vec<Diagnostic>) -> Vec<Diagnostic> {
     let mut out: Vec<Diagnostic> = Vec::with_capacity(diags.len());
     for d in diags {
-        if !out.iter().any(|o| o.span == d.span && o.message == d.message) {
+        if !out
+            .iter()
+            .any(|o| o.span == d.span && o.message == d.message)
+        {
             out.push(d);
         }
     }
@@ -176,13 +206,25 @@ fn collect_defaults(m: &ModelDef, diags: &mut Vec<Diagnostic>) -> BTreeMap<Strin
     let mut out: BTreeMap<String, (usize, Span)> = BTreeMap::new();
     for (_, ty) in model_types(m) {
         for d in &ty.dims {
-            let DimAst::Expr { expr, default: Some(def) } = d else { continue };
+            let DimAst::Expr {
+                expr,
+                default: Some(def),
+            } = d
+            else {
+                continue;
+            };
             let ExprKind::Name(sym) = &expr.kind else {
-                diags.push(Diagnostic::error(expr.span, "only a plain symbol can have a default (`N=32`)"));
+                diags.push(Diagnostic::error(
+                    expr.span,
+                    "only a plain symbol can have a default (`N=32`)",
+                ));
                 continue;
             };
             let value = match def.kind {
-                ExprKind::Number { value, is_int: true } if (0.0..1e15).contains(&value) => value as usize,
+                ExprKind::Number {
+                    value,
+                    is_int: true,
+                } if (0.0..1e15).contains(&value) => value as usize,
                 ExprKind::Error => continue,
                 _ => {
                     diags.push(Diagnostic::error(
@@ -194,8 +236,11 @@ fn collect_defaults(m: &ModelDef, diags: &mut Vec<Diagnostic>) -> BTreeMap<Strin
             };
             match out.get(sym) {
                 Some((prev, prev_span)) if *prev != value => diags.push(
-                    Diagnostic::error(def.span, format!("`{sym}` is given two different defaults ({prev} and {value})"))
-                        .with_related(*prev_span, "first default"),
+                    Diagnostic::error(
+                        def.span,
+                        format!("`{sym}` is given two different defaults ({prev} and {value})"),
+                    )
+                    .with_related(*prev_span, "first default"),
                 ),
                 Some(_) => {}
                 None => {
@@ -209,18 +254,29 @@ fn collect_defaults(m: &ModelDef, diags: &mut Vec<Diagnostic>) -> BTreeMap<Strin
 
 /// Bind symbols from the given input shapes, then from `--dim`; a
 /// contradiction names both sources.
-fn prebind_symbols(m: &ModelDef, opts: &ElabOptions, syms: &mut Symbols, diags: &mut Vec<Diagnostic>) {
+fn prebind_symbols(
+    m: &ModelDef,
+    opts: &ElabOptions,
+    syms: &mut Symbols,
+    diags: &mut Vec<Diagnostic>,
+) {
     let mut origin: BTreeMap<String, (String, Span)> = BTreeMap::new();
     for (name, ty) in model_types(m) {
         let Some(name) = name else { continue };
-        let Some(given) = opts.input_shapes.get(name) else { continue };
+        let Some(given) = opts.input_shapes.get(name) else {
+            continue;
+        };
         if given.len() != ty.dims.len() {
             // Reported with the full shapes once the input is elaborated.
             continue;
         }
         for (d, &size) in ty.dims.iter().zip(given) {
-            let DimAst::Expr { expr, .. } = d else { continue };
-            let ExprKind::Name(sym) = &expr.kind else { continue };
+            let DimAst::Expr { expr, .. } = d else {
+                continue;
+            };
+            let ExprKind::Name(sym) = &expr.kind else {
+                continue;
+            };
             match syms.bound.get(sym) {
                 Some(&prev) if prev != size => {
                     let (prev_input, prev_span) = origin.get(sym).cloned().unwrap_or_default();

@@ -4,7 +4,9 @@
 
 use super::expand::Elab;
 use super::value::{Bound, ElabDim, Int, Val};
-use crate::ir::{fmt_shape, BinaryOp, Conv2d, Op, Pool2d, ReduceOp, Span, TensorType, UnaryOp, Value};
+use crate::ir::{
+    fmt_shape, BinaryOp, Conv2d, Op, Pool2d, ReduceOp, Span, TensorType, UnaryOp, Value,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Prim {
@@ -38,10 +40,39 @@ type Sig = &'static [(&'static str, bool)];
 
 impl Prim {
     pub const NAMES: &'static [&'static str] = &[
-        "relu", "sigmoid", "tanh", "exp", "log", "sqrt", "abs", "neg", "maximum", "minimum", "softmax",
-        "log_softmax", "sum", "mean", "max", "matmul", "transpose", "reshape", "flatten", "concat", "slice",
-        "last", "conv", "max_pool2d", "avg_pool2d", "global_avg_pool", "lstm_seq", "gru_seq", "attention",
-        "gather", "cross_entropy", "hinge", "mse",
+        "relu",
+        "sigmoid",
+        "tanh",
+        "exp",
+        "log",
+        "sqrt",
+        "abs",
+        "neg",
+        "maximum",
+        "minimum",
+        "softmax",
+        "log_softmax",
+        "sum",
+        "mean",
+        "max",
+        "matmul",
+        "transpose",
+        "reshape",
+        "flatten",
+        "concat",
+        "slice",
+        "last",
+        "conv",
+        "max_pool2d",
+        "avg_pool2d",
+        "global_avg_pool",
+        "lstm_seq",
+        "gru_seq",
+        "attention",
+        "gather",
+        "cross_entropy",
+        "hinge",
+        "mse",
     ];
 
     pub fn from_name(name: &str) -> Option<Prim> {
@@ -102,11 +133,35 @@ impl Prim {
             Prim::Transpose => &[("x", false), ("perm", true)],
             Prim::Reshape => &[("x", false), ("shape", false)],
             Prim::Concat => &[("xs", false), ("axis", true)],
-            Prim::Slice => &[("x", false), ("axis", false), ("start", false), ("end", false)],
-            Prim::Conv => &[("x", false), ("w", false), ("stride", true), ("pad", true), ("dilation", true)],
-            Prim::MaxPool | Prim::AvgPool => &[("x", false), ("window", false), ("stride", true), ("pad", true)],
-            Prim::LstmSeq | Prim::GruSeq => &[("x", false), ("w_x", false), ("w_h", false), ("b", false)],
-            Prim::Attention => &[("q", false), ("k", false), ("v", false), ("causal", true), ("scale", true)],
+            Prim::Slice => &[
+                ("x", false),
+                ("axis", false),
+                ("start", false),
+                ("end", false),
+            ],
+            Prim::Conv => &[
+                ("x", false),
+                ("w", false),
+                ("stride", true),
+                ("pad", true),
+                ("dilation", true),
+            ],
+            Prim::MaxPool | Prim::AvgPool => &[
+                ("x", false),
+                ("window", false),
+                ("stride", true),
+                ("pad", true),
+            ],
+            Prim::LstmSeq | Prim::GruSeq => {
+                &[("x", false), ("w_x", false), ("w_h", false), ("b", false)]
+            }
+            Prim::Attention => &[
+                ("q", false),
+                ("k", false),
+                ("v", false),
+                ("causal", true),
+                ("scale", true),
+            ],
             Prim::Gather => &[("table", false), ("ids", false)],
             Prim::CrossEntropy => &[("logits", false), ("labels", false)],
             Prim::Hinge => &[("scores", false), ("labels", false)],
@@ -136,24 +191,44 @@ impl<D: ElabDim> Elab<'_, D> {
             Val::Int(n) => match n.as_const() {
                 Some(c) => Some(c),
                 None => {
-                    self.error(*s, format!("{}: `{name}` must be a known integer, got {n}", p.name()));
+                    self.error(
+                        *s,
+                        format!("{}: `{name}` must be a known integer, got {n}", p.name()),
+                    );
                     None
                 }
             },
             other => {
                 let d = self.describe(other);
-                self.error(*s, format!("{}: `{name}` must be an integer, got {d}", p.name()));
+                self.error(
+                    *s,
+                    format!("{}: `{name}` must be an integer, got {d}", p.name()),
+                );
                 None
             }
         }
     }
 
     /// A constant integer argument that must be at least `min`.
-    fn arg_count(&mut self, p: Prim, args: &Bound<D>, i: usize, default: Option<i64>, min: i64) -> Option<usize> {
+    fn arg_count(
+        &mut self,
+        p: Prim,
+        args: &Bound<D>,
+        i: usize,
+        default: Option<i64>,
+        min: i64,
+    ) -> Option<usize> {
         let n = self.arg_int(p, args, i, default)?;
         if n < min {
             let s = args[i].as_ref().map_or(Span::default(), |a| a.1);
-            self.error(s, format!("{}: `{}` must be at least {min}, got {n}", p.name(), p.signature()[i].0));
+            self.error(
+                s,
+                format!(
+                    "{}: `{}` must be at least {min}, got {n}",
+                    p.name(),
+                    p.signature()[i].0
+                ),
+            );
             return None;
         }
         usize::try_from(n).ok()
@@ -165,7 +240,14 @@ impl<D: ElabDim> Elab<'_, D> {
             Some((Val::Bool(b), _)) => Some(*b),
             Some((other, s)) => {
                 let d = self.describe(other);
-                self.error(*s, format!("{}: `{}` must be true or false, got {d}", p.name(), p.signature()[i].0));
+                self.error(
+                    *s,
+                    format!(
+                        "{}: `{}` must be true or false, got {d}",
+                        p.name(),
+                        p.signature()[i].0
+                    ),
+                );
                 None
             }
         }
@@ -174,7 +256,13 @@ impl<D: ElabDim> Elab<'_, D> {
     fn axis(&mut self, p: Prim, axis: i64, rank: usize, span: Span) -> Option<usize> {
         let r = rank as i64;
         if axis < -r || axis >= r {
-            self.error(span, format!("{}: axis {axis} is out of range for a tensor of rank {rank}", p.name()));
+            self.error(
+                span,
+                format!(
+                    "{}: axis {axis} is out of range for a tensor of rank {rank}",
+                    p.name()
+                ),
+            );
             return None;
         }
         Some(if axis < 0 { axis + r } else { axis } as usize)
@@ -183,7 +271,10 @@ impl<D: ElabDim> Elab<'_, D> {
     fn int_list(&mut self, p: Prim, v: &Val<D>, span: Span, what: &str) -> Option<Vec<Int<D>>> {
         let Val::List(items) = v else {
             let d = self.describe(v);
-            self.error(span, format!("{}: `{what}` must be a list of integers, got {d}", p.name()));
+            self.error(
+                span,
+                format!("{}: `{what}` must be a list of integers, got {d}", p.name()),
+            );
             return None;
         };
         let mut out = Vec::with_capacity(items.len());
@@ -192,7 +283,13 @@ impl<D: ElabDim> Elab<'_, D> {
                 Val::Int(i) => out.push(i.clone()),
                 other => {
                     let d = self.describe(other);
-                    self.error(span, format!("{}: `{what}` must be a list of integers, but it holds {d}", p.name()));
+                    self.error(
+                        span,
+                        format!(
+                            "{}: `{what}` must be a list of integers, but it holds {d}",
+                            p.name()
+                        ),
+                    );
                     return None;
                 }
             }
@@ -210,14 +307,22 @@ impl<D: ElabDim> Elab<'_, D> {
             Prim::Maximum | Prim::Minimum => {
                 let a = self.arg_tensor(p, args, 0)?;
                 let b = self.arg_tensor(p, args, 1)?;
-                let op = if p == Prim::Maximum { BinaryOp::Maximum } else { BinaryOp::Minimum };
+                let op = if p == Prim::Maximum {
+                    BinaryOp::Maximum
+                } else {
+                    BinaryOp::Minimum
+                };
                 self.op(Op::Binary(op), &[a, b], span)
             }
             Prim::Softmax | Prim::LogSoftmax => {
                 let x = self.arg_tensor(p, args, 0)?;
                 let a = self.arg_int(p, args, 1, Some(-1))?;
                 let axis = self.axis(p, a, ty(self, x).rank(), span)?;
-                let op = if p == Prim::Softmax { Op::Softmax { axis } } else { Op::LogSoftmax { axis } };
+                let op = if p == Prim::Softmax {
+                    Op::Softmax { axis }
+                } else {
+                    Op::LogSoftmax { axis }
+                };
                 self.op(op, &[x], span)
             }
             Prim::Reduce(op) => {
@@ -234,7 +339,10 @@ impl<D: ElabDim> Elab<'_, D> {
                         let mut axes = Vec::new();
                         for i in list {
                             let Some(c) = i.as_const() else {
-                                self.error(*s, format!("{}: axes must be known integers, got {i}", p.name()));
+                                self.error(
+                                    *s,
+                                    format!("{}: axes must be known integers, got {i}", p.name()),
+                                );
                                 return None;
                             };
                             let a = self.axis(p, c, rank, *s)?;
@@ -262,7 +370,13 @@ impl<D: ElabDim> Elab<'_, D> {
                 let perm = match &args[1] {
                     None => {
                         if rank < 2 {
-                            self.error(span, format!("transpose: swapping the last two axes needs rank >= 2, got {}", ty(self, x)));
+                            self.error(
+                                span,
+                                format!(
+                                    "transpose: swapping the last two axes needs rank >= 2, got {}",
+                                    ty(self, x)
+                                ),
+                            );
                             return None;
                         }
                         let mut perm: Vec<usize> = (0..rank).collect();
@@ -298,7 +412,10 @@ impl<D: ElabDim> Elab<'_, D> {
                         _ => match i.to_dim() {
                             Some(d) => shape.push(Some(d)),
                             None => {
-                                self.error(*s, format!("reshape: sizes must be non-negative or -1, got {i}"));
+                                self.error(
+                                    *s,
+                                    format!("reshape: sizes must be non-negative or -1, got {i}"),
+                                );
                                 return None;
                             }
                         },
@@ -308,7 +425,10 @@ impl<D: ElabDim> Elab<'_, D> {
                 let total = D::product(&ty(self, x).shape);
                 let fill = if shape.iter().any(Option::is_none) {
                     if known == D::lit(0) {
-                        self.error(*s, "reshape: cannot infer -1 when the other sizes multiply to 0");
+                        self.error(
+                            *s,
+                            "reshape: cannot infer -1 when the other sizes multiply to 0",
+                        );
                         return None;
                     }
                     let q = total.div_floor(&known);
@@ -328,14 +448,20 @@ impl<D: ElabDim> Elab<'_, D> {
                 } else {
                     D::lit(0)
                 };
-                let shape = shape.into_iter().map(|d| d.unwrap_or_else(|| fill.clone())).collect();
+                let shape = shape
+                    .into_iter()
+                    .map(|d| d.unwrap_or_else(|| fill.clone()))
+                    .collect();
                 self.op(Op::Reshape { shape }, &[x], span)
             }
             Prim::Flatten => {
                 let x = self.arg_tensor(p, args, 0)?;
                 let t = ty(self, x);
                 if t.rank() == 0 {
-                    self.error(span, format!("flatten: expects [N, ...], got the scalar {t}"));
+                    self.error(
+                        span,
+                        format!("flatten: expects [N, ...], got the scalar {t}"),
+                    );
                     return None;
                 }
                 let shape = vec![t.shape[0].clone(), D::product(&t.shape[1..])];
@@ -345,7 +471,10 @@ impl<D: ElabDim> Elab<'_, D> {
                 let (v, s) = args[0].as_ref()?;
                 let Val::List(items) = v else {
                     let d = self.describe(v);
-                    self.error(*s, format!("concat: expects a list of tensors `[a, b, ...]`, got {d}"));
+                    self.error(
+                        *s,
+                        format!("concat: expects a list of tensors `[a, b, ...]`, got {d}"),
+                    );
                     return None;
                 };
                 if items.is_empty() {
@@ -376,14 +505,25 @@ impl<D: ElabDim> Elab<'_, D> {
                 let x = self.arg_tensor(p, args, 0)?;
                 let t = ty(self, x);
                 if t.rank() < 2 {
-                    self.error(span, format!("last: expects a sequence [N, T, ...], got {t}"));
+                    self.error(
+                        span,
+                        format!("last: expects a sequence [N, T, ...], got {t}"),
+                    );
                     return None;
                 }
                 if t.shape[1].known() == Some(0) {
                     self.error(span, format!("last: the sequence {t} has no time steps"));
                     return None;
                 }
-                let Val::Tensor(s) = self.slice(x, t.clone(), 1, Int::C(-1), Int::from_dim(&t.shape[1]), span)? else {
+                let Val::Tensor(s) = self.slice(
+                    x,
+                    t.clone(),
+                    1,
+                    Int::C(-1),
+                    Int::from_dim(&t.shape[1]),
+                    span,
+                )?
+                else {
                     return None;
                 };
                 let mut shape = t.shape.clone();
@@ -398,7 +538,10 @@ impl<D: ElabDim> Elab<'_, D> {
                 let pad = match &args[3] {
                     Some((Val::Str(s), sp)) if s == "same" => {
                         if stride != 1 {
-                            self.error(*sp, format!("conv: pad=\"same\" needs stride 1, got stride {stride}"));
+                            self.error(
+                                *sp,
+                                format!("conv: pad=\"same\" needs stride 1, got stride {stride}"),
+                            );
                             return None;
                         }
                         let wt = ty(self, w);
@@ -406,8 +549,14 @@ impl<D: ElabDim> Elab<'_, D> {
                             // The shape rule reports the bad weight.
                             [0; 4]
                         } else {
-                            let (Some(kh), Some(kw)) = (wt.shape[2].known(), wt.shape[3].known()) else {
-                                self.error(*sp, format!("conv: pad=\"same\" needs a known kernel size, got {wt}"));
+                            let (Some(kh), Some(kw)) = (wt.shape[2].known(), wt.shape[3].known())
+                            else {
+                                self.error(
+                                    *sp,
+                                    format!(
+                                        "conv: pad=\"same\" needs a known kernel size, got {wt}"
+                                    ),
+                                );
                                 return None;
                             };
                             // Total padding d(K-1); an odd total puts the extra
@@ -422,7 +571,10 @@ impl<D: ElabDim> Elab<'_, D> {
                         [0; 4]
                     }
                     Some((Val::Str(s), sp)) => {
-                        self.error(*sp, format!("conv: pad must be an integer or \"same\", got \"{s}\""));
+                        self.error(
+                            *sp,
+                            format!("conv: pad must be an integer or \"same\", got \"{s}\""),
+                        );
                         return None;
                     }
                     _ => {
@@ -430,7 +582,11 @@ impl<D: ElabDim> Elab<'_, D> {
                         [n; 4]
                     }
                 };
-                let op = Op::Conv(Conv2d { stride, dilation, pad });
+                let op = Op::Conv(Conv2d {
+                    stride,
+                    dilation,
+                    pad,
+                });
                 self.op(op, &[x, w], span)
             }
             Prim::MaxPool | Prim::AvgPool => {
@@ -440,28 +596,59 @@ impl<D: ElabDim> Elab<'_, D> {
                 let pad = self.arg_count(p, args, 3, Some(0), 0)?;
                 if pad >= window {
                     let s = args[3].as_ref().map_or(span, |a| a.1);
-                    self.error(s, format!("{}: pad {pad} must be smaller than the window {window}", p.name()));
+                    self.error(
+                        s,
+                        format!(
+                            "{}: pad {pad} must be smaller than the window {window}",
+                            p.name()
+                        ),
+                    );
                     return None;
                 }
-                let pool = Pool2d { window, stride, pad };
-                let op = if p == Prim::MaxPool { Op::MaxPool(pool) } else { Op::AvgPool(pool) };
+                let pool = Pool2d {
+                    window,
+                    stride,
+                    pad,
+                };
+                let op = if p == Prim::MaxPool {
+                    Op::MaxPool(pool)
+                } else {
+                    Op::AvgPool(pool)
+                };
                 self.op(op, &[x], span)
             }
             Prim::GlobalAvgPool => {
                 let x = self.arg_tensor(p, args, 0)?;
                 let t = ty(self, x);
                 if t.rank() != 4 {
-                    self.error(span, format!("global_avg_pool: the input must have rank 4 [N, C, H, W], got {t}"));
+                    self.error(
+                        span,
+                        format!(
+                            "global_avg_pool: the input must have rank 4 [N, C, H, W], got {t}"
+                        ),
+                    );
                     return None;
                 }
-                self.op(Op::Reduce { op: ReduceOp::Mean, axes: vec![2, 3], keepdims: false }, &[x], span)
+                self.op(
+                    Op::Reduce {
+                        op: ReduceOp::Mean,
+                        axes: vec![2, 3],
+                        keepdims: false,
+                    },
+                    &[x],
+                    span,
+                )
             }
             Prim::LstmSeq | Prim::GruSeq => {
                 let mut ins = Vec::new();
                 for i in 0..4 {
                     ins.push(self.arg_tensor(p, args, i)?);
                 }
-                let op = if p == Prim::LstmSeq { Op::LstmSeq } else { Op::GruSeq };
+                let op = if p == Prim::LstmSeq {
+                    Op::LstmSeq
+                } else {
+                    Op::GruSeq
+                };
                 self.op(op, &ins, span)
             }
             Prim::Attention => {
@@ -487,7 +674,11 @@ impl<D: ElabDim> Elab<'_, D> {
             Prim::CrossEntropy | Prim::Hinge => {
                 let s = self.arg_tensor(p, args, 0)?;
                 let l = self.arg_tensor(p, args, 1)?;
-                let op = if p == Prim::CrossEntropy { Op::CrossEntropy } else { Op::Hinge };
+                let op = if p == Prim::CrossEntropy {
+                    Op::CrossEntropy
+                } else {
+                    Op::Hinge
+                };
                 self.op(op, &[s, l], span)
             }
             Prim::Mse => {
@@ -501,7 +692,11 @@ impl<D: ElabDim> Elab<'_, D> {
                 };
                 let rank = ty(self, sq).rank();
                 self.op(
-                    Op::Reduce { op: ReduceOp::Mean, axes: (0..rank).collect(), keepdims: false },
+                    Op::Reduce {
+                        op: ReduceOp::Mean,
+                        axes: (0..rank).collect(),
+                        keepdims: false,
+                    },
                     &[sq],
                     span,
                 )
@@ -514,7 +709,10 @@ impl<D: ElabDim> Elab<'_, D> {
             Val::Int(i) => Some(i.clone()),
             other => {
                 let d = self.describe(other);
-                self.error(s, format!("{}: `{name}` must be an integer, got {d}", p.name()));
+                self.error(
+                    s,
+                    format!("{}: `{name}` must be an integer, got {d}", p.name()),
+                );
                 None
             }
         }
@@ -522,13 +720,29 @@ impl<D: ElabDim> Elab<'_, D> {
 
     /// NumPy slicing along one axis: negative bounds count from the end,
     /// out-of-range bounds clamp.
-    fn slice(&mut self, x: Value, t: TensorType<D>, axis: usize, start: Int<D>, end: Int<D>, span: Span) -> Option<Val<D>> {
+    fn slice(
+        &mut self,
+        x: Value,
+        t: TensorType<D>,
+        axis: usize,
+        start: Int<D>,
+        end: Int<D>,
+        span: Span,
+    ) -> Option<Val<D>> {
         let n = &t.shape[axis];
         if let (Some(n), Some(s), Some(e)) = (n.as_i64(), start.as_const(), end.as_const()) {
             let norm = |i: i64| (if i < 0 { i + n } else { i }).clamp(0, n) as usize;
             let (s, e) = (norm(s), norm(e));
             let e = e.max(s);
-            return Some(self.op(Op::Slice { axis, start: s, end: e }, &[x], span));
+            return Some(self.op(
+                Op::Slice {
+                    axis,
+                    start: s,
+                    end: e,
+                },
+                &[x],
+                span,
+            ));
         }
         // Symbolic extent (checking only): the result's size is known as an
         // expression, the bounds are not; the check graph is never run, so
@@ -542,13 +756,20 @@ impl<D: ElabDim> Elab<'_, D> {
             return None;
         };
         let Some(len) = e.sub(&s).and_then(|l| l.to_dim()) else {
-            self.error(span, format!("slice: the range {start}..{end} is empty or reversed"));
+            self.error(
+                span,
+                format!("slice: the range {start}..{end} is empty or reversed"),
+            );
             return None;
         };
         let mut shape = t.shape.clone();
         shape[axis] = len;
         let v = self.graph.add_node_unchecked(
-            Op::Slice { axis, start: 0, end: 0 },
+            Op::Slice {
+                axis,
+                start: 0,
+                end: 0,
+            },
             vec![TensorType::new(t.dtype, shape)],
             &[x],
             Some(span),

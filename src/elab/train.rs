@@ -13,8 +13,11 @@ impl<D: ElabDim> Elab<'_, D> {
             if let Some(prev) = seen.iter().find(|k| k.name == key.name) {
                 let prev = prev.span;
                 self.diags.push(
-                    crate::diag::Diagnostic::error(key.span, format!("`{}` is set twice in the train block", key.name))
-                        .with_related(prev, "first set here"),
+                    crate::diag::Diagnostic::error(
+                        key.span,
+                        format!("`{}` is set twice in the train block", key.name),
+                    )
+                    .with_related(prev, "first set here"),
                 );
                 continue;
             }
@@ -65,7 +68,13 @@ impl<D: ElabDim> Elab<'_, D> {
             let hint = closest(name, names.iter().copied())
                 .map(|c| format!("did you mean `{c}`? "))
                 .unwrap_or_default();
-            self.error(span, format!("unknown {what} `{name}`; {hint}expected one of {}", names.join(", ")));
+            self.error(
+                span,
+                format!(
+                    "unknown {what} `{name}`; {hint}expected one of {}",
+                    names.join(", ")
+                ),
+            );
             return None;
         };
         let mut ctx = Ctx::Unbound("a train block");
@@ -77,7 +86,12 @@ impl<D: ElabDim> Elab<'_, D> {
                 Some((v, s)) => {
                     let x = self.float_of(v, *s, name, arg)?;
                     if !x.is_finite() || x < 0.0 {
-                        self.error(*s, format!("`{name}`: `{arg}` must be a finite non-negative number, got {x}"));
+                        self.error(
+                            *s,
+                            format!(
+                                "`{name}`: `{arg}` must be a finite non-negative number, got {x}"
+                            ),
+                        );
                         return None;
                     }
                     Some(x)
@@ -89,7 +103,12 @@ impl<D: ElabDim> Elab<'_, D> {
 
     fn optimizer(&mut self, sc: &Scope<D>, e: &Expr) -> Option<Optimizer> {
         const SGD: &[(&str, bool)] = &[("lr", true), ("momentum", true)];
-        const ADAM: &[(&str, bool)] = &[("lr", true), ("beta1", true), ("beta2", true), ("eps", true)];
+        const ADAM: &[(&str, bool)] = &[
+            ("lr", true),
+            ("beta1", true),
+            ("beta2", true),
+            ("eps", true),
+        ];
         let (name, a) = self.settings_call(sc, e, &[("sgd", SGD), ("adam", ADAM)], "optimizer")?;
         Some(if name == "sgd" {
             Optimizer::Sgd {

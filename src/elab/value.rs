@@ -99,7 +99,11 @@ impl<D: ElabDim> Int<D> {
             (_, Int::C(0)) => None,
             (Int::C(a), Int::C(b)) => {
                 let q = a.checked_div(*b)?;
-                let floor = if a % b != 0 && ((*a < 0) != (*b < 0)) { q - 1 } else { q };
+                let floor = if a % b != 0 && ((*a < 0) != (*b < 0)) {
+                    q - 1
+                } else {
+                    q
+                };
                 Some(Int::C(floor))
             }
             (_, Int::C(b)) if *b < 0 => None,

@@ -13,8 +13,17 @@ use crate::tensor::numel;
 
 /// The input coordinate of window cell `k` of output position `o`, or `None`
 /// when it falls into the padding.
-fn source(o: usize, k: usize, stride: usize, dilation: usize, pad: usize, size: usize) -> Option<usize> {
-    (o * stride + k * dilation).checked_sub(pad).filter(|&i| i < size)
+fn source(
+    o: usize,
+    k: usize,
+    stride: usize,
+    dilation: usize,
+    pad: usize,
+    size: usize,
+) -> Option<usize> {
+    (o * stride + k * dilation)
+        .checked_sub(pad)
+        .filter(|&i| i < size)
 }
 
 /// `[a, b, c, d]` → flat index in a row-major array of shape `s`.
@@ -40,11 +49,13 @@ pub(super) fn conv(
                     let mut acc = 0.0;
                     for ci in 0..wsh[1] {
                         for kh in 0..wsh[2] {
-                            let Some(ih) = source(oh, kh, c.stride, c.dilation, c.pad[0], xsh[2]) else {
+                            let Some(ih) = source(oh, kh, c.stride, c.dilation, c.pad[0], xsh[2])
+                            else {
                                 continue;
                             };
                             for kw in 0..wsh[3] {
-                                let Some(iw) = source(ow, kw, c.stride, c.dilation, c.pad[1], xsh[3])
+                                let Some(iw) =
+                                    source(ow, kw, c.stride, c.dilation, c.pad[1], xsh[3])
                                 else {
                                     continue;
                                 };
@@ -78,11 +89,13 @@ pub(super) fn conv_grad_input(
                     let g = dys[at4(ysh, n, o, oh, ow)];
                     for ci in 0..wsh[1] {
                         for kh in 0..wsh[2] {
-                            let Some(ih) = source(oh, kh, c.stride, c.dilation, c.pad[0], xsh[2]) else {
+                            let Some(ih) = source(oh, kh, c.stride, c.dilation, c.pad[0], xsh[2])
+                            else {
                                 continue;
                             };
                             for kw in 0..wsh[3] {
-                                let Some(iw) = source(ow, kw, c.stride, c.dilation, c.pad[1], xsh[3])
+                                let Some(iw) =
+                                    source(ow, kw, c.stride, c.dilation, c.pad[1], xsh[3])
                                 else {
                                     continue;
                                 };
@@ -115,11 +128,13 @@ pub(super) fn conv_grad_filter(
                     let g = dys[at4(ysh, n, o, oh, ow)];
                     for ci in 0..wsh[1] {
                         for kh in 0..wsh[2] {
-                            let Some(ih) = source(oh, kh, c.stride, c.dilation, c.pad[0], xsh[2]) else {
+                            let Some(ih) = source(oh, kh, c.stride, c.dilation, c.pad[0], xsh[2])
+                            else {
                                 continue;
                             };
                             for kw in 0..wsh[3] {
-                                let Some(iw) = source(ow, kw, c.stride, c.dilation, c.pad[1], xsh[3])
+                                let Some(iw) =
+                                    source(ow, kw, c.stride, c.dilation, c.pad[1], xsh[3])
                                 else {
                                     continue;
                                 };
@@ -140,7 +155,10 @@ fn check_pool(p: &Pool2d, op: &'static str) -> Result<(), InterpError> {
     if p.pad >= p.window {
         return Err(InterpError::Attribute {
             op,
-            message: format!("padding {} must be smaller than the window {}", p.pad, p.window),
+            message: format!(
+                "padding {} must be smaller than the window {}",
+                p.pad, p.window
+            ),
         });
     }
     Ok(())
@@ -165,7 +183,13 @@ fn window(p: &Pool2d, oh: usize, ow: usize, h: usize, w: usize) -> Vec<(usize, u
 
 /// The first maximum of a window (row-major order; NaN wins, so it
 /// propagates). `None` only for an empty window.
-fn first_max(xs: &[f64], sh: &[usize], n: usize, c: usize, cells: &[(usize, usize)]) -> Option<(usize, usize)> {
+fn first_max(
+    xs: &[f64],
+    sh: &[usize],
+    n: usize,
+    c: usize,
+    cells: &[(usize, usize)],
+) -> Option<(usize, usize)> {
     let mut best: Option<(usize, usize)> = None;
     for &(ih, iw) in cells {
         let v = xs[at4(sh, n, c, ih, iw)];
@@ -177,7 +201,12 @@ fn first_max(xs: &[f64], sh: &[usize], n: usize, c: usize, cells: &[(usize, usiz
     best
 }
 
-pub(super) fn max_pool(x: &Array, p: &Pool2d, out_shape: &[usize], op: &'static str) -> Result<Array, InterpError> {
+pub(super) fn max_pool(
+    x: &Array,
+    p: &Pool2d,
+    out_shape: &[usize],
+    op: &'static str,
+) -> Result<Array, InterpError> {
     check_pool(p, op)?;
     let xs = floats(op, 0, x)?;
     let (xsh, ysh) = (&x.shape, out_shape);
@@ -199,7 +228,12 @@ pub(super) fn max_pool(x: &Array, p: &Pool2d, out_shape: &[usize], op: &'static 
 }
 
 /// `(x, dy) -> dx`: each window's gradient goes to its first maximum.
-pub(super) fn max_pool_grad(x: &Array, dy: &Array, p: &Pool2d, op: &'static str) -> Result<Array, InterpError> {
+pub(super) fn max_pool_grad(
+    x: &Array,
+    dy: &Array,
+    p: &Pool2d,
+    op: &'static str,
+) -> Result<Array, InterpError> {
     check_pool(p, op)?;
     let (xs, dys) = (floats(op, 0, x)?, floats(op, 1, dy)?);
     let (xsh, ysh) = (&x.shape, &dy.shape);
@@ -220,7 +254,12 @@ pub(super) fn max_pool_grad(x: &Array, dy: &Array, p: &Pool2d, op: &'static str)
 }
 
 /// Mean over the window cells inside the input (padding is not counted).
-pub(super) fn avg_pool(x: &Array, p: &Pool2d, out_shape: &[usize], op: &'static str) -> Result<Array, InterpError> {
+pub(super) fn avg_pool(
+    x: &Array,
+    p: &Pool2d,
+    out_shape: &[usize],
+    op: &'static str,
+) -> Result<Array, InterpError> {
     check_pool(p, op)?;
     let xs = floats(op, 0, x)?;
     let (xsh, ysh) = (&x.shape, out_shape);
@@ -244,7 +283,12 @@ pub(super) fn avg_pool(x: &Array, p: &Pool2d, out_shape: &[usize], op: &'static 
 
 /// `dy -> dx`: each window's gradient shared equally by its cells inside
 /// the input.
-pub(super) fn avg_pool_grad(dy: &Array, p: &Pool2d, out_shape: &[usize], op: &'static str) -> Result<Array, InterpError> {
+pub(super) fn avg_pool_grad(
+    dy: &Array,
+    p: &Pool2d,
+    out_shape: &[usize],
+    op: &'static str,
+) -> Result<Array, InterpError> {
     check_pool(p, op)?;
     let dys = floats(op, 0, dy)?;
     let (xsh, ysh) = (out_shape, &dy.shape);

@@ -6,7 +6,10 @@ use crate::tensor::numel;
 
 pub(super) fn unary(u: UnaryOp, x: &Array, op: &'static str) -> Result<Array, InterpError> {
     let xs = floats(op, 0, x)?;
-    Ok(Array::f(x.shape.clone(), xs.iter().map(|&v| unary_scalar(u, v)).collect()))
+    Ok(Array::f(
+        x.shape.clone(),
+        xs.iter().map(|&v| unary_scalar(u, v)).collect(),
+    ))
 }
 
 fn unary_scalar(u: UnaryOp, x: f64) -> f64 {
@@ -157,7 +160,12 @@ pub(super) fn reduce(
 
 /// Softmax (or log-softmax) along `axis`, stabilised by subtracting the
 /// maximum of each slice.
-pub(super) fn softmax(x: &Array, axis: usize, log: bool, op: &'static str) -> Result<Array, InterpError> {
+pub(super) fn softmax(
+    x: &Array,
+    axis: usize,
+    log: bool,
+    op: &'static str,
+) -> Result<Array, InterpError> {
     let xs = floats(op, 0, x)?;
     let n = x.shape[axis];
     let outer: usize = x.shape[..axis].iter().product();

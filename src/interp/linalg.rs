@@ -77,11 +77,19 @@ fn weights(qs: &[f64], ks: &[f64], s: &Dims, b: usize, causal: bool, scale: f64)
         }
         let mut sum = 0.0;
         for &l in logits.iter() {
-            sum += if l == f64::NEG_INFINITY { 0.0 } else { (l - m).exp() };
+            sum += if l == f64::NEG_INFINITY {
+                0.0
+            } else {
+                (l - m).exp()
+            };
         }
         for j in 0..s.tk {
             let l = logits[j];
-            p[i * s.tk + j] = if l == f64::NEG_INFINITY { 0.0 } else { (l - m).exp() / sum };
+            p[i * s.tk + j] = if l == f64::NEG_INFINITY {
+                0.0
+            } else {
+                (l - m).exp() / sum
+            };
         }
     }
     p
@@ -94,7 +102,11 @@ pub(super) fn attention(
     scale: f64,
     op: &'static str,
 ) -> Result<Array, InterpError> {
-    let (qs, ks, vs) = (floats(op, 0, ins[0])?, floats(op, 1, ins[1])?, floats(op, 2, ins[2])?);
+    let (qs, ks, vs) = (
+        floats(op, 0, ins[0])?,
+        floats(op, 1, ins[1])?,
+        floats(op, 2, ins[2])?,
+    );
     let s = dims(ins[0], ins[2], ins[1]);
     let mut out = vec![0.0; s.batch * s.tq * s.dv];
     for b in 0..s.batch {

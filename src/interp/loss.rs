@@ -6,7 +6,13 @@ use super::{floats, ints, unravel, Array, InterpError};
 use crate::tensor::numel;
 
 /// `id` as a row index of a table with `rows` rows.
-fn row(op: &'static str, id: i32, flat: usize, ids_shape: &[usize], rows: usize) -> Result<usize, InterpError> {
+fn row(
+    op: &'static str,
+    id: i32,
+    flat: usize,
+    ids_shape: &[usize],
+    rows: usize,
+) -> Result<usize, InterpError> {
     match usize::try_from(id) {
         Ok(r) if r < rows => Ok(r),
         _ => Err(InterpError::IdOutOfRange {
@@ -19,7 +25,12 @@ fn row(op: &'static str, id: i32, flat: usize, ids_shape: &[usize], rows: usize)
 }
 
 /// `(table [V, D], ids i32[...]) -> [..., D]`.
-pub(super) fn gather(table: &Array, ids: &Array, out_shape: &[usize], op: &'static str) -> Result<Array, InterpError> {
+pub(super) fn gather(
+    table: &Array,
+    ids: &Array,
+    out_shape: &[usize],
+    op: &'static str,
+) -> Result<Array, InterpError> {
     let (ts, is) = (floats(op, 0, table)?, ints(op, 1, ids)?);
     let (v, d) = (table.shape[0], table.shape[1]);
     let mut out = Vec::with_capacity(numel(out_shape));
@@ -31,7 +42,12 @@ pub(super) fn gather(table: &Array, ids: &Array, out_shape: &[usize], op: &'stat
 }
 
 /// `(ids i32[...], dy [..., D]) -> [rows, D]`; repeated ids add up.
-pub(super) fn scatter_add(ids: &Array, dy: &Array, rows: usize, op: &'static str) -> Result<Array, InterpError> {
+pub(super) fn scatter_add(
+    ids: &Array,
+    dy: &Array,
+    rows: usize,
+    op: &'static str,
+) -> Result<Array, InterpError> {
     let (is, dys) = (ints(op, 0, ids)?, floats(op, 1, dy)?);
     let d = dy.shape[dy.shape.len() - 1];
     let mut out = vec![0.0; rows * d];
@@ -78,7 +94,11 @@ fn logsumexp(row: &[f64]) -> f64 {
 }
 
 /// `mean_n(logsumexp(logits_n) − logits_n[label_n])`.
-pub(super) fn cross_entropy(logits: &Array, lab: &Array, op: &'static str) -> Result<Array, InterpError> {
+pub(super) fn cross_entropy(
+    logits: &Array,
+    lab: &Array,
+    op: &'static str,
+) -> Result<Array, InterpError> {
     let xs = floats(op, 0, logits)?;
     let ys = labels(op, logits, lab)?;
     let (n, c) = (logits.shape[0], logits.shape[1]);
@@ -124,7 +144,11 @@ pub(super) fn hinge(scores: &Array, lab: &Array, op: &'static str) -> Result<Arr
             if j != y {
                 let margin = 1.0 + xs[i * c + j] - xs[i * c + y];
                 // NaN margins are added as they are, so NaN propagates.
-                total += if margin.is_nan() { margin } else { margin.max(0.0) };
+                total += if margin.is_nan() {
+                    margin
+                } else {
+                    margin.max(0.0)
+                };
             }
         }
     }
@@ -134,7 +158,12 @@ pub(super) fn hinge(scores: &Array, lab: &Array, op: &'static str) -> Result<Arr
 /// The subgradient of [`hinge`]: each positive margin adds `dloss/N` to its
 /// class and subtracts it from the label's; a margin of exactly 0 (the kink)
 /// contributes nothing.
-pub(super) fn hinge_grad(scores: &Array, lab: &Array, dloss: &Array, op: &'static str) -> Result<Array, InterpError> {
+pub(super) fn hinge_grad(
+    scores: &Array,
+    lab: &Array,
+    dloss: &Array,
+    op: &'static str,
+) -> Result<Array, InterpError> {
     let xs = floats(op, 0, scores)?;
     let ys = labels(op, scores, lab)?;
     let g = floats(op, 2, dloss)?[0];

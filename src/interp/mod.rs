@@ -15,6 +15,10 @@
 //! ([`crate::ir::infer`]) before an op is evaluated, so a kernel never indexes
 //! out of bounds, whatever a caller passes.
 
+// Index loops are the point here: they read like the formulas they
+// implement, with the same subscripts.
+#![allow(clippy::needless_range_loop)]
+
 mod conv;
 mod elementwise;
 mod layout;
@@ -260,7 +264,10 @@ pub fn run(
     let mut out = BTreeMap::new();
     for o in &g.outputs {
         let a = values.get(&o.value).ok_or_else(|| {
-            InterpError::Graph(format!("output '{}' refers to {}, which has no value", o.name, o.value))
+            InterpError::Graph(format!(
+                "output '{}' refers to {}, which has no value",
+                o.name, o.value
+            ))
         })?;
         out.insert(o.name.clone(), a.clone());
     }
@@ -272,13 +279,19 @@ pub fn run_f32(
     g: &Graph,
     feeds: &BTreeMap<String, Tensor>,
 ) -> Result<BTreeMap<String, Tensor>, InterpError> {
-    let feeds: BTreeMap<String, Array> = feeds.iter().map(|(k, t)| (k.clone(), Array::from(t))).collect();
+    let feeds: BTreeMap<String, Array> = feeds
+        .iter()
+        .map(|(k, t)| (k.clone(), Array::from(t)))
+        .collect();
     let out = run(g, &feeds, Precision::F32)?;
     Ok(out.into_iter().map(|(k, a)| (k, a.to_tensor())).collect())
 }
 
 fn fmt_types(ts: &[TensorType]) -> String {
-    ts.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
+    ts.iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The fed value of one leaf, checked against the leaf's declared type.
@@ -325,7 +338,11 @@ fn feed(
 
 /// The semantics of one op on concrete operands (used by [`run`], and by the
 /// JIT as a fallback for ops it does not compile yet).
-pub fn eval_op(op: &Op, inputs: &[&Array], precision: Precision) -> Result<Vec<Array>, InterpError> {
+pub fn eval_op(
+    op: &Op,
+    inputs: &[&Array],
+    precision: Precision,
+) -> Result<Vec<Array>, InterpError> {
     let name = op.name();
     if matches!(op, Op::Input { .. } | Op::Param { .. } | Op::State { .. }) {
         return Err(InterpError::Leaf { op: name });
@@ -349,12 +366,23 @@ pub fn eval_op(op: &Op, inputs: &[&Array], precision: Precision) -> Result<Vec<A
             return Err(InterpError::Leaf { op: name })
         }
         Op::Fill { value, .. } => {
-            vec![Array::f(out_shape.clone(), vec![f64::from(*value); numel(&out_shape)])]
+            vec![Array::f(
+                out_shape.clone(),
+                vec![f64::from(*value); numel(&out_shape)],
+            )]
         }
         Op::Unary(u) => vec![elementwise::unary(*u, inputs[0], name)?],
-        Op::Binary(b) => vec![elementwise::binary(*b, inputs[0], inputs[1], &out_shape, name)?],
-        Op::Reduce { op: r, axes, keepdims } => {
-            vec![elementwise::reduce(*r, inputs[0], axes, *keepdims, &out_shape, name)?]
+        Op::Binary(b) => vec![elementwise::binary(
+            *b, inputs[0], inputs[1], &out_shape, name,
+        )?],
+        Op::Reduce {
+            op: r,
+            axes,
+            keepdims,
+        } => {
+            vec![elementwise::reduce(
+                *r, inputs[0], axes, *keepdims, &out_shape, name,
+            )?]
         }
         Op::Softmax { axis } => vec![elementwise::softmax(inputs[0], *axis, false, name)?],
         Op::LogSoftmax { axis } => vec![elementwise::softmax(inputs[0], *axis, true, name)?],
@@ -368,14 +396,20 @@ pub fn eval_op(op: &Op, inputs: &[&Array], precision: Precision) -> Result<Vec<A
         Op::Concat { axis } => vec![layout::concat(inputs, *axis, &out_shape, name)?],
         Op::Slice { axis, start, .. } => vec![layout::slice(inputs[0], *axis, *start, &out_shape)],
         Op::PadSlice { axis, start, .. } => {
-            vec![layout::pad_slice(inputs[0], *axis, *start, &out_shape, name)?]
+            vec![layout::pad_slice(
+                inputs[0], *axis, *start, &out_shape, name,
+            )?]
         }
         Op::Conv(c) => vec![conv::conv(inputs[0], inputs[1], c, &out_shape, name)?],
         Op::ConvGradInput { conv: c, .. } => {
-            vec![conv::conv_grad_input(inputs[0], inputs[1], c, &out_shape, name)?]
+            vec![conv::conv_grad_input(
+                inputs[0], inputs[1], c, &out_shape, name,
+            )?]
         }
         Op::ConvGradFilter { conv: c, .. } => {
-            vec![conv::conv_grad_filter(inputs[0], inputs[1], c, &out_shape, name)?]
+            vec![conv::conv_grad_filter(
+                inputs[0], inputs[1], c, &out_shape, name,
+            )?]
         }
         Op::MaxPool(p) => vec![conv::max_pool(inputs[0], p, &out_shape, name)?],
         Op::MaxPoolGrad(p) => vec![conv::max_pool_grad(inputs[0], inputs[1], p, name)?],
@@ -397,7 +431,9 @@ pub fn eval_op(op: &Op, inputs: &[&Array], precision: Precision) -> Result<Vec<A
         Op::ScatterAdd { rows } => vec![loss::scatter_add(inputs[0], inputs[1], *rows, name)?],
         Op::CrossEntropy => vec![loss::cross_entropy(inputs[0], inputs[1], name)?],
         Op::CrossEntropyGrad => {
-            vec![loss::cross_entropy_grad(inputs[0], inputs[1], inputs[2], name)?]
+            vec![loss::cross_entropy_grad(
+                inputs[0], inputs[1], inputs[2], name,
+            )?]
         }
         Op::Hinge => vec![loss::hinge(inputs[0], inputs[1], name)?],
         Op::HingeGrad => vec![loss::hinge_grad(inputs[0], inputs[1], inputs[2], name)?],
@@ -408,8 +444,13 @@ pub fn eval_op(op: &Op, inputs: &[&Array], precision: Precision) -> Result<Vec<A
 /// Apply the precision's rounding to a float array.
 fn round(a: Array, precision: Precision) -> Array {
     match (precision, a.data) {
-        (Precision::F32, ArrayData::F(v)) => Array::f(a.shape, v.into_iter().map(|x| x as f32 as f64).collect()),
-        (_, data) => Array { shape: a.shape, data },
+        (Precision::F32, ArrayData::F(v)) => {
+            Array::f(a.shape, v.into_iter().map(|x| x as f32 as f64).collect())
+        }
+        (_, data) => Array {
+            shape: a.shape,
+            data,
+        },
     }
 }
 

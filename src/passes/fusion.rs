@@ -276,6 +276,7 @@ pub fn fuse(g: &Graph) -> Vec<KernelGroup> {
             }
         }
     }
+    b.eject_redundant_outputs();
     // What is left are elementwise and layout ops: loops.
     for &n in &order {
         if b.group_of.contains_key(&n) {
@@ -502,6 +503,48 @@ impl Builder<'_> {
             }
         }
         from_group
+    }
+
+    /// Take out epilogue ops that only add a stored result: ops no member
+    /// reads, whose result is read elsewhere, and whose group operands are
+    /// all stored anyway. Their readers recompute them from the stored
+    /// operand instead (`step(relu(x))` for the backward pass would
+    /// otherwise double the activation memory). Removing a member no other
+    /// member reads keeps the group convex.
+    fn eject_redundant_outputs(&mut self) {
+        let named: HashSet<Value> = self.g.outputs.iter().map(|o| o.value).collect();
+        for gi in 0..self.groups.len() {
+            loop {
+                let Some(gr) = &self.groups[gi] else { break };
+                let stored = |v: Value, except: NodeIndex| {
+                    named.contains(&v)
+                        || self.g.graph.edges_directed(v.node, Direction::Outgoing).any(|e| {
+                            e.weight().port == v.port
+                                && e.target() != except
+                                && !gr.members.contains(&e.target())
+                        })
+                };
+                let victim = gr.members.iter().copied().find(|&c| {
+                    gr.roles.get(&c) == Some(&Role::Epilogue)
+                        && self.g.node(c).outputs.len() == 1
+                        && !named.contains(&Value::new(c))
+                        && !self.g.users(c).is_empty()
+                        && self.g.users(c).iter().all(|u| !gr.members.contains(u))
+                        && self
+                            .g
+                            .inputs(c)
+                            .into_iter()
+                            .filter(|v| gr.members.contains(&v.node))
+                            .all(|v| stored(v, c))
+                });
+                let Some(c) = victim else { break };
+                if let Some(gr) = self.groups[gi].as_mut() {
+                    gr.members.remove(&c);
+                    gr.roles.remove(&c);
+                }
+                self.group_of.remove(&c);
+            }
+        }
     }
 
     /// Pull in prologue producers and epilogue consumers until nothing fits.

@@ -210,10 +210,15 @@ pub fn lex(src: &str, file: u32) -> (Vec<Token>, Vec<Diagnostic>) {
         let kind = res.unwrap_or(Tok::Unknown);
         match kind {
             Tok::Unknown => {
-                let shown = text.chars().next().map_or(String::new(), |c| c.escape_debug().to_string());
+                let shown = text
+                    .chars()
+                    .next()
+                    .map_or(String::new(), |c| c.escape_debug().to_string());
                 let mut d = Diagnostic::error(span, format!("unexpected character '{shown}'"));
                 if shown == "." {
-                    d = d.with_help("'...' (three dots) is the only token with a point outside numbers");
+                    d = d.with_help(
+                        "'...' (three dots) is the only token with a point outside numbers",
+                    );
                 }
                 diags.push(d);
             }
@@ -223,11 +228,14 @@ pub fn lex(src: &str, file: u32) -> (Vec<Token>, Vec<Diagnostic>) {
                 } else {
                     "numbers look like 12, 0.5, 3. or 1e-4".to_string()
                 };
-                diags.push(Diagnostic::error(span, format!("malformed number '{text}'")).with_help(help));
+                diags.push(
+                    Diagnostic::error(span, format!("malformed number '{text}'")).with_help(help),
+                );
             }
-            Tok::UnterminatedStr => diags.push(
-                Diagnostic::error(span, "unterminated string — expected a closing '\"' before the end of the line"),
-            ),
+            Tok::UnterminatedStr => diags.push(Diagnostic::error(
+                span,
+                "unterminated string — expected a closing '\"' before the end of the line",
+            )),
             _ => {}
         }
         toks.push(Token { kind, span });
@@ -235,7 +243,11 @@ pub fn lex(src: &str, file: u32) -> (Vec<Token>, Vec<Diagnostic>) {
     let end = clamp_u32(src.len());
     toks.push(Token {
         kind: Tok::Eof,
-        span: Span { file, start: end, end },
+        span: Span {
+            file,
+            start: end,
+            end,
+        },
     });
     (toks, diags)
 }
@@ -251,12 +263,18 @@ mod tests {
     #[test]
     fn numbers() {
         use Tok::*;
-        assert_eq!(kinds("12 0.5 1e-4 3. 25e-2"), vec![IntLit, FloatLit, FloatLit, FloatLit, FloatLit, Eof]);
+        assert_eq!(
+            kinds("12 0.5 1e-4 3. 25e-2"),
+            vec![IntLit, FloatLit, FloatLit, FloatLit, FloatLit, Eof]
+        );
         assert_eq!(
             kinds("12abc 1e 2.5x 1e+ .5 3..4 1.2.3"),
             vec![BadNumber, BadNumber, BadNumber, BadNumber, BadNumber, BadNumber, BadNumber, Eof]
         );
-        assert_eq!(kinds("[..., 3]"), vec![LBracket, Ellipsis, Comma, IntLit, RBracket, Eof]);
+        assert_eq!(
+            kinds("[..., 3]"),
+            vec![LBracket, Ellipsis, Comma, IntLit, RBracket, Eof]
+        );
     }
 
     #[test]

@@ -68,7 +68,10 @@ fn sexpr_type(t: &ast::TensorTypeAst) -> String {
         .iter()
         .map(|d| match d {
             ast::DimAst::Ellipsis(_) => "...".to_string(),
-            ast::DimAst::Expr { expr, default: None } => sexpr_expr(expr),
+            ast::DimAst::Expr {
+                expr,
+                default: None,
+            } => sexpr_expr(expr),
             ast::DimAst::Expr {
                 expr,
                 default: Some(v),

@@ -183,8 +183,10 @@ impl<'s> Parser<'s> {
     fn unexpected(&mut self, t: Token, expected: &str) -> Fail {
         if !is_error_tok(t.kind) {
             let found = self.show(t);
-            self.diags
-                .push(Diagnostic::error(t.span, format!("{expected}, found {found}")));
+            self.diags.push(Diagnostic::error(
+                t.span,
+                format!("{expected}, found {found}"),
+            ));
         }
         Fail
     }
@@ -228,7 +230,10 @@ impl<'s> Parser<'s> {
             return self.error(
                 Diagnostic::error(
                     t.span,
-                    format!("mismatched {} — expected {c} to close {o}", t.kind.describe()),
+                    format!(
+                        "mismatched {} — expected {c} to close {o}",
+                        t.kind.describe()
+                    ),
                 )
                 .with_related(open.span, format!("{o} opened here")),
             );
@@ -481,7 +486,10 @@ impl<'s> Parser<'s> {
             self.bump();
             self.diags.push(Diagnostic::error(
                 t.span,
-                format!("{} is a keyword and cannot be used as a name", t.kind.describe()),
+                format!(
+                    "{} is a keyword and cannot be used as a name",
+                    t.kind.describe()
+                ),
             ));
             return Ok(Ident {
                 name: self.text(t.span).to_string(),
@@ -491,7 +499,10 @@ impl<'s> Parser<'s> {
         if t.kind.is_keyword() {
             return Err(self.error(Diagnostic::error(
                 t.span,
-                format!("{} is a keyword and cannot be used as a name", t.kind.describe()),
+                format!(
+                    "{} is a keyword and cannot be used as a name",
+                    t.kind.describe()
+                ),
             )));
         }
         Err(self.unexpected(t, &format!("expected a name {ctx}")))
@@ -531,14 +542,15 @@ impl<'s> Parser<'s> {
                 }
                 _ => {}
             }
+            let before = self.pos;
             match self.parse_stmt(kind) {
                 Ok(stmt) => {
                     let end = self.peek_tok();
-                    if !matches!(
-                        end.kind,
-                        Tok::Newline | Tok::Semi | Tok::RBrace | Tok::Eof
-                    ) {
-                        self.unexpected(end, "expected the end of the statement (a new line or ';')");
+                    if !matches!(end.kind, Tok::Newline | Tok::Semi | Tok::RBrace | Tok::Eof) {
+                        self.unexpected(
+                            end,
+                            "expected the end of the statement (a new line or ';')",
+                        );
                         self.recover_stmt();
                     }
                     if let Some(s) = stmt {
@@ -547,6 +559,16 @@ impl<'s> Parser<'s> {
                 }
                 Err(Fail) => self.recover_stmt(),
             }
+            self.ensure_progress(before);
+        }
+    }
+
+    /// Guarantees that every round of a statement loop consumes input, so
+    /// no combination of errors can make the parser spin.
+    fn ensure_progress(&mut self, before: usize) {
+        if self.pos <= before {
+            self.pos = before + 1;
+            self.open.clear();
         }
     }
 
@@ -698,7 +720,9 @@ impl<'s> Parser<'s> {
         if let Some(what) = misplaced {
             self.diags.push(Diagnostic::error(
                 t.span,
-                format!("{what} is not allowed in a fn; a fn body holds bindings, 'param' and 'return'"),
+                format!(
+                    "{what} is not allowed in a fn; a fn body holds bindings, 'param' and 'return'"
+                ),
             ));
             return Ok(None);
         }
@@ -720,7 +744,10 @@ impl<'s> Parser<'s> {
         let lbrace = self.bump();
         let mut entries = Vec::new();
         loop {
-            while matches!(self.raw(self.pos).kind, Tok::Newline | Tok::Semi | Tok::Comma) {
+            while matches!(
+                self.raw(self.pos).kind,
+                Tok::Newline | Tok::Semi | Tok::Comma
+            ) {
                 self.pos += 1;
             }
             let t = self.peek_tok();
@@ -735,11 +762,24 @@ impl<'s> Parser<'s> {
                         "unclosed '{' — expected '}' before the end of the file",
                     )))
                 }
+                Tok::Model | Tok::Fn => {
+                    return Err(self.error(Diagnostic::error(
+                        lbrace.span,
+                        format!(
+                            "unclosed '{{' — expected '}}' before the next item ({})",
+                            t.kind.describe()
+                        ),
+                    )))
+                }
                 _ => {}
             }
+            let before = self.pos;
             let entry = (|| -> PResult<(Ident, Expr)> {
                 let key = self.expect_name("for a training setting (such as 'optimizer')")?;
-                self.expect_eq(&format!("expected '=' after the training setting '{}'", key.name))?;
+                self.expect_eq(&format!(
+                    "expected '=' after the training setting '{}'",
+                    key.name
+                ))?;
                 Ok((key, self.value_expr()))
             })();
             match entry {
@@ -750,12 +790,16 @@ impl<'s> Parser<'s> {
                         end.kind,
                         Tok::Newline | Tok::Semi | Tok::Comma | Tok::RBrace | Tok::Eof
                     ) {
-                        self.unexpected(end, "expected the end of the training setting (a new line or ';')");
+                        self.unexpected(
+                            end,
+                            "expected the end of the training setting (a new line or ';')",
+                        );
                         self.recover_stmt();
                     }
                 }
                 Err(Fail) => self.recover_stmt(),
             }
+            self.ensure_progress(before);
         }
     }
 
@@ -770,7 +814,10 @@ impl<'s> Parser<'s> {
                 return Err(self.error(
                     Diagnostic::error(
                         t.span,
-                        format!("expected a tensor type, found the scalar type {}", t.kind.describe()),
+                        format!(
+                            "expected a tensor type, found the scalar type {}",
+                            t.kind.describe()
+                        ),
                     )
                     .with_help("inputs and params are tensors: write f32[] for a scalar"),
                 ))
@@ -782,7 +829,11 @@ impl<'s> Parser<'s> {
         if l.kind != Tok::LBracket {
             return Err(self.unexpected(
                 l,
-                &format!("expected '[' and the dimensions after {} (write {}[] for a scalar)", t.kind.describe(), dtype),
+                &format!(
+                    "expected '[' and the dimensions after {} (write {}[] for a scalar)",
+                    t.kind.describe(),
+                    dtype
+                ),
             ));
         }
         let open = self.bump();
@@ -985,7 +1036,11 @@ impl<'s> Parser<'s> {
             Tok::Str => {
                 self.bump();
                 let text = self.text(t.span);
-                ExprKind::Str(text.get(1..text.len().saturating_sub(1)).unwrap_or("").to_string())
+                ExprKind::Str(
+                    text.get(1..text.len().saturating_sub(1))
+                        .unwrap_or("")
+                        .to_string(),
+                )
             }
             Tok::True => {
                 self.bump();
@@ -1017,7 +1072,11 @@ impl<'s> Parser<'s> {
                 self.open.push(open);
                 let inner = self.parse_expr()?;
                 if self.peek() != Tok::RParen {
-                    return Err(self.bad_in_bracket(open, Tok::RParen, "expected ')' to close '('"));
+                    return Err(self.bad_in_bracket(
+                        open,
+                        Tok::RParen,
+                        "expected ')' to close '('",
+                    ));
                 }
                 self.bump();
                 self.open.pop();
@@ -1037,7 +1096,11 @@ impl<'s> Parser<'s> {
                         break;
                     }
                     items.push(self.parse_expr()?);
-                    if self.list_sep(open, Tok::RBracket, "expected ',' or ']' after a list element")? {
+                    if self.list_sep(
+                        open,
+                        Tok::RBracket,
+                        "expected ',' or ']' after a list element",
+                    )? {
                         break;
                     }
                 }
@@ -1051,16 +1114,24 @@ impl<'s> Parser<'s> {
             }
             _ => {
                 if let Some(&open) = self.open.last() {
-                    let newline_before = self.pos > 0 && self.raw(self.pos - 1).kind == Tok::Newline;
+                    let newline_before =
+                        self.pos > 0 && self.raw(self.pos - 1).kind == Tok::Newline;
                     if t.kind == Tok::Eof || (newline_before && !starts_expr(t.kind)) {
-                        let close = if open.kind == Tok::LParen { Tok::RParen } else { Tok::RBracket };
+                        let close = if open.kind == Tok::LParen {
+                            Tok::RParen
+                        } else {
+                            Tok::RBracket
+                        };
                         return Err(self.bad_in_bracket(open, close, "expected an expression"));
                     }
                 }
                 if t.kind.is_keyword() {
                     return Err(self.error(Diagnostic::error(
                         t.span,
-                        format!("{} is a keyword and cannot be used in an expression", t.kind.describe()),
+                        format!(
+                            "{} is a keyword and cannot be used in an expression",
+                            t.kind.describe()
+                        ),
                     )));
                 }
                 return Err(self.unexpected(t, "expected an expression"));
@@ -1103,7 +1174,11 @@ impl<'s> Parser<'s> {
                 ));
             }
             args.push(Arg { name, value });
-            if self.list_sep(open, Tok::RParen, "expected ',' or ')' after a call argument")? {
+            if self.list_sep(
+                open,
+                Tok::RParen,
+                "expected ',' or ')' after a call argument",
+            )? {
                 return Ok(args);
             }
         }

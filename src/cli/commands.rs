@@ -1,0 +1,552 @@
+//! One function per command: call the library, print the result.
+
+use super::{BenchArgs, Command, CompileArgs, ModelArgs, RunArgs, TestArgs, TrainArgs};
+use dlc::api::{self, Backend, CompiledModel, Compiler};
+use dlc::golden;
+use dlc::io;
+use dlc::ir::fmt_shape;
+use dlc::tensor::{Data, Tensor};
+use dlc::train::{OptimizerKind, TrainError, TrainOptions, Trainer};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// A failed command: rendered source diagnostics, or one sentence.
+#[derive(Debug)]
+pub enum Failure {
+    Diagnostics(String),
+    Message(String),
+}
+
+impl From<api::Error> for Failure {
+    fn from(e: api::Error) -> Self {
+        match e {
+            api::Error::Compile { rendered, .. } => Failure::Diagnostics(rendered),
+            other => Failure::Message(other.to_string()),
+        }
+    }
+}
+
+impl From<TrainError> for Failure {
+    fn from(e: TrainError) -> Self {
+        match e {
+            TrainError::Api(a) => a.into(),
+            other => Failure::Message(other.to_string()),
+        }
+    }
+}
+
+impl From<io::IoError> for Failure {
+    fn from(e: io::IoError) -> Self {
+        Failure::Message(e.to_string())
+    }
+}
+
+impl From<golden::GoldenError> for Failure {
+    fn from(e: golden::GoldenError) -> Self {
+        Failure::Message(e.to_string())
+    }
+}
+
+fn fail<T>(msg: impl Into<String>) -> Result<T, Failure> {
+    Err(Failure::Message(msg.into()))
+}
+
+pub fn report(e: &Failure) {
+    match e {
+        Failure::Diagnostics(d) => {
+            eprint!("{d}");
+            if !d.ends_with('\n') {
+                eprintln!();
+            }
+        }
+        Failure::Message(m) => eprintln!("error: {m}"),
+    }
+}
+
+fn warn(msg: impl AsRef<str>) {
+    eprintln!("warning: {}", msg.as_ref());
+}
+
+pub fn dispatch(cmd: Command) -> Result<ExitCode, Failure> {
+    match cmd {
+        Command::Check { file } => check(&file),
+        Command::Compile(a) => compile(a),
+        Command::Run(a) => run(a),
+        Command::Test(a) => test(a),
+        Command::Train(a) => train_cmd(a),
+        Command::Bench(a) => bench(a),
+    }
+    .map(|()| ExitCode::SUCCESS)
+    .or_else(|e| match e {
+        // `dlc test` prints its own report; failing cases only set the code.
+        Failure::Message(m) if m.is_empty() => Ok(ExitCode::from(1)),
+        e => Err(e),
+    })
+}
+
+fn backend(name: &str) -> Result<Backend, Failure> {
+    Ok(name.parse::<Backend>()?)
+}
+
+fn compiler(m: &ModelArgs) -> Result<Compiler, Failure> {
+    let mut c = Compiler::new()
+        .backend(backend(&m.backend)?)
+        .dims(m.dims.iter().cloned());
+    if let Some(name) = &m.model {
+        c = c.model(name.clone());
+    }
+    if let Some(t) = m.threads {
+        if t == 0 {
+            return fail("--threads must be at least 1");
+        }
+        c = c.threads(t);
+    }
+    Ok(c)
+}
+
+fn show_warnings(model: &CompiledModel) {
+    if !model.warnings().is_empty() {
+        eprint!("{}", model.warnings());
+    }
+}
+
+// ----------------------------------------------------------------- check ----
+
+fn check(file: &Path) -> Result<(), Failure> {
+    let warnings = Compiler::new().check_file(file)?;
+    eprint!("{warnings}");
+    println!("{}: no errors", file.display());
+    Ok(())
+}
+
+// --------------------------------------------------------------- compile ----
+
+fn compile(a: CompileArgs) -> Result<(), Failure> {
+    if let Some(s) = &a.stats {
+        if s != "json" {
+            return fail(format!("--stats takes `json`, not `{s}`"));
+        }
+    }
+    if let Some(level) = &a.opt {
+        if level != "0" {
+            return fail(format!(
+                "-O{level} is not available yet (optimisation passes are not wired into the CLI); use -O0"
+            ));
+        }
+    }
+    if let Some(what) = a.emit.as_deref() {
+        if what == "ast" {
+            return emit_ast(&a.file, a.out.as_deref());
+        }
+    }
+    let started = Instant::now();
+    let model = compiler(&a.model)?.compile_file(&a.file)?;
+    show_warnings(&model);
+    let graph = if a.train {
+        let (opt, reg) = (
+            model.model().train.optimizer.clone().unwrap_or_default(),
+            model.model().train.regularize,
+        );
+        Some(model.training_graph(&opt, reg)?)
+    } else {
+        None
+    };
+    let compile_ms = ms(started.elapsed());
+    let g = graph.as_ref().unwrap_or(model.graph());
+    let text = match a.emit.as_deref() {
+        None => None,
+        Some("ir") => Some(dlc::ir::print::print(g)),
+        Some("grad-ir") => Some(dlc::ir::print::print(match &graph {
+            Some(t) => t,
+            None => model.gradient_graph()?,
+        })),
+        Some(w @ ("opt-ir" | "kernels" | "plan" | "clif" | "asm")) => {
+            return fail(format!("--emit {w} is not available yet; available now: ast, ir, grad-ir"))
+        }
+        Some(other) => {
+            return fail(format!(
+                "--emit takes one of ast, ir, opt-ir, grad-ir, kernels, plan, clif, asm, not `{other}`"
+            ))
+        }
+    };
+    let ops = g.op_count();
+    let bytes = api::naive_bytes(g);
+    let summary = if a.stats.is_some() {
+        serde_json::json!({
+            "model": model.name(),
+            "dims": model.dims(),
+            "ops_before": ops,
+            "ops_after": ops,
+            "kernels": ops,
+            "peak_bytes": bytes,
+            "naive_bytes": bytes,
+            "compile_ms": compile_ms,
+        })
+        .to_string()
+            + "\n"
+    } else {
+        format!(
+            "model {} ({})\n  graph: {ops} ops{}\n  passes: none run yet (ops before = after = {ops})\n  kernels: {ops} (interpreter, one per op)\n  memory: {bytes} bytes, one buffer per value (no memory plan yet)\n  time: {compile_ms:.2} ms to parse, elaborate{}\n",
+            model.name(),
+            fmt_dims(model.dims()),
+            if a.train { " (training step)" } else { "" },
+            if a.train { " and differentiate" } else { "" },
+        )
+    };
+    let body = match text {
+        Some(t) => {
+            // The stats go to stderr so that the emitted text stays clean.
+            if a.stats.is_some() {
+                eprint!("{summary}");
+            }
+            t
+        }
+        None => summary,
+    };
+    write_or_print(a.out.as_deref(), &body)
+}
+
+fn emit_ast(file: &Path, out: Option<&Path>) -> Result<(), Failure> {
+    let src = std::fs::read_to_string(file).map_err(|source| api::Error::ReadSource {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    let (ast, diags) = dlc::syntax::parse(&src, 0);
+    if diags.iter().any(|d| d.is_error()) {
+        // The checker renders the same parse errors with their carets.
+        Compiler::new().check_source(&file.display().to_string(), &src)?;
+    }
+    write_or_print(out, &format!("{ast:#?}\n"))
+}
+
+fn write_or_print(out: Option<&Path>, text: &str) -> Result<(), Failure> {
+    match out {
+        Some(p) => Ok(io::write_atomic(p, text.as_bytes())?),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn fmt_dims(dims: &std::collections::BTreeMap<String, usize>) -> String {
+    if dims.is_empty() {
+        return "no dimension symbols".into();
+    }
+    dims.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+// ------------------------------------------------------------------- run ----
+
+fn run(a: RunArgs) -> Result<(), Failure> {
+    let inputs = io::read_tensors(&a.inputs)?;
+    let model = compiler(&a.model)?
+        .input_shapes_of(&inputs)
+        .compile_file(&a.file)?;
+    show_warnings(&model);
+    for name in model.unknown_names(&inputs) {
+        warn(format!(
+            "`{}` has a tensor `{name}` that model `{}` does not take as input; it is ignored",
+            a.inputs.display(),
+            model.name()
+        ));
+    }
+    let mut session = model.session_with_seed(a.seed);
+    if let Some(p) = &a.params {
+        let given = io::read_tensors(p)?;
+        for name in session.set_params(&given).map_err(|e| in_file(e, p))? {
+            warn(format!(
+                "`{}` has a tensor `{name}` that is not a parameter of model `{}`; it is ignored",
+                p.display(),
+                model.name()
+            ));
+        }
+        let missing: Vec<String> = model
+            .params()
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| !given.contains_key(n))
+            .collect();
+        if !missing.is_empty() {
+            eprintln!(
+                "note: initialised {} parameter(s) missing from `{}` with seed {}: {}",
+                missing.len(),
+                p.display(),
+                a.seed,
+                missing.join(", ")
+            );
+        }
+    }
+    let outputs = if a.grads {
+        session.gradients(&inputs)?
+    } else {
+        session.run(&inputs)?
+    };
+    match &a.out {
+        Some(p) => io::write_tensors(p, &outputs)?,
+        None => {
+            for (name, t) in &outputs {
+                println!("{name}: {}", preview(t));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Name the parameter file in a shape/dtype error about one of its tensors.
+fn in_file(e: api::Error, path: &Path) -> api::Error {
+    match e {
+        api::Error::Shape {
+            model,
+            kind,
+            name,
+            got,
+            want,
+        } => api::Error::Shape {
+            model,
+            kind,
+            name: format!("{name}` in `{}", path.display()),
+            got,
+            want,
+        },
+        api::Error::DType {
+            model,
+            kind,
+            name,
+            got,
+            want,
+        } => api::Error::DType {
+            model,
+            kind,
+            name: format!("{name}` in `{}", path.display()),
+            got,
+            want,
+        },
+        other => other,
+    }
+}
+
+/// `f32[2, 3] = [0.1, 0.2, 0.3, 0.4, …]`
+fn preview(t: &Tensor) -> String {
+    const SHOW: usize = 6;
+    let vals: Vec<String> = match &t.data {
+        Data::F32(v) => v.iter().take(SHOW).map(|x| format!("{x:.6}")).collect(),
+        Data::I32(v) => v.iter().take(SHOW).map(|x| x.to_string()).collect(),
+    };
+    let more = if t.numel() > SHOW { ", …" } else { "" };
+    format!(
+        "{}{} = [{}{more}]",
+        t.dtype(),
+        fmt_shape(&t.shape),
+        vals.join(", ")
+    )
+}
+
+// ------------------------------------------------------------------ test ----
+
+fn test(a: TestArgs) -> Result<(), Failure> {
+    let opts = golden::RunOptions {
+        backend: backend(&a.backend)?,
+        threads: a.threads,
+    };
+    let mut cases = Vec::new();
+    for d in &a.dirs {
+        cases.extend(golden::find_cases(d)?);
+    }
+    let mut summary = golden::Summary::default();
+    for c in &cases {
+        let r = golden::run_case(c, &opts);
+        println!("{r}");
+        summary.add(&r);
+    }
+    println!("{summary}");
+    if summary.failed > 0 {
+        // Already reported above: exit 1 without another message.
+        return fail("");
+    }
+    Ok(())
+}
+
+// ----------------------------------------------------------------- train ----
+
+fn train_cmd(a: TrainArgs) -> Result<(), Failure> {
+    let opts = TrainOptions {
+        data: a.data.clone(),
+        eval: a.eval.clone(),
+        batch: a.batch,
+        seed: a.seed,
+        model: a.model.model.clone(),
+        dims: a.model.dims.iter().cloned().collect(),
+        optimizer: a.optimizer.as_deref().map(|o| match o {
+            "adam" => OptimizerKind::Adam,
+            _ => OptimizerKind::Sgd,
+        }),
+        lr: a.lr,
+        momentum: a.momentum,
+        backend: backend(&a.model.backend)?,
+        threads: a.model.threads,
+    };
+    let mut trainer = Trainer::new(&a.file, opts)?;
+    show_warnings(trainer.session().model());
+    let name = trainer.session().model().name().to_string();
+    for n in &trainer.ignored {
+        warn(format!("tensor `{n}` is not an input of model `{name}`; it is ignored"));
+    }
+    if let Some(p) = &a.params {
+        for n in trainer.load(p)? {
+            warn(format!(
+                "`{}` has a tensor `{n}` that is not a parameter of model `{name}`; it is ignored",
+                p.display()
+            ));
+        }
+        if trainer.epochs_done() > 0 {
+            eprintln!(
+                "resuming from `{}` after epoch {}",
+                p.display(),
+                trainer.epochs_done()
+            );
+        }
+    }
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{name}.params.safetensors")));
+    eprintln!(
+        "training `{name}`: {} examples per epoch in batches of {}",
+        trainer.examples_per_epoch(),
+        trainer.batch_size()
+    );
+    for _ in 0..a.epochs {
+        let epoch = trainer.epochs_done() + 1;
+        let bar = progress_bar(trainer.batches_per_epoch(), epoch);
+        let started = Instant::now();
+        let batch = trainer.batch_size();
+        let r = trainer.epoch(|done, loss| {
+            let secs = started.elapsed().as_secs_f64().max(1e-9);
+            bar.set_message(format!(
+                "loss {loss:.4}  {:.0} examples/s",
+                (done * batch) as f64 / secs
+            ));
+            bar.set_position(done as u64);
+        });
+        bar.finish_and_clear();
+        let r = r?;
+        trainer.save(&out)?;
+        let mut line = format!(
+            "epoch {}: loss {:.6}, {:.0} examples/s",
+            r.epoch, r.train_loss, r.examples_per_sec
+        );
+        if let Some(e) = &r.eval {
+            line.push_str(&format!(", eval loss {:.6}", e.loss));
+            if let Some(acc) = e.accuracy {
+                line.push_str(&format!(", eval accuracy {acc:.4}"));
+            }
+        }
+        println!("{line}");
+    }
+    eprintln!("checkpoint: {}", out.display());
+    Ok(())
+}
+
+fn progress_bar(len: usize, epoch: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(len as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "epoch {prefix} [{bar:30}] {pos}/{len} batches  {msg}  eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(epoch.to_string());
+    bar
+}
+
+// ----------------------------------------------------------------- bench ----
+
+fn bench(a: BenchArgs) -> Result<(), Failure> {
+    if a.steps == 0 {
+        return fail("--steps must be at least 1");
+    }
+    let started = Instant::now();
+    let model = compiler(&a.model)?.compile_file(&a.file)?;
+    show_warnings(&model);
+    let compile_ms = ms(started.elapsed());
+    let inputs = api::random_inputs(&model, a.seed);
+    let mut session = model.session_with_seed(a.seed);
+    let forward = time_steps(a.steps, || session.run(&inputs).map(|_| ()))?;
+    let train = if a.train {
+        Some(time_steps(a.steps, || session.train_step(&inputs).map(|_| ()))?)
+    } else {
+        None
+    };
+    let threads = model.exec_options().threads;
+    let peak = api::naive_bytes(model.graph());
+    if a.json {
+        let v = serde_json::json!({
+            "model": model.name(),
+            "dims": model.dims(),
+            "threads": threads,
+            "compile_ms": compile_ms,
+            "forward_ms": forward.median,
+            "train_step_ms": train.as_ref().map(|t| t.median),
+            "peak_bytes": peak,
+        });
+        println!("{v}");
+    } else {
+        println!("model {} ({}), {threads} thread(s)", model.name(), fmt_dims(model.dims()));
+        println!("compile: {compile_ms:.2} ms");
+        println!("forward: {forward}");
+        if let Some(t) = &train {
+            println!("train step: {t}");
+        }
+        println!("memory: {peak} bytes (one buffer per value)");
+    }
+    Ok(())
+}
+
+struct Timing {
+    median: f64,
+    min: f64,
+    max: f64,
+    steps: usize,
+}
+
+impl std::fmt::Display for Timing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "median {:.3} ms, min {:.3} ms, max {:.3} ms over {} steps",
+            self.median, self.min, self.max, self.steps
+        )
+    }
+}
+
+/// One warm-up step, then `steps` timed ones.
+fn time_steps(
+    steps: usize,
+    mut step: impl FnMut() -> Result<(), api::Error>,
+) -> Result<Timing, Failure> {
+    step()?;
+    let mut times = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let t = Instant::now();
+        step()?;
+        times.push(ms(t.elapsed()));
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(Timing {
+        median: times[times.len() / 2],
+        min: times[0],
+        max: times[times.len() - 1],
+        steps,
+    })
+}
