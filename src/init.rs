@@ -278,6 +278,13 @@ mod tests {
         // 1152 samples: the sample std is within ~6% of 1/6 with overwhelming probability.
         let sh = std(&values(&p["h"]));
         assert!((sh - 1.0 / 6.0).abs() < 0.1 / 6.0, "he_normal std {sh}");
+        // Plain, not truncated at 2σ as Keras' truncated variant would be:
+        // about 5% of 1152 draws (≈52) lie beyond 2σ.
+        let beyond = values(&p["h"])
+            .iter()
+            .filter(|v| v.abs() > 2.0 / 6.0)
+            .count();
+        assert!(beyond > 20, "only {beyond} draws beyond 2σ");
         let sn = std(&values(&p["n"]));
         assert!((sn - 2.0).abs() < 0.05, "normal std {sn}");
         assert_eq!(values(&p["o"]), vec![1.0; 4]);

@@ -41,12 +41,11 @@ pub enum TrainError {
         b: String,
         nb: usize,
     },
-    #[error("`{}` has no tensor `{name}`, which model `{model}` takes as input ({ty})", path.display())]
+    #[error("`{}` has no tensor `{name}`, which model `{model}` takes as input", path.display())]
     MissingInput {
         path: PathBuf,
         name: String,
         model: String,
-        ty: String,
     },
     #[error("tensor `{name}` in `{}` is a scalar; training data must have the examples along axis 0", path.display())]
     Scalar { path: PathBuf, name: String },
@@ -197,6 +196,8 @@ impl Trainer {
         if opts.batch == 0 {
             return Err(TrainError::ZeroBatch);
         }
+        // Reject contradictory flags before any file is read.
+        choose_optimizer(None, opts.optimizer, opts.lr, opts.momentum)?;
         let data = io::read_tensors(&opts.data)?;
         let rows = count_rows(&data, &opts.data)?;
         let batch = opts.batch.min(rows);
@@ -493,7 +494,6 @@ fn select_inputs(
             path: path.to_path_buf(),
             name: name.clone(),
             model: model.name().to_string(),
-            ty: ty.to_string(),
         })?;
         let per_example_ok = t.dtype() == ty.dtype
             && !ty.shape.is_empty()

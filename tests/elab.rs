@@ -395,3 +395,70 @@ fn fn_nested_names_from_its_comment() {
     assert_eq!(p["st.s.g"], vec![8]);
     assert_eq!(p["st.inner.a.weight"], vec![3, 4, 3, 3]);
 }
+
+fn elab_src(src: &str, opts: &ElabOptions) -> Elaborated {
+    let mut sources = SourceMap::default();
+    let file = sources.add("inline.dl", src);
+    let diags = check(&mut sources, file);
+    assert!(diags.is_empty(), "{}", render(&diags, &sources));
+    elaborate(&mut sources, file, opts).unwrap_or_else(|d| panic!("{}", render(&d, &sources)))
+}
+
+#[test]
+fn output_and_loss_bind_like_assignments() {
+    let e = elab_src(
+        "model m {\n    input x: f32[N=2, 4]\n    input t: f32[N, 1]\n    output y = x |> dense(3)\n    loss = mse(y |> dense(1), t)\n    train {\n        optimizer = sgd(lr=0.1)\n    }\n}\n",
+        &ElabOptions::default(),
+    );
+    let p = params(&e);
+    assert_eq!(p["y.weight"], vec![4, 3]);
+    assert_eq!(p["loss.weight"], vec![3, 1]);
+    assert_eq!(p["loss.bias"], vec![1]);
+    assert_eq!(
+        e.model.train.optimizer,
+        Some(Optimizer::Sgd {
+            lr: 0.1,
+            momentum: 0.0
+        })
+    );
+    assert_eq!(e.model.train.regularize, None);
+}
+
+/// Sugar lowers to the primitive ops of the IR as LANGUAGE.md §4/§6 says;
+/// the expected text is worked out by hand from those rules.
+#[test]
+fn sugar_lowering() {
+    let e = elab_src(
+        "model m {\n    input v: f32[4]\n    input b: f32[4, 5]\n    input s: f32[2, 7, 3]\n    input x: f32[1, 2, 6, 5]\n    param w: f32[3, 2, 4, 3]\n    output vm = v @ b\n    output c = maximum(v, 0.5)\n    output l = last(s)\n    output t = slice(s, 1, -3, 100)\n    output y = conv(x, w, pad=\"same\")\n    output m = mean(s, axis=[-1, 0])\n}\n",
+        &ElabOptions::default(),
+    );
+    let text = dlc::ir::print::print(&e.model.graph);
+    // v @ b: [4] -> [1, 4], matmul -> [1, 5], drop the added axis -> [5].
+    // last: slice step 6..7 of axis 1, then drop that axis.
+    // slice -3..100 of 7 steps: 4..7 (the end clamps).
+    // "same" with a 4x3 kernel: totals 3 and 2 -> [top 1, left 1, bottom 2, right 1].
+    expect_test::expect![[r#"
+        %0 = input "v" : f32[4]
+        %1 = input "b" : f32[4, 5]
+        %2 = input "s" : f32[2, 7, 3]
+        %3 = input "x" : f32[1, 2, 6, 5]
+        %4 = param "w" init=Zeros : f32[3, 2, 4, 3]
+        %5 = reshape [1, 4] (%0) : f32[1, 4]
+        %6 = matmul (%5, %1) : f32[1, 5]
+        %7 = reshape [5] (%6) : f32[5]
+        %8 = fill 0.5 [] : f32[]
+        %9 = maximum (%0, %8) : f32[4]
+        %10 = slice axis=1 start=6 end=7 (%2) : f32[2, 1, 3]
+        %11 = reshape [2, 3] (%10) : f32[2, 3]
+        %12 = slice axis=1 start=4 end=7 (%2) : f32[2, 3, 3]
+        %13 = conv stride=1 dilation=1 pad=[1, 1, 2, 1] (%3, %4) : f32[1, 3, 6, 5]
+        %14 = mean axes=[0, 2] keepdims=false (%2) : f32[7]
+        Output vm = %7
+        Output c = %9
+        Output l = %11
+        Output t = %12
+        Output y = %13
+        Output m = %14
+    "#]]
+    .assert_eq(&text);
+}

@@ -583,3 +583,58 @@ fn mutated_sources_never_panic() {
     }
     assert!(runs > 1000, "only {runs} variants");
 }
+
+#[test]
+fn absurd_sizes_are_errors() {
+    check_elab(
+        "model m {\n    input x: f32[N=100000, 100000, 100000]\n    output y = max_pool2d(x, 99999999)\n}\n",
+        ElabOptions::default(),
+        expect![[r#"
+            test.dl:2:11: error: input `x`: the tensor f32[100000, 100000, 100000] has more than 2^34 elements
+            test.dl:3:30: error: max_pool2d: `window` is 99999999, larger than the supported 16777216
+        "#]],
+    );
+}
+
+#[test]
+fn size_dependent_shapes_warn_under_check_when_defaults_fit() {
+    // D/4*4 == D only when 4 divides D: valid at the default D=64.
+    check(
+        "model m {\n    input x: f32[N=2, T=3, D=64]\n    a = x |> self_attention(heads=4)\n    output y = a\n}\n",
+        expect![[r#"
+            std.dl:55:22: warning: reshape: cannot reshape [N, T, D] (D*N*T elements) to [N, T, 4, D/4] (4*N*T*(D/4) elements)
+        "#]],
+    );
+    // Without defaults the same model is an error under check.
+    check(
+        "model m {\n    input x: f32[N, T, D]\n    a = x |> self_attention(heads=4)\n    output y = a\n}\n",
+        expect![[r#"
+            std.dl:55:22: error: reshape: cannot reshape [N, T, D] (D*N*T elements) to [N, T, 4, D/4] (4*N*T*(D/4) elements)
+        "#]],
+    );
+}
+
+#[test]
+fn unknown_function_in_an_unused_fn() {
+    check(
+        "fn helper(x) {\n    return x |> relux\n}\nfn used(x) {\n    return softmx(x)\n}\nmodel m {\n    input x: f32[N, 4]\n    output y = used(x)\n}\n",
+        expect![[r#"
+            test.dl:2:17: error: unknown function `relux`; did you mean `relu`?
+            test.dl:5:12: error: unknown function `softmx`; did you mean `softmax`?
+        "#]],
+    );
+}
+
+#[test]
+fn very_deep_expressions_are_an_error_not_a_crash() {
+    let src = format!(
+        "model m {{\n    input x: f32[3]\n    output y = x{}\n}}\n",
+        " + x".repeat(400)
+    );
+    check(
+        &src,
+        expect![[r#"
+            test.dl:3:16: error: expression nested more than 256 levels deep; split it into several bindings
+        "#]],
+    );
+}

@@ -3,6 +3,7 @@
 //! F64 mode), golden cases from the independent reference, and the run-time
 //! errors.
 
+#[rustfmt::skip]
 #[path = "interp_ops/golden_data.rs"]
 mod golden_data;
 
@@ -995,6 +996,26 @@ fn run_reports_bad_feeds() {
     assert_eq!(
         run_f32(&g, &f).unwrap_err().to_string(),
         "param 'w' holds 1 values but its shape [2, 2] needs 4"
+    );
+}
+
+#[test]
+fn state_leaves_are_fed_by_name() {
+    let mut g = Graph::new();
+    let m = g.add_leaf(
+        Op::State { name: "w.m".into() },
+        TensorType::f32(vec![2]),
+        None,
+    );
+    let y = g.add(Op::Unary(UnaryOp::Neg), &[m], None).unwrap();
+    g.push_output("y", OutputKind::Update, y);
+    let err = run_f32(&g, &BTreeMap::new()).unwrap_err();
+    assert_eq!(err.to_string(), "missing value for state 'w.m'");
+    let mut f = BTreeMap::new();
+    f.insert("w.m".to_string(), Tensor::f32(vec![2], vec![1.5, -2.0]));
+    assert_eq!(
+        run_f32(&g, &f).unwrap()["y"],
+        Tensor::f32(vec![2], vec![-1.5, 2.0])
     );
 }
 

@@ -396,3 +396,19 @@ fn feeds_are_validated() {
     bad.insert("x".to_string(), Tensor::i32(vec![2], vec![0; 2]));
     assert!(m.run(&bad).expect_err("dtype").to_string().contains("i32"));
 }
+
+#[test]
+fn matmul_kernel_uses_fused_multiply_add() {
+    let mut c = Case::new();
+    let mut rng = Rng(10);
+    let a = c.input("a", rand_f32(&mut rng, &[16, 16], 1.0));
+    let b = c.input("b", rand_f32(&mut rng, &[16, 16], 1.0));
+    let y = c.op(Op::MatMul, &[a, b]);
+    c.out("y", y);
+    let asm = codegen::emit_asm(&c.g).expect("disassembles");
+    if std::env::var("DLC_SHOW_ASM").is_ok() {
+        println!("{asm}");
+    }
+    assert!(asm.contains("vfmadd"), "no FMA instruction in the matmul kernel");
+    assert!(!asm.contains("fmaf"), "FMA lowered to a libcall");
+}

@@ -804,8 +804,8 @@ fn elab(path: &Path, model: Option<String>, dims: &[(&str, usize)], shapes: BTre
 }
 
 /// The graphs a model is compiled as: forward, forward with gradients, and
-/// training steps with sgd + momentum + l2 and with adam + l1.
-fn variants(m: &Model) -> Vec<(String, Graph)> {
+/// training steps with sgd + momentum + l2 and (when `adam`) adam + l1.
+fn variants(m: &Model, adam: bool) -> Vec<(String, Graph)> {
     let mut out = vec![("forward".to_string(), m.graph.clone())];
     if m.graph.output("loss").is_some() {
         out.push((
@@ -820,15 +820,18 @@ fn variants(m: &Model) -> Vec<(String, Graph)> {
             "train sgd".into(),
             dlc::autodiff::training_step(m, &sgd, Some(Regularizer::L2(1e-4))).expect("training step builds"),
         ));
-        let adam = Optimizer::Adam {
+        let opt = Optimizer::Adam {
             lr: 1e-3,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
         };
+        if !adam {
+            return out;
+        }
         out.push((
             "train adam".into(),
-            dlc::autodiff::training_step(m, &adam, Some(Regularizer::L1(1e-4))).expect("training step builds"),
+            dlc::autodiff::training_step(m, &opt, Some(Regularizer::L1(1e-4))).expect("training step builds"),
         ));
     }
     out
@@ -836,29 +839,29 @@ fn variants(m: &Model) -> Vec<(String, Graph)> {
 
 /// Optimise at O1 (results equal as values) and O2 (1e-6 relative), with the
 /// verifier after every pass and the plan checked.
-fn check_model(label: &str, m: &Model, known: &BTreeMap<String, Tensor>) {
-    for (what, g) in variants(m) {
+fn check_model(label: &str, m: &Model, known: &BTreeMap<String, Tensor>, adam: bool) {
+    for (what, g) in variants(m, adam) {
         verify(&g).unwrap_or_else(|e| panic!("{label} {what}: the input graph is invalid: {e}"));
+        let mut f = feeds(&g, 7);
+        for (k, t) in known {
+            if f.get(k).is_some_and(|x| x.shape == t.shape && x.dtype() == t.dtype()) {
+                f.insert(k.clone(), t.clone());
+            }
+        }
+        let before = run_f32(&g, &f).unwrap_or_else(|e| panic!("{label} {what}: original: {e}"));
         for (level, rtol) in [(OptLevel::O1, 0.0), (OptLevel::O2, 1e-6)] {
-            let l = lower_with(&g, level, &verify)
-                .unwrap_or_else(|e| panic!("{label} {what} {level:?}: {e}"));
-            memplan::check(&l.graph, &l.kernels, &l.plan)
-                .unwrap_or_else(|e| panic!("{label} {what} {level:?}: {e}"));
-            assert_same_with(&g, &l.graph, rtol, known, &format!("{label} {what} {level:?}"));
+            let label = format!("{label} {what} {level:?}");
+            let l = lower_with(&g, level, &verify).unwrap_or_else(|e| panic!("{label}: {e}"));
+            memplan::check(&l.graph, &l.kernels, &l.plan).unwrap_or_else(|e| panic!("{label}: {e}"));
+            let after = run_f32(&l.graph, &f).unwrap_or_else(|e| panic!("{label}: optimised: {e}"));
+            assert_close(&before, &after, rtol, &label);
         }
     }
 }
 
-fn assert_same_with(a: &Graph, b: &Graph, rtol: f32, known: &BTreeMap<String, Tensor>, label: &str) {
-    let mut f = feeds(a, 7);
-    for (k, t) in known {
-        if f.get(k).is_some_and(|x| x.shape == t.shape && x.dtype() == t.dtype()) {
-            f.insert(k.clone(), t.clone());
-        }
-    }
-    let ra = run_f32(a, &f).unwrap_or_else(|e| panic!("{label}: original: {e}"));
-    let rb = run_f32(b, &f).unwrap_or_else(|e| panic!("{label}: optimised: {e}"));
-    for (name, ta) in &ra {
+fn assert_close(ra: &BTreeMap<String, Tensor>, rb: &BTreeMap<String, Tensor>, rtol: f32, label: &str) {
+    assert_eq!(ra.keys().collect::<Vec<_>>(), rb.keys().collect::<Vec<_>>(), "{label}");
+    for (name, ta) in ra {
         let tb = &rb[name];
         assert_eq!(ta.shape, tb.shape, "{label}: output {name}");
         let (va, vb) = (values(ta), values(tb));
@@ -893,7 +896,7 @@ fn example_models_keep_their_results() {
             // small sizes keep the interpreter quick; symbols a model lacks are ignored
             let dims = [("N", 2), ("T", 5), ("M", 8), ("K", 8), ("P", 8)];
             let m = elab(&path, Some(name.clone()), &dims, BTreeMap::new());
-            check_model(&format!("{} {name}", path.display()), &m, &BTreeMap::new());
+            check_model(&format!("{} {name}", path.display()), &m, &BTreeMap::new(), false);
             n += 1;
         }
     }
@@ -930,6 +933,51 @@ fn golden_models_keep_their_results() {
             .and_then(|t| t.get("model").and_then(|m| m.as_str()).map(String::from));
         let m = elab(&case.join("model.dl"), model, &[], shapes);
         let known: BTreeMap<String, Tensor> = known.into_iter().collect();
-        check_model(&case.display().to_string(), &m, &known);
+        check_model(&case.display().to_string(), &m, &known, true);
+    }
+}
+
+/// The reference workloads' training steps (bench/workloads/README sizes,
+/// sgd with momentum 0.9, no regulariser): the planned arena is within 10%
+/// of the schedule's peak, at most half of one buffer per intermediate, and
+/// below the temp bytes XLA plans for the same step on this machine.
+#[test]
+fn workload_training_steps_fit_in_planned_memory() {
+    let cases: [(&str, &[(&str, usize)], f64); 6] = [
+        ("mlp", &[("N", 64)], 0.87e6),
+        ("lenet", &[("N", 32)], 6.3e6),
+        ("vgg", &[("N", 16)], 28.1e6),
+        ("lstm", &[("N", 16), ("T", 32)], 6.9e6),
+        ("gru", &[("N", 16), ("T", 32)], 5.4e6),
+        ("transformer", &[("N", 8), ("T", 64)], 8.9e6),
+    ];
+    let sgd = Optimizer::Sgd {
+        lr: 0.01,
+        momentum: 0.9,
+    };
+    println!(
+        "{:<12} {:>6} {:>8} {:>12} {:>12} {:>12} {:>12} {:>7}",
+        "workload", "ops", "kernels", "peak_bytes", "arena_bytes", "naive_bytes", "xla_bytes", "arena/naive"
+    );
+    for (name, dims, xla) in cases {
+        let m = elab(&root().join(format!("lang/examples/{name}.dl")), None, dims, BTreeMap::new());
+        let step = dlc::autodiff::training_step(&m, &sgd, None).unwrap();
+        let l = lower_checked(&step, OptLevel::O2);
+        let p = &l.plan;
+        println!(
+            "{:<12} {:>6} {:>8} {:>12} {:>12} {:>12} {:>12} {:>7.3}",
+            name,
+            step.op_count(),
+            l.kernels.len(),
+            p.peak_bytes,
+            p.arena_bytes,
+            p.naive_bytes,
+            xla as usize,
+            p.arena_bytes as f64 / p.naive_bytes as f64
+        );
+        assert!(p.peak_bytes <= p.arena_bytes, "{name}");
+        assert!(p.arena_bytes as f64 <= 1.10 * p.peak_bytes as f64, "{name}: arena {} vs peak {}", p.arena_bytes, p.peak_bytes);
+        assert!(p.arena_bytes * 2 <= p.naive_bytes, "{name}: arena {} vs naive {}", p.arena_bytes, p.naive_bytes);
+        assert!((p.arena_bytes as f64) < xla, "{name}: arena {} vs XLA {xla}", p.arena_bytes);
     }
 }

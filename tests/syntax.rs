@@ -282,7 +282,7 @@ fn errors_in_several_items() {
         "fn f(x: f32[N, ], k = ) {\n    return x @\n}\n\nmodel m {\n    y = f(x) |> [1]\n    output z = y $\n}\n\nmodel {\n}\n",
         expect![[r#"
             t.dl:1:23: error: expected an expression, found ')'
-            t.dl:3:1: error: expected an expression, found '}'
+            t.dl:2:15: error: expected an expression, found the end of the line
             t.dl:6:17: error: the right side of '|>' must be a function name or a call, found '[1]'
             t.dl:7:18: error: unexpected character '$'
             t.dl:10:7: error: expected a name after 'model', found '{'"#]],
@@ -563,4 +563,75 @@ fn item_keyword_inside_train_block() {
             t.dl:1:9: error: unclosed '{' — expected '}' before the next item ('model')
             t.dl:2:11: error: unclosed '{' — expected '}' before the next item ('model')"#]],
     );
+}
+
+#[test]
+fn run_of_junk_is_one_error() {
+    check(
+        "model m {\n    y = x |> relu ||> tanh ~~~ 1\n}\n",
+        expect![[r#"
+            t.dl:2:19: error: unexpected character '|'
+            t.dl:2:28: error: unexpected characters '~~~'"#]],
+    );
+}
+
+#[test]
+fn braces_may_open_on_the_next_line_and_bom_is_ignored() {
+    check_tree(
+        "\u{feff}fn f(x)\n{\n    return x\n}\nmodel m\n{\n    train\n    {\n        optimizer = adam()\n    }\n}\n",
+        expect![[r#"
+            (fn f (x)
+              (return x)
+            )
+            (model m
+              (train optimizer=(call adam))
+            )
+        "#]],
+    );
+}
+
+#[test]
+fn pipe_at_end_of_body() {
+    check(
+        "model m {\n    y = x |>\n}\n",
+        expect!["t.dl:2:13: error: expected a function name or a call after '|>', found the end of the line"],
+    );
+}
+
+#[test]
+fn param_without_eq_before_initialiser() {
+    check(
+        "model m {\n    param w: f32[3] normal(1.0)\n}\n",
+        expect!["t.dl:2:21: error: expected '=' and an initialiser (or the end of the statement) after the param type, found 'normal'"],
+    );
+}
+
+#[test]
+fn unmatched_closers() {
+    check(
+        "}\nmodel m {\n    y = x\n    ]\n}}\n",
+        expect![[r#"
+            t.dl:1:1: error: unmatched '}' — no bracket is open here
+            t.dl:4:5: error: unmatched ']' — no bracket is open here
+            t.dl:5:2: error: unmatched '}' — no bracket is open here"#]],
+    );
+}
+
+#[test]
+fn declaration_without_keyword_gets_help() {
+    let src = "model m {\n    x: f32[3]\n}\n";
+    let mut map = SourceMap::default();
+    map.add("t.dl", src);
+    let (_, diags) = parse(src, 0);
+    expect![[r#"
+        error: expected '=' after 'x' in a binding 'x = EXPR', found ':'
+          --> t.dl:2:6
+          |
+        2 |     x: f32[3]
+          |      ^
+          |
+          = help: declare an input with 'input x: TYPE' or a parameter with 'param x: TYPE'
+
+    "#]]
+    .assert_eq(&render(&diags, &map));
 }

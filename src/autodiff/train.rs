@@ -9,6 +9,8 @@ use super::emit::Emit;
 use super::{gradients, loss_of, AutodiffError};
 use crate::ir::{Graph, Op, OutputKind, ReduceOp, TensorType, UnaryOp, Value};
 use crate::model::{Model, Optimizer, Regularizer};
+use petgraph::stable_graph::NodeIndex;
+use std::collections::HashSet;
 
 /// One training step as a single graph: forward, backward of the objective
 /// (loss + regulariser over params of rank >= 2, LANGUAGE.md §8), optimizer
@@ -121,7 +123,35 @@ pub fn training_step(
     for (name, v) in updates {
         g.push_output(name, OutputKind::Update, v);
     }
+    remove_unused_ops(&mut g);
     Ok(g)
+}
+
+/// Drop ops that only fed the model's other outputs (`probs = softmax(..)`):
+/// the step does not return them. Leaves stay, so the step is fed exactly
+/// like the model.
+fn remove_unused_ops(g: &mut Graph) {
+    let mut live = HashSet::new();
+    let mut stack: Vec<NodeIndex> = g.outputs.iter().map(|o| o.value.node).collect();
+    while let Some(n) = stack.pop() {
+        if live.insert(n) {
+            stack.extend(g.inputs(n).iter().map(|v| v.node));
+        }
+    }
+    let dead: Vec<NodeIndex> = g
+        .graph
+        .node_indices()
+        .filter(|n| {
+            let fed = matches!(
+                g.node(*n).op,
+                Op::Input { .. } | Op::Param { .. } | Op::State { .. }
+            );
+            !live.contains(n) && !fed
+        })
+        .collect();
+    for n in dead {
+        g.graph.remove_node(n);
+    }
 }
 
 /// `λ·Σ_w Σ w²` (l2) or `λ·Σ_w Σ |w|` (l1) over parameters of rank >= 2.

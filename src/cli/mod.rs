@@ -124,9 +124,11 @@ pub struct TrainArgs {
     pub params: Option<PathBuf>,
     #[arg(long, value_name = "sgd|adam", value_parser = ["sgd", "adam"])]
     pub optimizer: Option<String>,
-    #[arg(long)]
+    /// Learning rate (overrides the model's `train` block).
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f32>,
-    #[arg(long)]
+    /// SGD momentum (overrides the model's `train` block).
+    #[arg(long, allow_negative_numbers = true)]
     pub momentum: Option<f32>,
     /// Checkpoint file (default: `<model>.params.safetensors`).
     #[arg(long)]

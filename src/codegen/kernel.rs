@@ -2,6 +2,7 @@
 //! more steps run in order (matmul: pack A, pack B, compute); each step is
 //! one Cranelift function over a range of independent work units.
 
+use super::conv::{Col2im, Im2col, Pool};
 use super::emit::{Kb, Loc};
 use super::matmul::Matmul;
 use super::reduce::{CrossEntropy, Reduce, Softmax};
@@ -170,6 +171,9 @@ pub enum Step {
     CrossEntropy(CrossEntropy),
     Gather(Gather),
     ScatterAdd(ScatterAdd),
+    Im2col(Im2col),
+    Col2im(Col2im),
+    Pool(Pool),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,6 +200,9 @@ impl Step {
             Step::CrossEntropy(c) => c.units(),
             Step::Gather(g) => g.count,
             Step::ScatterAdd(s) => s.width,
+            Step::Im2col(s) => s.units(),
+            Step::Col2im(s) => s.units(),
+            Step::Pool(s) => s.units(),
         }
     }
 
@@ -217,6 +224,9 @@ impl Step {
             Step::CrossEntropy(c) => c.unit_cost(),
             Step::Gather(g) => g.width,
             Step::ScatterAdd(s) => s.count,
+            Step::Im2col(s) => s.unit_cost(),
+            Step::Col2im(s) => s.unit_cost(),
+            Step::Pool(s) => s.unit_cost(),
         }
     }
 
@@ -244,6 +254,9 @@ impl Step {
             Step::CrossEntropy(c) => c.emit(kb),
             Step::Gather(g) => emit_gather(kb, g),
             Step::ScatterAdd(s) => emit_scatter_add(kb, s),
+            Step::Im2col(s) => s.emit(kb),
+            Step::Col2im(s) => s.emit(kb),
+            Step::Pool(s) => s.emit(kb),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Lowering of one IR node to kernel steps, specialised to its shapes and
 //! to where its operands live.
 
+use super::conv::{Col2im, Geom, Im2col, Pool, PoolKind};
 use super::emit::Loc;
 use super::kernel::{
     broadcast_strides, collapse, contiguous_strides, Copy, Elementwise, EwOp, Fill, Gather,
@@ -8,7 +9,7 @@ use super::kernel::{
 };
 use super::matmul::{Matmul, MmOperand};
 use super::reduce::{CrossEntropy, Reduce, Softmax};
-use crate::ir::{Op, TensorType};
+use crate::ir::{Op, Pool2d, TensorType};
 use crate::tensor::numel;
 
 /// The steps of one node and the scratch bytes they use past `scratch`.
@@ -98,52 +99,177 @@ pub fn lower(
                     .map(|x| x * mat as i64)
                     .collect()
             };
-            let mut mm = Matmul {
-                batch: batch.clone(),
-                m,
-                k,
-                n,
-                a: MmOperand {
-                    loc: ins[0].0,
-                    off: 0,
-                    batch_strides: bs(a, m * k),
-                    rs: k as i64,
-                    cs: 1,
-                },
-                b: MmOperand {
-                    loc: ins[1].0,
-                    off: 0,
-                    batch_strides: bs(b, k * n),
-                    rs: n as i64,
-                    cs: 1,
-                },
-                c: out.0,
-                c_off: 0,
-                pack_a: Loc::Arena(scratch),
-                pack_b: Loc::Arena(scratch),
+            let a_op = MmOperand {
+                loc: ins[0].0,
+                off: 0,
+                batch_strides: bs(a, m * k),
+                rs: k as i64,
+                cs: 1,
             };
-            if numel(oshape) == 0 {
-                return plain(vec![]);
-            }
-            if k == 0 {
-                return plain(vec![Step::Fill(Fill {
-                    dst: out.0,
-                    off: 0,
-                    n: numel(oshape),
-                    bits: 0,
-                })]);
-            }
-            let pa = align64(mm.pack_a_bytes());
-            mm.pack_b = Loc::Arena(scratch + pa);
-            let total = pa + align64(mm.pack_b_bytes());
+            let b_op = MmOperand {
+                loc: ins[1].0,
+                off: 0,
+                batch_strides: bs(b, k * n),
+                rs: n as i64,
+                cs: 1,
+            };
+            let (steps, bytes) = matmul_steps(batch.clone(), (m, k, n), a_op, b_op, out.0, scratch);
             Some(Lowered {
-                steps: vec![
-                    Step::Matmul(mm.clone(), MatmulPhase::PackA),
-                    Step::Matmul(mm.clone(), MatmulPhase::PackB),
-                    Step::Matmul(mm, MatmulPhase::Compute),
-                ],
-                scratch_bytes: total,
+                steps,
+                scratch_bytes: bytes,
             })
+        }
+        Op::Conv(c) => {
+            let (x, w) = (&ins[0].1.shape, &ins[1].1.shape);
+            let (nb, ch, o) = (x[0], x[1], w[0]);
+            let g = Geom::conv(x[2], x[3], w[2], w[3], oshape[2], oshape[3], c);
+            let (ckk, p) = (ch * g.kh * g.kw, g.oh * g.ow);
+            let cols = align64(nb * ckk * p * 4);
+            let im = Step::Im2col(Im2col {
+                x: ins[0].0,
+                cols: Loc::Arena(scratch),
+                n: nb,
+                c: ch,
+                g,
+                sn: ckk * p,
+                sr: p,
+            });
+            let a_op = MmOperand {
+                loc: ins[1].0,
+                off: 0,
+                batch_strides: vec![0],
+                rs: ckk as i64,
+                cs: 1,
+            };
+            let b_op = MmOperand {
+                loc: Loc::Arena(scratch),
+                off: 0,
+                batch_strides: vec![(ckk * p) as i64],
+                rs: p as i64,
+                cs: 1,
+            };
+            let (mut steps, bytes) = matmul_steps(vec![nb], (o, ckk, p), a_op, b_op, out.0, scratch + cols);
+            steps.insert(0, im);
+            Some(Lowered {
+                steps,
+                scratch_bytes: cols + bytes,
+            })
+        }
+        Op::ConvGradInput { conv, .. } => {
+            let (dy, w) = (&ins[0].1.shape, &ins[1].1.shape);
+            let (nb, o, ch) = (dy[0], w[0], w[1]);
+            let g = Geom::conv(oshape[2], oshape[3], w[2], w[3], dy[2], dy[3], conv);
+            let (ckk, p) = (ch * g.kh * g.kw, g.oh * g.ow);
+            let cols = align64(nb * ckk * p * 4);
+            // cols[n] = wᵀ [ckk, o] @ dy[n] [o, p], then scattered back.
+            let a_op = MmOperand {
+                loc: ins[1].0,
+                off: 0,
+                batch_strides: vec![0],
+                rs: 1,
+                cs: ckk as i64,
+            };
+            let b_op = MmOperand {
+                loc: ins[0].0,
+                off: 0,
+                batch_strides: vec![(o * p) as i64],
+                rs: p as i64,
+                cs: 1,
+            };
+            let (mut steps, bytes) =
+                matmul_steps(vec![nb], (ckk, o, p), a_op, b_op, Loc::Arena(scratch), scratch + cols);
+            steps.push(Step::Col2im(Col2im {
+                cols: Loc::Arena(scratch),
+                dx: out.0,
+                n: nb,
+                c: ch,
+                g,
+            }));
+            Some(Lowered {
+                steps,
+                scratch_bytes: cols + bytes,
+            })
+        }
+        Op::ConvGradFilter { conv, .. } => {
+            let (x, dy) = (&ins[0].1.shape, &ins[1].1.shape);
+            let (nb, ch, o) = (x[0], x[1], dy[1]);
+            let g = Geom::conv(x[2], x[3], oshape[2], oshape[3], dy[2], dy[3], conv);
+            let (ckk, p) = (ch * g.kh * g.kw, g.oh * g.ow);
+            // dw [o, ckk] = dyᵀ-by-sample [o, (n, p)] @ cols [(n, p), ckk]:
+            // im2col writes [ckk, (n, p)] and dy is regrouped to [o, n, p].
+            let cols = align64(ckk * nb * p * 4);
+            let dyt = align64(o * nb * p * 4);
+            let im = Step::Im2col(Im2col {
+                x: ins[0].0,
+                cols: Loc::Arena(scratch),
+                n: nb,
+                c: ch,
+                g,
+                sn: p,
+                sr: nb * p,
+            });
+            let regroup = copy(
+                &[o, nb, p],
+                ins[1].0,
+                0,
+                vec![p as i64, (o * p) as i64, 1],
+                Loc::Arena(scratch + cols),
+                0,
+                contiguous_strides(&[o, nb, p]),
+            );
+            let a_op = MmOperand {
+                loc: Loc::Arena(scratch + cols),
+                off: 0,
+                batch_strides: vec![],
+                rs: (nb * p) as i64,
+                cs: 1,
+            };
+            let b_op = MmOperand {
+                loc: Loc::Arena(scratch),
+                off: 0,
+                batch_strides: vec![],
+                rs: 1,
+                cs: (nb * p) as i64,
+            };
+            let (mut steps, bytes) =
+                matmul_steps(vec![], (o, nb * p, ckk), a_op, b_op, out.0, scratch + cols + dyt);
+            steps.insert(0, regroup);
+            steps.insert(0, im);
+            Some(Lowered {
+                steps,
+                scratch_bytes: cols + dyt + bytes,
+            })
+        }
+        Op::MaxPool(p) | Op::AvgPool(p) | Op::MaxPoolGrad(p) => {
+            let x = &ins[0].1.shape;
+            let kind = match op {
+                Op::MaxPool(_) => PoolKind::Max,
+                Op::AvgPool(_) => PoolKind::Avg,
+                _ => PoolKind::MaxGrad,
+            };
+            let (oh, ow) = match kind {
+                PoolKind::MaxGrad => (ins[1].1.shape[2], ins[1].1.shape[3]),
+                _ => (oshape[2], oshape[3]),
+            };
+            plain(vec![Step::Pool(Pool {
+                kind,
+                x: ins[0].0,
+                dy: ins.get(1).map(|i| i.0).unwrap_or(ins[0].0),
+                out: out.0,
+                planes: x[0] * x[1],
+                g: pool_geom(x[2], x[3], oh, ow, p),
+            })])
+        }
+        Op::AvgPoolGrad { pool, .. } => {
+            let dy = &ins[0].1.shape;
+            plain(vec![Step::Pool(Pool {
+                kind: PoolKind::AvgGrad,
+                x: ins[0].0,
+                dy: ins[0].0,
+                out: out.0,
+                planes: dy[0] * dy[1],
+                g: pool_geom(oshape[2], oshape[3], dy[2], dy[3], pool),
+            })])
         }
         Op::Transpose { perm } => {
             let cs = contiguous_strides(&ins[0].1.shape);
@@ -226,6 +352,67 @@ pub fn lower(
         }
         _ => None,
     }
+}
+
+fn pool_geom(h: usize, w: usize, oh: usize, ow: usize, p: &Pool2d) -> Geom {
+    Geom {
+        h,
+        w,
+        kh: p.window,
+        kw: p.window,
+        oh,
+        ow,
+        stride: p.stride,
+        dilation: 1,
+        pad_top: p.pad,
+        pad_left: p.pad,
+    }
+}
+
+/// Pack A, pack B, compute; packed panels at `scratch`. Returns the steps
+/// and the scratch bytes used.
+fn matmul_steps(
+    batch: Vec<usize>,
+    (m, k, n): (usize, usize, usize),
+    a: MmOperand,
+    b: MmOperand,
+    c: Loc,
+    scratch: usize,
+) -> (Vec<Step>, usize) {
+    let count: usize = batch.iter().product::<usize>() * m * n;
+    if count == 0 {
+        return (vec![], 0);
+    }
+    if k == 0 {
+        let fill = Step::Fill(Fill {
+            dst: c,
+            off: 0,
+            n: count,
+            bits: 0,
+        });
+        return (vec![fill], 0);
+    }
+    let mut mm = Matmul {
+        batch,
+        m,
+        k,
+        n,
+        a,
+        b,
+        c,
+        c_off: 0,
+        pack_a: Loc::Arena(scratch),
+        pack_b: Loc::Arena(scratch),
+    };
+    let pa = align64(mm.pack_a_bytes());
+    mm.pack_b = Loc::Arena(scratch + pa);
+    let total = pa + align64(mm.pack_b_bytes());
+    let steps = vec![
+        Step::Matmul(mm.clone(), MatmulPhase::PackA),
+        Step::Matmul(mm.clone(), MatmulPhase::PackB),
+        Step::Matmul(mm, MatmulPhase::Compute),
+    ];
+    (steps, total)
 }
 
 fn elementwise(op: EwOp, ins: &[(Loc, &TensorType)], out: &(Loc, &TensorType)) -> Step {

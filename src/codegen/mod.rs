@@ -14,6 +14,7 @@
 //! Today one kernel is one non-leaf node, in [`Graph::topo_order`]; fusion
 //! will hand over groups through the same [`compile_with_plan`] seam.
 
+pub mod conv;
 pub mod emit;
 pub mod kernel;
 pub mod lower;
@@ -365,4 +366,38 @@ pub fn emit_clif(g: &Graph) -> String {
         }
     }
     out
+}
+
+/// The machine code of every kernel function, disassembled by Cranelift,
+/// for `--emit asm`.
+pub fn emit_asm(g: &Graph) -> Result<String, CodegenError> {
+    let p = prepare(g, None)?;
+    let isa = host_isa()?;
+    let config = isa.frontend_config();
+    let mut ctx = cranelift_codegen::Context::new();
+    ctx.set_disasm(true);
+    let mut out = String::new();
+    let mut index = 0u32;
+    for (n, k) in &p.kernels {
+        let op = &g.node(*n).op;
+        match k {
+            Planned::Host => out.push_str(&format!("; %{} {op}: interpreted\n\n", n.index())),
+            Planned::Jit(steps) => {
+                for (si, step) in steps.iter().enumerate() {
+                    ctx.clear();
+                    ctx.set_disasm(true);
+                    ctx.func = build_step(config, index, step);
+                    let mut ctrl = cranelift_codegen::control::ControlPlane::default();
+                    let code = ctx
+                        .compile(&*isa, &mut ctrl)
+                        .map_err(|e| cranelift_err(*n, op, format!("{:?}", e.inner)))?;
+                    out.push_str(&format!("; %{} {op}, step {si}\n", n.index()));
+                    out.push_str(code.vcode.as_deref().unwrap_or(""));
+                    out.push('\n');
+                    index += 1;
+                }
+            }
+        }
+    }
+    Ok(out)
 }

@@ -240,7 +240,15 @@ impl fmt::Display for DimExpr {
             } else {
                 f.write_str(if c < 0 { " - " } else { " + " })?;
             }
-            let factors: Vec<String> = m.0.iter().map(|a| a.to_string()).collect();
+            // `4*(D/4)`, not `4*D/4`, which would read as `(4*D)/4`.
+            let alone = mag == 1 && m.0.len() == 1;
+            let factors: Vec<String> =
+                m.0.iter()
+                    .map(|a| match a {
+                        Atom::FloorDiv(..) if !alone => format!("({a})"),
+                        _ => a.to_string(),
+                    })
+                    .collect();
             match (mag, factors.is_empty()) {
                 (_, true) => write!(f, "{mag}")?,
                 (1, false) => f.write_str(&factors.join("*"))?,
@@ -306,6 +314,7 @@ mod tests {
         assert_eq!(nd.div_floor(&s("D")), s("N"));
         let opaque = s("N").div_floor(&s("D"));
         assert_eq!(opaque.to_string(), "N/D");
+        assert_eq!(opaque.mul(&c(4)).mul(&s("T")).to_string(), "4*T*(N/D)");
         assert_ne!(opaque.mul(&s("D")), s("N"));
     }
 

@@ -22,6 +22,11 @@ use std::collections::{BTreeMap, HashMap};
 /// caught directly, this only bounds pathological chains.
 const MAX_DEPTH: usize = 64;
 
+/// Expression nesting beyond this (a 300-term sum is a left-leaning tree
+/// 300 deep) is reported instead of risking the stack; the parser already
+/// caps bracket nesting lower.
+const MAX_EXPR_DEPTH: usize = 256;
+
 /// Names visible in one model or one fn expansion.
 pub(crate) struct Scope<D> {
     names: HashMap<String, (Val<D>, Span)>,
@@ -83,6 +88,10 @@ pub(crate) struct Elab<'a, D: ElabDim> {
     pub model_dims: BTreeMap<String, usize>,
     params: HashMap<String, Span>,
     stack: Vec<Frame>,
+    /// Current nesting of expression evaluation (see [`MAX_EXPR_DEPTH`]).
+    depth: usize,
+    /// Set once the depth error of the current outermost expression is out.
+    too_deep: bool,
     pub train: TrainConfig,
     input_shapes: &'a BTreeMap<String, Vec<usize>>,
     outputs: HashMap<String, Span>,
@@ -112,6 +121,8 @@ impl<'a, D: ElabDim> Elab<'a, D> {
             model_dims: BTreeMap::new(),
             params: HashMap::new(),
             stack: Vec::new(),
+            depth: 0,
+            too_deep: false,
             train: TrainConfig::default(),
             input_shapes,
             outputs: HashMap::new(),
@@ -669,6 +680,26 @@ impl<'a, D: ElabDim> Elab<'a, D> {
     // ---------------------------------------------------------- expressions
 
     pub(crate) fn expr(&mut self, sc: &Scope<D>, e: &Expr, ctx: &mut Ctx) -> Val<D> {
+        if self.depth >= MAX_EXPR_DEPTH {
+            if !self.too_deep {
+                self.too_deep = true;
+                self.error(
+                    e.span,
+                    format!("expression nested more than {MAX_EXPR_DEPTH} levels deep; split it into several bindings"),
+                );
+            }
+            return Val::Poison;
+        }
+        self.depth += 1;
+        let v = self.expr_inner(sc, e, ctx);
+        self.depth -= 1;
+        if self.depth == 0 {
+            self.too_deep = false;
+        }
+        v
+    }
+
+    fn expr_inner(&mut self, sc: &Scope<D>, e: &Expr, ctx: &mut Ctx) -> Val<D> {
         match &e.kind {
             ExprKind::Number { value, is_int } => {
                 if *is_int && value.fract() == 0.0 && value.abs() < 9.0e15 {
@@ -953,14 +984,8 @@ impl<'a, D: ElabDim> Elab<'a, D> {
             for a in args {
                 self.expr(sc, &a.value, ctx);
             }
-            let names = self.items.callable_names(sc.in_std);
-            let hint = closest(&callee.name, names)
-                .map(|c| format!("; did you mean `{c}`?"))
-                .unwrap_or_default();
-            self.error(
-                callee.span,
-                format!("unknown function `{}`{hint}", callee.name),
-            );
+            let msg = self.items.unknown_fn_message(&callee.name, sc.in_std);
+            self.error(callee.span, msg);
             return Val::Poison;
         };
         let (fname, sig): (String, Vec<(String, bool)>) = match target {

@@ -3,7 +3,7 @@
 
 use super::prims::Prim;
 use crate::diag::Diagnostic;
-use crate::syntax::ast::{Expr, ExprKind, File, FnDef, Item, ModelDef, Stmt, StmtKind};
+use crate::syntax::ast::{Expr, ExprKind, File, FnDef, Ident, Item, ModelDef, Stmt, StmtKind};
 use std::collections::{HashMap, HashSet};
 
 /// What a call's callee resolves to.
@@ -109,6 +109,45 @@ impl<'a> Items<'a> {
         v
     }
 
+    pub fn unknown_fn_message(&self, name: &str, from_std: bool) -> String {
+        let hint = closest(name, self.callable_names(from_std))
+            .map(|c| format!("; did you mean `{c}`?"))
+            .unwrap_or_default();
+        format!("unknown function `{name}`{hint}")
+    }
+
+    /// Calls to unknown functions anywhere in user fns, including fns no
+    /// model calls (which expansion alone would never look at).
+    pub fn unknown_calls(&self, diags: &mut Vec<Diagnostic>) {
+        let mut fns: Vec<&FnDef> = self.user.values().copied().collect();
+        fns.sort_by_key(|f| f.span.start);
+        for f in fns {
+            let mut calls = Vec::new();
+            for p in &f.params {
+                if let Some(d) = &p.default {
+                    called_idents(d, &mut calls);
+                }
+            }
+            for st in &f.body {
+                match &st.kind {
+                    StmtKind::Let { value, .. }
+                    | StmtKind::Loss { value, .. }
+                    | StmtKind::Return(value) => called_idents(value, &mut calls),
+                    StmtKind::Output { value: Some(v), .. } => called_idents(v, &mut calls),
+                    _ => {}
+                }
+            }
+            for c in calls {
+                if self.resolve(&c.name, false).is_none() {
+                    diags.push(Diagnostic::error(
+                        c.span,
+                        self.unknown_fn_message(&c.name, false),
+                    ));
+                }
+            }
+        }
+    }
+
     pub fn creates_params(&self, f: &FnDef, in_std: bool) -> bool {
         self.creates.contains(&(f.name.name.as_str(), in_std))
     }
@@ -177,6 +216,24 @@ fn stmt_calls<'a>(st: &'a Stmt, out: &mut Vec<&'a str>) {
             called_names(value, out)
         }
         StmtKind::Output { value: Some(v), .. } => called_names(v, out),
+        _ => {}
+    }
+}
+
+fn called_idents<'a>(e: &'a Expr, out: &mut Vec<&'a Ident>) {
+    match &e.kind {
+        ExprKind::Call { callee, args } => {
+            out.push(callee);
+            for a in args {
+                called_idents(&a.value, out);
+            }
+        }
+        ExprKind::Binary { lhs, rhs, .. } => {
+            called_idents(lhs, out);
+            called_idents(rhs, out);
+        }
+        ExprKind::Neg(x) => called_idents(x, out),
+        ExprKind::List(xs) => xs.iter().for_each(|x| called_idents(x, out)),
         _ => {}
     }
 }

@@ -51,15 +51,54 @@ pub fn check(sources: &mut SourceMap, file: u32) -> Vec<Diagnostic> {
         return vec![missing_file(file)];
     };
     let items = Items::new(&user, &std, &mut diags);
+    items.unknown_calls(&mut diags);
     let no_shapes = BTreeMap::new();
     for m in items.models.clone() {
         let mut el: Elab<'_, DimExpr> = Elab::new(&items, Symbols::default(), &no_shapes);
-        // Defaults are validated but not used: checking is over symbols.
-        collect_defaults(m, &mut el.diags);
+        let defaults = collect_defaults(m, &mut el.diags);
         el.model(m);
-        diags.append(&mut el.diags);
+        let mut found = el.diags;
+        if found.iter().any(Diagnostic::is_error) {
+            demote_size_dependent(&items, m, defaults, &mut found);
+        }
+        diags.append(&mut found);
     }
     finish(diags)
+}
+
+/// A model whose shapes fail over symbols but line up at its default sizes
+/// (say `reshape(x, [N, T, heads, D / heads])` with `D=64`) is valid for
+/// some sizes only: `dlc compile` accepts it, so `dlc check` warns instead
+/// of failing. Any error that does not depend on sizes shows up in the
+/// concrete pass too, and then nothing is demoted.
+fn demote_size_dependent(
+    items: &Items<'_>,
+    m: &ModelDef,
+    defaults: BTreeMap<String, (usize, Span)>,
+    found: &mut [Diagnostic],
+) {
+    let at = defaults
+        .iter()
+        .map(|(k, (v, _))| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let no_shapes = BTreeMap::new();
+    let syms = Symbols {
+        defaults,
+        ..Symbols::default()
+    };
+    let mut el: Elab<'_, usize> = Elab::new(items, syms, &no_shapes);
+    el.model(m);
+    check_sizes(&el.graph, &mut el.diags);
+    if el.diags.iter().any(Diagnostic::is_error) {
+        return;
+    }
+    for d in found.iter_mut().filter(|d| d.is_error()) {
+        d.severity = crate::diag::Severity::Warning;
+        d.help = Some(format!(
+            "this holds at the default sizes ({at}) but not for every size"
+        ));
+    }
 }
 
 /// Parse + elaborate one model with all symbols bound to sizes → concrete
@@ -117,6 +156,7 @@ pub fn elaborate(
     let mut el: Elab<'_, usize> = Elab::new(&items, syms, &opts.input_shapes);
     el.model(m);
     diags.append(&mut el.diags);
+    check_sizes(&el.graph, &mut diags);
     let diags = finish(diags);
     if diags.iter().any(Diagnostic::is_error) {
         return Err(diags);
@@ -146,6 +186,36 @@ pub fn model_names(sources: &SourceMap, file: u32) -> Vec<String> {
             Item::Fn(_) => None,
         })
         .collect()
+}
+
+/// Tensors beyond this many elements (64 GiB of f32) cannot be meant, and
+/// later stages compute byte sizes and offsets from these counts.
+const MAX_ELEMENTS: usize = 1 << 34;
+
+/// Reject any tensor too large to plan, at the op that makes it.
+fn check_sizes(g: &crate::ir::Graph, diags: &mut Vec<Diagnostic>) {
+    for n in g.graph.node_indices() {
+        let node = g.node(n);
+        for t in &node.outputs {
+            let count = t
+                .shape
+                .iter()
+                .try_fold(1usize, |acc, d| acc.checked_mul(*d));
+            if count.is_none_or(|c| c > MAX_ELEMENTS) {
+                let span = node.span.unwrap_or_default();
+                let what = match &node.op {
+                    crate::ir::Op::Input { name } => format!("input `{name}`"),
+                    crate::ir::Op::Param { name, .. } => format!("parameter `{name}`"),
+                    op => op.name().to_string(),
+                };
+                diags.push(Diagnostic::error(
+                    span,
+                    format!("{what}: the tensor {t} has more than 2^34 elements"),
+                ));
+                return;
+            }
+        }
+    }
 }
 
 fn missing_file(file: u32) -> Diagnostic {

@@ -36,6 +36,10 @@ pub(crate) enum Prim {
     Mse,
 }
 
+/// Strides, windows, paddings and dilations above this are certainly
+/// mistakes, and keeping them small keeps size arithmetic far from overflow.
+const MAX_ATTR: i64 = 1 << 24;
+
 type Sig = &'static [(&'static str, bool)];
 
 impl Prim {
@@ -225,6 +229,18 @@ impl<D: ElabDim> Elab<'_, D> {
                 s,
                 format!(
                     "{}: `{}` must be at least {min}, got {n}",
+                    p.name(),
+                    p.signature()[i].0
+                ),
+            );
+            return None;
+        }
+        if n > MAX_ATTR {
+            let s = args[i].as_ref().map_or(Span::default(), |a| a.1);
+            self.error(
+                s,
+                format!(
+                    "{}: `{}` is {n}, larger than the supported {MAX_ATTR}",
                     p.name(),
                     p.signature()[i].0
                 ),
@@ -561,8 +577,8 @@ impl<D: ElabDim> Elab<'_, D> {
                             };
                             // Total padding d(K-1); an odd total puts the extra
                             // row/column at the bottom/right.
-                            let th = dilation * kh.saturating_sub(1);
-                            let tw = dilation * kw.saturating_sub(1);
+                            let th = dilation.saturating_mul(kh.saturating_sub(1));
+                            let tw = dilation.saturating_mul(kw.saturating_sub(1));
                             [th / 2, tw / 2, th - th / 2, tw - tw / 2]
                         }
                     }

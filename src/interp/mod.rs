@@ -496,12 +496,20 @@ fn ravel(idx: &[usize], shape: &[usize]) -> usize {
 /// The flat position in an operand of shape `in_shape` that NumPy
 /// broadcasting reads for the output multi-index `out_idx` (shapes aligned
 /// on the right; size-1 dims always read index 0).
+/// Callers have shape-checked that the operand broadcasts to the output, so
+/// its rank is at most the output's.
 fn broadcast_source(out_idx: &[usize], in_shape: &[usize]) -> usize {
-    let skip = out_idx.len() - in_shape.len();
+    let skip = out_idx.len().saturating_sub(in_shape.len());
     let idx: Vec<usize> = in_shape
         .iter()
         .enumerate()
-        .map(|(d, &n)| if n == 1 { 0 } else { out_idx[skip + d] })
+        .map(|(d, &n)| {
+            if n == 1 {
+                0
+            } else {
+                out_idx.get(skip + d).copied().unwrap_or(0)
+            }
+        })
         .collect();
     ravel(&idx, in_shape)
 }

@@ -10,7 +10,7 @@ use crate::diag::Diagnostic;
 use crate::ir::Span;
 
 #[derive(Logos, Clone, Copy, Debug, PartialEq, Eq)]
-#[logos(skip r"[ \t\r\f]+")]
+#[logos(skip r"[ \t\r\f\u{feff}]+")]
 #[logos(skip r"#[^\n]*")]
 pub enum Tok {
     #[token("\n")]
@@ -196,8 +196,7 @@ fn clamp_u32(x: usize) -> u32 {
 /// tokens are kept in the stream (the parser reports them in context) and
 /// also described in the returned diagnostics.
 pub fn lex(src: &str, file: u32) -> (Vec<Token>, Vec<Diagnostic>) {
-    let mut toks = Vec::new();
-    let mut diags = Vec::new();
+    let mut toks: Vec<Token> = Vec::new();
     let mut lexer = Tok::lexer(src);
     while let Some(res) = lexer.next() {
         let r = lexer.span();
@@ -206,39 +205,42 @@ pub fn lex(src: &str, file: u32) -> (Vec<Token>, Vec<Diagnostic>) {
             start: clamp_u32(r.start),
             end: clamp_u32(r.end),
         };
-        let text = lexer.slice();
         let kind = res.unwrap_or(Tok::Unknown);
-        match kind {
-            Tok::Unknown => {
-                let shown = text
-                    .chars()
-                    .next()
-                    .map_or(String::new(), |c| c.escape_debug().to_string());
-                let mut d = Diagnostic::error(span, format!("unexpected character '{shown}'"));
-                if shown == "." {
-                    d = d.with_help(
-                        "'...' (three dots) is the only token with a point outside numbers",
-                    );
-                }
-                diags.push(d);
+        // A run of junk (`$$$`, pasted binary) is one problem, not one per
+        // byte.
+        if let Some(last) = toks.last_mut() {
+            if kind == Tok::Unknown && last.kind == Tok::Unknown && last.span.end == span.start {
+                last.span.end = span.end;
+                continue;
             }
+        }
+        toks.push(Token { kind, span });
+    }
+    let text = |t: &Token| {
+        src.get(t.span.start as usize..t.span.end as usize)
+            .unwrap_or("")
+    };
+    let mut diags = Vec::new();
+    for t in &toks {
+        match t.kind {
+            Tok::Unknown => diags.push(unknown_diag(t.span, text(t))),
             Tok::BadNumber => {
+                let text = text(t);
                 let help = if text.starts_with('.') {
                     format!("write a digit before the point: 0{text}")
                 } else {
                     "numbers look like 12, 0.5, 3. or 1e-4".to_string()
                 };
                 diags.push(
-                    Diagnostic::error(span, format!("malformed number '{text}'")).with_help(help),
+                    Diagnostic::error(t.span, format!("malformed number '{text}'")).with_help(help),
                 );
             }
             Tok::UnterminatedStr => diags.push(Diagnostic::error(
-                span,
+                t.span,
                 "unterminated string — expected a closing '\"' before the end of the line",
             )),
             _ => {}
         }
-        toks.push(Token { kind, span });
     }
     let end = clamp_u32(src.len());
     toks.push(Token {
@@ -250,6 +252,22 @@ pub fn lex(src: &str, file: u32) -> (Vec<Token>, Vec<Diagnostic>) {
         },
     });
     (toks, diags)
+}
+
+fn unknown_diag(span: Span, text: &str) -> Diagnostic {
+    let shown: String = text.chars().take(20).flat_map(char::escape_debug).collect();
+    let more = if text.chars().count() > 20 { "…" } else { "" };
+    let mut d = if text.chars().count() == 1 {
+        Diagnostic::error(span, format!("unexpected character '{shown}'"))
+    } else {
+        Diagnostic::error(span, format!("unexpected characters '{shown}{more}'"))
+    };
+    if text.starts_with('.') {
+        d = d.with_help("'...' (three dots) is the only token with a point outside numbers");
+    } else if text.starts_with('|') {
+        d = d.with_help("the pipe operator is written '|>'");
+    }
+    d
 }
 
 #[cfg(test)]
@@ -293,5 +311,9 @@ mod tests {
         assert_eq!(toks[2].kind, Tok::UnterminatedStr);
         assert_eq!(diags.len(), 2);
         assert_eq!(diags[0].message, "unexpected character '$'");
+        let (toks, diags) = lex("a $%! b", 0);
+        assert_eq!(toks.len(), 4);
+        assert_eq!(diags.len(), 1);
+        assert_eq!(diags[0].message, "unexpected characters '$%!'");
     }
 }

@@ -67,7 +67,14 @@ fn starts_stmt(t: Tok) -> bool {
 }
 
 impl<'s> Parser<'s> {
-    pub(crate) fn new(src: &'s str, file: u32, toks: Vec<Token>) -> Self {
+    pub(crate) fn new(src: &'s str, file: u32, mut toks: Vec<Token>) -> Self {
+        if toks.last().is_none_or(|t| t.kind != Tok::Eof) {
+            let end = u32::try_from(src.len()).unwrap_or(u32::MAX);
+            toks.push(Token {
+                kind: Tok::Eof,
+                span: sp(file, end, end),
+            });
+        }
         Parser {
             src,
             file,
@@ -137,6 +144,20 @@ impl<'s> Parser<'s> {
     fn skip_newlines(&mut self) {
         while self.raw(self.pos).kind == Tok::Newline {
             self.pos += 1;
+        }
+    }
+
+    /// After a token that carries the statement onto the next line (an
+    /// operator, `=`, `|>`): skips the line break, unless what follows
+    /// cannot continue anything (`}` or the end of the file); then the error
+    /// points at the end of this line, where the text is missing.
+    fn continue_line(&mut self) {
+        let mut j = self.pos;
+        while self.raw(j).kind == Tok::Newline {
+            j += 1;
+        }
+        if !matches!(self.raw(j).kind, Tok::RBrace | Tok::Eof) {
+            self.pos = j;
         }
     }
 
@@ -311,6 +332,14 @@ impl<'s> Parser<'s> {
                         items.push(Item::Fn(f));
                     }
                 }
+                Tok::RBrace | Tok::RParen | Tok::RBracket => {
+                    self.diags.push(Diagnostic::error(
+                        t.span,
+                        format!("unmatched {} — no bracket is open here", t.kind.describe()),
+                    ));
+                    self.pos += 1;
+                    self.recover_item();
+                }
                 _ => {
                     let mut d = Diagnostic::error(
                         t.span,
@@ -345,6 +374,7 @@ impl<'s> Parser<'s> {
         let kw = self.bump();
         let header = (|| -> PResult<(Ident, Token)> {
             let name = self.expect_name("after 'model'")?;
+            self.skip_newlines();
             let t = self.peek_tok();
             if t.kind != Tok::LBrace {
                 return Err(self.unexpected(t, "expected '{' after the model name"));
@@ -386,6 +416,9 @@ impl<'s> Parser<'s> {
                     _ => self.pos += 1,
                 }
             }
+        }
+        if header_ok {
+            self.skip_newlines();
         }
         let t = self.peek_tok();
         if t.kind != Tok::LBrace {
@@ -593,7 +626,7 @@ impl<'s> Parser<'s> {
         let t = self.peek_tok();
         if t.kind == Tok::Eq {
             self.bump();
-            self.skip_newlines();
+            self.continue_line();
             Ok(())
         } else {
             Err(self.unexpected(t, message))
@@ -627,9 +660,16 @@ impl<'s> Parser<'s> {
                 self.bump();
                 let ty = self.parse_tensor_type()?;
                 let init = if self.eat(Tok::Eq).is_some() {
-                    self.skip_newlines();
+                    self.continue_line();
                     Some(self.value_expr())
                 } else {
+                    let t = self.peek_tok();
+                    if !matches!(t.kind, Tok::Newline | Tok::Semi | Tok::RBrace | Tok::Eof) {
+                        return Err(self.unexpected(
+                            t,
+                            "expected '=' and an initialiser (or the end of the statement) after the param type",
+                        ));
+                    }
                     None
                 };
                 StmtKind::Param { name, ty, init }
@@ -638,7 +678,7 @@ impl<'s> Parser<'s> {
                 self.bump();
                 let name = self.expect_name("after 'output'")?;
                 let value = if self.eat(Tok::Eq).is_some() {
-                    self.skip_newlines();
+                    self.continue_line();
                     Some(self.value_expr())
                 } else {
                     None
@@ -681,6 +721,19 @@ impl<'s> Parser<'s> {
                     name: self.text(t.span).to_string(),
                     span: t.span,
                 };
+                if self.peek() == Tok::Colon {
+                    let c = self.peek_tok();
+                    return Err(self.error(
+                        Diagnostic::error(
+                            c.span,
+                            format!("expected '=' after '{0}' in a binding '{0} = EXPR', found ':'", name.name),
+                        )
+                        .with_help(format!(
+                            "declare an input with 'input {0}: TYPE' or a parameter with 'param {0}: TYPE'",
+                            name.name
+                        )),
+                    ));
+                }
                 self.expect_eq(&format!(
                     "expected '=' after '{0}' in a binding '{0} = EXPR'",
                     name.name
@@ -700,6 +753,12 @@ impl<'s> Parser<'s> {
                 return Err(self.error(Diagnostic::error(
                     t.span,
                     format!("{} is a keyword and cannot be used as a name", k.describe()),
+                )))
+            }
+            Tok::RParen | Tok::RBracket => {
+                return Err(self.error(Diagnostic::error(
+                    t.span,
+                    format!("unmatched {} — no bracket is open here", t.kind.describe()),
                 )))
             }
             _ => {
@@ -737,6 +796,7 @@ impl<'s> Parser<'s> {
     }
 
     fn parse_train_entries(&mut self) -> PResult<Vec<(Ident, Expr)>> {
+        self.skip_newlines();
         let t = self.peek_tok();
         if t.kind != Tok::LBrace {
             return Err(self.unexpected(t, "expected '{' after 'train'"));
@@ -897,7 +957,11 @@ impl<'s> Parser<'s> {
                 self.pos = j;
             }
             self.bump();
-            self.skip_newlines();
+            self.continue_line();
+            let t = self.peek_tok();
+            if self.open.is_empty() && !starts_expr(t.kind) {
+                return Err(self.unexpected(t, "expected a function name or a call after '|>'"));
+            }
             let rhs = self.parse_additive()?;
             let span = sp(self.file, lhs.span.start, rhs.span.end);
             lhs = match rhs.kind {
@@ -976,7 +1040,7 @@ impl<'s> Parser<'s> {
                 _ => return Ok(lhs),
             };
             self.bump();
-            self.skip_newlines();
+            self.continue_line();
             let rhs = self.parse_mul()?;
             lhs = self.binary(lhs, op, rhs);
         }
@@ -992,7 +1056,7 @@ impl<'s> Parser<'s> {
                 _ => return Ok(lhs),
             };
             self.bump();
-            self.skip_newlines();
+            self.continue_line();
             let rhs = self.parse_unary()?;
             lhs = self.binary(lhs, op, rhs);
         }
@@ -1158,7 +1222,7 @@ impl<'s> Parser<'s> {
             let name = if t.kind == Tok::Ident && self.peek2() == Tok::Eq {
                 self.bump();
                 self.bump();
-                self.skip_newlines();
+                self.continue_line();
                 Some(Ident {
                     name: self.text(t.span).to_string(),
                     span: t.span,
