@@ -112,10 +112,7 @@ pub enum Error {
     #[error("model `{model}` has no parameter named `{name}`")]
     UnknownParam { model: String, name: String },
     #[error("running model `{model}` failed: {source}")]
-    Run {
-        model: String,
-        source: InterpError,
-    },
+    Run { model: String, source: InterpError },
     #[error("cannot differentiate model `{model}`: {source}")]
     Autodiff {
         model: String,
@@ -401,7 +398,10 @@ impl CompiledModel {
     }
 
     pub fn has_loss(&self) -> bool {
-        self.graph().outputs.iter().any(|o| o.kind == OutputKind::Loss)
+        self.graph()
+            .outputs
+            .iter()
+            .any(|o| o.kind == OutputKind::Loss)
     }
 
     /// The forward graph plus `grad.<param>` outputs, built once.
@@ -483,7 +483,13 @@ impl CompiledModel {
         Ok(())
     }
 
-    fn check_tensor(&self, kind: &'static str, name: &str, t: &Tensor, ty: &TensorType) -> Result<()> {
+    fn check_tensor(
+        &self,
+        kind: &'static str,
+        name: &str,
+        t: &Tensor,
+        ty: &TensorType,
+    ) -> Result<()> {
         if t.dtype() != ty.dtype {
             return Err(Error::DType {
                 model: self.name().to_string(),
@@ -615,7 +621,11 @@ impl Session {
         let tensors = io::read_tensors(path)?;
         self.set_params(&tensors).map_err(|e| match e {
             Error::Shape {
-                model, kind, name, got, want,
+                model,
+                kind,
+                name,
+                got,
+                want,
             } => Error::Shape {
                 model,
                 kind,
@@ -649,7 +659,10 @@ impl Session {
             self.forward = Some(m.backend().prepare(m.graph(), &m.exec_options())?);
         }
         let feeds = self.feeds(inputs);
-        let exe = self.forward.as_ref().ok_or(Error::BackendUnavailable("forward"))?;
+        let exe = self
+            .forward
+            .as_ref()
+            .ok_or(Error::BackendUnavailable("forward"))?;
         exe.run(&feeds).map_err(|e| self.model.run_error(e))
     }
 
@@ -663,7 +676,10 @@ impl Session {
             self.grads = Some(m.backend().prepare(g, &m.exec_options())?);
         }
         let feeds = self.feeds(inputs);
-        let exe = self.grads.as_ref().ok_or(Error::BackendUnavailable("gradients"))?;
+        let exe = self
+            .grads
+            .as_ref()
+            .ok_or(Error::BackendUnavailable("gradients"))?;
         exe.run(&feeds).map_err(|e| self.model.run_error(e))
     }
 
@@ -712,9 +728,13 @@ impl Session {
         }
         let mut feeds = self.feeds(inputs);
         feeds.extend(self.state.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let (exe, updates) = self.train.as_ref().ok_or(Error::BackendUnavailable("train"))?;
+        let (exe, updates) = self
+            .train
+            .as_ref()
+            .ok_or(Error::BackendUnavailable("train"))?;
         let mut out = exe.run(&feeds).map_err(|e| self.model.run_error(e))?;
-        let scalar = |t: Option<&Tensor>| t.and_then(|t| t.as_f32()).and_then(|v| v.first()).copied();
+        let scalar =
+            |t: Option<&Tensor>| t.and_then(|t| t.as_f32()).and_then(|v| v.first()).copied();
         let loss = scalar(out.get("loss")).unwrap_or(f32::NAN);
         let objective = scalar(out.get("objective")).unwrap_or(loss);
         for name in updates {

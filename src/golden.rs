@@ -31,7 +31,10 @@ impl CaseConfig {
     /// `(rtol, atol)` for a tensor of `expected.safetensors`.
     pub fn tolerance(&self, name: &str) -> (f64, f64) {
         if name.starts_with("grad.") {
-            (self.grad_rtol.unwrap_or(1e-3), self.grad_atol.unwrap_or(1e-4))
+            (
+                self.grad_rtol.unwrap_or(1e-3),
+                self.grad_atol.unwrap_or(1e-4),
+            )
         } else {
             (self.rtol.unwrap_or(1e-4), self.atol.unwrap_or(1e-5))
         }
@@ -41,9 +44,18 @@ impl CaseConfig {
 /// How one case ended.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
-    Passed { max_abs: f64, max_rel: f64 },
-    Failed { reason: String, max_abs: f64, max_rel: f64 },
-    Skipped { reason: String },
+    Passed {
+        max_abs: f64,
+        max_rel: f64,
+    },
+    Failed {
+        reason: String,
+        max_abs: f64,
+        max_rel: f64,
+    },
+    Skipped {
+        reason: String,
+    },
 }
 
 /// One case's result, displayed as the case line of `dlc test`.
@@ -170,7 +182,8 @@ pub fn run_case(dir: &Path, opts: &RunOptions) -> CaseReport {
 
 fn evaluate(dir: &Path, opts: &RunOptions) -> Result<Outcome, String> {
     let config = read_config(&dir.join("case.toml"))?;
-    let inputs = io::read_safetensors(&dir.join("inputs.safetensors")).map_err(|e| e.to_string())?;
+    let inputs =
+        io::read_safetensors(&dir.join("inputs.safetensors")).map_err(|e| e.to_string())?;
     let expected =
         io::read_safetensors(&dir.join("expected.safetensors")).map_err(|e| e.to_string())?;
     let params_path = dir.join("params.safetensors");
@@ -180,7 +193,9 @@ fn evaluate(dir: &Path, opts: &RunOptions) -> Result<Outcome, String> {
         TensorMap::new()
     };
 
-    let mut compiler = Compiler::new().backend(opts.backend).input_shapes_of(&inputs);
+    let mut compiler = Compiler::new()
+        .backend(opts.backend)
+        .input_shapes_of(&inputs);
     if let Some(m) = &config.model {
         compiler = compiler.model(m.clone());
     }
@@ -259,7 +274,13 @@ fn read_config(path: &Path) -> Result<CaseConfig, String> {
     }
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| format!("`{}` is invalid: {}", path.display(), first_line(e.message())))
+    toml::from_str(&text).map_err(|e| {
+        format!(
+            "`{}` is invalid: {}",
+            path.display(),
+            first_line(e.message())
+        )
+    })
 }
 
 /// The largest errors of one comparison and where it first failed.
@@ -274,7 +295,12 @@ pub struct Comparison {
 
 /// Compare a computed tensor with an expected one; `Err` when they cannot be
 /// compared at all (shape or dtype).
-pub fn compare(actual: &Tensor, expected: &Tensor, rtol: f64, atol: f64) -> Result<Comparison, String> {
+pub fn compare(
+    actual: &Tensor,
+    expected: &Tensor,
+    rtol: f64,
+    atol: f64,
+) -> Result<Comparison, String> {
     if actual.shape != expected.shape {
         return Err(format!(
             "shape {} but expected {}",
@@ -283,8 +309,16 @@ pub fn compare(actual: &Tensor, expected: &Tensor, rtol: f64, atol: f64) -> Resu
         ));
     }
     let pairs: Vec<(f64, f64)> = match (&actual.data, &expected.data) {
-        (Data::F32(a), Data::F32(e)) => a.iter().zip(e).map(|(a, e)| (*a as f64, *e as f64)).collect(),
-        (Data::I32(a), Data::I32(e)) => a.iter().zip(e).map(|(a, e)| (*a as f64, *e as f64)).collect(),
+        (Data::F32(a), Data::F32(e)) => a
+            .iter()
+            .zip(e)
+            .map(|(a, e)| (*a as f64, *e as f64))
+            .collect(),
+        (Data::I32(a), Data::I32(e)) => a
+            .iter()
+            .zip(e)
+            .map(|(a, e)| (*a as f64, *e as f64))
+            .collect(),
         _ => {
             return Err(format!(
                 "dtype {} but expected {}",
@@ -331,7 +365,10 @@ fn unravel(mut i: usize, shape: &[usize]) -> String {
             i /= d;
         }
     }
-    idx.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
+    idx.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -366,7 +403,10 @@ mod tests {
         let nan_ok = compare(&Tensor::f32(vec![2, 1], vec![1.0, f32::NAN]), &e, 0.0, 0.0).unwrap();
         assert_eq!(nan_ok.first_mismatch, None);
         let not_nan = compare(&Tensor::f32(vec![2, 1], vec![1.0, 0.0]), &e, 1.0, 1.0).unwrap();
-        assert_eq!(not_nan.first_mismatch.as_deref().map(|m| &m[..6]), Some("[1, 0]"));
+        assert_eq!(
+            not_nan.first_mismatch.as_deref().map(|m| &m[..6]),
+            Some("[1, 0]")
+        );
     }
 
     #[test]
@@ -379,9 +419,11 @@ mod tests {
 
     #[test]
     fn summary_mentions_skips_only_when_there_are_some() {
-        let mut s = Summary::default();
-        s.passed = 3;
-        s.failed = 1;
+        let mut s = Summary {
+            passed: 3,
+            failed: 1,
+            skipped: 0,
+        };
         assert_eq!(s.to_string(), "3 passed, 1 failed");
         s.skipped = 2;
         assert_eq!(s.to_string(), "3 passed, 1 failed, 2 skipped");
@@ -398,7 +440,12 @@ mod tests {
         let found = find_cases(d.path()).unwrap();
         let rel: Vec<_> = found
             .iter()
-            .map(|p| p.strip_prefix(d.path()).unwrap().to_string_lossy().into_owned())
+            .map(|p| {
+                p.strip_prefix(d.path())
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
             .collect();
         assert_eq!(rel, ["a/one", "a/two", "b"]);
         assert!(find_cases(&d.path().join("empty")).is_err());

@@ -204,8 +204,8 @@ pub fn encode_safetensors(
         .collect();
     let mut views = Vec::with_capacity(bufs.len());
     for (n, dt, shape, bytes) in &bufs {
-        let v = TensorView::new(*dt, shape.clone(), bytes)
-            .map_err(|e| format!("tensor `{n}`: {e}"))?;
+        let v =
+            TensorView::new(*dt, shape.clone(), bytes).map_err(|e| format!("tensor `{n}`: {e}"))?;
         views.push((n.clone(), v));
     }
     let meta: Option<HashMap<String, String>> =
@@ -318,17 +318,23 @@ fn parse_npy(bytes: &[u8]) -> Result<Tensor, NpyError> {
                 12,
             )
         }
-        v => return Err(NpyError::Malformed(format!("unsupported format version {v}"))),
+        v => {
+            return Err(NpyError::Malformed(format!(
+                "unsupported format version {v}"
+            )))
+        }
     };
     let end = start
         .checked_add(header_len)
         .filter(|e| *e <= bytes.len())
         .ok_or_else(|| bad("the header is truncated"))?;
-    let header = std::str::from_utf8(&bytes[start..end])
-        .map_err(|_| bad("the header is not text"))?;
+    let header =
+        std::str::from_utf8(&bytes[start..end]).map_err(|_| bad("the header is not text"))?;
     let h = parse_npy_header(header).map_err(NpyError::Malformed)?;
     if h.fortran_order {
-        return Err(bad("Fortran order is not supported; save the array in C order"));
+        return Err(bad(
+            "Fortran order is not supported; save the array in C order",
+        ));
     }
     let dtype = match h.descr.as_str() {
         "<f4" => DType::F32,
@@ -341,7 +347,9 @@ fn parse_npy(bytes: &[u8]) -> Result<Tensor, NpyError> {
         .try_fold(1usize, |a, d| a.checked_mul(*d))
         .ok_or_else(|| bad("the shape is too large"))?;
     let data = &bytes[end..];
-    let want = n.checked_mul(4).ok_or_else(|| bad("the shape is too large"))?;
+    let want = n
+        .checked_mul(4)
+        .ok_or_else(|| bad("the shape is too large"))?;
     if data.len() != want {
         return Err(NpyError::Malformed(format!(
             "shape {:?} needs {want} data bytes but the file has {} (truncated?)",
@@ -443,7 +451,12 @@ impl Lit<'_> {
         let q = match self.s.get(self.i) {
             Some(b'\'') => b'\'',
             Some(b'"') => b'"',
-            _ => return Err(format!("expected a string at byte {} of the header", self.i)),
+            _ => {
+                return Err(format!(
+                    "expected a string at byte {} of the header",
+                    self.i
+                ))
+            }
         };
         self.i += 1;
         let start = self.i;
@@ -547,7 +560,10 @@ mod tests {
         let d = dir();
         let p = d.path().join("t.safetensors");
         let mut m = TensorMap::new();
-        m.insert("a".into(), Tensor::f32(vec![2, 2], vec![1.0, -2.5, 3.0, 1e-7]));
+        m.insert(
+            "a".into(),
+            Tensor::f32(vec![2, 2], vec![1.0, -2.5, 3.0, 1e-7]),
+        );
         m.insert("ids".into(), Tensor::i32(vec![3], vec![0, -1, 7]));
         m.insert("loss".into(), Tensor::scalar(0.25));
         write_safetensors(&p, &m, None).unwrap();
@@ -597,7 +613,7 @@ mod tests {
     fn numpy_written_f4() -> Vec<u8> {
         let mut b = b"\x93NUMPY\x01\x00v\x00".to_vec();
         let mut h = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }".to_string();
-        while (10 + h.len() + 1) % 64 != 0 {
+        while !(10 + h.len() + 1).is_multiple_of(64) {
             h.push(' ');
         }
         h.push('\n');
@@ -612,7 +628,10 @@ mod tests {
     #[test]
     fn npy_reads_numpy_layout() {
         let t = parse_npy(&numpy_written_f4()).ok().unwrap();
-        assert_eq!(t, Tensor::f32(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
+        assert_eq!(
+            t,
+            Tensor::f32(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+        );
     }
 
     #[test]
@@ -637,7 +656,10 @@ mod tests {
     }
 
     fn replace(b: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
-        let at = b.windows(from.len()).position(|w| w == from).expect("pattern present");
+        let at = b
+            .windows(from.len())
+            .position(|w| w == from)
+            .expect("pattern present");
         let mut out = b.to_vec();
         out[at..at + from.len()].copy_from_slice(to);
         out
@@ -647,14 +669,23 @@ mod tests {
     fn npy_rejects_bad_headers_and_truncation() {
         let good = numpy_written_f4();
         let truncated = &good[..good.len() - 1];
-        assert!(matches!(parse_npy(truncated), Err(NpyError::Malformed(m)) if m.contains("truncated")));
-        assert!(matches!(parse_npy(b"garbage garbage"), Err(NpyError::Malformed(_))));
+        assert!(
+            matches!(parse_npy(truncated), Err(NpyError::Malformed(m)) if m.contains("truncated"))
+        );
+        assert!(matches!(
+            parse_npy(b"garbage garbage"),
+            Err(NpyError::Malformed(_))
+        ));
         let f8 = replace(&good, b"<f4", b"<f8");
         assert!(matches!(parse_npy(&f8), Err(NpyError::Dtype(d)) if d == "<f8"));
         let fortran = replace(&good, b"False", b"True ");
-        assert!(matches!(parse_npy(&fortran), Err(NpyError::Malformed(m)) if m.contains("Fortran")));
+        assert!(
+            matches!(parse_npy(&fortran), Err(NpyError::Malformed(m)) if m.contains("Fortran"))
+        );
         assert!(parse_npy_header("{'descr': '<f4', 'shape': (1,), }").is_err());
-        assert!(parse_npy_header("{'descr': '<f4', 'fortran_order': False, 'shape': (-1,), }").is_err());
+        assert!(
+            parse_npy_header("{'descr': '<f4', 'fortran_order': False, 'shape': (-1,), }").is_err()
+        );
     }
 
     #[test]

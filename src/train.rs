@@ -59,7 +59,9 @@ pub enum TrainError {
         want: String,
         want_dtype: crate::tensor::DType,
     },
-    #[error("model `{model}` has no `loss`, so it cannot be trained; add a `loss = ...` statement")]
+    #[error(
+        "model `{model}` has no `loss`, so it cannot be trained; add a `loss = ...` statement"
+    )]
     NoLoss { model: String },
     #[error("the batch size must be at least 1")]
     ZeroBatch,
@@ -101,7 +103,9 @@ pub fn choose_optimizer(
         (None, None) => Optimizer::default(),
     };
     let bad = |what: &str, v: f32| {
-        TrainError::Options(format!("{what} must be a finite number >= 0, but it is {v}"))
+        TrainError::Options(format!(
+            "{what} must be a finite number >= 0, but it is {v}"
+        ))
     };
     if let Some(v) = lr.filter(|v| !(v.is_finite() && *v > 0.0)) {
         return Err(TrainError::Options(format!(
@@ -300,7 +304,10 @@ impl Trainer {
     pub fn save(&self, path: &Path) -> Result<()> {
         let meta = BTreeMap::from([
             (EPOCHS_KEY.to_string(), self.epochs_done.to_string()),
-            ("dlc.model".to_string(), self.session.model().name().to_string()),
+            (
+                "dlc.model".to_string(),
+                self.session.model().name().to_string(),
+            ),
         ]);
         io::write_safetensors(path, &self.session.checkpoint(), Some(&meta))?;
         Ok(())
@@ -329,7 +336,11 @@ impl Trainer {
             epoch,
             train_loss: (total / batches.max(1) as f64) as f32,
             examples,
-            examples_per_sec: if secs > 0.0 { examples as f64 / secs } else { 0.0 },
+            examples_per_sec: if secs > 0.0 {
+                examples as f64 / secs
+            } else {
+                0.0
+            },
             eval,
         })
     }
@@ -432,7 +443,9 @@ fn compile_for(
     data: &TensorMap,
     batch: usize,
 ) -> Result<CompiledModel> {
-    let mut c = Compiler::new().backend(opts.backend).dims(opts.dims.clone());
+    let mut c = Compiler::new()
+        .backend(opts.backend)
+        .dims(opts.dims.clone());
     if let Some(m) = &opts.model {
         c = c.model(m.clone());
     }
@@ -537,12 +550,16 @@ pub fn gather_rows(data: &TensorMap, idx: &[usize]) -> TensorMap {
                 *d = idx.len();
             }
             let data = match &t.data {
-                Data::F32(v) => {
-                    Data::F32(idx.iter().flat_map(|&i| v[i * row..(i + 1) * row].iter().copied()).collect())
-                }
-                Data::I32(v) => {
-                    Data::I32(idx.iter().flat_map(|&i| v[i * row..(i + 1) * row].iter().copied()).collect())
-                }
+                Data::F32(v) => Data::F32(
+                    idx.iter()
+                        .flat_map(|&i| v[i * row..(i + 1) * row].iter().copied())
+                        .collect(),
+                ),
+                Data::I32(v) => Data::I32(
+                    idx.iter()
+                        .flat_map(|&i| v[i * row..(i + 1) * row].iter().copied())
+                        .collect(),
+                ),
             };
             (name.clone(), Tensor { shape, data })
         })
@@ -567,7 +584,10 @@ mod tests {
     #[test]
     fn rows_are_gathered_along_axis_zero() {
         let data = TensorMap::from([
-            ("x".to_string(), Tensor::f32(vec![3, 2], vec![0., 1., 10., 11., 20., 21.])),
+            (
+                "x".to_string(),
+                Tensor::f32(vec![3, 2], vec![0., 1., 10., 11., 20., 21.]),
+            ),
             ("y".to_string(), Tensor::i32(vec![3], vec![5, 6, 7])),
         ]);
         let b = gather_rows(&data, &[2, 0]);
@@ -585,7 +605,10 @@ mod tests {
         let e = count_rows(&data, p).unwrap_err().to_string();
         assert!(e.contains("`a` has 3 rows but `b` has 2"), "{e}");
         let empty = TensorMap::from([("a".to_string(), Tensor::f32(vec![0, 2], vec![]))]);
-        assert!(matches!(count_rows(&empty, p), Err(TrainError::Empty { .. })));
+        assert!(matches!(
+            count_rows(&empty, p),
+            Err(TrainError::Empty { .. })
+        ));
     }
 
     #[test]
@@ -603,11 +626,20 @@ mod tests {
             momentum: 0.9,
         };
         let o = choose_optimizer(Some(&block), None, Some(0.5), None).unwrap();
-        assert_eq!(o, Optimizer::Sgd { lr: 0.5, momentum: 0.9 });
+        assert_eq!(
+            o,
+            Optimizer::Sgd {
+                lr: 0.5,
+                momentum: 0.9
+            }
+        );
         let o = choose_optimizer(Some(&block), Some(OptimizerKind::Adam), None, None).unwrap();
         assert!(matches!(o, Optimizer::Adam { lr, .. } if lr == 1e-3));
         assert!(choose_optimizer(None, Some(OptimizerKind::Adam), None, Some(0.9)).is_err());
         assert!(choose_optimizer(None, None, Some(-1.0), None).is_err());
-        assert_eq!(choose_optimizer(None, None, None, None).unwrap(), Optimizer::default());
+        assert_eq!(
+            choose_optimizer(None, None, None, None).unwrap(),
+            Optimizer::default()
+        );
     }
 }

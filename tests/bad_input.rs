@@ -43,7 +43,10 @@ impl Fixture {
         f.write("affine.dl", AFFINE.as_bytes());
         f.write("clf.dl", CLF.as_bytes());
         f.write("emb.dl", EMBED.as_bytes());
-        f.tensors("x.safetensors", vec![("x", Tensor::f32(vec![3, 2], vec![1., 2., 3., 4., 5., 6.]))]);
+        f.tensors(
+            "x.safetensors",
+            vec![("x", Tensor::f32(vec![3, 2], vec![1., 2., 3., 4., 5., 6.]))],
+        );
         f
     }
 
@@ -104,58 +107,101 @@ fn assert_absent(p: &Path) {
 #[test]
 fn missing_source_file() {
     let f = Fixture::new();
-    f.fails(&["check", "nope.dl"], &["cannot read source file `nope.dl`"]);
-    f.fails(&["run", "nope.dl", "--inputs", "x.safetensors"], &["`nope.dl`"]);
+    f.fails(
+        &["check", "nope.dl"],
+        &["cannot read source file `nope.dl`"],
+    );
+    f.fails(
+        &["run", "nope.dl", "--inputs", "x.safetensors"],
+        &["`nope.dl`"],
+    );
 }
 
 #[test]
 fn bad_source_is_shown_with_location_and_caret() {
     let f = Fixture::new();
-    f.write("bad.dl", b"model m {\n    input x: f32[N, 2]\n    output y = relu(q)\n}\n");
-    let err = f.fails(&["check", "bad.dl"], &["bad.dl:3:21", "unknown name `q`", "^"]);
+    f.write(
+        "bad.dl",
+        b"model m {\n    input x: f32[N, 2]\n    output y = relu(q)\n}\n",
+    );
+    let err = f.fails(
+        &["check", "bad.dl"],
+        &["bad.dl:3:21", "unknown name `q`", "^"],
+    );
     assert!(err.contains("output y = relu(q)"), "{err}");
 }
 
 #[test]
 fn every_source_error_is_reported_at_once() {
     let f = Fixture::new();
-    f.write("two.dl", b"model m {\n    input x: f32[N, 2]\n    a = relu(p)\n    b = tanh(q)\n}\n");
-    f.fails(&["check", "two.dl"], &["two.dl:3:", "two.dl:4:", "`p`", "`q`"]);
+    f.write(
+        "two.dl",
+        b"model m {\n    input x: f32[N, 2]\n    a = relu(p)\n    b = tanh(q)\n}\n",
+    );
+    f.fails(
+        &["check", "two.dl"],
+        &["two.dl:3:", "two.dl:4:", "`p`", "`q`"],
+    );
 }
 
 #[test]
 fn missing_inputs_file() {
     let f = Fixture::new();
-    f.fails(&["run", "affine.dl", "--inputs", "missing.safetensors"], &["cannot read `missing.safetensors`"]);
+    f.fails(
+        &["run", "affine.dl", "--inputs", "missing.safetensors"],
+        &["cannot read `missing.safetensors`"],
+    );
 }
 
 #[test]
 fn missing_input_tensor() {
     let f = Fixture::new();
-    f.fails(&["run", "clf.dl", "--inputs", "x.safetensors"], &["missing input `label`", "clf"]);
+    f.fails(
+        &["run", "clf.dl", "--inputs", "x.safetensors"],
+        &["missing input `label`", "clf"],
+    );
 }
 
 #[test]
 fn input_of_the_wrong_shape() {
     let f = Fixture::new();
-    f.tensors("x33.safetensors", vec![("x", Tensor::f32(vec![3, 3], vec![0.0; 9]))]);
-    f.fails(&["run", "affine.dl", "--inputs", "x33.safetensors"], &["affine.dl:2:", "`x`", "[3, 3]"]);
+    f.tensors(
+        "x33.safetensors",
+        vec![("x", Tensor::f32(vec![3, 3], vec![0.0; 9]))],
+    );
+    f.fails(
+        &["run", "affine.dl", "--inputs", "x33.safetensors"],
+        &["affine.dl:2:", "`x`", "[3, 3]"],
+    );
 }
 
 #[test]
 fn input_of_the_wrong_dtype() {
     let f = Fixture::new();
-    f.tensors("xi.safetensors", vec![("x", Tensor::i32(vec![3, 2], vec![0; 6]))]);
-    f.fails(&["run", "affine.dl", "--inputs", "xi.safetensors"], &["input `x` is i32", "expects f32"]);
+    f.tensors(
+        "xi.safetensors",
+        vec![("x", Tensor::i32(vec![3, 2], vec![0; 6]))],
+    );
+    f.fails(
+        &["run", "affine.dl", "--inputs", "xi.safetensors"],
+        &["input `x` is i32", "expects f32"],
+    );
 }
 
 #[test]
 fn unsupported_dtype_in_a_safetensors_file() {
     let f = Fixture::new();
     let bytes = [0u8; 16];
-    let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![1, 2], &bytes).unwrap();
-    f.write("f64.safetensors", &safetensors::serialize([("x", v)], None).unwrap());
-    f.fails(&["run", "affine.dl", "--inputs", "f64.safetensors"], &["tensor `x`", "f64.safetensors", "F64", "F32 and I32"]);
+    let v =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![1, 2], &bytes).unwrap();
+    f.write(
+        "f64.safetensors",
+        &safetensors::serialize([("x", v)], None).unwrap(),
+    );
+    f.fails(
+        &["run", "affine.dl", "--inputs", "f64.safetensors"],
+        &["tensor `x`", "f64.safetensors", "F64", "F32 and I32"],
+    );
 }
 
 #[test]
@@ -164,26 +210,41 @@ fn truncated_safetensors() {
     let m = TensorMap::from([("x".to_string(), Tensor::f32(vec![3, 2], vec![1.0; 6]))]);
     let bytes = encode_safetensors(&m, None).unwrap();
     f.write("cut.safetensors", &bytes[..bytes.len() - 5]);
-    f.fails(&["run", "affine.dl", "--inputs", "cut.safetensors"], &["`cut.safetensors` is not a valid safetensors file"]);
+    f.fails(
+        &["run", "affine.dl", "--inputs", "cut.safetensors"],
+        &["`cut.safetensors` is not a valid safetensors file"],
+    );
 }
 
 #[test]
 fn garbage_safetensors() {
     let f = Fixture::new();
     f.write("junk.safetensors", b"this is not a tensor file at all");
-    f.fails(&["run", "affine.dl", "--inputs", "junk.safetensors"], &["`junk.safetensors` is not a valid safetensors file"]);
+    f.fails(
+        &["run", "affine.dl", "--inputs", "junk.safetensors"],
+        &["`junk.safetensors` is not a valid safetensors file"],
+    );
     f.write("empty.safetensors", b"");
-    f.fails(&["run", "affine.dl", "--inputs", "empty.safetensors"], &["`empty.safetensors`"]);
+    f.fails(
+        &["run", "affine.dl", "--inputs", "empty.safetensors"],
+        &["`empty.safetensors`"],
+    );
 }
 
 #[test]
 fn garbage_and_truncated_npy() {
     let f = Fixture::new();
     f.write("x.npy", b"\x93NUMPY garbage");
-    f.fails(&["run", "affine.dl", "--inputs", "x.npy"], &["`x.npy` is not a valid npy file"]);
+    f.fails(
+        &["run", "affine.dl", "--inputs", "x.npy"],
+        &["`x.npy` is not a valid npy file"],
+    );
     let good = encode_npy(&Tensor::f32(vec![3, 2], vec![1.0; 6]));
     f.write("x.npy", &good[..good.len() - 2]);
-    f.fails(&["run", "affine.dl", "--inputs", "x.npy"], &["`x.npy`", "truncated"]);
+    f.fails(
+        &["run", "affine.dl", "--inputs", "x.npy"],
+        &["`x.npy`", "truncated"],
+    );
 }
 
 #[test]
@@ -193,7 +254,10 @@ fn npy_of_an_unsupported_dtype() {
     let at = b.windows(3).position(|w| w == b"<f4").unwrap();
     b[at..at + 3].copy_from_slice(b"<f8");
     f.write("x.npy", &b);
-    f.fails(&["run", "affine.dl", "--inputs", "x.npy"], &["`x.npy`", "<f8", "F32 and I32"]);
+    f.fails(
+        &["run", "affine.dl", "--inputs", "x.npy"],
+        &["`x.npy`", "<f8", "F32 and I32"],
+    );
 }
 
 #[test]
@@ -201,10 +265,20 @@ fn label_out_of_range_and_no_output_file() {
     let f = Fixture::new();
     f.tensors(
         "bad_labels.safetensors",
-        vec![("x", Tensor::f32(vec![2, 2], vec![1., 2., 3., 4.])), ("label", Tensor::i32(vec![2], vec![0, 5]))],
+        vec![
+            ("x", Tensor::f32(vec![2, 2], vec![1., 2., 3., 4.])),
+            ("label", Tensor::i32(vec![2], vec![0, 5])),
+        ],
     );
     f.fails(
-        &["run", "clf.dl", "--inputs", "bad_labels.safetensors", "--out", "out.safetensors"],
+        &[
+            "run",
+            "clf.dl",
+            "--inputs",
+            "bad_labels.safetensors",
+            "--out",
+            "out.safetensors",
+        ],
         &["cross_entropy", "label 5", "[0, 2)"],
     );
     assert_absent(&f.path("out.safetensors"));
@@ -213,11 +287,30 @@ fn label_out_of_range_and_no_output_file() {
 #[test]
 fn token_id_out_of_range() {
     let f = Fixture::new();
-    f.tensors("ids.safetensors", vec![("ids", Tensor::i32(vec![1, 3], vec![0, 4, 7]))]);
-    f.fails(&["run", "emb.dl", "--inputs", "ids.safetensors", "--out", "o.safetensors"], &["gather", "id 7", "[0, 5)"]);
+    f.tensors(
+        "ids.safetensors",
+        vec![("ids", Tensor::i32(vec![1, 3], vec![0, 4, 7]))],
+    );
+    f.fails(
+        &[
+            "run",
+            "emb.dl",
+            "--inputs",
+            "ids.safetensors",
+            "--out",
+            "o.safetensors",
+        ],
+        &["gather", "id 7", "[0, 5)"],
+    );
     assert_absent(&f.path("o.safetensors"));
-    f.tensors("neg.safetensors", vec![("ids", Tensor::i32(vec![1, 1], vec![-1]))]);
-    f.fails(&["run", "emb.dl", "--inputs", "neg.safetensors"], &["id -1"]);
+    f.tensors(
+        "neg.safetensors",
+        vec![("ids", Tensor::i32(vec![1, 1], vec![-1]))],
+    );
+    f.fails(
+        &["run", "emb.dl", "--inputs", "neg.safetensors"],
+        &["id -1"],
+    );
 }
 
 #[test]
@@ -225,11 +318,24 @@ fn missing_parameter_is_initialised() {
     let f = Fixture::new();
     f.tensors(
         "in.safetensors",
-        vec![("x", Tensor::f32(vec![1, 2], vec![1., 2.])), ("label", Tensor::i32(vec![1], vec![1]))],
+        vec![
+            ("x", Tensor::f32(vec![1, 2], vec![1., 2.])),
+            ("label", Tensor::i32(vec![1], vec![1])),
+        ],
     );
-    f.tensors("p.safetensors", vec![("logits.bias", Tensor::f32(vec![2], vec![0.5, -0.5]))]);
+    f.tensors(
+        "p.safetensors",
+        vec![("logits.bias", Tensor::f32(vec![2], vec![0.5, -0.5]))],
+    );
     let out = f.warns(
-        &["run", "clf.dl", "--inputs", "in.safetensors", "--params", "p.safetensors"],
+        &[
+            "run",
+            "clf.dl",
+            "--inputs",
+            "in.safetensors",
+            "--params",
+            "p.safetensors",
+        ],
         &["initialised 1 parameter", "logits.weight"],
     );
     assert!(out.contains("loss: f32[]"), "{out}");
@@ -240,11 +346,27 @@ fn unknown_extra_tensors_are_warnings() {
     let f = Fixture::new();
     f.tensors(
         "extra.safetensors",
-        vec![("x", Tensor::f32(vec![1, 2], vec![1., 2.])), ("bogus", Tensor::f32(vec![1], vec![0.]))],
+        vec![
+            ("x", Tensor::f32(vec![1, 2], vec![1., 2.])),
+            ("bogus", Tensor::f32(vec![1], vec![0.])),
+        ],
     );
-    f.tensors("p.safetensors", vec![("w", Tensor::f32(vec![2, 1], vec![1., 1.])), ("old.w", Tensor::scalar(1.0))]);
+    f.tensors(
+        "p.safetensors",
+        vec![
+            ("w", Tensor::f32(vec![2, 1], vec![1., 1.])),
+            ("old.w", Tensor::scalar(1.0)),
+        ],
+    );
     let out = f.warns(
-        &["run", "affine.dl", "--inputs", "extra.safetensors", "--params", "p.safetensors"],
+        &[
+            "run",
+            "affine.dl",
+            "--inputs",
+            "extra.safetensors",
+            "--params",
+            "p.safetensors",
+        ],
         &["warning:", "`bogus`", "`old.w`", "ignored"],
     );
     assert!(out.contains("[3.000000]"), "{out}");
@@ -253,7 +375,10 @@ fn unknown_extra_tensors_are_warnings() {
 #[test]
 fn nan_in_an_input_propagates() {
     let f = Fixture::new();
-    f.tensors("nan.safetensors", vec![("x", Tensor::f32(vec![2, 2], vec![f32::NAN, 1., 2., 3.]))]);
+    f.tensors(
+        "nan.safetensors",
+        vec![("x", Tensor::f32(vec![2, 2], vec![f32::NAN, 1., 2., 3.]))],
+    );
     let out = f.warns(&["run", "affine.dl", "--inputs", "nan.safetensors"], &[]);
     assert!(out.contains("[NaN, 5.000000]"), "{out}");
 }
@@ -261,9 +386,19 @@ fn nan_in_an_input_propagates() {
 #[test]
 fn parameter_of_the_wrong_shape_names_file_and_tensor() {
     let f = Fixture::new();
-    f.tensors("p.safetensors", vec![("w", Tensor::f32(vec![1, 2], vec![1., 1.]))]);
+    f.tensors(
+        "p.safetensors",
+        vec![("w", Tensor::f32(vec![1, 2], vec![1., 1.]))],
+    );
     f.fails(
-        &["run", "affine.dl", "--inputs", "x.safetensors", "--params", "p.safetensors"],
+        &[
+            "run",
+            "affine.dl",
+            "--inputs",
+            "x.safetensors",
+            "--params",
+            "p.safetensors",
+        ],
         &["`w` in `p.safetensors`", "[1, 2]", "[2, 1]"],
     );
 }
@@ -272,7 +407,10 @@ fn parameter_of_the_wrong_shape_names_file_and_tensor() {
 fn bad_dim_flag() {
     let f = Fixture::new();
     for bad in ["N", "N=abc", "N=0", "=4"] {
-        f.fails(&["compile", "affine.dl", "--dim", bad], &["--dim", "NAME=SIZE"]);
+        f.fails(
+            &["compile", "affine.dl", "--dim", bad],
+            &["--dim", "NAME=SIZE"],
+        );
     }
 }
 
@@ -285,7 +423,10 @@ fn unbound_dimension_suggests_the_dim_flag() {
 #[test]
 fn unknown_model() {
     let f = Fixture::new();
-    f.fails(&["compile", "affine.dl", "--dim", "N=2", "--model", "nope"], &["nope", "affine"]);
+    f.fails(
+        &["compile", "affine.dl", "--dim", "N=2", "--model", "nope"],
+        &["nope", "affine"],
+    );
 }
 
 #[test]
@@ -293,18 +434,40 @@ fn unknown_flags_and_values() {
     let f = Fixture::new();
     f.fails(&["run", "affine.dl"], &["--inputs"]);
     f.fails(&["frobnicate"], &["frobnicate"]);
-    f.fails(&["compile", "affine.dl", "--dim", "N=2", "--emit", "pixels"], &["--emit", "`pixels`"]);
-    f.fails(&["compile", "affine.dl", "--dim", "N=2", "--emit", "clif"], &["not available yet"]);
-    f.fails(&["compile", "affine.dl", "--dim", "N=2", "-O2"], &["not available yet"]);
-    f.fails(&["compile", "affine.dl", "--dim", "N=2", "--backend", "gpu"], &["unknown backend `gpu`"]);
-    f.fails(&["compile", "affine.dl", "--dim", "N=2", "--stats", "yaml"], &["--stats", "`yaml`"]);
+    f.fails(
+        &["compile", "affine.dl", "--dim", "N=2", "--emit", "pixels"],
+        &["--emit", "`pixels`"],
+    );
+    f.fails(
+        &["compile", "affine.dl", "--dim", "N=2", "--emit", "clif"],
+        &["not available yet"],
+    );
+    f.fails(
+        &["compile", "affine.dl", "--dim", "N=2", "-O2"],
+        &["not available yet"],
+    );
+    f.fails(
+        &["compile", "affine.dl", "--dim", "N=2", "--backend", "gpu"],
+        &["unknown backend `gpu`"],
+    );
+    f.fails(
+        &["compile", "affine.dl", "--dim", "N=2", "--stats", "yaml"],
+        &["--stats", "`yaml`"],
+    );
 }
 
 #[test]
 fn output_into_a_missing_directory_leaves_nothing() {
     let f = Fixture::new();
     f.fails(
-        &["run", "affine.dl", "--inputs", "x.safetensors", "--out", "no/such/dir/out.safetensors"],
+        &[
+            "run",
+            "affine.dl",
+            "--inputs",
+            "x.safetensors",
+            "--out",
+            "no/such/dir/out.safetensors",
+        ],
         &["cannot write `no/such/dir/out.safetensors`"],
     );
     assert_absent(&f.path("no"));
@@ -315,15 +478,52 @@ fn training_data_problems() {
     let f = Fixture::new();
     f.tensors(
         "rows.safetensors",
-        vec![("x", Tensor::f32(vec![3, 2], vec![0.; 6])), ("label", Tensor::i32(vec![2], vec![0, 1]))],
+        vec![
+            ("x", Tensor::f32(vec![3, 2], vec![0.; 6])),
+            ("label", Tensor::i32(vec![2], vec![0, 1])),
+        ],
     );
-    f.fails(&["train", "clf.dl", "--data", "rows.safetensors", "--out", "c.safetensors"], &["`rows.safetensors`", "`label` has 2 rows but `x` has 3"]);
+    f.fails(
+        &[
+            "train",
+            "clf.dl",
+            "--data",
+            "rows.safetensors",
+            "--out",
+            "c.safetensors",
+        ],
+        &["`rows.safetensors`", "`label` has 2 rows but `x` has 3"],
+    );
     assert_absent(&f.path("c.safetensors"));
-    f.fails(&["train", "clf.dl", "--data", "x.safetensors"], &["`x.safetensors` has no tensor `label`"]);
-    f.fails(&["train", "affine.dl", "--data", "x.safetensors"], &["no `loss`"]);
-    f.fails(&["train", "clf.dl", "--data", "x.safetensors", "--batch", "0"], &["batch size"]);
-    f.fails(&["train", "clf.dl", "--data", "x.safetensors", "--optimizer", "adam", "--momentum", "0.9"], &["--momentum"]);
-    f.fails(&["train", "clf.dl", "--data", "x.safetensors", "--lr", "-1"], &["--lr"]);
+    f.fails(
+        &["train", "clf.dl", "--data", "x.safetensors"],
+        &["`x.safetensors` has no tensor `label`"],
+    );
+    f.fails(
+        &["train", "affine.dl", "--data", "x.safetensors"],
+        &["no `loss`"],
+    );
+    f.fails(
+        &["train", "clf.dl", "--data", "x.safetensors", "--batch", "0"],
+        &["batch size"],
+    );
+    f.fails(
+        &[
+            "train",
+            "clf.dl",
+            "--data",
+            "x.safetensors",
+            "--optimizer",
+            "adam",
+            "--momentum",
+            "0.9",
+        ],
+        &["--momentum"],
+    );
+    f.fails(
+        &["train", "clf.dl", "--data", "x.safetensors", "--lr", "-1"],
+        &["--lr"],
+    );
 }
 
 #[test]
@@ -331,9 +531,22 @@ fn training_with_a_bad_label_keeps_no_checkpoint() {
     let f = Fixture::new();
     f.tensors(
         "d.safetensors",
-        vec![("x", Tensor::f32(vec![2, 2], vec![0.; 4])), ("label", Tensor::i32(vec![2], vec![0, 9]))],
+        vec![
+            ("x", Tensor::f32(vec![2, 2], vec![0.; 4])),
+            ("label", Tensor::i32(vec![2], vec![0, 9])),
+        ],
     );
-    f.fails(&["train", "clf.dl", "--data", "d.safetensors", "--out", "c.safetensors"], &["label 9"]);
+    f.fails(
+        &[
+            "train",
+            "clf.dl",
+            "--data",
+            "d.safetensors",
+            "--out",
+            "c.safetensors",
+        ],
+        &["label 9"],
+    );
     assert_absent(&f.path("c.safetensors"));
 }
 
@@ -342,7 +555,10 @@ fn golden_runner_without_cases() {
     let f = Fixture::new();
     std::fs::create_dir(f.path("empty")).unwrap();
     f.fails(&["test", "empty"], &["no golden cases"]);
-    f.fails(&["test", "does-not-exist"], &["cannot read directory `does-not-exist`"]);
+    f.fails(
+        &["test", "does-not-exist"],
+        &["cannot read directory `does-not-exist`"],
+    );
 }
 
 #[test]
@@ -355,6 +571,9 @@ fn malformed_case_toml_fails_its_case() {
     let o = f.dlc(&["test", "case"]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(1));
-    assert!(out.contains("FAIL case") && out.contains("case.toml"), "{out}");
+    assert!(
+        out.contains("FAIL case") && out.contains("case.toml"),
+        "{out}"
+    );
     assert!(out.contains("0 passed, 1 failed"), "{out}");
 }

@@ -1,7 +1,9 @@
 //! The `dlc` commands end to end through the binary (CLI.md). Expected
 //! numbers are computed by hand in the comments.
 
-use dlc::io::{read_safetensors, read_safetensors_with_metadata, write_npy, write_safetensors, TensorMap};
+use dlc::io::{
+    read_safetensors, read_safetensors_with_metadata, write_npy, write_safetensors, TensorMap,
+};
 use dlc::tensor::Tensor;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -84,7 +86,11 @@ fn run_prints_each_output_with_shape_and_values() {
     let d = tempfile::tempdir().unwrap();
     let src = file(d.path(), "affine.dl", AFFINE);
     // w = ones: y = x0 + x1 per row.
-    let x = tensors(d.path(), "x.safetensors", vec![("x", Tensor::f32(vec![3, 2], vec![1., 2., 3., 4., 5., 6.]))]);
+    let x = tensors(
+        d.path(),
+        "x.safetensors",
+        vec![("x", Tensor::f32(vec![3, 2], vec![1., 2., 3., 4., 5., 6.]))],
+    );
     let out = ok(&dlc(&[&"run", &src, &"--inputs", &x]));
     assert_eq!(out.trim(), "y: f32[3, 1] = [3.000000, 7.000000, 11.000000]");
 }
@@ -121,14 +127,36 @@ fn run_grads_gives_loss_and_parameter_gradients() {
     );
     let out = d.path().join("o.safetensors");
     // w = 0 (zeros init): loss = (2² + 4²)/2 = 10; dL/dw = mean(2(wx - t)x) = (-4 - 16)/2 = -10.
-    ok(&dlc(&[&"run", &src, &"--inputs", &inputs, &"--grads", &"--out", &out]));
+    ok(&dlc(&[
+        &"run",
+        &src,
+        &"--inputs",
+        &inputs,
+        &"--grads",
+        &"--out",
+        &out,
+    ]));
     let got = read_safetensors(&out).unwrap();
     assert_eq!(f32s(&got["loss"]), [10.0]);
     assert_eq!(got["loss"].shape, Vec::<usize>::new());
     assert_eq!(f32s(&got["grad.w"]), [-10.0]);
     // w = 1: loss = (1 + 4)/2 = 2.5; dL/dw = (2·(-1)·1 + 2·(-2)·2)/2 = -5.
-    let params = tensors(d.path(), "p.safetensors", vec![("w", Tensor::f32(vec![1, 1], vec![1.0]))]);
-    ok(&dlc(&[&"run", &src, &"--inputs", &inputs, &"--params", &params, &"--grads", &"--out", &out]));
+    let params = tensors(
+        d.path(),
+        "p.safetensors",
+        vec![("w", Tensor::f32(vec![1, 1], vec![1.0]))],
+    );
+    ok(&dlc(&[
+        &"run",
+        &src,
+        &"--inputs",
+        &inputs,
+        &"--params",
+        &params,
+        &"--grads",
+        &"--out",
+        &out,
+    ]));
     let got = read_safetensors(&out).unwrap();
     assert_eq!(f32s(&got["loss"]), [2.5]);
     assert_eq!(f32s(&got["grad.w"]), [-5.0]);
@@ -160,15 +188,29 @@ fn compile_prints_a_summary_and_json_stats() {
     let out = ok(&dlc(&[&"compile", &src, &"--dim", &"N=4"]));
     assert!(out.contains("model clf (N=4)"), "{out}");
     assert!(out.contains("ops"), "{out}");
-    let json = ok(&dlc(&[&"compile", &src, &"--dim", &"N=4", &"--stats", &"json"]));
+    let json = ok(&dlc(&[
+        &"compile", &src, &"--dim", &"N=4", &"--stats", &"json",
+    ]));
     let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
-    for key in ["ops_before", "ops_after", "kernels", "peak_bytes", "naive_bytes", "compile_ms"] {
+    for key in [
+        "ops_before",
+        "ops_after",
+        "kernels",
+        "peak_bytes",
+        "naive_bytes",
+        "compile_ms",
+    ] {
         assert!(v.get(key).is_some(), "missing {key} in {json}");
     }
     assert!(v["ops_before"].as_u64().unwrap() > 0);
-    let train = ok(&dlc(&[&"compile", &src, &"--dim", &"N=4", &"--train", &"--stats", &"json"]));
+    let train = ok(&dlc(&[
+        &"compile", &src, &"--dim", &"N=4", &"--train", &"--stats", &"json",
+    ]));
     let t: serde_json::Value = serde_json::from_str(train.trim()).unwrap();
-    assert!(t["ops_before"].as_u64() > v["ops_before"].as_u64(), "the training step is bigger");
+    assert!(
+        t["ops_before"].as_u64() > v["ops_before"].as_u64(),
+        "the training step is bigger"
+    );
 }
 
 #[test]
@@ -177,14 +219,22 @@ fn compile_emits_ast_ir_and_gradient_ir() {
     let src = file(d.path(), "fit.dl", FIT);
     let ast = ok(&dlc(&[&"compile", &src, &"--emit", &"ast"]));
     assert!(ast.contains("ModelDef") && ast.contains("\"fit\""), "{ast}");
-    let ir = ok(&dlc(&[&"compile", &src, &"--dim", &"N=2", &"--emit", &"ir"]));
+    let ir = ok(&dlc(&[
+        &"compile", &src, &"--dim", &"N=2", &"--emit", &"ir",
+    ]));
     assert!(ir.contains("matmul") && ir.contains("Loss loss"), "{ir}");
-    let grad = ok(&dlc(&[&"compile", &src, &"--dim", &"N=2", &"--emit", &"grad-ir"]));
+    let grad = ok(&dlc(&[
+        &"compile", &src, &"--dim", &"N=2", &"--emit", &"grad-ir",
+    ]));
     assert!(grad.contains("Grad grad.w"), "{grad}");
-    let train = ok(&dlc(&[&"compile", &src, &"--dim", &"N=2", &"--train", &"--emit", &"grad-ir"]));
+    let train = ok(&dlc(&[
+        &"compile", &src, &"--dim", &"N=2", &"--train", &"--emit", &"grad-ir",
+    ]));
     assert!(train.contains("Update w"), "{train}");
     let o = d.path().join("ir.txt");
-    ok(&dlc(&[&"compile", &src, &"--dim", &"N=2", &"--emit", &"ir", &"-o", &o]));
+    ok(&dlc(&[
+        &"compile", &src, &"--dim", &"N=2", &"--emit", &"ir", &"-o", &o,
+    ]));
     assert_eq!(std::fs::read_to_string(&o).unwrap(), ir);
 }
 
@@ -192,7 +242,16 @@ fn compile_emits_ast_ir_and_gradient_ir() {
 fn bench_prints_the_json_contract() {
     let d = tempfile::tempdir().unwrap();
     let src = file(d.path(), "clf.dl", CLF);
-    let out = ok(&dlc(&[&"bench", &src, &"--dim", &"N=8", &"--train", &"--json", &"--threads", &"1"]));
+    let out = ok(&dlc(&[
+        &"bench",
+        &src,
+        &"--dim",
+        &"N=8",
+        &"--train",
+        &"--json",
+        &"--threads",
+        &"1",
+    ]));
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["model"], "clf");
     assert_eq!(v["dims"]["N"], 8);
@@ -214,7 +273,10 @@ fn classes(n: usize, offset: usize) -> Vec<(&'static str, Tensor)> {
         x.extend([a, b]);
         y.push(i32::from(a + b > 0.0));
     }
-    vec![("x", Tensor::f32(vec![n, 2], x)), ("label", Tensor::i32(vec![n], y))]
+    vec![
+        ("x", Tensor::f32(vec![n, 2], x)),
+        ("label", Tensor::i32(vec![n], y)),
+    ]
 }
 
 fn epoch_lines(out: &str) -> Vec<&str> {
@@ -222,7 +284,10 @@ fn epoch_lines(out: &str) -> Vec<&str> {
 }
 
 fn field(line: &str, name: &str) -> f32 {
-    let at = line.find(name).unwrap_or_else(|| panic!("no {name} in {line}")) + name.len();
+    let at = line
+        .find(name)
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+        + name.len();
     line[at..]
         .trim_start()
         .split([',', ' '])
@@ -239,8 +304,22 @@ fn train_lowers_the_loss_and_reports_eval_accuracy() {
     let eval = tensors(d.path(), "eval.safetensors", classes(20, 100));
     let ckpt = d.path().join("clf.ckpt.safetensors");
     let o = dlc(&[
-        &"train", &src, &"--data", &data, &"--eval", &eval, &"--epochs", &"15", &"--batch", &"8",
-        &"--optimizer", &"adam", &"--lr", &"0.1", &"--out", &ckpt,
+        &"train",
+        &src,
+        &"--data",
+        &data,
+        &"--eval",
+        &eval,
+        &"--epochs",
+        &"15",
+        &"--batch",
+        &"8",
+        &"--optimizer",
+        &"adam",
+        &"--lr",
+        &"0.1",
+        &"--out",
+        &ckpt,
     ]);
     let out = ok(&o);
     let lines = epoch_lines(&out);
@@ -250,12 +329,21 @@ fn train_lowers_the_loss_and_reports_eval_accuracy() {
     assert!(last < first * 0.5, "loss {first} -> {last}\n{out}");
     assert!(field(lines[14], "eval accuracy") >= 0.9, "{out}");
     // Not a terminal: no progress bar drawn on stderr.
-    assert!(!text(&o.stderr).contains("/8 batches"), "{}", text(&o.stderr));
+    assert!(
+        !text(&o.stderr).contains("/8 batches"),
+        "{}",
+        text(&o.stderr)
+    );
     let (ck, meta) = read_safetensors_with_metadata(&ckpt).unwrap();
     assert_eq!(meta.get("dlc.epochs").map(String::as_str), Some("15"));
     // 64 / 8 = 8 adam steps per epoch.
     assert_eq!(f32s(&ck["opt.step"]), [120.0]);
-    for k in ["logits.weight", "logits.bias", "opt.m.logits.weight", "opt.v.logits.bias"] {
+    for k in [
+        "logits.weight",
+        "logits.bias",
+        "opt.m.logits.weight",
+        "opt.v.logits.bias",
+    ] {
         assert!(ck.contains_key(k), "{k} missing: {:?}", ck.keys());
     }
 }
@@ -267,9 +355,26 @@ fn train_drops_the_last_partial_batch() {
     let data = tensors(d.path(), "train.safetensors", classes(20, 0));
     let ckpt = d.path().join("c.safetensors");
     // 20 examples in batches of 8: two steps per epoch, 4 examples dropped.
-    let o = dlc(&[&"train", &src, &"--data", &data, &"--batch", &"8", &"--epochs", &"3", &"--optimizer", &"adam", &"--out", &ckpt]);
+    let o = dlc(&[
+        &"train",
+        &src,
+        &"--data",
+        &data,
+        &"--batch",
+        &"8",
+        &"--epochs",
+        &"3",
+        &"--optimizer",
+        &"adam",
+        &"--out",
+        &ckpt,
+    ]);
     ok(&o);
-    assert!(text(&o.stderr).contains("16 examples per epoch"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("16 examples per epoch"),
+        "{}",
+        text(&o.stderr)
+    );
     let ck = read_safetensors(&ckpt).unwrap();
     assert_eq!(f32s(&ck["opt.step"]), [6.0]);
 }
@@ -281,7 +386,14 @@ fn train_default_checkpoint_is_named_after_the_model() {
     let data = tensors(d.path(), "train.safetensors", classes(16, 0));
     let o = Command::new(env!("CARGO_BIN_EXE_dlc"))
         .current_dir(d.path())
-        .args(["train", "clf.dl", "--data", "train.safetensors", "--batch", "4"])
+        .args([
+            "train",
+            "clf.dl",
+            "--data",
+            "train.safetensors",
+            "--batch",
+            "4",
+        ])
         .output()
         .unwrap();
     ok(&o);
@@ -312,7 +424,15 @@ fn a_killed_training_run_resumes_from_its_last_checkpoint() {
             .arg(&src)
             .arg("--data")
             .arg(&data)
-            .args(["--epochs", "1000000", "--batch", "8", "--optimizer", "adam", "--out"])
+            .args([
+                "--epochs",
+                "1000000",
+                "--batch",
+                "8",
+                "--optimizer",
+                "adam",
+                "--out",
+            ])
             .arg(&ckpt)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -327,8 +447,14 @@ fn a_killed_training_run_resumes_from_its_last_checkpoint() {
                 break;
             }
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint written");
-        assert!(child.0.try_wait().unwrap().is_none(), "training stopped early");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint written"
+        );
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "training stopped early"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.0.kill().unwrap();
@@ -342,8 +468,20 @@ fn a_killed_training_run_resumes_from_its_last_checkpoint() {
 
     let resumed = d.path().join("resumed.safetensors");
     let o = dlc(&[
-        &"train", &src, &"--data", &data, &"--epochs", &"1", &"--batch", &"8", &"--optimizer", &"adam",
-        &"--params", &ckpt, &"--out", &resumed,
+        &"train",
+        &src,
+        &"--data",
+        &data,
+        &"--epochs",
+        &"1",
+        &"--batch",
+        &"8",
+        &"--optimizer",
+        &"adam",
+        &"--params",
+        &ckpt,
+        &"--out",
+        &resumed,
     ]);
     let out = ok(&o);
     assert!(
@@ -351,7 +489,10 @@ fn a_killed_training_run_resumes_from_its_last_checkpoint() {
         "{}",
         text(&o.stderr)
     );
-    assert_eq!(epoch_lines(&out)[0].split(':').next(), Some(format!("epoch {}", epochs + 1).as_str()));
+    assert_eq!(
+        epoch_lines(&out)[0].split(':').next(),
+        Some(format!("epoch {}", epochs + 1).as_str())
+    );
     let (after, meta) = read_safetensors_with_metadata(&resumed).unwrap();
     assert_eq!(meta["dlc.epochs"], (epochs + 1).to_string());
     // The optimizer state carried over: the step count continued.
@@ -364,7 +505,15 @@ fn resuming_equals_training_without_interruption() {
     let d = tempfile::tempdir().unwrap();
     let src = file(d.path(), "clf.dl", CLF);
     let data = tensors(d.path(), "train.safetensors", classes(32, 0));
-    let common: [&dyn AsRef<std::ffi::OsStr>; 7] = [&"--data", &data, &"--batch", &"8", &"--optimizer", &"adam", &"--seed"];
+    let common: [&dyn AsRef<std::ffi::OsStr>; 7] = [
+        &"--data",
+        &data,
+        &"--batch",
+        &"8",
+        &"--optimizer",
+        &"adam",
+        &"--seed",
+    ];
     let whole = d.path().join("whole.safetensors");
     let half = d.path().join("half.safetensors");
     let rest = d.path().join("rest.safetensors");
@@ -379,5 +528,8 @@ fn resuming_equals_training_without_interruption() {
     run(&[&"--epochs", &"4", &"--out", &whole]);
     run(&[&"--epochs", &"2", &"--out", &half]);
     run(&[&"--epochs", &"2", &"--params", &half, &"--out", &rest]);
-    assert_eq!(read_safetensors(&whole).unwrap(), read_safetensors(&rest).unwrap());
+    assert_eq!(
+        read_safetensors(&whole).unwrap(),
+        read_safetensors(&rest).unwrap()
+    );
 }

@@ -88,6 +88,20 @@ fn examples_check_elaborate_and_match_snapshots() {
     }
 }
 
+/// Every example, including ones added later, checks and elaborates clean.
+#[test]
+fn every_example_file_checks_clean() {
+    let mut n = 0;
+    for e in std::fs::read_dir(root().join("lang/examples")).expect("examples dir") {
+        let path = e.expect("entry").path();
+        if path.extension().is_some_and(|x| x == "dl") {
+            elab_ok(&path, &ElabOptions::default());
+            n += 1;
+        }
+    }
+    assert!(n >= EXAMPLES.len());
+}
+
 #[test]
 fn lenet_parameter_names_and_shapes() {
     let e = example("lenet");

@@ -394,7 +394,7 @@ fn unbound_symbol() {
         "model m {\n    input x: f32[N, 4]\n    output y = relu(x)\n}\n",
         ElabOptions::default(),
         expect![[r#"
-            test.dl:2:18: error: dimension symbol `N` is not bound to a size
+            test.dl:2:18: error: dimension symbol `N` has no size; give it with `--dim N=...`
         "#]],
     );
 }
@@ -635,6 +635,17 @@ fn very_deep_expressions_are_an_error_not_a_crash() {
         &src,
         expect![[r#"
             test.dl:3:16: error: expression nested more than 256 levels deep; split it into several bindings
+        "#]],
+    );
+}
+
+#[test]
+fn input_of_the_wrong_rank_is_one_error() {
+    check_elab(
+        "model m {\n    input x: f32[N, 4]\n    input y: f32[N, 4]\n    output z = x + y\n}\n",
+        shapes(&[("x", &[2, 3, 4])]),
+        expect![[r#"
+            test.dl:2:14: error: input `x` is declared with rank 2 (f32[N, 4]), but the given tensor has shape [2, 3, 4]
         "#]],
     );
 }

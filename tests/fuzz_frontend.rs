@@ -1,21 +1,31 @@
 //! Robustness of the front end: random token soups, arbitrary text and
-//! mutated versions of real models go through `parse`; it must never panic,
-//! and every span it reports (diagnostics and tree nodes) must lie inside
-//! the source, on char boundaries, so rendering can always show it.
+//! mutated versions of real models go through `parse`, then through
+//! elaboration (`elab::check` over symbols and `elab::elaborate` at the
+//! default sizes); none may panic, and every span they report (diagnostics
+//! and tree nodes) must lie inside its file (the user's or std.dl), on char
+//! boundaries, so rendering can always show it.
 //!
-//! Cases: `DLC_FUZZ_CASES` (default 2000).
+//! A second property runs the other way: random valid programs, printed
+//! with minimal parentheses and random line breaks, parse back to the same
+//! tree with no diagnostics; they too go through elaboration, which sees
+//! nonsense that parses (wrong arities, unknown names, shapes that clash).
+//!
+//! Cases: `DLC_FUZZ_CASES` (default 2000) per property.
 
 #[path = "fuzz_frontend/corpus.rs"]
 mod corpus;
+#[path = "fuzz_frontend/roundtrip.rs"]
+mod roundtrip;
 
 use std::path::Path;
 
-use dlc::diag::{render, SourceMap};
+use dlc::diag::{render, Diagnostic, SourceMap};
+use dlc::elab::{check, elaborate, ElabOptions};
 use dlc::ir::Span;
 use dlc::syntax::ast::{
     DimAst, Expr, ExprKind, File, Item, Stmt, StmtKind, TensorTypeAst, TypeAnn,
 };
-use dlc::syntax::parse;
+use dlc::syntax::{parse, sexpr};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -325,6 +335,58 @@ fn check_frontend(src: &str) -> Result<(), TestCaseError> {
     }
     let out = render(&diags, &map);
     prop_assert_eq!(out.matches("error").count() >= diags.len(), true);
+    check_elab(src)
+}
+
+/// Every span of an elaboration diagnostic lies inside the file it names,
+/// which must be one the map holds (the user's file or std.dl).
+fn check_diag_spans(map: &SourceMap, diags: &[Diagnostic]) -> Result<(), TestCaseError> {
+    for d in diags {
+        prop_assert!(!d.message.is_empty());
+        let spans = std::iter::once((d.span, "elab diagnostic"))
+            .chain(d.related.iter().map(|(s, _)| (*s, "elab related")));
+        for (s, what) in spans {
+            let file = map.get(s.file);
+            prop_assert!(
+                file.is_some(),
+                "{} span in unknown file: {:?} ({})",
+                what,
+                s,
+                d.message
+            );
+            if let Some(f) = file {
+                check_span(&f.text, s.file, s, what)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Elaboration of one source: symbolic `check`, then `elaborate` with the
+/// default options (first model, `N=32`-style defaults). Either may report
+/// anything, but must not panic and must point inside the sources.
+fn check_elab(src: &str) -> Result<(), TestCaseError> {
+    let mut map = SourceMap::default();
+    let file = map.add("user.dl", src);
+    let diags = check(&mut map, file);
+    check_diag_spans(&map, &diags)?;
+    let _ = render(&diags, &map);
+
+    let mut map = SourceMap::default();
+    let file = map.add("user.dl", src);
+    let diags = match elaborate(&mut map, file, &ElabOptions::default()) {
+        Ok(e) => e.warnings,
+        Err(d) => {
+            prop_assert!(
+                d.iter().any(Diagnostic::is_error),
+                "elaborate failed without an error: {:?}",
+                d
+            );
+            d
+        }
+    };
+    check_diag_spans(&map, &diags)?;
+    let _ = render(&diags, &map);
     Ok(())
 }
 
@@ -372,6 +434,29 @@ fn fuzz_parse_never_panics_and_spans_stay_inside() {
     });
     let result = runner.run(&input, |src| check_frontend(&src));
     eprintln!("fuzz_frontend: {cases} cases in {:.1?}", start.elapsed());
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn random_programs_round_trip() {
+    let cases = cases();
+    let start = std::time::Instant::now();
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let input = (roundtrip::file(), prop::collection::vec(any::<u8>(), 0..64));
+    let result = runner.run(&input, |(tree, noise)| {
+        let src = roundtrip::Printer::new(&noise).file(&tree);
+        let (parsed, diags) = parse(&src, 0);
+        prop_assert!(diags.is_empty(), "diagnostics {:?} for\n{}", diags, src);
+        prop_assert_eq!(sexpr(&parsed), sexpr(&tree), "source:\n{}", src);
+        check_elab(&src)
+    });
+    eprintln!("round trip: {cases} cases in {:.1?}", start.elapsed());
     if let Err(e) = result {
         panic!("{e}");
     }

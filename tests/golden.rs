@@ -14,7 +14,10 @@ fn every_golden_case_passes() {
     let cases = stdout.lines().filter(|l| l.starts_with("PASS ")).count();
     let failing: Vec<&str> = stdout.lines().filter(|l| !l.starts_with("PASS ")).collect();
     assert!(out.status.success(), "dlc test failed:\n{stdout}\n{stderr}");
-    assert!(cases >= 64, "expected every case to pass, got {cases}:\n{stdout}");
+    assert!(
+        cases >= 64,
+        "expected every case to pass, got {cases}:\n{stdout}"
+    );
     assert_eq!(failing, [format!("{cases} passed, 0 failed")], "{stdout}");
 }
 
@@ -46,5 +49,8 @@ fn a_wrong_expectation_fails_the_run_with_exit_code_1() {
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("FAIL "), "{stdout}");
     assert!(stdout.contains(&format!("`{name}`[")), "{stdout}");
-    assert!(stdout.trim_end().ends_with("0 passed, 1 failed"), "{stdout}");
+    assert!(
+        stdout.trim_end().ends_with("0 passed, 1 failed"),
+        "{stdout}"
+    );
 }

@@ -391,9 +391,10 @@ fn softmax_and_log_softmax_match_finite_differences() {
 
 #[test]
 fn matmul_with_batch_broadcasting_matches_finite_differences() {
-    let shapes: [(&[usize], &[usize]); 4] = [
+    let shapes: [(&[usize], &[usize]); 5] = [
         (&[3, 4], &[4, 2]),
         (&[2, 3, 4], &[4, 5]),
+        (&[2, 2, 3, 4], &[4, 2]),
         (&[2, 1, 3, 4], &[3, 4, 2]),
         (&[1, 3, 4], &[2, 4, 2]),
     ];
@@ -1276,4 +1277,70 @@ fn training_step_drops_ops_that_only_fed_other_outputs() {
     };
     assert_eq!(names(&g), names(&model.graph));
     assert!(run(&g, &feeds, Precision::F64).is_ok());
+}
+
+#[test]
+fn a_shared_weight_gets_a_flat_matmul_gradient() {
+    // x [2, 3, 4] @ w [4, 5]: dw = x[6, 4]ᵀ @ dy[6, 5], one 2-D product with
+    // no [2, 4, 5] temporary summed afterwards.
+    let mut c = Check::new(20);
+    let x = c.param("x", &[2, 3, 4]);
+    let w = c.param("w", &[4, 5]);
+    let y = c.op(Op::MatMul, &[x, w]);
+    let loss = c.weighted_sum(y);
+    let grads = gradients(&mut c.g, loss, &[w]).unwrap();
+    let dw = c.g.node(grads[0].node);
+    assert_eq!(dw.op, Op::MatMul);
+    let operands: Vec<Vec<usize>> =
+        c.g.inputs(grads[0].node)
+            .iter()
+            .map(|v| c.g.ty(*v).shape.clone())
+            .collect();
+    assert_eq!(operands, vec![vec![4, 6], vec![6, 5]]);
+}
+
+#[test]
+fn max_over_several_axes_with_keepdims_splits_ties_among_all() {
+    // x [2, 1, 2] reduced over axes [0, 2] with keepdims gives [1, 1, 1];
+    // three of the four elements tie at the max 4, so each gets dy/3.
+    let mut c = Check::new(21);
+    let x = c.param_with("x", &[2, 1, 2], vec![4.0, 1.0, 4.0, 4.0]);
+    let m = c.op(
+        Op::Reduce {
+            op: ReduceOp::Max,
+            axes: vec![0, 2],
+            keepdims: true,
+        },
+        &[x],
+    );
+    let w = c.param_with("w", &[1, 1, 1], vec![3.0]);
+    let y = c.op(Op::Binary(BinaryOp::Mul), &[m, w]);
+    let loss = c.op(
+        Op::Reduce {
+            op: ReduceOp::Sum,
+            axes: vec![0, 1, 2],
+            keepdims: false,
+        },
+        &[y],
+    );
+    let g = c.analytic(loss);
+    assert_close(&g["x"], &[1.0, 0.0, 1.0, 1.0], "x");
+}
+
+#[test]
+fn gradient_graphs_are_deterministic() {
+    let (model, _) = tiny_model();
+    let print = |g: &Graph| dlc::ir::print::print(g);
+    let a = print(&with_gradients(&model).unwrap());
+    let b = print(&with_gradients(&model).unwrap());
+    assert_eq!(a, b);
+    let adam = Optimizer::Adam {
+        lr: 0.001,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+    };
+    let a = print(&training_step(&model, &adam, Some(Regularizer::L2(0.1))).unwrap());
+    let b = print(&training_step(&model, &adam, Some(Regularizer::L2(0.1))).unwrap());
+    assert_eq!(a, b);
 }

@@ -412,3 +412,74 @@ fn matmul_kernel_uses_fused_multiply_add() {
     assert!(asm.contains("vfmadd"), "no FMA instruction in the matmul kernel");
     assert!(!asm.contains("fmaf"), "FMA lowered to a libcall");
 }
+
+#[test]
+fn conv_and_its_gradients_match_interpreter() {
+    use dlc::ir::Conv2d;
+    let mut rng = Rng(11);
+    let cases: &[(&[usize], &[usize], Conv2d)] = &[
+        (&[2, 3, 7, 9], &[4, 3, 3, 2], Conv2d { stride: 1, dilation: 1, pad: [1, 0, 1, 0] }),
+        (&[1, 1, 5, 5], &[1, 1, 1, 1], Conv2d { stride: 2, dilation: 1, pad: [0, 0, 0, 0] }),
+        (&[3, 2, 9, 8], &[5, 2, 3, 3], Conv2d { stride: 2, dilation: 2, pad: [2, 1, 3, 2] }),
+        (&[2, 6, 12, 11], &[7, 6, 5, 5], Conv2d { stride: 1, dilation: 1, pad: [2, 2, 2, 2] }),
+    ];
+    for (xs, ws, conv) in cases {
+        let mut c = Case::new();
+        let x = c.input("x", rand_f32(&mut rng, xs, 1.0));
+        let w = c.input("w", rand_f32(&mut rng, ws, 1.0));
+        let y = c.op(Op::Conv(*conv), &[x, w]);
+        let ys = c.g.ty(y).shape.clone();
+        let dy = c.input("dy", rand_f32(&mut rng, &ys, 1.0));
+        let dx = c.op(
+            Op::ConvGradInput {
+                conv: *conv,
+                input_hw: [xs[2], xs[3]],
+            },
+            &[dy, w],
+        );
+        let dw = c.op(
+            Op::ConvGradFilter {
+                conv: *conv,
+                kernel_hw: [ws[2], ws[3]],
+            },
+            &[x, dy],
+        );
+        c.out("y", y);
+        c.out("dx", dx);
+        c.out("dw", dw);
+        c.check_tol(1e-5, 1e-5);
+    }
+}
+
+#[test]
+fn pooling_and_its_gradients_match_interpreter() {
+    use dlc::ir::Pool2d;
+    let mut rng = Rng(12);
+    let cases: &[(&[usize], Pool2d)] = &[
+        (&[2, 3, 7, 6], Pool2d { window: 3, stride: 2, pad: 1 }),
+        (&[1, 2, 5, 5], Pool2d { window: 2, stride: 2, pad: 0 }),
+        (&[3, 1, 6, 9], Pool2d { window: 3, stride: 1, pad: 0 }),
+        (&[1, 1, 1, 1], Pool2d { window: 1, stride: 1, pad: 0 }),
+    ];
+    for (xs, p) in cases {
+        let mut c = Case::new();
+        let x = c.input("x", rand_f32(&mut rng, xs, 1.0));
+        let mx = c.op(Op::MaxPool(*p), &[x]);
+        let av = c.op(Op::AvgPool(*p), &[x]);
+        let ys = c.g.ty(mx).shape.clone();
+        let dy = c.input("dy", rand_f32(&mut rng, &ys, 1.0));
+        let dmx = c.op(Op::MaxPoolGrad(*p), &[x, dy]);
+        let dav = c.op(
+            Op::AvgPoolGrad {
+                pool: *p,
+                input_hw: [xs[2], xs[3]],
+            },
+            &[dy],
+        );
+        c.out("max", mx);
+        c.out("avg", av);
+        c.out("dmax", dmx);
+        c.out("davg", dav);
+        c.check(1e-5);
+    }
+}

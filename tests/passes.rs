@@ -981,3 +981,71 @@ fn workload_training_steps_fit_in_planned_memory() {
         assert!((p.arena_bytes as f64) < xla, "{name}: arena {} vs XLA {xla}", p.arena_bytes);
     }
 }
+
+// ---------- filetests ----------
+
+/// `tests/filetests/NAME.dl` is compiled at O2 and printed as `NAME.opt-ir`
+/// (the optimised graph) and `NAME.kernels` (the kernel groups), compared
+/// with the sibling files; `BLESS=1` rewrites them. A `# filetest: grad` or
+/// `# filetest: train` line compiles the gradient graph or the training step
+/// (sgd, momentum 0.9) instead of the forward graph. Results are also
+/// checked against the interpreter.
+#[test]
+fn filetests() {
+    let dir = root().join("tests/filetests");
+    let bless = std::env::var("BLESS").is_ok_and(|v| v == "1");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "dl"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 20, "only {} filetests", files.len());
+    let mut failures = Vec::new();
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mode = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# filetest:"))
+            .map(|m| m.trim().to_string())
+            .unwrap_or_default();
+        let m = elab(&path, None, &[], BTreeMap::new());
+        let g = match mode.as_str() {
+            "grad" => dlc::autodiff::with_gradients(&m).unwrap(),
+            "train" => dlc::autodiff::training_step(
+                &m,
+                &Optimizer::Sgd {
+                    lr: 0.1,
+                    momentum: 0.9,
+                },
+                None,
+            )
+            .unwrap(),
+            "" => m.graph.clone(),
+            other => panic!("{}: unknown filetest mode '{other}'", path.display()),
+        };
+        let l = lower_checked(&g, OptLevel::O2);
+        let f = feeds(&g, 3);
+        let before = run_f32(&g, &f).unwrap();
+        let after = run_f32(&l.graph, &f).unwrap();
+        assert_close(&before, &after, 1e-6, &path.display().to_string());
+        for (ext, got) in [
+            ("opt-ir", dlc::ir::print::print(&l.graph)),
+            ("kernels", fusion::print_kernels(&l.graph, &l.kernels)),
+        ] {
+            let expected_path = path.with_extension(ext);
+            if bless {
+                std::fs::write(&expected_path, &got).unwrap();
+                continue;
+            }
+            let want = std::fs::read_to_string(&expected_path).unwrap_or_default();
+            if want != got {
+                failures.push(format!(
+                    "{} differs (run with BLESS=1 to accept):\n--- expected\n{want}--- got\n{got}",
+                    expected_path.display()
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -635,3 +635,42 @@ fn declaration_without_keyword_gets_help() {
     "#]]
     .assert_eq(&render(&diags, &map));
 }
+
+#[test]
+fn render_warning_in_second_file() {
+    let mut map = SourceMap::default();
+    map.add("std.dl", "fn dense(x) {\n    return x\n}\n");
+    map.add("user.dl", "fn dense(x) {\n    return x\n}\n");
+    let d = Diagnostic::warning(
+        dlc::ir::Span {
+            file: 1,
+            start: 3,
+            end: 8,
+        },
+        "'dense' shadows the standard library fn of the same name",
+    )
+    .with_related(
+        dlc::ir::Span {
+            file: 0,
+            start: 3,
+            end: 8,
+        },
+        "standard definition",
+    );
+    expect![[r#"
+        warning: 'dense' shadows the standard library fn of the same name
+          --> user.dl:1:4
+          |
+        1 | fn dense(x) {
+          |    ^^^^^
+          |
+          --> std.dl:1:4
+          |
+        1 | fn dense(x) {
+          |    ----- standard definition
+
+    "#]]
+    .assert_eq(&render(&[d.clone()], &map));
+    expect!["user.dl:1:4: warning: 'dense' shadows the standard library fn of the same name"]
+        .assert_eq(&one_line(&d, &map));
+}

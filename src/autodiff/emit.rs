@@ -97,8 +97,14 @@ impl<'g> Emit<'g> {
         self.op(Op::Reduce { op, axes, keepdims }, &[x])
     }
 
-    /// Reshape, skipped when the shape already matches.
+    /// Reshape, skipped when the shape already matches. A reshape of a
+    /// reshape reads the original: the data never moves, and the inner node
+    /// may then become dead.
     pub fn reshape(&mut self, x: Value, shape: Vec<usize>) -> Result<Value, AutodiffError> {
+        let x = match self.g.node(x.node).op {
+            Op::Reshape { .. } => self.g.inputs(x.node).first().copied().unwrap_or(x),
+            _ => x,
+        };
         if self.shape(x) == shape {
             return Ok(x);
         }

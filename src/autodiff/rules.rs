@@ -38,11 +38,23 @@ pub(crate) fn backward(e: &mut Emit, op: &Op, x: &[Value], y: Value, dy: Value) 
         // the unbroadcast sums over batch dims an operand was broadcast along.
         Op::MatMul => {
             let (a, b) = (x[0], x[1]);
+            let (sa, sb) = (e.shape(a), e.shape(b));
             let bt = e.transpose_last2(b)?;
             let da = e.op(Op::MatMul, &[dy, bt])?;
-            let at = e.transpose_last2(a)?;
-            let db = e.op(Op::MatMul, &[at, dy])?;
-            let (sa, sb) = (e.shape(a), e.shape(b));
+            let db = if sb.len() == 2 && sa.len() > 2 {
+                // A weight shared by every batch: fold the batch into the
+                // rows, dw = a[B·M, K]ᵀ @ dy[B·M, N], instead of a batched
+                // product that is summed afterwards (a [B, K, N] temporary).
+                let (k, n) = (sb[0], sb[1]);
+                let rows = sa.iter().product::<usize>() / k.max(1);
+                let a2 = e.reshape(a, vec![rows, k])?;
+                let dy2 = e.reshape(dy, vec![rows, n])?;
+                let a2t = e.transpose_last2(a2)?;
+                e.op(Op::MatMul, &[a2t, dy2])?
+            } else {
+                let at = e.transpose_last2(a)?;
+                e.op(Op::MatMul, &[at, dy])?
+            };
             Ok(vec![Some(e.sum_to(da, &sa)?), Some(e.sum_to(db, &sb)?)])
         }
 
@@ -270,8 +282,11 @@ fn binary(e: &mut Emit, b: BinaryOp, a: Value, c: Value, y: Value, dy: Value) ->
         BinaryOp::Add => (dy, dy),
         // y = a − c: da = dy, dc = −dy
         BinaryOp::Sub => (dy, e.neg(dy)?),
-        // y = a·c: da = dy·c, dc = dy·a
-        BinaryOp::Mul => (e.mul(dy, c)?, e.mul(dy, a)?),
+        // y = a·c: da = dy·c, dc = dy·a (one node for both when a is c, as in x·x)
+        BinaryOp::Mul => {
+            let da = e.mul(dy, c)?;
+            (da, if a == c { da } else { e.mul(dy, a)? })
+        }
         // y = a/c: da = dy/c, dc = −dy·a/c² = −dy·y/c
         BinaryOp::Div => {
             let da = e.div(dy, c)?;

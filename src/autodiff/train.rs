@@ -45,19 +45,21 @@ pub fn training_step(
     match *optimizer {
         // w ← w − lr·g
         Optimizer::Sgd { lr, momentum: 0.0 } => {
+            let lr = e.scalar(lr)?;
             for ((name, w), d) in params.iter().zip(&grads) {
-                let step = e.scale(lr, *d)?;
+                let step = e.mul(lr, *d)?;
                 updates.push((name.clone(), e.sub(*w, step)?));
             }
         }
         // v ← μ·v + g;  w ← w − lr·v
         Optimizer::Sgd { lr, momentum } => {
+            let (lr, momentum) = (e.scalar(lr)?, e.scalar(momentum)?);
             for ((name, w), d) in params.iter().zip(&grads) {
                 let vname = format!("opt.velocity.{name}");
                 let v = state(&mut e, &vname, *w);
-                let mv = e.scale(momentum, v)?;
+                let mv = e.mul(momentum, v)?;
                 let v_new = e.add(mv, *d)?;
-                let step = e.scale(lr, v_new)?;
+                let step = e.mul(lr, v_new)?;
                 updates.push((name.clone(), e.sub(*w, step)?));
                 updates.push((vname, v_new));
             }
@@ -82,27 +84,29 @@ pub fn training_step(
             // Bias corrections 1 − βᵗ, with βᵗ = exp(t·ln β).
             let c1 = bias_correction(&mut e, beta1, t_new)?;
             let c2 = bias_correction(&mut e, beta2, t_new)?;
+            let (b1, one_b1) = (e.scalar(beta1)?, e.scalar(1.0 - beta1)?);
+            let (b2, one_b2) = (e.scalar(beta2)?, e.scalar(1.0 - beta2)?);
+            let (lr, eps) = (e.scalar(lr)?, e.scalar(eps)?);
             for ((name, w), d) in params.iter().zip(&grads) {
                 let (mname, vname) = (format!("opt.m.{name}"), format!("opt.v.{name}"));
                 let m = state(&mut e, &mname, *w);
                 let v = state(&mut e, &vname, *w);
                 // m ← β1·m + (1 − β1)·g
-                let bm = e.scale(beta1, m)?;
-                let gm = e.scale(1.0 - beta1, *d)?;
+                let bm = e.mul(b1, m)?;
+                let gm = e.mul(one_b1, *d)?;
                 let m_new = e.add(bm, gm)?;
                 // v ← β2·v + (1 − β2)·g²
-                let bv = e.scale(beta2, v)?;
+                let bv = e.mul(b2, v)?;
                 let g2 = e.mul(*d, *d)?;
-                let gv = e.scale(1.0 - beta2, g2)?;
+                let gv = e.mul(one_b2, g2)?;
                 let v_new = e.add(bv, gv)?;
                 // w ← w − lr·m̂/(sqrt(v̂) + eps), m̂ = m/c1, v̂ = v/c2
                 let m_hat = e.div(m_new, c1)?;
                 let v_hat = e.div(v_new, c2)?;
                 let root = e.unary(UnaryOp::Sqrt, v_hat)?;
-                let eps = e.scalar(eps)?;
                 let denom = e.add(root, eps)?;
                 let ratio = e.div(m_hat, denom)?;
-                let step = e.scale(lr, ratio)?;
+                let step = e.mul(lr, ratio)?;
                 updates.push((name.clone(), e.sub(*w, step)?));
                 updates.push((mname, m_new));
                 updates.push((vname, v_new));

@@ -162,12 +162,14 @@ fn compile(a: CompileArgs) -> Result<(), Failure> {
             None => model.gradient_graph()?,
         })),
         Some(w @ ("opt-ir" | "kernels" | "plan" | "clif" | "asm")) => {
-            return fail(format!("--emit {w} is not available yet; available now: ast, ir, grad-ir"))
+            return fail(format!(
+                "--emit {w} is not available yet; available now: ast, ir, grad-ir"
+            ))
         }
         Some(other) => {
             return fail(format!(
-                "--emit takes one of ast, ir, opt-ir, grad-ir, kernels, plan, clif, asm, not `{other}`"
-            ))
+            "--emit takes one of ast, ir, opt-ir, grad-ir, kernels, plan, clif, asm, not `{other}`"
+        ))
         }
     };
     let ops = g.op_count();
@@ -398,7 +400,9 @@ fn train_cmd(a: TrainArgs) -> Result<(), Failure> {
     show_warnings(trainer.session().model());
     let name = trainer.session().model().name().to_string();
     for n in &trainer.ignored {
-        warn(format!("tensor `{n}` is not an input of model `{name}`; it is ignored"));
+        warn(format!(
+            "tensor `{n}` is not an input of model `{name}`; it is ignored"
+        ));
     }
     if let Some(p) = &a.params {
         for n in trainer.load(p)? {
@@ -484,7 +488,9 @@ fn bench(a: BenchArgs) -> Result<(), Failure> {
     let mut session = model.session_with_seed(a.seed);
     let forward = time_steps(a.steps, || session.run(&inputs).map(|_| ()))?;
     let train = if a.train {
-        Some(time_steps(a.steps, || session.train_step(&inputs).map(|_| ()))?)
+        Some(time_steps(a.steps, || {
+            session.train_step(&inputs).map(|_| ())
+        })?)
     } else {
         None
     };
@@ -502,7 +508,11 @@ fn bench(a: BenchArgs) -> Result<(), Failure> {
         });
         println!("{v}");
     } else {
-        println!("model {} ({}), {threads} thread(s)", model.name(), fmt_dims(model.dims()));
+        println!(
+            "model {} ({}), {threads} thread(s)",
+            model.name(),
+            fmt_dims(model.dims())
+        );
         println!("compile: {compile_ms:.2} ms");
         println!("forward: {forward}");
         if let Some(t) = &train {

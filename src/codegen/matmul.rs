@@ -23,6 +23,13 @@ pub const NR: usize = 8;
 pub const KC: usize = 256;
 /// Column panels per L2 block of B.
 pub const NCP: usize = 32;
+/// Copies of each A element in its packed panel: one per f32x4 column of
+/// the tile, so every FMA has its own load, which Cranelift folds into a
+/// `vbroadcastss` from memory (two uses of one load would be merged and
+/// kept in a register instead, costing registers the accumulators need).
+pub const AREP: usize = NR / 4;
+/// Floats per k step of a packed A panel.
+const AK: usize = MR * AREP;
 
 /// One matmul operand: element `(batch…, i, j)` is at
 /// `off + Σ batch_d · batch_strides_d + i·rs + j·cs` (elements).
@@ -91,7 +98,7 @@ impl Matmul {
     }
 
     pub fn pack_a_bytes(&self) -> usize {
-        self.a_batches() * self.mp() * self.k * MR * 4
+        self.a_batches() * self.mp() * self.k * AK * 4
     }
     pub fn pack_b_bytes(&self) -> usize {
         self.b_batches() * self.np() * self.k * NR * 4
@@ -147,7 +154,7 @@ impl Matmul {
             let row0 = k.b.ins().imul_imm_s(ip, (MR as i64) * self.a.rs);
             let off = k.b.ins().iadd(off, row0);
             let sp = k.addr(src, off, 4);
-            let dp = k.b.ins().imul_imm_s(u, (self.k * MR * 4) as i64);
+            let dp = k.b.ins().imul_imm_s(u, (self.k * AK * 4) as i64);
             let dp = k.b.ins().iadd(dst, dp);
             let last = k.b.ins().icmp_imm_s(IntCC::Equal, ip, mp - 1);
             let panel = |k: &mut Kb, rows: usize| {
@@ -155,14 +162,16 @@ impl Matmul {
                 let kk_n = k.iconst(self.k as i64);
                 k.for_range(zero, kk_n, 1, |k, kk| {
                     let s = k.addr(sp, kk, 4 * self.a.cs);
-                    let d = k.addr(dp, kk, 4 * MR as i64);
+                    let d = k.addr(dp, kk, 4 * AK as i64);
                     for r in 0..MR {
                         let v = if r < rows {
                             k.load_f(s, (r as i64 * self.a.rs * 4) as i32)
                         } else {
                             k.fconst(0.0)
                         };
-                        k.store_f(v, d, (r * 4) as i32);
+                        for h in 0..AREP {
+                            k.store_f(v, d, ((r * AREP + h) * 4) as i32);
+                        }
                     }
                 });
             };
@@ -255,12 +264,12 @@ impl Matmul {
                         &[a_ps.clone(), b_ps.clone(), c_bs.clone()],
                     );
                     let (ai, bj, coff) = (offs[0], offs[1], offs[2]);
-                    // pa = pack_a + ((ai·mp + ip)·K + k0)·MR·4
+                    // pa = pack_a + ((ai·mp + ip)·K + k0)·AK·4
                     let t = k.b.ins().imul_imm_s(ai, mp as i64);
                     let t = k.b.ins().iadd(t, ip);
                     let t = k.b.ins().imul_imm_s(t, kdim as i64);
                     let t = k.b.ins().iadd(t, k0);
-                    let pa = k.addr(pa_base, t, (MR * 4) as i64);
+                    let pa = k.addr(pa_base, t, (AK * 4) as i64);
                     let row0 = k.b.ins().imul_imm_s(ip, (MR * n) as i64);
                     let crow = k.b.ins().iadd(coff, row0);
                     let crow = k.b.ins().iadd_imm_s(crow, self.c_off as i64);
@@ -378,10 +387,8 @@ fn micro_kernel(k: &mut Kb, pa: Value, pb: Value, kc: Value, c: Value, ldc: Valu
             let b0 = k.b.ins().load(F32X4, ro_flags(), bp, (u * NR * 4) as i32);
             let b1 = k.b.ins().load(F32X4, ro_flags(), bp, (u * NR * 4 + 16) as i32);
             for (r, acc) in accs.iter().enumerate() {
-                let off = ((u * MR + r) * 4) as i32;
-                // One load per use, so each broadcast folds into its FMA's
-                // operand instead of occupying a register across the row.
                 for (h, var) in acc.iter().enumerate() {
+                    let off = ((u * AK + r * AREP + h) * 4) as i32;
                     let s = k.b.ins().load(F32, ro_flags(), a, off);
                     let av = k.b.ins().splat(F32X4, s);
                     let bv = if h == 0 { b0 } else { b1 };
@@ -391,7 +398,7 @@ fn micro_kernel(k: &mut Kb, pa: Value, pb: Value, kc: Value, c: Value, ldc: Valu
                 }
             }
         }
-        let a2 = k.b.ins().iadd_imm_s(a, (unroll * MR * 4) as i64);
+        let a2 = k.b.ins().iadd_imm_s(a, (unroll * AK * 4) as i64);
         let b2 = k.b.ins().iadd_imm_s(bp, (unroll * NR * 4) as i64);
         k.b.def_var(pa_v, a2);
         k.b.def_var(pb_v, b2);

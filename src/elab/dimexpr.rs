@@ -318,6 +318,88 @@ mod tests {
         assert_ne!(opaque.mul(&s("D")), s("N"));
     }
 
+    fn eval(e: &DimExpr, env: &dyn Fn(&str) -> i64) -> i64 {
+        e.terms
+            .iter()
+            .map(|(m, c)| {
+                m.0.iter().fold(*c, |acc, a| {
+                    acc * match a {
+                        Atom::Sym(s) => env(s),
+                        Atom::FloorDiv(n, d) => eval(n, env).div_euclid(eval(d, env)),
+                    }
+                })
+            })
+            .sum()
+    }
+
+    /// A random integer expression over N, T, H as (symbolic, direct
+    /// evaluation at the given sizes).
+    #[derive(Clone, Debug)]
+    enum Tree {
+        Sym(usize),
+        Lit(usize),
+        Add(Box<Tree>, Box<Tree>),
+        Sub(Box<Tree>, Box<Tree>),
+        Mul(Box<Tree>, Box<Tree>),
+        Div(Box<Tree>, usize),
+        DivSym(Box<Tree>, usize),
+    }
+
+    const SYMS: [&str; 3] = ["N", "T", "H"];
+
+    fn tree() -> impl proptest::strategy::Strategy<Value = Tree> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            (0..3usize).prop_map(Tree::Sym),
+            (0..6usize).prop_map(Tree::Lit)
+        ];
+        leaf.prop_recursive(4, 24, 2, |t| {
+            prop_oneof![
+                (t.clone(), t.clone()).prop_map(|(a, b)| Tree::Add(Box::new(a), Box::new(b))),
+                (t.clone(), t.clone()).prop_map(|(a, b)| Tree::Sub(Box::new(a), Box::new(b))),
+                (t.clone(), t.clone()).prop_map(|(a, b)| Tree::Mul(Box::new(a), Box::new(b))),
+                (t.clone(), 1..5usize).prop_map(|(a, d)| Tree::Div(Box::new(a), d)),
+                (t, 0..3usize).prop_map(|(a, s)| Tree::DivSym(Box::new(a), s)),
+            ]
+        })
+    }
+
+    fn build(t: &Tree) -> DimExpr {
+        match t {
+            Tree::Sym(i) => s(SYMS[*i]),
+            Tree::Lit(n) => c(*n),
+            Tree::Add(a, b) => build(a).add(&build(b)),
+            Tree::Sub(a, b) => build(a).sub(&build(b)),
+            Tree::Mul(a, b) => build(a).mul(&build(b)),
+            Tree::Div(a, d) => build(a).div_floor(&c(*d)),
+            Tree::DivSym(a, i) => build(a).div_floor(&s(SYMS[*i])),
+        }
+    }
+
+    fn direct(t: &Tree, v: &[i64; 3]) -> i64 {
+        match t {
+            Tree::Sym(i) => v[*i],
+            Tree::Lit(n) => *n as i64,
+            Tree::Add(a, b) => direct(a, v) + direct(b, v),
+            Tree::Sub(a, b) => direct(a, v) - direct(b, v),
+            Tree::Mul(a, b) => direct(a, v) * direct(b, v),
+            Tree::Div(a, d) => direct(a, v).div_euclid(*d as i64),
+            Tree::DivSym(a, i) => direct(a, v).div_euclid(v[*i]),
+        }
+    }
+
+    proptest::proptest! {
+        /// Normalisation keeps the value: the normal form evaluates like
+        /// the expression it came from, at every size, so two expressions
+        /// it calls equal are equal at every size.
+        #[test]
+        fn normal_form_preserves_value(t in tree(), n in 1..9i64, tt in 1..9i64, h in 1..9i64) {
+            let v = [n, tt, h];
+            let env = |name: &str| v[SYMS.iter().position(|x| *x == name).unwrap_or(0)];
+            proptest::prop_assert_eq!(eval(&build(&t), &env), direct(&t, &v));
+        }
+    }
+
     #[test]
     fn constants_are_known() {
         assert_eq!(c(6).mul(&c(7)).known(), Some(42));

@@ -77,6 +77,8 @@ pub(crate) struct Symbols {
     /// Inputs whose shape already contradicted another source of a symbol
     /// (reported once, not again as a declaration mismatch).
     pub conflicted: std::collections::BTreeSet<String>,
+    /// Symbols left unbound only because their input was already reported.
+    pub poisoned: std::collections::BTreeSet<String>,
 }
 
 pub(crate) struct Elab<'a, D: ElabDim> {
@@ -542,11 +544,17 @@ impl<'a, D: ElabDim> Elab<'a, D> {
             self.model_dims.insert(name.to_string(), *n);
             return Some(Int::C(*n as i64));
         }
+        if self.syms.poisoned.contains(name) {
+            return None;
+        }
         self.diags.push(
-            Diagnostic::error(span, format!("dimension symbol `{name}` is not bound to a size"))
-                .with_help(format!(
-                    "give it with `--dim {name}=...`, give it a default in the input type (`{name}=32`), or pass an input that has it"
-                )),
+            Diagnostic::error(
+                span,
+                format!("dimension symbol `{name}` has no size; give it with `--dim {name}=...`"),
+            )
+            .with_help(format!(
+                "or give it a default where it first appears (`{name}=32`), or pass an input tensor that has it"
+            )),
         );
         None
     }
@@ -792,11 +800,11 @@ impl<'a, D: ElabDim> Elab<'a, D> {
                 })
             }
             _ => {
-                let what = format!("the {} operand of `{sym}`", "left");
+                let what = format!("the left operand of `{sym}`");
                 let Some(x) = self.tensor(&a, span, &what) else {
                     return Val::Poison;
                 };
-                let what = format!("the {} operand of `{sym}`", "right");
+                let what = format!("the right operand of `{sym}`");
                 let Some(y) = self.tensor(&b, span, &what) else {
                     return Val::Poison;
                 };

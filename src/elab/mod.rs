@@ -4,6 +4,30 @@
 //! that created them (LANGUAGE.md §3), binds dimension symbols and checks
 //! every op's shapes, reporting all errors of a file together. The same
 //! code runs over symbolic dims ([`check`]) and over sizes ([`elaborate`]).
+//!
+//! Code map: `expand` walks statements and expressions, expands fns and
+//! matches argument patterns; `prims` lowers primitive calls to IR ops;
+//! `items` resolves names to fns and primitives; `train` reads the `train`
+//! block; `dimexpr` is the symbolic dimension type; `value` the
+//! compile-time values.
+//!
+//! Choices the language reference leaves open:
+//! - Integer `/` floors (`H/2` with `H = 7` is 3), as sizes do in shape rules.
+//! - std.dl resolves names in itself and the primitives only, so a user fn
+//!   that shadows `dense` cannot change what `self_attention` means.
+//! - Whether a fn creates parameters is decided from the source before any
+//!   expansion, so two layers in one binding are rejected before they could
+//!   create clashing names.
+//! - `check` works over symbols and ignores `N=32` defaults, so messages
+//!   speak of `N`; an error that disappears at the default sizes (the
+//!   model only works for some sizes, e.g. `D / heads`) becomes a warning,
+//!   because `dlc compile` would accept the model.
+//! - The graph built by `check` only carries types: a slice over a
+//!   symbolic extent records its size, not its bounds. It is never run.
+//!
+//! **Architecture invariant:** elaboration never panics on any source; every
+//! problem is a [`Diagnostic`], and a value whose expression failed is
+//! "poisoned" so its uses add no further errors.
 
 pub mod dimexpr;
 mod expand;
@@ -337,7 +361,23 @@ fn prebind_symbols(
             continue;
         };
         if given.len() != ty.dims.len() {
-            // Reported with the full shapes once the input is elaborated.
+            diags.push(Diagnostic::error(
+                ty.span,
+                format!(
+                    "input `{name}` is declared with rank {} ({}), but the given tensor has shape {}",
+                    ty.dims.len(),
+                    expand::type_text(ty),
+                    crate::ir::fmt_shape(given)
+                ),
+            ));
+            syms.conflicted.insert(name.to_string());
+            for d in &ty.dims {
+                if let DimAst::Expr { expr, .. } = d {
+                    if let ExprKind::Name(sym) = &expr.kind {
+                        syms.poisoned.insert(sym.clone());
+                    }
+                }
+            }
             continue;
         }
         for (d, &size) in ty.dims.iter().zip(given) {
@@ -385,4 +425,6 @@ fn prebind_symbols(
             }
         }
     }
+    let bound = &syms.bound;
+    syms.poisoned.retain(|s| !bound.contains_key(s));
 }

@@ -582,10 +582,7 @@ impl<D: ElabDim> Elab<'_, D> {
                             [th / 2, tw / 2, th - th / 2, tw - tw / 2]
                         }
                     }
-                    Some((Val::Str(s), sp)) if s == "valid" => {
-                        let _ = sp;
-                        [0; 4]
-                    }
+                    Some((Val::Str(s), _)) if s == "valid" => [0; 4],
                     Some((Val::Str(s), sp)) => {
                         self.error(
                             *sp,

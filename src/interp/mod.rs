@@ -213,6 +213,10 @@ pub enum InterpError {
 /// Run a graph: every Input/Param/State leaf is fed by name from `feeds`
 /// (all must be present with the right dtype and shape); returns every graph
 /// output ([`Graph::outputs`]) by name.
+///
+/// Every node is evaluated, used or not, so a leaf that no output needs must
+/// still be fed. In [`Precision::F32`] fed float values are rounded to `f32`
+/// on entry, like every op result.
 pub fn run(
     g: &Graph,
     feeds: &BTreeMap<String, Array>,

@@ -288,18 +288,14 @@ fn reduce(
     let Op::Expand { .. } = producer(g, x) else {
         return None;
     };
-    // sum(expand(x)) over axes ⊇ the broadcast axes = k · sum(x) over the rest,
-    // k the product of the broadcast sizes; mean and max drop the expand.
+    // sum_A(expand(x)) = expand(k · sum_A'(x)): the broadcast axes in A hold k
+    // copies of each value (A' are A's axes within x); mean and max of copies
+    // are the value itself, so they drop the factor.
     let src = g.inputs(x.node)[0];
     let ss = g.ty(src).shape.clone();
     let lead = xs.len() - ss.len();
-    let broadcast: Vec<usize> = (0..xs.len())
-        .filter(|&j| j < lead || (ss[j - lead] == 1 && xs[j] != 1))
-        .collect();
-    if !broadcast.iter().all(|j| axes.contains(j)) {
-        return None;
-    }
-    let k: usize = broadcast.iter().map(|&j| xs[j]).product();
+    let broadcast = |j: usize| j < lead || (ss[j - lead] == 1 && xs[j] != 1);
+    let k: usize = axes.iter().filter(|&&j| broadcast(j)).map(|&j| xs[j]).product();
     let inner_axes: Vec<usize> = axes.iter().filter(|&&a| a >= lead).map(|&a| a - lead).collect();
     let mut v = src;
     if !inner_axes.is_empty() {
@@ -311,15 +307,16 @@ fn reduce(
         let ty = infer(&rop, &[g.ty(v)]).ok()?.pop()?;
         v = add_typed(g, rop, ty, &[v]);
     }
-    if g.ty(v).shape != out.shape {
-        let rs = Op::Reshape {
-            shape: out.shape.clone(),
-        };
-        v = add_typed(g, rs, out.clone(), &[v]);
-    }
     if op == ReduceOp::Sum && k != 1 {
         let kf = add_fill(g, k as f32, vec![]);
         v = binary_node(g, BinaryOp::Mul, v, kf)?;
+    }
+    if g.ty(v).shape != out.shape {
+        let ex = Op::Expand {
+            shape: out.shape.clone(),
+        };
+        let ty = infer(&ex, &[g.ty(v)]).ok()?.pop()?;
+        v = add_typed(g, ex, ty, &[v]);
     }
     Some(v)
 }

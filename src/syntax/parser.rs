@@ -10,6 +10,27 @@
 //! Newlines: they end statements, except inside `( )` and `[ ]` (tracked by
 //! `open`), after an operator, `=` or `,` at the end of a line, and before a
 //! line that starts with `|>`.
+//!
+//! The grammar, for reference (`SEP` is a newline or `;`):
+//!
+//! ```text
+//! file    = item*
+//! item    = "model" NAME "{" stmt* "}"
+//!         | "fn" NAME "(" [param ("," param)* [","]] ")" "{" stmt* "}"
+//! param   = NAME [":" ("int" | "float" | "bool" | ttype)] ["=" expr]
+//! stmt    = "input" NAME ":" ttype | "param" NAME ":" ttype ["=" expr]
+//!         | NAME "=" expr | "output" NAME ["=" expr] | "loss" "=" expr
+//!         | "train" "{" (NAME "=" expr)* "}" | "return" expr        (then SEP)
+//! ttype   = ("f32" | "i32") "[" [dim ("," dim)* [","]] "]"
+//! dim     = "..." | add ["=" add]
+//! expr    = add ("|>" NAME ["(" args ")"])*        -- desugared to calls
+//! add     = mul (("+" | "-") mul)*
+//! mul     = unary (("*" | "/" | "@") unary)*
+//! unary   = "-" unary | primary
+//! primary = NUMBER | STRING | "true" | "false" | NAME ["(" args ")"]
+//!         | "(" expr ")" | "[" [expr ("," expr)* [","]] "]"
+//! args    = [arg ("," arg)* [","]],  arg = [NAME "="] expr  (keywords last)
+//! ```
 
 use super::ast::*;
 use super::lexer::{Tok, Token};

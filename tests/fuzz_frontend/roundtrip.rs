@@ -10,7 +10,9 @@ use dlc::syntax::ast::*;
 use dlc::tensor::DType;
 use proptest::prelude::*;
 
-const NAMES: &[&str] = &["x", "y", "h1", "_t", "N", "D", "relu_out", "modelx", "inputs"];
+const NAMES: &[&str] = &[
+    "x", "y", "h1", "_t", "N", "D", "relu_out", "modelx", "inputs",
+];
 const FUNCS: &[&str] = &["f", "dense", "relu", "conv2d", "sum", "g_2"];
 const KEYS: &[&str] = &["k", "axis", "pad", "lr"];
 
@@ -40,7 +42,13 @@ fn leaf() -> impl Strategy<Value = Expr> {
 }
 
 pub fn expr() -> impl Strategy<Value = Expr> {
-    let ops = [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div, BinOp::MatMul];
+    let ops = [
+        BinOp::Add,
+        BinOp::Sub,
+        BinOp::Mul,
+        BinOp::Div,
+        BinOp::MatMul,
+    ];
     leaf().prop_recursive(5, 48, 4, move |inner| {
         prop_oneof![
             3 => (inner.clone(), inner.clone(), prop::sample::select(ops.to_vec())).prop_map(
@@ -68,10 +76,16 @@ pub fn expr() -> impl Strategy<Value = Expr> {
 fn dim() -> impl Strategy<Value = DimAst> {
     prop_oneof![
         Just(DimAst::Ellipsis(Span::default())),
-        expr().prop_map(|e| DimAst::Expr { expr: e, default: None }),
+        expr().prop_map(|e| DimAst::Expr {
+            expr: e,
+            default: None
+        }),
         (prop::sample::select(NAMES), 1u32..100).prop_map(|(n, v)| DimAst::Expr {
             expr: mk(ExprKind::Name(n.to_string())),
-            default: Some(mk(ExprKind::Number { value: f64::from(v), is_int: true })),
+            default: Some(mk(ExprKind::Number {
+                value: f64::from(v),
+                is_int: true
+            })),
         }),
     ]
 }
@@ -117,32 +131,43 @@ fn param() -> impl Strategy<Value = FnParam> {
         Just(TypeAnn::Bool(Span::default())),
         tensor_type().prop_map(TypeAnn::Tensor),
     ];
-    (prop::sample::select(NAMES), prop::option::of(ann), prop::option::of(expr())).prop_map(
-        |(n, ann, default)| FnParam {
+    (
+        prop::sample::select(NAMES),
+        prop::option::of(ann),
+        prop::option::of(expr()),
+    )
+        .prop_map(|(n, ann, default)| FnParam {
             name: ident(n),
             ann,
             default,
             span: Span::default(),
-        },
-    )
+        })
 }
 
 pub fn file() -> impl Strategy<Value = File> {
     let item = prop_oneof![
-        (prop::sample::select(FUNCS), prop::collection::vec(param(), 0..4), prop::collection::vec(stmt(true), 0..5))
+        (
+            prop::sample::select(FUNCS),
+            prop::collection::vec(param(), 0..4),
+            prop::collection::vec(stmt(true), 0..5)
+        )
             .prop_map(|(n, params, body)| Item::Fn(FnDef {
                 name: ident(n),
                 params,
                 body,
                 span: Span::default(),
             })),
-        (prop::sample::select(NAMES), prop::collection::vec(stmt(false), 0..6)).prop_map(|(n, body)| {
-            Item::Model(ModelDef {
-                name: ident(n),
-                body,
-                span: Span::default(),
-            })
-        }),
+        (
+            prop::sample::select(NAMES),
+            prop::collection::vec(stmt(false), 0..6)
+        )
+            .prop_map(|(n, body)| {
+                Item::Model(ModelDef {
+                    name: ident(n),
+                    body,
+                    span: Span::default(),
+                })
+            }),
     ];
     prop::collection::vec(item, 0..4).prop_map(|items| File { items })
 }
@@ -175,7 +200,7 @@ impl<'n> Printer<'n> {
         }
         let v = self.noise[self.at % self.noise.len()];
         self.at += 1;
-        v % one_in == 0
+        v.is_multiple_of(one_in)
     }
 
     /// A space, or a line break where the statement continues anyway.

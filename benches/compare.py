@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""dlc against JAX/XLA on the reference workloads, in one run on one machine.
+
+For every workload (mlp, lenet, vgg, lstm, gru, transformer, gemm at 512 and
+1024) this runs `dlc bench --json` (compile, forward and, where the model has
+a loss, the training step), then `anchors.py` (the same math in JAX/XLA at
+the same sizes, see ../shared/bench/workloads/README.md), and prints one
+markdown table of the two with the ratio dlc/XLA (above 1: dlc is slower).
+
+Both sides run one after the other, never at the same time, with the same
+thread count. Columns:
+  * compile: dlc's `compile_ms` (source to a runnable forward plan; the
+    training plan is built during the warm-up step and is not included)
+    against XLA's compile time of the forward function;
+  * fwd / train: median latency of one forward pass / one training step
+    (sgd, lr=0.01, momentum=0.9) after a warm-up;
+  * GFLOP/s: gemm only, 2*M*K*P / forward time.
+
+Setup (once): the XLA side needs a Python with jax, numpy and safetensors:
+
+    python3 -m venv .venv && .venv/bin/pip install jax numpy safetensors
+
+then point the script at it with `--python .venv/bin/python` or
+`DLC_BENCH_PYTHON=.venv/bin/python`. dlc is not built here: run
+`cargo build --release` first (or pass `--dlc PATH`).
+
+Usage:
+    python3 benches/compare.py [--python PY] [--dlc PATH] [--backend interp|jit]
+                               [--threads 1|2] [--only mlp,gemm] [--quick]
+                               [--steps K] [--json OUT]
+
+Only the standard library is used; exit status 1 if any measurement failed.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name, file (under --workloads), dims, has a training step. The sizes are
+# those of ../shared/bench/workloads/README.md; the names are anchors.py's.
+WORKLOADS = [
+    ("mlp", "mlp.dl", {"N": 64}, True),
+    ("lenet", "lenet.dl", {"N": 32}, True),
+    ("vgg", "vgg.dl", {"N": 16}, True),
+    ("lstm", "lstm.dl", {"N": 16, "T": 32}, True),
+    ("gru", "gru.dl", {"N": 16, "T": 32}, True),
+    ("transformer", "transformer.dl", {"N": 8, "T": 64}, True),
+    ("gemm512", "gemm.dl", {"M": 512, "K": 512, "P": 512}, False),
+    ("gemm1024", "gemm.dl", {"M": 1024, "K": 1024, "P": 1024}, False),
+]
+
+
+def select(only):
+    if not only:
+        return list(WORKLOADS)
+    out = []
+    for name in only.split(","):
+        name = name.strip()
+        # "gemm" selects both sizes, as in anchors.py.
+        found = [w for w in WORKLOADS if w[0] == name] or \
+                [w for w in WORKLOADS if w[0].startswith(name)]
+        if not found:
+            sys.exit(f"compare.py: unknown workload `{name}`; expected one of "
+                     + ", ".join(w[0] for w in WORKLOADS))
+        out.extend(w for w in found if w not in out)
+    return out
+
+
+def machine():
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
+    except OSError:
+        model = platform.processor() or "?"
+    return {"cpu_model": model, "cores": os.cpu_count(), "machine": platform.machine(),
+            "system": platform.system()}
+
+
+def run_dlc(args, workload):
+    name, file, dims, trainable = workload
+    cmd = [args.dlc, "bench", os.path.join(args.workloads, file), "--json",
+           "--backend", args.backend, "--threads", str(args.threads), "--steps", str(args.steps)]
+    for k, v in dims.items():
+        cmd += ["--dim", f"{k}={v}"]
+    if trainable:
+        cmd.append("--train")
+    print("# dlc: " + " ".join(cmd), file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout:g} s"}
+    except OSError as e:
+        return {"error": f"cannot run {args.dlc}: {e}"}
+    if proc.returncode != 0:
+        msg = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        return {"error": msg}
+    for line in reversed(proc.stdout.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                break
+    return {"error": "no JSON object in the output of dlc bench"}
+
+
+def run_anchors(args, names):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "anchors.json")
+        cmd = [args.python, args.anchors, "--only", ",".join(names), "--threads", str(args.threads),
+               "--json", out]
+        if args.quick:
+            cmd.append("--quick")
+        print("# XLA: " + " ".join(cmd), file=sys.stderr, flush=True)
+        try:
+            # anchors.py's own progress goes to our stderr; its table is not needed.
+            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=args.timeout * len(names))
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return {}, {"error": f"anchors.py did not run: {e}"}
+        if not os.path.exists(out):
+            return {}, {"error": f"anchors.py exited {proc.returncode} without results"}
+        with open(out) as f:
+            data = json.load(f)
+    by_name = {r["workload"]: r for r in data.get("results", [])}
+    return by_name, data
+
+
+def fmt(v, digits=2):
+    if v is None:
+        return "—"
+    return f"{v:.3f}" if v < 0.1 else f"{v:.{digits}f}"
+
+
+def ratio(a, b):
+    if a is None or b is None or b <= 0:
+        return "—"
+    return f"{a / b:.2f}"
+
+
+def ms_of(seconds):
+    return None if seconds is None else seconds * 1e3
+
+
+def table(rows):
+    lines = [
+        "| workload | dlc compile ms | XLA compile ms | ratio | dlc fwd ms | XLA fwd ms | ratio "
+        "| dlc train ms | XLA train ms | ratio | dlc GFLOP/s | XLA GFLOP/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        d, x = r["dlc"], r["xla"]
+        notes = []
+        if "error" in d:
+            notes.append(f"dlc: {d['error']}")
+        if "error" in x:
+            notes.append(f"XLA: {x['error']}")
+        dc, xc = d.get("compile_ms"), ms_of(x.get("compile_fwd_s"))
+        df, xf = d.get("forward_ms"), ms_of(x.get("fwd_s"))
+        dt, xt = d.get("train_step_ms"), ms_of(x.get("train_s"))
+        dg = xg = None
+        if r["flops"] and df:
+            dg = r["flops"] / (df * 1e-3) / 1e9
+        if r["flops"] and xf:
+            xg = x.get("gflops") or r["flops"] / (xf * 1e-3) / 1e9
+        name = r["name"] + (" (" + "; ".join(notes) + ")" if notes else "")
+        lines.append(
+            f"| {name} | {fmt(dc, 1)} | {fmt(xc, 1)} | {ratio(dc, xc)} | {fmt(df)} | {fmt(xf)} | "
+            f"{ratio(df, xf)} | {fmt(dt)} | {fmt(xt)} | {ratio(dt, xt)} | "
+            f"{fmt(dg, 1) if dg else '—'} | {fmt(xg, 1) if xg else '—'} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--python", default=os.environ.get("DLC_BENCH_PYTHON", "python3"),
+                    help="interpreter with jax, numpy, safetensors (default: $DLC_BENCH_PYTHON or python3)")
+    ap.add_argument("--dlc", default=os.environ.get("DLC_BIN", os.path.join(REPO, "target", "release", "dlc")),
+                    help="the dlc binary (default: $DLC_BIN or target/release/dlc)")
+    ap.add_argument("--anchors", default=os.path.join(os.path.dirname(REPO), "shared", "bench", "anchors.py"),
+                    help="path of anchors.py (default: ../shared/bench/anchors.py)")
+    ap.add_argument("--workloads", default=os.path.join(REPO, "lang", "examples"),
+                    help="folder with the workload .dl files (default: lang/examples)")
+    ap.add_argument("--backend", default=os.environ.get("DLC_BACKEND", "jit"), choices=["interp", "jit"],
+                    help="dlc backend (default: $DLC_BACKEND or jit)")
+    ap.add_argument("--threads", type=int, default=2, choices=[1, 2],
+                    help="threads on both sides (anchors.py knows 1 and 2)")
+    ap.add_argument("--only", help="comma-separated workloads (gemm = both sizes)")
+    ap.add_argument("--quick", action="store_true", help="anchors.py --quick (short timing windows)")
+    ap.add_argument("--steps", type=int, default=5, help="dlc bench --steps (timed steps after a warm-up)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per dlc run")
+    ap.add_argument("--json", metavar="PATH", help="also write everything measured as JSON")
+    args = ap.parse_args()
+
+    if not os.path.isfile(args.dlc):
+        sys.exit(f"compare.py: no dlc binary at {args.dlc}; run `cargo build --release` or pass --dlc")
+    if not os.path.isfile(args.anchors):
+        sys.exit(f"compare.py: no anchors.py at {args.anchors}; pass --anchors")
+
+    chosen = select(args.only)
+    started = time.time()
+    dlc_results = {w[0]: run_dlc(args, w) for w in chosen}
+    xla_results, xla_raw = run_anchors(args, [w[0] for w in chosen])
+    xla_error = xla_raw.get("error") if isinstance(xla_raw, dict) else None
+
+    rows = []
+    for name, _, dims, _ in chosen:
+        flops = 2.0 * dims["M"] * dims["K"] * dims["P"] if name.startswith("gemm") else None
+        x = xla_results.get(name) or {"error": xla_error or "no result"}
+        rows.append({"name": name, "dims": dims, "flops": flops, "dlc": dlc_results[name], "xla": x})
+
+    env = machine()
+    xla_env = xla_raw.get("environment", {}) if isinstance(xla_raw, dict) else {}
+    out = table(rows)
+    out += (f"\n\nmachine: {env['cpu_model']}, {env['cores']} cores ({env['machine']}, {env['system']}); "
+            f"threads={args.threads} on both sides; dlc backend={args.backend}, "
+            f"{args.steps} timed steps; XLA: jax {xla_env.get('jax', '?')}"
+            f"{', --quick timing windows' if args.quick else ''}; "
+            f"whole run {time.time() - started:.0f} s.\n"
+            "ratio = dlc / XLA (above 1: dlc slower). compile: dlc source-to-forward-plan vs "
+            "XLA forward jit compile.")
+    print(out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": env, "args": vars(args), "rows": rows, "xla_environment": xla_env,
+                       "table_markdown": out}, f, indent=2)
+    failed = any("error" in r["dlc"] or "error" in r["xla"] for r in rows)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
