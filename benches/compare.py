@@ -9,9 +9,12 @@ markdown table of the two with the ratio dlc/XLA (above 1: dlc is slower).
 
 Both sides run one after the other, never at the same time, with the same
 thread count. Columns:
-  * compile: dlc's `compile_ms` (source to a runnable forward plan; the
-    training plan is built during the warm-up step and is not included)
-    against XLA's compile time of the forward function;
+  * compile: dlc's `compile_ms` as `dlc bench` reports it against XLA's
+    compile time of the forward function. (At the time of writing
+    `dlc bench` times `compile_file`, i.e. parsing and elaboration; the
+    backend builds its forward and training plans lazily, in the warm-up
+    steps, so that cost is not in the column. `cargo bench --bench
+    workloads compile` times source to a runnable forward plan.);
   * fwd / train: median latency of one forward pass / one training step
     (sgd, lr=0.01, momentum=0.9) after a warm-up;
   * GFLOP/s: gemm only, 2*M*K*P / forward time.
@@ -27,7 +30,7 @@ then point the script at it with `--python .venv/bin/python` or
 Usage:
     python3 benches/compare.py [--python PY] [--dlc PATH] [--backend interp|jit]
                                [--threads 1|2] [--only mlp,gemm] [--quick]
-                               [--steps K] [--json OUT]
+                               [--steps K] [--max-wait S] [--retries K] [--json OUT]
 
 Only the standard library is used; exit status 1 if any measurement failed.
 """
@@ -120,6 +123,10 @@ def run_anchors(args, names):
                "--json", out]
         if args.quick:
             cmd.append("--quick")
+        if args.max_wait is not None:
+            cmd += ["--max-wait", str(args.max_wait)]
+        if args.retries is not None:
+            cmd += ["--retries", str(args.retries)]
         print("# XLA: " + " ".join(cmd), file=sys.stderr, flush=True)
         try:
             # anchors.py's own progress goes to our stderr; its table is not needed.
@@ -153,8 +160,8 @@ def ms_of(seconds):
 def table(rows):
     lines = [
         "| workload | dlc compile ms | XLA compile ms | ratio | dlc fwd ms | XLA fwd ms | ratio "
-        "| dlc train ms | XLA train ms | ratio | dlc GFLOP/s | XLA GFLOP/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| dlc train ms | XLA train ms | ratio | dlc GFLOP/s | XLA GFLOP/s | XLA bg load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         d, x = r["dlc"], r["xla"]
@@ -175,7 +182,7 @@ def table(rows):
         lines.append(
             f"| {name} | {fmt(dc, 1)} | {fmt(xc, 1)} | {ratio(dc, xc)} | {fmt(df)} | {fmt(xf)} | "
             f"{ratio(df, xf)} | {fmt(dt)} | {fmt(xt)} | {ratio(dt, xt)} | "
-            f"{fmt(dg, 1) if dg else '—'} | {fmt(xg, 1) if xg else '—'} |")
+            f"{fmt(dg, 1) if dg else '—'} | {fmt(xg, 1) if xg else '—'} | {fmt(x.get('background_cores'))} |")
     return "\n".join(lines)
 
 
@@ -195,6 +202,10 @@ def main():
                     help="threads on both sides (anchors.py knows 1 and 2)")
     ap.add_argument("--only", help="comma-separated workloads (gemm = both sizes)")
     ap.add_argument("--quick", action="store_true", help="anchors.py --quick (short timing windows)")
+    ap.add_argument("--max-wait", type=float, metavar="S",
+                    help="anchors.py --max-wait: seconds to wait for a quiet machine before each measurement")
+    ap.add_argument("--retries", type=int, metavar="K",
+                    help="anchors.py --retries: reruns of a measurement disturbed by other processes")
     ap.add_argument("--steps", type=int, default=5, help="dlc bench --steps (timed steps after a warm-up)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per dlc run")
     ap.add_argument("--json", metavar="PATH", help="also write everything measured as JSON")
@@ -225,8 +236,10 @@ def main():
             f"{args.steps} timed steps; XLA: jax {xla_env.get('jax', '?')}"
             f"{', --quick timing windows' if args.quick else ''}; "
             f"whole run {time.time() - started:.0f} s.\n"
-            "ratio = dlc / XLA (above 1: dlc slower). compile: dlc source-to-forward-plan vs "
-            "XLA forward jit compile.")
+            "ratio = dlc / XLA (above 1: dlc slower). compile: `dlc bench` compile_ms vs "
+            "XLA forward jit compile (see the header of benches/compare.py). XLA bg load: CPU "
+            "cores other processes used during the XLA measurement (anchors.py); above 0.1 "
+            "its figures are likely inflated.")
     print(out)
     if args.json:
         with open(args.json, "w") as f:

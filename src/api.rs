@@ -59,7 +59,7 @@
 
 use crate::autodiff::{self, AutodiffError};
 use crate::diag::{Diagnostic, SourceMap};
-use crate::interp::{self, InterpError};
+use crate::interp;
 use crate::io::{self, IoError};
 use crate::ir::{fmt_shape, Graph, Op, OutputKind, TensorType};
 use crate::model::{Model, Optimizer, Regularizer};
@@ -112,7 +112,7 @@ pub enum Error {
     #[error("model `{model}` has no parameter named `{name}`")]
     UnknownParam { model: String, name: String },
     #[error("running model `{model}` failed: {source}")]
-    Run { model: String, source: InterpError },
+    Run { model: String, source: ExecError },
     #[error("cannot differentiate model `{model}`: {source}")]
     Autodiff {
         model: String,
@@ -125,6 +125,42 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Name the file a mis-shaped or mis-typed tensor came from.
+    pub fn in_file(self, path: &Path) -> Error {
+        let at = |name: String| format!("{name}` in `{}", path.display());
+        match self {
+            Error::Shape {
+                model,
+                kind,
+                name,
+                got,
+                want,
+            } => Error::Shape {
+                model,
+                kind,
+                name: at(name),
+                got,
+                want,
+            },
+            Error::DType {
+                model,
+                kind,
+                name,
+                got,
+                want,
+            } => Error::DType {
+                model,
+                kind,
+                name: at(name),
+                got,
+                want,
+            },
+            other => other,
+        }
+    }
+}
 
 // ------------------------------------------------------------ backends ----
 
@@ -163,17 +199,21 @@ impl Default for ExecOptions {
     }
 }
 
+/// A run-time failure of any backend (a label out of range, a bad feed…),
+/// one sentence naming the op or tensor.
+pub type ExecError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A graph made ready to run by a backend: fed by leaf name, returns every
 /// graph output by name (the contract of [`crate::interp::run_f32`]).
 pub trait Executable: Send + Sync {
-    fn run(&self, feeds: &TensorMap) -> std::result::Result<TensorMap, InterpError>;
+    fn run(&self, feeds: &TensorMap) -> std::result::Result<TensorMap, ExecError>;
 }
 
 struct Interpreted(Graph);
 
 impl Executable for Interpreted {
-    fn run(&self, feeds: &TensorMap) -> std::result::Result<TensorMap, InterpError> {
-        interp::run_f32(&self.0, feeds)
+    fn run(&self, feeds: &TensorMap) -> std::result::Result<TensorMap, ExecError> {
+        Ok(interp::run_f32(&self.0, feeds)?)
     }
 }
 
@@ -511,7 +551,7 @@ impl CompiledModel {
         Ok(())
     }
 
-    fn run_error(&self, source: InterpError) -> Error {
+    fn run_error(&self, source: ExecError) -> Error {
         Error::Run {
             model: self.name().to_string(),
             source,
@@ -619,22 +659,7 @@ impl Session {
     /// names in the file that the model does not use.
     pub fn load_params(&mut self, path: &Path) -> Result<Vec<String>> {
         let tensors = io::read_tensors(path)?;
-        self.set_params(&tensors).map_err(|e| match e {
-            Error::Shape {
-                model,
-                kind,
-                name,
-                got,
-                want,
-            } => Error::Shape {
-                model,
-                kind,
-                name: format!("{name}` in `{}", path.display()),
-                got,
-                want,
-            },
-            other => other,
-        })
+        self.set_params(&tensors).map_err(|e| e.in_file(path))
     }
 
     /// Save parameters and optimizer state, atomically.
@@ -706,16 +731,19 @@ impl Session {
             let m = &self.model;
             let g = m.training_graph(&self.optimizer, self.regularize)?;
             // State starts at zero (LANGUAGE.md §8); a resumed checkpoint
-            // has already put its values here.
-            for (name, v) in g.states() {
+            // has already put its values here. State of another optimizer
+            // (velocity when resuming with adam) is dropped.
+            let states = g.states();
+            self.state
+                .retain(|name, _| states.iter().any(|(n, _)| n == name));
+            for (name, v) in states {
                 let ty = g.ty(v);
-                let fits = self
-                    .state
-                    .get(&name)
-                    .is_some_and(|t| t.shape == ty.shape && t.dtype() == ty.dtype);
-                if !fits {
-                    self.state
-                        .insert(name, Tensor::zeros(ty.dtype, ty.shape.clone()));
+                match self.state.get(&name) {
+                    Some(t) => m.check_tensor("optimizer state", &name, t, ty)?,
+                    None => {
+                        self.state
+                            .insert(name, Tensor::zeros(ty.dtype, ty.shape.clone()));
+                    }
                 }
             }
             let updates = g

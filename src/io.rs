@@ -5,6 +5,25 @@
 //! tensor. Writes go to a temporary file in the target's directory and are
 //! renamed over it, so a failed or interrupted write never leaves a
 //! half-written file behind.
+//!
+//! ```
+//! use dlc::io::{read_tensors, write_tensors, TensorMap};
+//! use dlc::tensor::Tensor;
+//!
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("batch.safetensors");
+//! let batch = TensorMap::from([
+//!     ("x".to_string(), Tensor::f32(vec![2, 2], vec![1.0, 2.0, 3.0, 4.0])),
+//!     ("label".to_string(), Tensor::i32(vec![2], vec![0, 1])),
+//! ]);
+//! write_tensors(&path, &batch)?;
+//! assert_eq!(read_tensors(&path)?, batch);
+//! // One tensor as .npy, named by the file's stem when read back.
+//! let npy = dir.path().join("label.npy");
+//! write_tensors(&npy, &TensorMap::from([("label".to_string(), batch["label"].clone())]))?;
+//! assert_eq!(read_tensors(&npy)?["label"], batch["label"]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use crate::tensor::{numel, DType, Data, Tensor};
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
@@ -529,14 +548,24 @@ pub fn encode_npy(t: &Tensor) -> Vec<u8> {
         ),
     };
     let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    // Format 1.0 stores the header length in 2 bytes; 2.0 in 4 (huge ranks).
+    let (version, len_bytes) = if header.len() + 64 > u16::MAX as usize {
+        (2u8, 4)
+    } else {
+        (1u8, 2)
+    };
     // The data must start on a 64-byte boundary (NEP 1); the header ends in '\n'.
-    let unpadded = NPY_MAGIC.len() + 2 + 2 + header.len() + 1;
+    let unpadded = NPY_MAGIC.len() + 2 + len_bytes + header.len() + 1;
     header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
     header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + 4 * numel(&t.shape));
+    let mut out = Vec::with_capacity(12 + header.len() + 4 * numel(&t.shape));
     out.extend_from_slice(NPY_MAGIC);
-    out.extend_from_slice(&[1, 0]);
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(&[version, 0]);
+    if version == 1 {
+        out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    } else {
+        out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    }
     out.extend_from_slice(header.as_bytes());
     out.extend_from_slice(&tensor_bytes(t));
     out
@@ -638,6 +667,15 @@ mod tests {
     fn npy_writer_produces_numpy_layout() {
         let t = Tensor::f32(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         assert_eq!(encode_npy(&t), numpy_written_f4());
+    }
+
+    #[test]
+    fn npy_of_a_huge_rank_uses_format_2() {
+        let t = Tensor::f32(vec![1; 30_000], vec![3.0]);
+        let b = encode_npy(&t);
+        assert_eq!(b[6], 2);
+        assert!((b.len() - 4).is_multiple_of(64), "data starts 64-byte aligned");
+        assert_eq!(parse_npy(&b).ok(), Some(t));
     }
 
     #[test]

@@ -277,22 +277,10 @@ impl Trainer {
         } else {
             io::read_safetensors_with_metadata(path)?
         };
-        let unknown = self.session.set_params(&tensors).map_err(|e| match e {
-            api::Error::Shape {
-                model,
-                kind,
-                name,
-                got,
-                want,
-            } => api::Error::Shape {
-                model,
-                kind,
-                name: format!("{name}` in `{}", path.display()),
-                got,
-                want,
-            },
-            other => other,
-        })?;
+        let unknown = self
+            .session
+            .set_params(&tensors)
+            .map_err(|e| e.in_file(path))?;
         self.epochs_done = meta
             .get(EPOCHS_KEY)
             .and_then(|s| s.parse().ok())

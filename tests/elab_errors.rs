@@ -649,3 +649,46 @@ fn input_of_the_wrong_rank_is_one_error() {
         "#]],
     );
 }
+
+/// An error inside std.dl is reported there, with the chain of calls back to
+/// the user's line as related spans.
+#[test]
+fn errors_in_std_carry_the_call_chain() {
+    let mut sources = SourceMap::default();
+    let file = sources.add(
+        "test.dl",
+        "model m {\n    input x: f32[N, T, 6]\n    a = x |> self_attention(heads=4)\n}\n",
+    );
+    let d = dlc::elab::check(&mut sources, file);
+    assert_eq!(d.len(), 1);
+    let chain: Vec<String> = d[0]
+        .related
+        .iter()
+        .map(|(s, label)| {
+            let (l, c) = sources.line_col(s.file, s.start);
+            format!("{}:{l}:{c} {label}", sources.files[s.file as usize].name)
+        })
+        .collect();
+    let q_line = dlc::elab::STD_SOURCE
+        .lines()
+        .position(|l| l.trim_start().starts_with("q = split_heads("))
+        .expect("self_attention splits q")
+        + 1;
+    assert_eq!(
+        chain,
+        vec![
+            format!("std.dl:{q_line}:9 in this call to `split_heads`"),
+            "test.dl:3:9 in this call to `self_attention`".to_string()
+        ]
+    );
+}
+
+#[test]
+fn model_without_results_warns() {
+    check(
+        "model m {\n    input x: f32[N, 4]\n    h = relu(x)\n}\n",
+        expect![[r#"
+            test.dl:1:7: warning: model `m` has no `output` and no `loss`, so it computes nothing
+        "#]],
+    );
+}

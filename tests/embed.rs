@@ -218,3 +218,53 @@ fn symbols_bind_from_input_shapes_and_models_are_picked_by_name() {
     assert_eq!(inputs, ["t", "x"]);
     assert!(m.has_loss());
 }
+
+#[test]
+fn optimizer_state_of_another_optimizer_or_shape_is_not_used_silently() {
+    let model = Compiler::new()
+        .dim("N", 2)
+        .compile_source("fit.dl", FIT)
+        .unwrap();
+    let batch = map(vec![
+        ("x", Tensor::f32(vec![2, 1], vec![1., 2.])),
+        ("t", Tensor::f32(vec![2, 1], vec![2., 4.])),
+    ]);
+    let mut s = model.session();
+    let adam_state = map(vec![
+        ("opt.m.w", Tensor::f32(vec![1, 1], vec![5.0])),
+        ("opt.v.w", Tensor::f32(vec![1, 1], vec![5.0])),
+        ("opt.step", Tensor::scalar(3.0)),
+    ]);
+    assert!(s.set_params(&adam_state).unwrap().is_empty());
+    // Resuming with sgd: the adam moments are dropped, velocity starts at 0,
+    // so the first step is plain sgd (w = 0 - 0.1·(-10) = 1).
+    s.set_optimizer(
+        Optimizer::Sgd {
+            lr: 0.1,
+            momentum: 0.9,
+        },
+        None,
+    );
+    s.train_step(&batch).unwrap();
+    assert_eq!(s.params()["w"].as_f32(), Some(&[1.0][..]));
+    assert_eq!(s.state().keys().collect::<Vec<_>>(), ["opt.velocity.w"]);
+
+    let mut bad = model.session();
+    bad.set_params(&map(vec![(
+        "opt.velocity.w",
+        Tensor::f32(vec![3], vec![0.; 3]),
+    )]))
+    .unwrap();
+    bad.set_optimizer(
+        Optimizer::Sgd {
+            lr: 0.1,
+            momentum: 0.9,
+        },
+        None,
+    );
+    let e = bad.train_step(&batch).unwrap_err();
+    assert!(
+        e.to_string().contains("optimizer state `opt.velocity.w`"),
+        "{e}"
+    );
+}

@@ -18,6 +18,7 @@ mod corpus;
 mod roundtrip;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dlc::diag::{render, Diagnostic, SourceMap};
 use dlc::elab::{check, elaborate, ElabOptions};
@@ -148,19 +149,59 @@ fn token_soup() -> impl Strategy<Value = String> {
 
 #[derive(Clone, Debug)]
 enum Mutation {
-    Delete { at: usize, len: usize },
-    Insert { at: usize, text: String },
-    Duplicate { at: usize, len: usize },
-    Truncate { at: usize },
+    Delete {
+        at: usize,
+        len: usize,
+    },
+    Insert {
+        at: usize,
+        text: String,
+    },
+    Duplicate {
+        at: usize,
+        len: usize,
+    },
+    Truncate {
+        at: usize,
+    },
+    /// Replace the `at`-th number with another: keeps the source parsing
+    /// so sizes that shape rules must refuse (0, huge, overflowing) reach
+    /// the elaborator.
+    Number {
+        at: usize,
+        text: &'static str,
+    },
 }
+
+const NUMBERS: &[&str] = &[
+    "0",
+    "1",
+    "2",
+    "3",
+    "7",
+    "64",
+    "1000000",
+    "4294967296",
+    "18446744073709551616",
+    "99999999999999999999999",
+    "0.5",
+    "1e308",
+    "1e-45",
+];
 
 fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
-        (any::<usize>(), 1usize..12).prop_map(|(at, len)| Mutation::Delete { at, len }),
-        (any::<usize>(), piece()).prop_map(|(at, text)| Mutation::Insert { at, text }),
-        (any::<usize>(), 1usize..40).prop_map(|(at, len)| Mutation::Duplicate { at, len }),
-        any::<usize>().prop_map(|at| Mutation::Truncate { at }),
+        2 => (any::<usize>(), 1usize..12).prop_map(|(at, len)| Mutation::Delete { at, len }),
+        2 => (any::<usize>(), piece()).prop_map(|(at, text)| Mutation::Insert { at, text }),
+        2 => (any::<usize>(), 1usize..40).prop_map(|(at, len)| Mutation::Duplicate { at, len }),
+        2 => any::<usize>().prop_map(|at| Mutation::Truncate { at }),
+        3 => number_mutation(),
     ]
+}
+
+fn number_mutation() -> impl Strategy<Value = Mutation> {
+    (any::<usize>(), prop::sample::select(NUMBERS))
+        .prop_map(|(at, text)| Mutation::Number { at, text })
 }
 
 /// Applies mutations on chars, so the result is always valid UTF-8 (the
@@ -186,9 +227,37 @@ fn mutate(src: &str, muts: &[Mutation]) -> String {
                 c.splice(a..a, dup);
             }
             Mutation::Truncate { at } => c.truncate(at % n),
+            Mutation::Number { at, text } => {
+                let runs = digit_runs(&c);
+                if !runs.is_empty() {
+                    let (a, b) = runs[at % runs.len()];
+                    c.splice(a..b, text.chars());
+                }
+            }
         }
     }
     c.into_iter().collect()
+}
+
+/// Char ranges of the maximal digit runs that start a number (not the
+/// digits inside a name like `h1`).
+fn digit_runs(c: &[char]) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < c.len() {
+        let starts = c[i].is_ascii_digit()
+            && (i == 0 || !(c[i - 1].is_alphanumeric() || c[i - 1] == '_' || c[i - 1] == '.'));
+        if starts {
+            let a = i;
+            while i < c.len() && c[i].is_ascii_digit() {
+                i += 1;
+            }
+            runs.push((a, i));
+        } else {
+            i += 1;
+        }
+    }
+    runs
 }
 
 fn check_span(src: &str, file: u32, span: Span, what: &str) -> Result<(), TestCaseError> {
@@ -362,6 +431,10 @@ fn check_diag_spans(map: &SourceMap, diags: &[Diagnostic]) -> Result<(), TestCas
     Ok(())
 }
 
+/// Sources that elaborated to a graph, to show the fuzzing reaches past
+/// the error paths.
+static ELABORATED: AtomicUsize = AtomicUsize::new(0);
+
 /// Elaboration of one source: symbolic `check`, then `elaborate` with the
 /// default options (first model, `N=32`-style defaults). Either may report
 /// anything, but must not panic and must point inside the sources.
@@ -375,7 +448,10 @@ fn check_elab(src: &str) -> Result<(), TestCaseError> {
     let mut map = SourceMap::default();
     let file = map.add("user.dl", src);
     let diags = match elaborate(&mut map, file, &ElabOptions::default()) {
-        Ok(e) => e.warnings,
+        Ok(e) => {
+            ELABORATED.fetch_add(1, Ordering::Relaxed);
+            e.warnings
+        }
         Err(d) => {
             prop_assert!(
                 d.iter().any(Diagnostic::is_error),
@@ -423,6 +499,13 @@ fn fuzz_parse_never_panics_and_spans_stay_inside() {
         2 => token_soup(),
         1 => any::<String>(),
         4 => (0..n, prop::collection::vec(mutation(), 1..6))
+            .prop_map({
+                let corpus = corpus.clone();
+                move |(i, muts)| mutate(&corpus[i], &muts)
+            }),
+        // Only sizes changed: most of these still parse and name things
+        // right, so they exercise shape rules rather than recovery.
+        2 => (0..n, prop::collection::vec(number_mutation(), 1..4))
             .prop_map(move |(i, muts)| mutate(&corpus[i], &muts)),
     ];
     let cases = cases();
@@ -433,7 +516,11 @@ fn fuzz_parse_never_panics_and_spans_stay_inside() {
         ..Config::default()
     });
     let result = runner.run(&input, |src| check_frontend(&src));
-    eprintln!("fuzz_frontend: {cases} cases in {:.1?}", start.elapsed());
+    eprintln!(
+        "fuzz_frontend: {cases} cases in {:.1?} ({} elaborated to a graph, both tests)",
+        start.elapsed(),
+        ELABORATED.load(Ordering::Relaxed)
+    );
     if let Err(e) = result {
         panic!("{e}");
     }

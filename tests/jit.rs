@@ -483,3 +483,147 @@ fn pooling_and_its_gradients_match_interpreter() {
         c.check(1e-5);
     }
 }
+
+/// The inline exp/log/tanh/sigmoid approximations over the whole f32 range
+/// (every 1021st bit pattern plus the special values) against f64 libm.
+#[test]
+fn transcendental_approximations_hold_their_error_bound_everywhere() {
+    let mut xs: Vec<f32> = (0..=u32::MAX / 1021).map(|i| f32::from_bits(i * 1021)).collect();
+    xs.extend([
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MIN_POSITIVE,
+        f32::MAX,
+        f32::MIN,
+        1e-45,
+        88.72,
+        88.73,
+        -87.3,
+        -103.9,
+        -104.0,
+        0.625,
+        -0.625,
+        1.0,
+    ]);
+    // Stated bounds (math.rs): relative error on normal results.
+    let cases: [(UnaryOp, fn(f64) -> f64, f64); 4] = [
+        (UnaryOp::Exp, f64::exp, 2.5e-7),
+        (UnaryOp::Log, f64::ln, 2.5e-7),
+        (UnaryOp::Tanh, f64::tanh, 2.5e-7),
+        (UnaryOp::Sigmoid, |x| 1.0 / (1.0 + (-x).exp()), 2.5e-7),
+    ];
+    for (op, reference, bound) in cases {
+        let mut c = Case::new();
+        let x = c.input("x", Tensor::f32(vec![xs.len()], xs.clone()));
+        let y = c.op(Op::Unary(op), &[x]);
+        c.out("y", y);
+        let m = codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
+        let got = m.run(&c.feeds).expect("runs");
+        let got = got["y"].as_f32().expect("f32");
+        let mut worst = 0.0f64;
+        for (&x, &g) in xs.iter().zip(got) {
+            let r = reference(f64::from(x));
+            let r32 = r as f32;
+            if r.is_nan() {
+                assert!(g.is_nan(), "{op:?}({x:e}) = {g:e}, expected NaN");
+            } else if r32.is_infinite() || r32 == 0.0 {
+                assert_eq!(g, r32, "{op:?}({x:e})");
+            } else if r32.abs() < f32::MIN_POSITIVE {
+                let err = (f64::from(g) - r).abs();
+                assert!(err <= 1e-40, "{op:?}({x:e}) = {g:e}, expected {r:e}");
+            } else {
+                let rel = (f64::from(g) - r).abs() / r.abs();
+                assert!(rel <= bound, "{op:?}({x:e}) = {g:e}, expected {r:e} (rel {rel:e})");
+                worst = worst.max(rel);
+            }
+        }
+        println!("{op:?}: max relative error {worst:e}");
+    }
+}
+
+#[test]
+fn ops_without_a_kernel_run_through_the_interpreter() {
+    let mut rng = Rng(13);
+    let mut c = Case::new();
+    let s = c.input("s", rand_f32(&mut rng, &[4, 5], 2.0));
+    let l = c.input("l", rand_ids(&mut rng, &[4], 5));
+    let d = c.input("d", Tensor::scalar(1.5));
+    // hinge_grad has no compiled kernel; a compiled kernel then reads its
+    // result back from the arena.
+    let g = c.op(Op::HingeGrad, &[s, l, d]);
+    let y = c.op(Op::Unary(UnaryOp::Neg), &[g]);
+    c.out("y", y);
+    let want = interp::run_f32(&c.g, &c.feeds).expect("interpreter runs");
+    let m = codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
+    assert_eq!(m.interpreted_kernels(), 1);
+    assert_eq!(m.interpreted_ops(), vec!["hinge_grad"]);
+    assert_eq!(m.run(&c.feeds).expect("runs"), want);
+}
+
+/// Shapes large enough that every kernel kind is cut into several chunks,
+/// so the 2- and 3-thread runs really split the work.
+#[test]
+fn large_kernels_split_over_threads_bitwise_identically() {
+    let mut rng = Rng(14);
+    let mut c = Case::new();
+    let x = c.input("x", rand_f32(&mut rng, &[300, 257], 2.0));
+    let b = c.input("b", rand_f32(&mut rng, &[257], 1.0));
+    let h = c.op(Op::Binary(BinaryOp::Add), &[x, b]);
+    let h = c.op(Op::Unary(UnaryOp::Tanh), &[h]);
+    let s = c.op(Op::Softmax { axis: 1 }, &[h]);
+    let r0 = c.op(Op::Reduce { op: ReduceOp::Sum, axes: vec![0], keepdims: false }, &[s]);
+    let r1 = c.op(Op::Reduce { op: ReduceOp::Max, axes: vec![1], keepdims: true }, &[x]);
+    let a = c.input("a", rand_f32(&mut rng, &[3, 70, 90], 1.0));
+    let w = c.input("w", rand_f32(&mut rng, &[90, 130], 1.0));
+    let mm = c.op(Op::MatMul, &[a, w]);
+    let img = c.input("img", rand_f32(&mut rng, &[4, 3, 20, 20], 1.0));
+    let f = c.input("f", rand_f32(&mut rng, &[8, 3, 3, 3], 1.0));
+    let conv = c.op(
+        Op::Conv(dlc::ir::Conv2d { stride: 1, dilation: 1, pad: [1, 1, 1, 1] }),
+        &[img, f],
+    );
+    let logits = c.input("logits", rand_f32(&mut rng, &[600, 10], 3.0));
+    let labels = c.input("labels", rand_ids(&mut rng, &[600], 10));
+    let d = c.input("d", Tensor::scalar(1.0));
+    let ce = c.op(Op::CrossEntropyGrad, &[logits, labels, d]);
+    c.out("s", s);
+    c.out("r0", r0);
+    c.out("r1", r1);
+    c.out("mm", mm);
+    c.out("conv", conv);
+    c.out("ce", ce);
+    c.check_tol(1e-5, 1e-5);
+}
+
+#[test]
+fn several_models_coexist_and_run_on_several_threads() {
+    let mut rng = Rng(15);
+    let mut c1 = Case::new();
+    let x = c1.input("x", rand_f32(&mut rng, &[40, 30], 1.0));
+    let w = c1.input("w", rand_f32(&mut rng, &[30, 20], 1.0));
+    let y = c1.op(Op::MatMul, &[x, w]);
+    c1.out("y", y);
+    let mut c2 = Case::new();
+    let x2 = c2.input("x", rand_f32(&mut rng, &[17, 9], 1.0));
+    let y2 = c2.op(Op::Unary(UnaryOp::Exp), &[x2]);
+    c2.out("y", y2);
+    let m1 = codegen::compile(&c1.g, &JitOptions { threads: 2 }).expect("compiles");
+    let m2 = codegen::compile(&c2.g, &JitOptions { threads: 1 }).expect("compiles");
+    let want1 = m1.run(&c1.feeds).expect("runs");
+    let want2 = m2.run(&c2.feeds).expect("runs");
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| {
+                for _ in 0..20 {
+                    assert_eq!(m1.run(&c1.feeds).expect("runs"), want1);
+                    assert_eq!(m2.run(&c2.feeds).expect("runs"), want2);
+                }
+            });
+        }
+    });
+    drop(m1);
+    assert_eq!(m2.run(&c2.feeds).expect("runs after another model is dropped"), want2);
+}

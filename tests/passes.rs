@@ -114,10 +114,7 @@ fn assert_same(a: &Graph, b: &Graph, rtol: f32) {
         let f = feeds(a, seed);
         let ra = run_f32(a, &f).expect("original graph runs");
         let rb = run_f32(b, &f).expect("optimised graph runs");
-        assert_eq!(
-            ra.keys().collect::<Vec<_>>(),
-            rb.keys().collect::<Vec<_>>()
-        );
+        assert_eq!(ra.keys().collect::<Vec<_>>(), rb.keys().collect::<Vec<_>>());
         for (name, ta) in &ra {
             let tb = &rb[name];
             assert_eq!(ta.shape, tb.shape, "output {name}");
@@ -141,7 +138,10 @@ fn lower_checked(g: &Graph, level: OptLevel) -> Lowered {
 }
 
 fn count(g: &Graph, pred: impl Fn(&Op) -> bool) -> usize {
-    g.graph.node_indices().filter(|n| pred(&g.node(*n).op)).count()
+    g.graph
+        .node_indices()
+        .filter(|n| pred(&g.node(*n).op))
+        .count()
 }
 
 /// The kernel group containing the node that computes output `name`.
@@ -199,8 +199,20 @@ fn exact_identities_fire_and_keep_values_bitwise() {
 fn transpose_pair_composes_into_one_permutation() {
     let mut g = Graph::new();
     let x = input(&mut g, "x", &[2, 3, 4]);
-    let t1 = op(&mut g, Op::Transpose { perm: vec![1, 2, 0] }, &[x]);
-    let t2 = op(&mut g, Op::Transpose { perm: vec![0, 2, 1] }, &[t1]);
+    let t1 = op(
+        &mut g,
+        Op::Transpose {
+            perm: vec![1, 2, 0],
+        },
+        &[x],
+    );
+    let t2 = op(
+        &mut g,
+        Op::Transpose {
+            perm: vec![0, 2, 1],
+        },
+        &[t1],
+    );
     let y = un(&mut g, UnaryOp::Relu, t2);
     g.push_output("y", OutputKind::Output, y);
     let (opt, _) = try_optimize_with(&g, OptLevel::O1, &verify).unwrap();
@@ -351,13 +363,19 @@ fn step_reads_the_relu_so_the_preactivation_can_die() {
     let src = opt.inputs(step)[0];
     assert_eq!(opt.node(src.node).op, Op::Unary(UnaryOp::Relu));
     let f = BTreeMap::from([
-        ("x".to_string(), Tensor::f32(vec![6], vec![-1.0, 0.0, -0.0, 2.0, f32::NAN, 1e-30])),
+        (
+            "x".to_string(),
+            Tensor::f32(vec![6], vec![-1.0, 0.0, -0.0, 2.0, f32::NAN, 1e-30]),
+        ),
         ("dy".to_string(), Tensor::f32(vec![6], vec![1.0; 6])),
     ]);
     let before = values(&run_f32(&g, &f).unwrap()["dx"]);
     let after = values(&run_f32(&opt, &f).unwrap()["dx"]);
     for (b, a) in before.iter().zip(&after) {
-        assert!(b.to_bits() == a.to_bits() || (b.is_nan() && a.is_nan()), "{before:?} vs {after:?}");
+        assert!(
+            b.to_bits() == a.to_bits() || (b.is_nan() && a.is_nan()),
+            "{before:?} vs {after:?}"
+        );
     }
 }
 
@@ -477,7 +495,10 @@ fn optimizer_updates_fuse_with_their_gradient() {
         let k = group_of(&l, p);
         assert_eq!(k.kind, KernelKind::MatMul, "{p}: {:?}", ops_in(&l, k));
         let v = group_of(&l, &format!("opt.velocity.{p}"));
-        assert_eq!(k, v, "the velocity and weight updates of {p} share a kernel");
+        assert_eq!(
+            k, v,
+            "the velocity and weight updates of {p} share a kernel"
+        );
     }
     for p in ["l1.bias", "l2.bias"] {
         let k = group_of(&l, p);
@@ -506,7 +527,13 @@ fn conv_bias_relu_is_one_kernel() {
         }),
         &[x, w],
     );
-    let rb = op(&mut g, Op::Reshape { shape: vec![4, 1, 1] }, &[b]);
+    let rb = op(
+        &mut g,
+        Op::Reshape {
+            shape: vec![4, 1, 1],
+        },
+        &[b],
+    );
     let a = bin(&mut g, BinaryOp::Add, c, rb);
     let r = un(&mut g, UnaryOp::Relu, a);
     let p = op(
@@ -567,7 +594,12 @@ fn layer_norm_is_one_kernel() {
     let y = layer_norm(&mut g, x, 8);
     g.push_output("y", OutputKind::Output, y);
     let l = lower_checked(&g, OptLevel::O2);
-    assert_eq!(l.kernels.len(), 1, "{}", fusion::print_kernels(&l.graph, &l.kernels));
+    assert_eq!(
+        l.kernels.len(),
+        1,
+        "{}",
+        fusion::print_kernels(&l.graph, &l.kernels)
+    );
     assert_eq!(l.kernels[0].kind, KernelKind::Row);
     assert_eq!(l.kernels[0].nodes.len(), l.graph.op_count());
     assert_same(&g, &l.graph, 0.0);
@@ -648,8 +680,18 @@ fn in_place_reuse_shares_the_dying_operand() {
     g.push_output("t1", OutputKind::Output, t1);
     g.push_output("t2", OutputKind::Output, t2);
     let l = lower_checked(&g, OptLevel::O2);
-    let reused: Vec<_> = l.plan.buffers.iter().filter(|b| b.inplace_of.is_some()).collect();
-    assert_eq!(reused.len(), 1, "{}", memplan::print_plan(&l.graph, &l.kernels, &l.plan));
+    let reused: Vec<_> = l
+        .plan
+        .buffers
+        .iter()
+        .filter(|b| b.inplace_of.is_some())
+        .collect();
+    assert_eq!(
+        reused.len(),
+        1,
+        "{}",
+        memplan::print_plan(&l.graph, &l.kernels, &l.plan)
+    );
     let src = l.plan.buffer(reused[0].inplace_of.unwrap()).unwrap();
     assert_eq!(src.offset, reused[0].offset);
     assert_eq!(l.plan.arena_bytes, 256);
@@ -674,18 +716,27 @@ fn checker_rejects_overlapping_live_buffers() {
     let pair = (0..bad.buffers.len()).find_map(|i| {
         (i + 1..bad.buffers.len()).find_map(|j| {
             let (a, b) = (&bad.buffers[i], &bad.buffers[j]);
-            (a.def <= b.last_use && b.def <= a.last_use && a.inplace_of.is_none() && b.inplace_of.is_none())
-                .then_some((i, j))
+            (a.def <= b.last_use
+                && b.def <= a.last_use
+                && a.inplace_of.is_none()
+                && b.inplace_of.is_none())
+            .then_some((i, j))
         })
     });
     let (i, j) = pair.expect("a training step has two buffers live at once");
     bad.buffers[j].offset = bad.buffers[i].offset;
-    bad.arena_bytes = bad.arena_bytes.max(bad.buffers[j].offset + bad.buffers[j].bytes);
+    bad.arena_bytes = bad
+        .arena_bytes
+        .max(bad.buffers[j].offset + bad.buffers[j].bytes);
     let e = memplan::check(&l.graph, &l.kernels, &bad).unwrap_err();
     assert!(e.contains("overlap"), "{e}");
 
     let mut late = l.plan.clone();
-    let k = late.buffers.iter().position(|b| b.last_use > b.def).unwrap();
+    let k = late
+        .buffers
+        .iter()
+        .position(|b| b.last_use > b.def)
+        .unwrap();
     late.buffers[k].last_use = late.buffers[k].def;
     assert!(memplan::check(&l.graph, &l.kernels, &late).is_err());
 }
@@ -707,7 +758,13 @@ fn lenet(n: usize) -> Graph {
             }),
             &[x, w],
         );
-        let rb = op(g, Op::Reshape { shape: vec![cout, 1, 1] }, &[b]);
+        let rb = op(
+            g,
+            Op::Reshape {
+                shape: vec![cout, 1, 1],
+            },
+            &[b],
+        );
         let a = bin(g, BinaryOp::Add, c, rb);
         let r = un(g, UnaryOp::Relu, a);
         op(
@@ -733,7 +790,13 @@ fn lenet(n: usize) -> Graph {
     };
     let c1 = conv(&mut g, x, "c1", 1, 6, 2);
     let c2 = conv(&mut g, c1, "c2", 6, 16, 0);
-    let flat = op(&mut g, Op::Reshape { shape: vec![n, 400] }, &[c2]);
+    let flat = op(
+        &mut g,
+        Op::Reshape {
+            shape: vec![n, 400],
+        },
+        &[c2],
+    );
     let f1 = dense(&mut g, flat, "f1", 400, 120, true);
     let f2 = dense(&mut g, f1, "f2", 120, 84, true);
     let logits = dense(&mut g, f2, "logits", 84, 10, false);
@@ -788,7 +851,12 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn elab(path: &Path, model: Option<String>, dims: &[(&str, usize)], shapes: BTreeMap<String, Vec<usize>>) -> Model {
+fn elab(
+    path: &Path,
+    model: Option<String>,
+    dims: &[(&str, usize)],
+    shapes: BTreeMap<String, Vec<usize>>,
+) -> Model {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut sm = SourceMap::default();
     let file = sm.add(path.display().to_string(), text);
@@ -818,7 +886,8 @@ fn variants(m: &Model, adam: bool) -> Vec<(String, Graph)> {
         };
         out.push((
             "train sgd".into(),
-            dlc::autodiff::training_step(m, &sgd, Some(Regularizer::L2(1e-4))).expect("training step builds"),
+            dlc::autodiff::training_step(m, &sgd, Some(Regularizer::L2(1e-4)))
+                .expect("training step builds"),
         ));
         let opt = Optimizer::Adam {
             lr: 1e-3,
@@ -831,7 +900,8 @@ fn variants(m: &Model, adam: bool) -> Vec<(String, Graph)> {
         }
         out.push((
             "train adam".into(),
-            dlc::autodiff::training_step(m, &opt, Some(Regularizer::L1(1e-4))).expect("training step builds"),
+            dlc::autodiff::training_step(m, &opt, Some(Regularizer::L1(1e-4)))
+                .expect("training step builds"),
         ));
     }
     out
@@ -844,7 +914,9 @@ fn check_model(label: &str, m: &Model, known: &BTreeMap<String, Tensor>, adam: b
         verify(&g).unwrap_or_else(|e| panic!("{label} {what}: the input graph is invalid: {e}"));
         let mut f = feeds(&g, 7);
         for (k, t) in known {
-            if f.get(k).is_some_and(|x| x.shape == t.shape && x.dtype() == t.dtype()) {
+            if f.get(k)
+                .is_some_and(|x| x.shape == t.shape && x.dtype() == t.dtype())
+            {
                 f.insert(k.clone(), t.clone());
             }
         }
@@ -852,15 +924,25 @@ fn check_model(label: &str, m: &Model, known: &BTreeMap<String, Tensor>, adam: b
         for (level, rtol) in [(OptLevel::O1, 0.0), (OptLevel::O2, 1e-6)] {
             let label = format!("{label} {what} {level:?}");
             let l = lower_with(&g, level, &verify).unwrap_or_else(|e| panic!("{label}: {e}"));
-            memplan::check(&l.graph, &l.kernels, &l.plan).unwrap_or_else(|e| panic!("{label}: {e}"));
+            memplan::check(&l.graph, &l.kernels, &l.plan)
+                .unwrap_or_else(|e| panic!("{label}: {e}"));
             let after = run_f32(&l.graph, &f).unwrap_or_else(|e| panic!("{label}: optimised: {e}"));
             assert_close(&before, &after, rtol, &label);
         }
     }
 }
 
-fn assert_close(ra: &BTreeMap<String, Tensor>, rb: &BTreeMap<String, Tensor>, rtol: f32, label: &str) {
-    assert_eq!(ra.keys().collect::<Vec<_>>(), rb.keys().collect::<Vec<_>>(), "{label}");
+fn assert_close(
+    ra: &BTreeMap<String, Tensor>,
+    rb: &BTreeMap<String, Tensor>,
+    rtol: f32,
+    label: &str,
+) {
+    assert_eq!(
+        ra.keys().collect::<Vec<_>>(),
+        rb.keys().collect::<Vec<_>>(),
+        "{label}"
+    );
     for (name, ta) in ra {
         let tb = &rb[name];
         assert_eq!(ta.shape, tb.shape, "{label}: output {name}");
@@ -896,7 +978,12 @@ fn example_models_keep_their_results() {
             // small sizes keep the interpreter quick; symbols a model lacks are ignored
             let dims = [("N", 2), ("T", 5), ("M", 8), ("K", 8), ("P", 8)];
             let m = elab(&path, Some(name.clone()), &dims, BTreeMap::new());
-            check_model(&format!("{} {name}", path.display()), &m, &BTreeMap::new(), false);
+            check_model(
+                &format!("{} {name}", path.display()),
+                &m,
+                &BTreeMap::new(),
+                false,
+            );
             n += 1;
         }
     }
@@ -908,8 +995,13 @@ fn golden_cases(dir: &Path, out: &mut Vec<PathBuf>) {
     if dir.join("model.dl").exists() {
         out.push(dir.to_path_buf());
     }
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
-    let mut subs: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut subs: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
     subs.sort();
     for s in subs {
         golden_cases(&s, out);
@@ -923,7 +1015,10 @@ fn golden_models_keep_their_results() {
     assert!(cases.len() >= 40, "found {} golden cases", cases.len());
     for case in cases {
         let mut known = dlc::io::read_tensors(&case.join("inputs.safetensors")).unwrap();
-        let shapes = known.iter().map(|(k, t)| (k.clone(), t.shape.clone())).collect();
+        let shapes = known
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shape.clone()))
+            .collect();
         if let Ok(p) = dlc::io::read_tensors(&case.join("params.safetensors")) {
             known.extend(p);
         }
@@ -943,7 +1038,8 @@ fn golden_models_keep_their_results() {
 /// below the temp bytes XLA plans for the same step on this machine.
 #[test]
 fn workload_training_steps_fit_in_planned_memory() {
-    let cases: [(&str, &[(&str, usize)], f64); 6] = [
+    type Workload<'a> = (&'a str, &'a [(&'a str, usize)], f64);
+    let cases: [Workload; 6] = [
         ("mlp", &[("N", 64)], 0.87e6),
         ("lenet", &[("N", 32)], 6.3e6),
         ("vgg", &[("N", 16)], 28.1e6),
@@ -957,10 +1053,22 @@ fn workload_training_steps_fit_in_planned_memory() {
     };
     println!(
         "{:<12} {:>6} {:>8} {:>12} {:>12} {:>12} {:>12} {:>7}",
-        "workload", "ops", "kernels", "peak_bytes", "arena_bytes", "naive_bytes", "xla_bytes", "arena/naive"
+        "workload",
+        "ops",
+        "kernels",
+        "peak_bytes",
+        "arena_bytes",
+        "naive_bytes",
+        "xla_bytes",
+        "arena/naive"
     );
     for (name, dims, xla) in cases {
-        let m = elab(&root().join(format!("lang/examples/{name}.dl")), None, dims, BTreeMap::new());
+        let m = elab(
+            &root().join(format!("lang/examples/{name}.dl")),
+            None,
+            dims,
+            BTreeMap::new(),
+        );
         let step = dlc::autodiff::training_step(&m, &sgd, None).unwrap();
         let l = lower_checked(&step, OptLevel::O2);
         let p = &l.plan;
@@ -976,9 +1084,23 @@ fn workload_training_steps_fit_in_planned_memory() {
             p.arena_bytes as f64 / p.naive_bytes as f64
         );
         assert!(p.peak_bytes <= p.arena_bytes, "{name}");
-        assert!(p.arena_bytes as f64 <= 1.10 * p.peak_bytes as f64, "{name}: arena {} vs peak {}", p.arena_bytes, p.peak_bytes);
-        assert!(p.arena_bytes * 2 <= p.naive_bytes, "{name}: arena {} vs naive {}", p.arena_bytes, p.naive_bytes);
-        assert!((p.arena_bytes as f64) < xla, "{name}: arena {} vs XLA {xla}", p.arena_bytes);
+        assert!(
+            p.arena_bytes as f64 <= 1.10 * p.peak_bytes as f64,
+            "{name}: arena {} vs peak {}",
+            p.arena_bytes,
+            p.peak_bytes
+        );
+        assert!(
+            p.arena_bytes * 2 <= p.naive_bytes,
+            "{name}: arena {} vs naive {}",
+            p.arena_bytes,
+            p.naive_bytes
+        );
+        assert!(
+            (p.arena_bytes as f64) < xla,
+            "{name}: arena {} vs XLA {xla}",
+            p.arena_bytes
+        );
     }
 }
 
@@ -1048,4 +1170,66 @@ fn filetests() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+// ---------- edge cases ----------
+
+#[test]
+fn leaves_constants_and_repeated_values_as_outputs() {
+    let mut g = Graph::new();
+    let x = input(&mut g, "x", &[3]);
+    let c = fill(&mut g, 2.5, &[2]);
+    let e = un(&mut g, UnaryOp::Exp, x);
+    g.push_output("x_again", OutputKind::Output, x);
+    g.push_output("constant", OutputKind::Output, c);
+    g.push_output("e1", OutputKind::Output, e);
+    g.push_output("e2", OutputKind::Output, e);
+    let l = lower_checked(&g, OptLevel::O2);
+    // the named constant is written by a kernel of its own; nothing is in the arena
+    assert_eq!(l.kernels.len(), 2);
+    assert!(l.plan.buffers.is_empty());
+    assert_eq!(l.plan.arena_bytes, 0);
+    assert_same(&g, &l.graph, 0.0);
+    assert!(
+        l.summary().contains("kernels 2 for 1 ops"),
+        "{}",
+        l.summary()
+    );
+}
+
+#[test]
+fn lowering_rejects_an_invalid_graph_with_an_error() {
+    let mut g = Graph::new();
+    let x = input(&mut g, "x", &[2, 3]);
+    let w = input(&mut g, "w", &[4, 5]);
+    let bad = g.add_node_unchecked(Op::MatMul, vec![TensorType::f32(vec![2, 5])], &[x, w], None)[0];
+    g.push_output("y", OutputKind::Output, bad);
+    let e = dlc::passes::lower(&g, OptLevel::O2).unwrap_err();
+    assert!(e.to_string().contains("inner dimensions differ"), "{e}");
+    // optimize keeps the graph as it was rather than fail
+    let (same, _) = optimize(&g, OptLevel::O2);
+    assert_eq!(same.op_count(), 1);
+}
+
+#[test]
+fn an_unused_result_of_a_multi_result_op_gets_scratch_space() {
+    let mut g = Graph::new();
+    let x = input(&mut g, "x", &[2, 3, 4]);
+    let wx = param(&mut g, "wx", &[4, 8]);
+    let wh = param(&mut g, "wh", &[2, 8]);
+    let b = param(&mut g, "b", &[8]);
+    let dh = input(&mut g, "dh", &[2, 3, 2]);
+    let grads = g
+        .add_multi(Op::LstmSeqGrad, &[x, wx, wh, b, dh], None)
+        .unwrap();
+    let one = fill(&mut g, 0.5, &[]);
+    let upd = bin(&mut g, BinaryOp::Mul, grads[1], one);
+    g.push_output("dwx", OutputKind::Output, upd);
+    g.push_output("db", OutputKind::Output, grads[3]);
+    let l = lower_checked(&g, OptLevel::O2);
+    assert_eq!(l.kernels.len(), 1);
+    let scratch: Vec<u16> = l.plan.buffers.iter().map(|b| b.value.port).collect();
+    // dx (port 0) and dw_h (port 2) are written but never read
+    assert_eq!(scratch, vec![0, 2]);
+    assert_same(&g, &l.graph, 0.0);
 }

@@ -264,7 +264,7 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     let mut session = model.session_with_seed(a.seed);
     if let Some(p) = &a.params {
         let given = io::read_tensors(p)?;
-        for name in session.set_params(&given).map_err(|e| in_file(e, p))? {
+        for name in session.set_params(&given).map_err(|e| e.in_file(p))? {
             warn(format!(
                 "`{}` has a tensor `{name}` that is not a parameter of model `{}`; it is ignored",
                 p.display(),
@@ -301,39 +301,6 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         }
     }
     Ok(())
-}
-
-/// Name the parameter file in a shape/dtype error about one of its tensors.
-fn in_file(e: api::Error, path: &Path) -> api::Error {
-    match e {
-        api::Error::Shape {
-            model,
-            kind,
-            name,
-            got,
-            want,
-        } => api::Error::Shape {
-            model,
-            kind,
-            name: format!("{name}` in `{}", path.display()),
-            got,
-            want,
-        },
-        api::Error::DType {
-            model,
-            kind,
-            name,
-            got,
-            want,
-        } => api::Error::DType {
-            model,
-            kind,
-            name: format!("{name}` in `{}", path.display()),
-            got,
-            want,
-        },
-        other => other,
-    }
 }
 
 /// `f32[2, 3] = [0.1, 0.2, 0.3, 0.4, …]`
@@ -466,7 +433,7 @@ fn progress_bar(len: usize, epoch: usize) -> indicatif::ProgressBar {
         indicatif::ProgressDrawTarget::stderr(),
     );
     if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "epoch {prefix} [{bar:30}] {pos}/{len} batches  {msg}  eta {eta}",
+        "epoch {prefix} [{bar:20}] {pos}/{len} batches {msg} eta {eta}",
     ) {
         bar.set_style(style.progress_chars("=> "));
     }

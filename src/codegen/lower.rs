@@ -350,6 +350,14 @@ pub fn lower(
                 grad: ins.get(2).map(|x| x.0),
             })])
         }
+        Op::LstmSeq | Op::GruSeq => super::rnn::lower_forward(matches!(op, Op::LstmSeq), ins, outs, scratch),
+        Op::LstmSeqGrad | Op::GruSeqGrad => {
+            super::rnn::lower_grad(matches!(op, Op::LstmSeqGrad), ins, outs, scratch)
+        }
+        Op::Attention { causal, scale } => super::attention::lower_forward(ins, outs, *causal, *scale, scratch),
+        Op::AttentionGrad { causal, scale } => {
+            super::attention::lower_grad(ins, outs, *causal, *scale, scratch)
+        }
         _ => None,
     }
 }

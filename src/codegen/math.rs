@@ -3,12 +3,13 @@
 //! and a libcall per element would cost more than the arithmetic).
 //!
 //! Polynomials are Cephes' single-precision ones with Cody–Waite range
-//! reduction. Measured over a sweep of the whole finite range
-//! (tests/jit.rs): max relative error ≤ 4 ulp (≈ 5e-7) for exp and log on
-//! normal results; tanh and sigmoid ≤ 1e-6 relative. Special values follow
-//! IEEE: NaN → NaN, exp(±inf) = inf / 0, log(0) = -inf, log(x<0) = NaN,
-//! tanh(±inf) = ±1, sigmoid(±inf) = 1 / 0. exp results below the smallest
-//! subnormal flush to 0; subnormal results are computed by two-step scaling.
+//! reduction. Stated bound, checked over every 1021st f32 bit pattern in
+//! tests/jit.rs: relative error below 2.5e-7 (about 2 ulp) wherever the true
+//! result is a normal float (measured: exp 1.2e-7, log 8e-8, tanh 1.3e-7,
+//! sigmoid 1.9e-7), absolute error below 1e-40 where it is subnormal.
+//! Special values follow IEEE: NaN → NaN, exp(+inf) = inf, exp(-inf) = 0,
+//! log(0) = -inf, log(x < 0) = NaN, log(+inf) = inf, tanh(±inf) = ±1,
+//! sigmoid(+inf) = 1, sigmoid(-inf) = 0.
 
 use super::emit::Kb;
 use cranelift_codegen::ir::condcodes::FloatCC;
@@ -187,10 +188,16 @@ impl Kb<'_> {
     }
 
     pub fn vsigmoid(&mut self, x: Value) -> Value {
-        let nx = self.b.ins().fneg(x);
+        // e = exp(-|x|) never overflows: σ(x) = 1/(1+e) for x ≥ 0 and
+        // e/(1+e) for x < 0, which keeps tiny (subnormal) results accurate.
+        let ax = self.b.ins().fabs(x);
+        let nx = self.b.ins().fneg(ax);
         let e = self.vexp(nx);
         let one = self.fv(1.0);
         let d = self.b.ins().fadd(e, one);
-        self.b.ins().fdiv(one, d)
+        let zero = self.fv(0.0);
+        let neg = self.vcmp(FloatCC::LessThan, x, zero);
+        let num = self.vsel(neg, e, one);
+        self.b.ins().fdiv(num, d)
     }
 }

@@ -14,6 +14,7 @@
 //! Today one kernel is one non-leaf node, in [`Graph::topo_order`]; fusion
 //! will hand over groups through the same [`compile_with_plan`] seam.
 
+pub mod attention;
 pub mod conv;
 pub mod emit;
 pub mod kernel;
@@ -22,6 +23,7 @@ pub mod math;
 pub mod matmul;
 pub mod plan;
 pub mod reduce;
+pub mod rnn;
 
 pub use crate::runtime::{JitModel, RuntimeError};
 pub use plan::MemoryPlan;

@@ -137,7 +137,10 @@ impl<'a, D: ElabDim> Elab<'a, D> {
     /// an error in std.dl also points at the user's call.
     pub(crate) fn error(&mut self, span: Span, msg: impl Into<String>) {
         let mut d = Diagnostic::error(span, msg);
-        for f in self.stack.iter().rev() {
+        // A call that encloses the reported span (a bad argument) is already
+        // on screen; fn bodies never lie inside a call expression.
+        let encloses = |c: &Span| c.file == span.file && c.start <= span.start && span.end <= c.end;
+        for f in self.stack.iter().rev().filter(|f| !encloses(&f.call)) {
             d = d.with_related(f.call, format!("in this call to `{}`", f.name));
         }
         self.diags.push(d);
@@ -150,6 +153,16 @@ impl<'a, D: ElabDim> Elab<'a, D> {
         let mut ret = None;
         for st in &m.body {
             self.stmt(&mut sc, st, &mut ret);
+        }
+        let clean = !self.diags.iter().any(Diagnostic::is_error);
+        if clean && self.outputs.is_empty() && self.loss.is_none() {
+            self.diags.push(Diagnostic::warning(
+                m.name.span,
+                format!(
+                    "model `{}` has no `output` and no `loss`, so it computes nothing",
+                    m.name.name
+                ),
+            ));
         }
     }
 

@@ -67,7 +67,9 @@ fn rewrite(g: &mut Graph, n: NodeIndex, reassociate: bool) -> Option<Value> {
         Op::Expand { shape } => expand(g, &shape, ins[0], &out),
         Op::Slice { axis, start, end } => slice(g, axis, start, end, ins[0], &out),
         Op::Concat { .. } if ins.len() == 1 => Some(ins[0]),
-        Op::Reduce { op, axes, keepdims } => reduce(g, op, &axes, keepdims, ins[0], &out, reassociate),
+        Op::Reduce { op, axes, keepdims } => {
+            reduce(g, op, &axes, keepdims, ins[0], &out, reassociate)
+        }
         _ => None,
     }
 }
@@ -178,10 +180,9 @@ fn unary(g: &mut Graph, n: NodeIndex, u: UnaryOp, x: Value) -> Option<Value> {
         // step(x) = step(relu(x)) since relu(x) > 0 ⇔ x > 0; reading the relu
         // (kept for the backward pass anyway) lets the pre-activation die early.
         (UnaryOp::Step, _) => {
-            let relu = g
-                .users(x.node)
-                .into_iter()
-                .find(|&u| u != n && g.node(u).op == Op::Unary(UnaryOp::Relu) && g.inputs(u)[0] == x)?;
+            let relu = g.users(x.node).into_iter().find(|&u| {
+                u != n && g.node(u).op == Op::Unary(UnaryOp::Relu) && g.inputs(u)[0] == x
+            })?;
             let r = Value::new(relu);
             Some(unary_node(g, UnaryOp::Step, r))
         }
@@ -244,7 +245,14 @@ fn expand(g: &mut Graph, shape: &[usize], x: Value, out: &TensorType) -> Option<
     None
 }
 
-fn slice(g: &mut Graph, axis: usize, start: usize, end: usize, x: Value, out: &TensorType) -> Option<Value> {
+fn slice(
+    g: &mut Graph,
+    axis: usize,
+    start: usize,
+    end: usize,
+    x: Value,
+    out: &TensorType,
+) -> Option<Value> {
     // slice(x, 0..len) = x
     if g.ty(x) == out {
         return Some(x);
@@ -295,8 +303,16 @@ fn reduce(
     let ss = g.ty(src).shape.clone();
     let lead = xs.len() - ss.len();
     let broadcast = |j: usize| j < lead || (ss[j - lead] == 1 && xs[j] != 1);
-    let k: usize = axes.iter().filter(|&&j| broadcast(j)).map(|&j| xs[j]).product();
-    let inner_axes: Vec<usize> = axes.iter().filter(|&&a| a >= lead).map(|&a| a - lead).collect();
+    let k: usize = axes
+        .iter()
+        .filter(|&&j| broadcast(j))
+        .map(|&j| xs[j])
+        .product();
+    let inner_axes: Vec<usize> = axes
+        .iter()
+        .filter(|&&a| a >= lead)
+        .map(|&a| a - lead)
+        .collect();
     let mut v = src;
     if !inner_axes.is_empty() {
         let rop = Op::Reduce {
@@ -312,8 +328,17 @@ fn reduce(
         v = binary_node(g, BinaryOp::Mul, v, kf)?;
     }
     if g.ty(v).shape != out.shape {
-        let ex = Op::Expand {
-            shape: out.shape.clone(),
+        // only size-1 axes differ when the counts agree: a reshape, not a broadcast
+        let same_count =
+            g.ty(v).shape.iter().product::<usize>() == out.shape.iter().product::<usize>();
+        let ex = if same_count {
+            Op::Reshape {
+                shape: out.shape.clone(),
+            }
+        } else {
+            Op::Expand {
+                shape: out.shape.clone(),
+            }
         };
         let ty = infer(&ex, &[g.ty(v)]).ok()?.pop()?;
         v = add_typed(g, ex, ty, &[v]);

@@ -199,12 +199,16 @@ fn row_space(g: &Graph, n: NodeIndex) -> Option<(Vec<usize>, usize)> {
     match &node.op {
         Op::Softmax { axis } | Op::LogSoftmax { axis } => {
             let x = g.inputs(n)[0];
-            (*axis + 1 == g.ty(x).shape.len()).then(|| last_axis_of(x)).flatten()
+            (*axis + 1 == g.ty(x).shape.len())
+                .then(|| last_axis_of(x))
+                .flatten()
         }
         Op::Reduce { axes, .. } => {
             let x = g.inputs(n)[0];
             let r = g.ty(x).shape.len();
-            (r > 0 && axes.as_slice() == [r - 1]).then(|| last_axis_of(x)).flatten()
+            (r > 0 && axes.as_slice() == [r - 1])
+                .then(|| last_axis_of(x))
+                .flatten()
         }
         _ => None,
     }
@@ -214,8 +218,7 @@ fn row_space(g: &Graph, n: NodeIndex) -> Option<(Vec<usize>, usize)> {
 /// row (kept or dropped axis), or a broadcast constant.
 fn on_rows(shape: &[usize], p: &[usize], d: usize) -> bool {
     let r = p.len();
-    (shape.len() == r + 1 && shape[..r] == *p && (shape[r] == d || shape[r] == 1))
-        || shape == p
+    (shape.len() == r + 1 && shape[..r] == *p && (shape[r] == d || shape[r] == 1)) || shape == p
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -347,7 +350,9 @@ impl Builder<'_> {
     }
 
     fn group(&self, gi: usize) -> &Build {
-        self.groups[gi].as_ref().expect("a merged-away group is never asked for")
+        self.groups[gi]
+            .as_ref()
+            .expect("a merged-away group is never asked for")
     }
 
     fn is_leaf(&self, n: NodeIndex) -> bool {
@@ -477,12 +482,11 @@ impl Builder<'_> {
             };
             return ok
                 && on_rows(shape, pre, *d)
-                && self
-                    .g
-                    .inputs(c)
-                    .iter()
-                    .all(|v| self.is_leaf(v.node) || on_rows(&self.g.ty(*v).shape, pre, *d)
-                        || !gr.members.contains(&v.node));
+                && self.g.inputs(c).iter().all(|v| {
+                    self.is_leaf(v.node)
+                        || on_rows(&self.g.ty(*v).shape, pre, *d)
+                        || !gr.members.contains(&v.node)
+                });
         }
         let ok_class = matches!(class(op), Class::Elem) || matches!(op, Op::Reshape { .. });
         if !ok_class {
@@ -514,15 +518,18 @@ impl Builder<'_> {
     fn eject_redundant_outputs(&mut self) {
         let named: HashSet<Value> = self.g.outputs.iter().map(|o| o.value).collect();
         for gi in 0..self.groups.len() {
-            loop {
-                let Some(gr) = &self.groups[gi] else { break };
+            while let Some(gr) = &self.groups[gi] {
                 let stored = |v: Value, except: NodeIndex| {
                     named.contains(&v)
-                        || self.g.graph.edges_directed(v.node, Direction::Outgoing).any(|e| {
-                            e.weight().port == v.port
-                                && e.target() != except
-                                && !gr.members.contains(&e.target())
-                        })
+                        || self
+                            .g
+                            .graph
+                            .edges_directed(v.node, Direction::Outgoing)
+                            .any(|e| {
+                                e.weight().port == v.port
+                                    && e.target() != except
+                                    && !gr.members.contains(&e.target())
+                            })
                 };
                 let victim = gr.members.iter().copied().find(|&c| {
                     gr.roles.get(&c) == Some(&Role::Epilogue)
@@ -634,7 +641,11 @@ impl Builder<'_> {
                 if gr.anchor.is_some() {
                     continue;
                 }
-                if gr.members.iter().any(|m| self.g.outputs.iter().any(|o| o.value.node == *m)) {
+                if gr
+                    .members
+                    .iter()
+                    .any(|m| self.g.outputs.iter().any(|o| o.value.node == *m))
+                {
                     continue;
                 }
                 let mut readers = BTreeSet::new();

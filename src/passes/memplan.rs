@@ -186,7 +186,9 @@ pub fn plan(g: &Graph, kernels: &[KernelGroup]) -> MemoryPlan {
     // One interval per storage chain: [first write, last read].
     let mut chains: HashMap<usize, (usize, usize, usize)> = HashMap::new();
     for (i, b) in bufs.iter().enumerate() {
-        let e = chains.entry(storage[i]).or_insert((b.def, b.last_use, b.bytes));
+        let e = chains
+            .entry(storage[i])
+            .or_insert((b.def, b.last_use, b.bytes));
         e.0 = e.0.min(b.def);
         e.1 = e.1.max(b.last_use);
         e.2 = e.2.max(b.bytes);
@@ -234,7 +236,11 @@ fn peak(bufs: &[Buffer], steps: usize) -> usize {
     let mut live = vec![0usize; steps.max(1)];
     for b in bufs {
         // an in-place result's first step is its operand's last: counted there
-        let from = if b.inplace_of.is_some() { b.def + 1 } else { b.def };
+        let from = if b.inplace_of.is_some() {
+            b.def + 1
+        } else {
+            b.def
+        };
         for l in live.iter_mut().take(b.last_use + 1).skip(from) {
             *l += b.bytes;
         }
@@ -279,26 +285,54 @@ pub fn check(g: &Graph, kernels: &[KernelGroup], plan: &MemoryPlan) -> Result<()
             .get(v)
             .ok_or_else(|| format!("{} is read by another kernel but has no buffer", show(*v)))?;
         if b.def != *w {
-            return Err(format!("buffer {} is written at step {} but its kernel runs at step {w}", show(*v), b.def));
+            return Err(format!(
+                "buffer {} is written at step {} but its kernel runs at step {w}",
+                show(*v),
+                b.def
+            ));
         }
         for &r in readers {
             if r <= b.def {
-                return Err(format!("buffer {} is read at step {r} before it is written at step {}", show(*v), b.def));
+                return Err(format!(
+                    "buffer {} is read at step {r} before it is written at step {}",
+                    show(*v),
+                    b.def
+                ));
             }
             if r > b.last_use {
-                return Err(format!("buffer {} is read at step {r} after its last use {}", show(*v), b.last_use));
+                return Err(format!(
+                    "buffer {} is read at step {r} after its last use {}",
+                    show(*v),
+                    b.last_use
+                ));
             }
         }
     }
     for b in &plan.buffers {
-        if !required.contains_key(&b.value) && !kernels.get(b.def).is_some_and(|k| k.scratch(g).contains(&b.value)) {
-            return Err(format!("buffer {} is neither read across kernels nor scratch", show(b.value)));
+        if !required.contains_key(&b.value)
+            && !kernels
+                .get(b.def)
+                .is_some_and(|k| k.scratch(g).contains(&b.value))
+        {
+            return Err(format!(
+                "buffer {} is neither read across kernels nor scratch",
+                show(b.value)
+            ));
         }
         if b.bytes != bytes(g, b.value) {
-            return Err(format!("buffer {} has {} bytes but its value needs {}", show(b.value), b.bytes, bytes(g, b.value)));
+            return Err(format!(
+                "buffer {} has {} bytes but its value needs {}",
+                show(b.value),
+                b.bytes,
+                bytes(g, b.value)
+            ));
         }
         if b.offset % ALIGN != 0 || b.offset + b.bytes > plan.arena_bytes {
-            return Err(format!("buffer {} at {} is misaligned or outside the arena", show(b.value), b.offset));
+            return Err(format!(
+                "buffer {} at {} is misaligned or outside the arena",
+                show(b.value),
+                b.offset
+            ));
         }
     }
     for (i, a) in plan.buffers.iter().enumerate() {
@@ -361,8 +395,20 @@ pub fn print_plan(g: &Graph, kernels: &[KernelGroup], plan: &MemoryPlan) -> Stri
                 )
             })
             .collect();
-        let anchor = k.anchor.map(|a| format!(" {}", name(Value::new(a)))).unwrap_or_default();
-        let _ = writeln!(s, "step {step} {}{anchor}: {}", k.kind.name(), if writes.is_empty() { "-".to_string() } else { writes.join(", ") });
+        let anchor = k
+            .anchor
+            .map(|a| format!(" {}", name(Value::new(a))))
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "step {step} {}{anchor}: {}",
+            k.kind.name(),
+            if writes.is_empty() {
+                "-".to_string()
+            } else {
+                writes.join(", ")
+            }
+        );
     }
     let _ = writeln!(s, "peak_bytes {}", plan.peak_bytes);
     let _ = writeln!(s, "arena_bytes {}", plan.arena_bytes);

@@ -91,7 +91,9 @@ impl std::str::FromStr for OptLevel {
             "0" | "O0" => Ok(OptLevel::O0),
             "1" | "O1" => Ok(OptLevel::O1),
             "2" | "O2" => Ok(OptLevel::O2),
-            _ => Err(format!("unknown optimisation level '{s}'; use O0, O1 or O2")),
+            _ => Err(format!(
+                "unknown optimisation level '{s}'; use O0, O1 or O2"
+            )),
         }
     }
 }
@@ -188,7 +190,8 @@ pub struct Lowered {
     pub stats: Vec<PassStats>,
 }
 
-/// Optimise, fuse (at O2; one kernel per op below), schedule and plan memory.
+/// Verify `g`, optimise, fuse (at O2; one kernel per op below), schedule and
+/// plan memory (checked before it is returned).
 pub fn lower(g: &Graph, level: OptLevel) -> Result<Lowered, PassError> {
     lower_with(g, level, &|_| Ok(()))
 }
@@ -199,6 +202,10 @@ pub fn lower_with(
     level: OptLevel,
     check: &dyn Fn(&Graph) -> Result<(), String>,
 ) -> Result<Lowered, PassError> {
+    verify::verify(g).map_err(|message| PassError::Verify {
+        pass: "input".into(),
+        message,
+    })?;
     let (graph, mut stats) = try_optimize_with(g, level, check)?;
     let (s, t) = PassStats::start("fusion", &graph);
     let groups = if level == OptLevel::O2 {
@@ -226,4 +233,36 @@ pub fn lower_with(
         plan,
         stats,
     })
+}
+
+impl Lowered {
+    /// The compile summary: one line per pass with ops before/after, changes
+    /// and time, then the kernel count and the memory plan.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        for p in &self.stats {
+            let _ = writeln!(
+                s,
+                "{:<10} ops {:>5} -> {:<5} changes {:<5} {:>9.3} ms",
+                p.name,
+                p.ops_before,
+                p.ops_after,
+                p.changes,
+                p.time.as_secs_f64() * 1e3
+            );
+        }
+        let _ = writeln!(
+            s,
+            "kernels {} for {} ops",
+            self.kernels.len(),
+            self.graph.op_count()
+        );
+        let _ = writeln!(
+            s,
+            "memory: peak {} B, arena {} B, {} B with one buffer per intermediate",
+            self.plan.peak_bytes, self.plan.arena_bytes, self.plan.naive_bytes
+        );
+        s
+    }
 }

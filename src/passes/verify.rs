@@ -57,11 +57,18 @@ pub fn verify(g: &Graph) -> Result<(), String> {
                 let ins = g.inputs(n);
                 let types: Vec<_> = ins.iter().map(|v| g.ty(*v)).collect();
                 let want = infer(op, &types).map_err(|e| {
-                    format!("node %{} ({}) fails its shape rule: {e}", n.index(), op.name())
+                    format!(
+                        "node %{} ({}) fails its shape rule: {e}",
+                        n.index(),
+                        op.name()
+                    )
                 })?;
                 if want != node.outputs {
                     let show = |ts: &[crate::ir::TensorType]| {
-                        ts.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
+                        ts.iter()
+                            .map(|t| t.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     };
                     return Err(format!(
                         "node %{} ({}) records type {} but its operands give {}",
