@@ -150,7 +150,8 @@ def fmt(v, digits=2):
 def ratio(a, b):
     if a is None or b is None or b <= 0:
         return "—"
-    return f"{a / b:.2f}"
+    r = a / b
+    return f"{r:.2f}" if r >= 0.1 else f"{r:.2g}"
 
 
 def ms_of(seconds):

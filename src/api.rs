@@ -118,6 +118,12 @@ pub enum Error {
         model: String,
         source: AutodiffError,
     },
+    /// A backend could not compile a graph (the JIT's code generator).
+    #[error("the {backend} backend cannot compile the graph: {source}")]
+    Prepare {
+        backend: &'static str,
+        source: ExecError,
+    },
     #[error("the `{0}` backend is not available yet; use `--backend interp`")]
     BackendUnavailable(&'static str),
     #[error("unknown backend `{0}`; expected `interp` or `jit`")]

@@ -401,6 +401,21 @@ fn parameter_of_the_wrong_shape_names_file_and_tensor() {
         ],
         &["`w` in `p.safetensors`", "[1, 2]", "[2, 1]"],
     );
+    f.tensors(
+        "pi.safetensors",
+        vec![("w", Tensor::i32(vec![2, 1], vec![1, 1]))],
+    );
+    f.fails(
+        &[
+            "run",
+            "affine.dl",
+            "--inputs",
+            "x.safetensors",
+            "--params",
+            "pi.safetensors",
+        ],
+        &["`w` in `pi.safetensors` is i32", "expects f32"],
+    );
 }
 
 #[test]
@@ -576,4 +591,22 @@ fn malformed_case_toml_fails_its_case() {
         "{out}"
     );
     assert!(out.contains("0 passed, 1 failed"), "{out}");
+}
+
+#[test]
+fn a_closed_stdout_is_not_a_crash() {
+    let f = Fixture::new();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dlc"))
+        .current_dir(f.dir.path())
+        .args(["compile", "clf.dl", "--emit", "ast"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the reading end before dlc writes: its writes fail with EPIPE.
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(o.status.code(), Some(0), "{err}");
 }

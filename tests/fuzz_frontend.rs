@@ -463,8 +463,29 @@ fn check_elab(src: &str) -> Result<(), TestCaseError> {
     };
     check_diag_spans(&map, &diags)?;
     let _ = render(&diags, &map);
+
+    // Sizes bound from outside (`--dim`), including ones the CLI refuses
+    // (0) and ones whose products overflow: the library must still answer
+    // with diagnostics.
+    let size = EXTREME_SIZES[src.len() % EXTREME_SIZES.len()];
+    let opts = ElabOptions {
+        dims: ["N", "T", "D", "M", "K", "P", "H", "W", "C"]
+            .iter()
+            .map(|s| (s.to_string(), size))
+            .collect(),
+        ..ElabOptions::default()
+    };
+    let mut map = SourceMap::default();
+    let file = map.add("user.dl", src);
+    let diags = match elaborate(&mut map, file, &opts) {
+        Ok(e) => e.warnings,
+        Err(d) => d,
+    };
+    check_diag_spans(&map, &diags)?;
     Ok(())
 }
+
+const EXTREME_SIZES: &[usize] = &[0, 1, 2, 5, 1 << 20, 1 << 33, usize::MAX / 3, usize::MAX];
 
 fn cases() -> u32 {
     std::env::var("DLC_FUZZ_CASES")
@@ -547,4 +568,29 @@ fn random_programs_round_trip() {
     if let Err(e) = result {
         panic!("{e}");
     }
+}
+
+/// Found by the `--dim` pass of the fuzzer: a size past i64::MAX wrapped
+/// to a negative number and was reported as "must not be negative, got -1".
+#[test]
+fn dim_past_i64_max_is_reported_as_too_large() {
+    let src = "model m {\n    input x: f32[N, 4]\n    output y = x\n}\n";
+    let mut map = SourceMap::default();
+    let file = map.add("user.dl", src);
+    let opts = ElabOptions {
+        dims: [("N".to_string(), usize::MAX)].into_iter().collect(),
+        ..ElabOptions::default()
+    };
+    let Err(diags) = elaborate(&mut map, file, &opts) else {
+        panic!("N = usize::MAX elaborated");
+    };
+    let msgs: Vec<&str> = diags.iter().map(|d| d.message.as_str()).collect();
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("`N`") && m.contains("too large")),
+        "{msgs:?}"
+    );
+    assert!(!msgs.iter().any(|m| m.contains("negative")), "{msgs:?}");
+    let at = diags[0].span;
+    assert_eq!(&src[at.start as usize..at.end as usize], "N");
 }

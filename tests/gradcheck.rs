@@ -337,7 +337,15 @@ fn greater_and_equal_pass_no_gradient() {
 fn reductions_over_several_axes_match_finite_differences() {
     let mut k = 0;
     for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max] {
-        for axes in [vec![1], vec![0, 2], vec![0, 1, 2], vec![]] {
+        // leading, inner, mixed, all, none, and an axis listed twice
+        for axes in [
+            vec![0, 1],
+            vec![1],
+            vec![0, 2],
+            vec![0, 1, 2],
+            vec![],
+            vec![2, 2],
+        ] {
             for keepdims in [false, true] {
                 k += 1;
                 let reduce = Op::Reduce {
@@ -1388,4 +1396,31 @@ fn repeated_training_steps_fit_a_linear_target() {
         let (first, last) = (losses[0], losses[losses.len() - 1]);
         assert!(last < 1e-2 * first, "{opt:?}: loss {first} -> {last}");
     }
+}
+
+#[test]
+fn reports_a_multi_result_op_reached_through_any_port() {
+    // Differentiating through dw_x (port 1) of lstm_seq_grad must not
+    // silently drop the gradient because port 0 is unused.
+    let mut c = Check::new(22);
+    let x = c.param("x", &[1, 2, 3]);
+    let wx = c.param("wx", &[3, 8]);
+    let wh = c.param("wh", &[2, 8]);
+    let b = c.param("b", &[8]);
+    let dh = c.param("dh", &[1, 2, 2]);
+    let grads =
+        c.g.add_multi(Op::LstmSeqGrad, &[x, wx, wh, b, dh], None)
+            .unwrap();
+    let loss = c.weighted_sum(grads[1]);
+    let err = gradients(&mut c.g, loss, &[dh]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            AutodiffError::NoGradientRule {
+                op: "lstm_seq_grad",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }

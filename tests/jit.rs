@@ -509,7 +509,8 @@ fn transcendental_approximations_hold_their_error_bound_everywhere() {
         1.0,
     ]);
     // Stated bounds (math.rs): relative error on normal results.
-    let cases: [(UnaryOp, fn(f64) -> f64, f64); 4] = [
+    type Reference = fn(f64) -> f64;
+    let cases: [(UnaryOp, Reference, f64); 4] = [
         (UnaryOp::Exp, f64::exp, 2.5e-7),
         (UnaryOp::Log, f64::ln, 2.5e-7),
         (UnaryOp::Tanh, f64::tanh, 2.5e-7),

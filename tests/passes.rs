@@ -1233,3 +1233,53 @@ fn an_unused_result_of_a_multi_result_op_gets_scratch_space() {
     assert_eq!(scratch, vec![0, 2]);
     assert_same(&g, &l.graph, 0.0);
 }
+
+#[test]
+fn a_stored_reshape_views_its_operand_and_shares_its_bytes() {
+    let mut g = Graph::new();
+    let a = input(&mut g, "a", &[4, 6]);
+    let w = input(&mut g, "w", &[6, 6]);
+    let v = input(&mut g, "v", &[2, 12]);
+    let m = op(&mut g, Op::MatMul, &[a, w]); // [4, 6], read by two kernels below
+    let r = op(&mut g, Op::Reshape { shape: vec![2, 12] }, &[m]);
+    let s = op(
+        &mut g,
+        Op::Reduce {
+            op: ReduceOp::Sum,
+            axes: vec![0],
+            keepdims: false,
+        },
+        &[r],
+    );
+    let t = op(&mut g, Op::Transpose { perm: vec![1, 0] }, &[r]);
+    let u = op(&mut g, Op::MatMul, &[t, v]);
+    let n = op(&mut g, Op::MatMul, &[m, w]);
+    g.push_output("s", OutputKind::Output, s);
+    g.push_output("u", OutputKind::Output, u);
+    g.push_output("n", OutputKind::Output, n);
+    let l = lower_checked(&g, OptLevel::O2);
+    let view = l
+        .plan
+        .buffers
+        .iter()
+        .find(|b| b.view_of.is_some())
+        .unwrap_or_else(|| panic!("{}", memplan::print_plan(&l.graph, &l.kernels, &l.plan)));
+    let src = l.plan.buffer(view.view_of.unwrap()).unwrap();
+    assert_eq!((view.offset, view.bytes), (src.offset, src.bytes));
+    // 96 bytes, once: the view costs nothing
+    assert_eq!(l.plan.arena_bytes, 96);
+    assert_eq!(l.plan.peak_bytes, 96);
+
+    // without the view mark, the shared bytes are an overlap
+    let mut bad = l.plan.clone();
+    let vi = bad
+        .buffers
+        .iter()
+        .position(|b| b.view_of.is_some())
+        .unwrap();
+    bad.buffers[vi].view_of = None;
+    assert!(memplan::check(&l.graph, &l.kernels, &bad)
+        .unwrap_err()
+        .contains("overlap"));
+    assert_same(&g, &l.graph, 0.0);
+}

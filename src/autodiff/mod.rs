@@ -87,27 +87,26 @@ pub fn gradients(g: &mut Graph, loss: Value, wrt: &[Value]) -> Result<Vec<Value>
         if !on_path.contains(&n) || g.node(n).op.is_leaf() {
             continue;
         }
-        let outs = g.node(n).outputs.len();
-        let dys: Vec<Option<Value>> = (0..outs)
-            .map(|p| {
-                grad.get(&Value {
-                    node: n,
-                    port: p as u16,
-                })
-                .copied()
-            })
-            .collect();
-        let Some(dy) = dys[0] else { continue };
         let node = g.node(n);
         let (op, span) = (node.op.clone(), node.span);
-        if outs != 1 {
+        if node.outputs.len() != 1 {
             // Only the gradient helper ops have several results, and they
-            // have no rules; say so rather than drop the other ports.
-            return Err(AutodiffError::NoGradientRule {
-                op: op.name(),
-                span,
+            // have no rules; say so rather than drop a port's gradient.
+            let reached = (0..node.outputs.len()).any(|p| {
+                let port = p as u16;
+                grad.contains_key(&Value { node: n, port })
             });
+            if reached {
+                return Err(AutodiffError::NoGradientRule {
+                    op: op.name(),
+                    span,
+                });
+            }
+            continue;
         }
+        let Some(&dy) = grad.get(&Value::new(n)) else {
+            continue;
+        };
         let xs = g.inputs(n);
         check_node(g, n, &xs)?;
         let y = Value::new(n);
@@ -117,6 +116,19 @@ pub fn gradients(g: &mut Graph, loss: Value, wrt: &[Value]) -> Result<Vec<Value>
             let Some(dx) = dx else { continue };
             if !on_path.contains(&x.node) || e.g.ty(x).dtype != DType::F32 {
                 continue;
+            }
+            // A rule that got a shape wrong would otherwise be broadcast
+            // silently by the `add` that accumulates it.
+            if e.g.ty(dx) != e.g.ty(x) {
+                let message = format!(
+                    "the gradient has type {} but its operand is {}",
+                    e.g.ty(dx),
+                    e.g.ty(x)
+                );
+                return Err(AutodiffError::Build {
+                    op: op.name(),
+                    source: ShapeError { message },
+                });
             }
             let total = match grad.get(&x) {
                 Some(&prev) => e.add(prev, dx)?,

@@ -9,6 +9,7 @@
 use super::emit::Emit;
 use super::AutodiffError;
 use crate::ir::{BinaryOp, Op, ReduceOp, UnaryOp, Value};
+use std::collections::BTreeSet;
 
 type Grads = Result<Vec<Option<Value>>, AutodiffError>;
 
@@ -316,6 +317,13 @@ fn tie_split(e: &mut Emit, p: Value, q: Value, dy: Value) -> Result<Value, Autod
 }
 
 fn reduce(e: &mut Emit, op: ReduceOp, axes: &[usize], x: Value, y: Value, dy: Value) -> Grads {
+    // An axis listed twice is still reduced once.
+    let axes: Vec<usize> = axes
+        .iter()
+        .copied()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let sx = e.shape(x);
     // The reduced shape with the reduced axes kept as 1, so dy broadcasts
     // back over them whether or not the forward op kept them.
@@ -324,7 +332,15 @@ fn reduce(e: &mut Emit, op: ReduceOp, axes: &[usize], x: Value, y: Value, dy: Va
         .enumerate()
         .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
         .collect();
-    let dy_k = e.reshape(dy, kept.clone())?;
+    // Broadcasting aligns trailing axes, so when only leading axes were
+    // dropped (a full reduction to a scalar, a sum over the batch) dy and y
+    // broadcast as they are.
+    let leading = axes.iter().all(|&a| a < axes.len());
+    let to_kept = |e: &mut Emit, v: Value| match leading {
+        true => Ok(v),
+        false => e.reshape(v, kept.clone()),
+    };
+    let dy_k = to_kept(e, dy)?;
     let dx = match op {
         // y = Σ x: dx = dy broadcast
         ReduceOp::Sum => e.expand(dy_k, sx)?,
@@ -337,9 +353,9 @@ fn reduce(e: &mut Emit, op: ReduceOp, axes: &[usize], x: Value, y: Value, dy: Va
         }
         // y = max x: dx = dy · mask / count, mask = (x == y) — ties split equally
         ReduceOp::Max => {
-            let y_k = e.reshape(y, kept)?;
+            let y_k = to_kept(e, y)?;
             let mask = e.binary(BinaryOp::Equal, x, y_k)?;
-            let count = e.reduce(ReduceOp::Sum, mask, axes.to_vec(), true)?;
+            let count = e.reduce(ReduceOp::Sum, mask, axes.clone(), true)?;
             let share = e.div(dy_k, count)?;
             e.mul(mask, share)?
         }

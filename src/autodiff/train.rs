@@ -118,8 +118,8 @@ pub fn training_step(
     // order does not depend on the optimizer's bookkeeping above.
     let state_names: Vec<String> = g.states().into_iter().map(|(n, _)| n).collect();
     updates.sort_by(|a, b| {
-        let rank = |n: &str| state_names.iter().any(|s| s == n);
-        (rank(&a.0), &a.0).cmp(&(rank(&b.0), &b.0))
+        let is_state = |n: &str| state_names.iter().any(|s| s == n);
+        (is_state(&a.0), &a.0).cmp(&(is_state(&b.0), &b.0))
     });
     g.outputs.clear();
     g.push_output("loss", OutputKind::Loss, loss);

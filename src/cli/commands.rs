@@ -11,6 +11,36 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+/// `println!` that never panics: a closed stdout (`dlc run | head -1`) is
+/// not an error worth a crash, so write failures are ignored.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+
+macro_rules! errln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+macro_rules! err {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($t)*);
+    }};
+}
+
 /// A failed command: rendered source diagnostics, or one sentence.
 #[derive(Debug)]
 pub enum Failure {
@@ -55,17 +85,17 @@ fn fail<T>(msg: impl Into<String>) -> Result<T, Failure> {
 pub fn report(e: &Failure) {
     match e {
         Failure::Diagnostics(d) => {
-            eprint!("{d}");
+            err!("{d}");
             if !d.ends_with('\n') {
-                eprintln!();
+                errln!();
             }
         }
-        Failure::Message(m) => eprintln!("error: {m}"),
+        Failure::Message(m) => errln!("error: {m}"),
     }
 }
 
 fn warn(msg: impl AsRef<str>) {
-    eprintln!("warning: {}", msg.as_ref());
+    errln!("warning: {}", msg.as_ref());
 }
 
 pub fn dispatch(cmd: Command) -> Result<ExitCode, Failure> {
@@ -107,7 +137,7 @@ fn compiler(m: &ModelArgs) -> Result<Compiler, Failure> {
 
 fn show_warnings(model: &CompiledModel) {
     if !model.warnings().is_empty() {
-        eprint!("{}", model.warnings());
+        err!("{}", model.warnings());
     }
 }
 
@@ -115,8 +145,8 @@ fn show_warnings(model: &CompiledModel) {
 
 fn check(file: &Path) -> Result<(), Failure> {
     let warnings = Compiler::new().check_file(file)?;
-    eprint!("{warnings}");
-    println!("{}: no errors", file.display());
+    err!("{warnings}");
+    outln!("{}: no errors", file.display());
     Ok(())
 }
 
@@ -200,7 +230,7 @@ fn compile(a: CompileArgs) -> Result<(), Failure> {
         Some(t) => {
             // The stats go to stderr so that the emitted text stays clean.
             if a.stats.is_some() {
-                eprint!("{summary}");
+                err!("{summary}");
             }
             t
         }
@@ -226,7 +256,7 @@ fn write_or_print(out: Option<&Path>, text: &str) -> Result<(), Failure> {
     match out {
         Some(p) => Ok(io::write_atomic(p, text.as_bytes())?),
         None => {
-            print!("{text}");
+            out!("{text}");
             Ok(())
         }
     }
@@ -278,7 +308,7 @@ fn run(a: RunArgs) -> Result<(), Failure> {
             .filter(|n| !given.contains_key(n))
             .collect();
         if !missing.is_empty() {
-            eprintln!(
+            errln!(
                 "note: initialised {} parameter(s) missing from `{}` with seed {}: {}",
                 missing.len(),
                 p.display(),
@@ -296,7 +326,7 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         Some(p) => io::write_tensors(p, &outputs)?,
         None => {
             for (name, t) in &outputs {
-                println!("{name}: {}", preview(t));
+                outln!("{name}: {}", preview(t));
             }
         }
     }
@@ -333,10 +363,10 @@ fn test(a: TestArgs) -> Result<(), Failure> {
     let mut summary = golden::Summary::default();
     for c in &cases {
         let r = golden::run_case(c, &opts);
-        println!("{r}");
+        outln!("{r}");
         summary.add(&r);
     }
-    println!("{summary}");
+    outln!("{summary}");
     if summary.failed > 0 {
         // Already reported above: exit 1 without another message.
         return fail("");
@@ -379,7 +409,7 @@ fn train_cmd(a: TrainArgs) -> Result<(), Failure> {
             ));
         }
         if trainer.epochs_done() > 0 {
-            eprintln!(
+            errln!(
                 "resuming from `{}` after epoch {}",
                 p.display(),
                 trainer.epochs_done()
@@ -390,7 +420,7 @@ fn train_cmd(a: TrainArgs) -> Result<(), Failure> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{name}.params.safetensors")));
-    eprintln!(
+    errln!(
         "training `{name}`: {} examples per epoch in batches of {}",
         trainer.examples_per_epoch(),
         trainer.batch_size()
@@ -421,9 +451,9 @@ fn train_cmd(a: TrainArgs) -> Result<(), Failure> {
                 line.push_str(&format!(", eval accuracy {acc:.4}"));
             }
         }
-        println!("{line}");
+        outln!("{line}");
     }
-    eprintln!("checkpoint: {}", out.display());
+    errln!("checkpoint: {}", out.display());
     Ok(())
 }
 
@@ -473,19 +503,19 @@ fn bench(a: BenchArgs) -> Result<(), Failure> {
             "train_step_ms": train.as_ref().map(|t| t.median),
             "peak_bytes": peak,
         });
-        println!("{v}");
+        outln!("{v}");
     } else {
-        println!(
+        outln!(
             "model {} ({}), {threads} thread(s)",
             model.name(),
             fmt_dims(model.dims())
         );
-        println!("compile: {compile_ms:.2} ms");
-        println!("forward: {forward}");
+        outln!("compile: {compile_ms:.2} ms");
+        outln!("forward: {forward}");
         if let Some(t) = &train {
-            println!("train step: {t}");
+            outln!("train step: {t}");
         }
-        println!("memory: {peak} bytes (one buffer per value)");
+        outln!("memory: {peak} bytes (one buffer per value)");
     }
     Ok(())
 }

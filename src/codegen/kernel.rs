@@ -5,7 +5,7 @@
 use super::conv::{Col2im, Im2col, Pool};
 use super::emit::{Kb, Loc};
 use super::matmul::Matmul;
-use super::reduce::{CrossEntropy, Reduce, Softmax};
+use super::reduce::{CrossEntropy, Hinge, Reduce, Softmax};
 use crate::ir::{BinaryOp, UnaryOp};
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::types::{F32X4, I32};
@@ -169,6 +169,7 @@ pub enum Step {
     Reduce(Reduce),
     Softmax(Softmax),
     CrossEntropy(CrossEntropy),
+    Hinge(Hinge),
     Gather(Gather),
     ScatterAdd(ScatterAdd),
     Im2col(Im2col),
@@ -198,6 +199,7 @@ impl Step {
             Step::Reduce(r) => r.units(),
             Step::Softmax(s) => s.units(),
             Step::CrossEntropy(c) => c.units(),
+            Step::Hinge(h) => h.units(),
             Step::Gather(g) => g.count,
             Step::ScatterAdd(s) => s.width,
             Step::Im2col(s) => s.units(),
@@ -222,6 +224,7 @@ impl Step {
             Step::Reduce(r) => r.unit_cost(),
             Step::Softmax(s) => s.unit_cost(),
             Step::CrossEntropy(c) => c.unit_cost(),
+            Step::Hinge(h) => h.unit_cost(),
             Step::Gather(g) => g.width,
             Step::ScatterAdd(s) => s.count,
             Step::Im2col(s) => s.unit_cost(),
@@ -252,6 +255,7 @@ impl Step {
             Step::Reduce(r) => r.emit(kb),
             Step::Softmax(s) => s.emit(kb),
             Step::CrossEntropy(c) => c.emit(kb),
+            Step::Hinge(h) => h.emit(kb),
             Step::Gather(g) => emit_gather(kb, g),
             Step::ScatterAdd(s) => emit_scatter_add(kb, s),
             Step::Im2col(s) => s.emit(kb),

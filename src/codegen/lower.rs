@@ -8,7 +8,7 @@ use super::kernel::{
     MatmulPhase, ScatterAdd, Step, View,
 };
 use super::matmul::{Matmul, MmOperand};
-use super::reduce::{CrossEntropy, Reduce, Softmax};
+use super::reduce::{CrossEntropy, Hinge, Reduce, Softmax};
 use crate::ir::{Op, Pool2d, TensorType};
 use crate::tensor::numel;
 
@@ -343,6 +343,17 @@ pub fn lower(
             let s = &ins[0].1.shape;
             plain(vec![Step::CrossEntropy(CrossEntropy {
                 logits: ins[0].0,
+                labels: ins[1].0,
+                out: out.0,
+                n: s[0],
+                c: s[1],
+                grad: ins.get(2).map(|x| x.0),
+            })])
+        }
+        Op::Hinge | Op::HingeGrad => {
+            let s = &ins[0].1.shape;
+            plain(vec![Step::Hinge(Hinge {
+                scores: ins[0].0,
                 labels: ins[1].0,
                 out: out.0,
                 n: s[0],

@@ -206,8 +206,8 @@ impl Matmul {
                     let d = k.addr(dp, kk, 4 * NR as i64);
                     if cols == NR && cs == 1 {
                         for h in 0..2 {
-                            let v = k.load_v(s, (h * 16) as i32);
-                            k.b.ins().store(flags(), v, d, (h * 16) as i32);
+                            let v = k.load_v(s, h * 16);
+                            k.b.ins().store(flags(), v, d, h * 16);
                         }
                     } else {
                         for c in 0..NR {

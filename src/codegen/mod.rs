@@ -335,6 +335,11 @@ fn step_check(g: &Graph, n: NodeIndex, step: &Step) -> StepCheck {
             labels: c.labels,
             classes: c.c,
         },
+        Step::Hinge(h) => StepCheck::Label {
+            op,
+            labels: h.labels,
+            classes: h.c,
+        },
         _ => StepCheck::None,
     }
 }

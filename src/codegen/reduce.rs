@@ -407,3 +407,130 @@ impl CrossEntropy {
         }
     }
 }
+
+/// Multi-class hinge loss `mean_n Σ_{j≠y} max(0, 1 + s_j - s_y)`; with
+/// `grad`, its subgradient scaled by `dloss/n` (a margin of exactly 0
+/// contributes nothing, a NaN margin makes both entries NaN). A label
+/// outside `[0, c)` returns its row + 1.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hinge {
+    pub scores: Loc,
+    pub labels: Loc,
+    pub out: Loc,
+    pub n: usize,
+    pub c: usize,
+    pub grad: Option<Loc>,
+}
+
+impl Hinge {
+    pub fn units(&self) -> usize {
+        if self.grad.is_some() {
+            self.n
+        } else {
+            1
+        }
+    }
+    pub fn unit_cost(&self) -> usize {
+        if self.grad.is_some() {
+            self.c * 4
+        } else {
+            self.n * self.c * 4
+        }
+    }
+
+    /// Row pointer, label and the label's score, after the range check.
+    fn row(&self, k: &mut Kb, scores: Value, labels: Value, r: Value) -> (Value, Value, Value) {
+        let lp = k.addr(labels, r, 4);
+        let label = k.load_i(lp, 0);
+        let label = k.b.ins().sextend(I64, label);
+        let cv = k.iconst(self.c as i64);
+        let bad = k.b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, label, cv);
+        k.if_then(bad, |k| {
+            let code = k.b.ins().iadd_imm_s(r, 1);
+            k.jump_ret(code);
+        });
+        let sp = k.addr(scores, r, (self.c * 4) as i64);
+        let ya = k.addr(sp, label, 4);
+        let sy = k.load_f(ya, 0);
+        (sp, label, sy)
+    }
+
+    /// `1 + s_j - s_y` for column `j`.
+    fn margin(k: &mut Kb, sp: Value, j: Value, sy: Value) -> Value {
+        let a = k.addr(sp, j, 4);
+        let s = k.load_f(a, 0);
+        let one = k.fconst(1.0);
+        let m = k.b.ins().fadd(one, s);
+        k.b.ins().fsub(m, sy)
+    }
+
+    pub fn emit(&self, kb: &mut Kb) {
+        use cranelift_codegen::ir::condcodes::FloatCC;
+        let scores = kb.base(self.scores);
+        let labels = kb.base(self.labels);
+        let out = kb.base(self.out);
+        let (start, end) = (kb.start, kb.end);
+        match self.grad {
+            None => {
+                let z = kb.fconst(0.0);
+                let total = kb.var(F32, z);
+                kb.for_const(0, self.n, |k, r| {
+                    let (sp, label, sy) = self.row(k, scores, labels, r);
+                    let zero = k.iconst(0);
+                    let cv = k.iconst(self.c as i64);
+                    k.for_range(zero, cv, 1, |k, j| {
+                        let other = k.b.ins().icmp(IntCC::NotEqual, j, label);
+                        k.if_then(other, |k| {
+                            let m = Self::margin(k, sp, j, sy);
+                            // max(0, m), NaN kept so that it propagates.
+                            let zf = k.fconst(0.0);
+                            let neg = k.b.ins().fcmp(FloatCC::LessThanOrEqual, m, zf);
+                            let m = k.b.ins().select(neg, zf, m);
+                            let t = k.b.use_var(total);
+                            let t = k.b.ins().fadd(t, m);
+                            k.b.def_var(total, t);
+                        });
+                    });
+                });
+                let t = kb.b.use_var(total);
+                let nf = kb.fconst(self.n as f32);
+                let r = kb.b.ins().fdiv(t, nf);
+                kb.store_f(r, out, 0);
+            }
+            Some(g) => {
+                let gp = kb.base(g);
+                let dl = kb.load_f(gp, 0);
+                let nf = kb.fconst(self.n as f32);
+                let share = kb.b.ins().fdiv(dl, nf);
+                kb.for_range(start, end, 1, |k, r| {
+                    let (sp, label, sy) = self.row(k, scores, labels, r);
+                    let dp = k.addr(out, r, (self.c * 4) as i64);
+                    let zf = k.fconst(0.0);
+                    let acc = k.var(F32, zf);
+                    let zero = k.iconst(0);
+                    let cv = k.iconst(self.c as i64);
+                    k.for_range(zero, cv, 1, |k, j| {
+                        let m = Self::margin(k, sp, j, sy);
+                        let zf = k.fconst(0.0);
+                        let pos = k.b.ins().fcmp(FloatCC::GreaterThan, m, zf);
+                        let nan = k.b.ins().fcmp(FloatCC::Unordered, m, m);
+                        let nanv = k.fconst(f32::NAN);
+                        let v = k.b.ins().select(pos, share, zf);
+                        let v = k.b.ins().select(nan, nanv, v);
+                        let other = k.b.ins().icmp(IntCC::NotEqual, j, label);
+                        let v = k.b.ins().select(other, v, zf);
+                        let a = k.addr(dp, j, 4);
+                        k.store_f(v, a, 0);
+                        let t = k.b.use_var(acc);
+                        let t = k.b.ins().fadd(t, v);
+                        k.b.def_var(acc, t);
+                    });
+                    let t = k.b.use_var(acc);
+                    let t = k.b.ins().fneg(t);
+                    let ya = k.addr(dp, label, 4);
+                    k.store_f(t, ya, 0);
+                });
+            }
+        }
+    }
+}

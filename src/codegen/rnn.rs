@@ -313,14 +313,18 @@ fn lstm_forward(bd: &mut Build, d: Dims, w: &Weights, hs: Seq, keep: bool) -> Ls
         let z = match &wh {
             Some(mm) if t > 0 => {
                 bd.run_packed(mm, hs.a(t - 1, 0), rec);
-                bd.binary(BinaryOp::Add, [n, g], act.at(t, 0), mat(rec, g), xw.at(t, 0));
-                act
+                bd.binary(BinaryOp::Add, [n, g], mat(rec, g), mat(rec, g), xw.at(t, 0));
+                mat(rec, g)
             }
-            _ => xw,
+            _ => xw.at(t, 0),
         };
-        bd.unary(UnaryOp::Sigmoid, [n, 2 * h], act.at(t, 0), z.at(t, 0));
-        bd.unary(UnaryOp::Tanh, dh, act.at(t, 2 * h), z.at(t, 2 * h));
-        bd.unary(UnaryOp::Sigmoid, dh, act.at(t, 3 * h), z.at(t, 3 * h));
+        // σ over all four blocks (one step), then g's block redone as tanh.
+        let zg = View {
+            off: z.off + 2 * h,
+            ..z.clone()
+        };
+        bd.unary(UnaryOp::Sigmoid, [n, g], act.at(t, 0), z);
+        bd.unary(UnaryOp::Tanh, dh, act.at(t, 2 * h), zg);
         let (gi, gf, gg, go) = (act.at(t, 0), act.at(t, h), act.at(t, 2 * h), act.at(t, 3 * h));
         // c_t = f·c_{t-1} + i·g
         if t == 0 {
@@ -434,96 +438,127 @@ fn input_grads(bd: &mut Build, d: Dims, w: &Weights, dz: Seq, dx: Loc, dwx: Loc,
     bd.reduce_sum(dz.loc, db, (g, 1), (rows, g as i64));
 }
 
-/// `hp [N, T, H]` with `hp_t = h_{t-1}` and `hp_0 = 0`, for `dw_h`.
-fn shifted_hidden(bd: &mut Build, d: Dims, hs: Seq) -> Loc {
-    let (n, t, h) = (d.n, d.t, d.h);
-    let hp = bd.alloc(n * t * h);
-    bd.fill(hp, n * t * h, 0.0);
-    let s = vec![(t * h) as i64, h as i64, 1];
+/// `[N, T, w]` with step `t` holding step `t − 1` of `s` and step 0
+/// holding zeros (`h_{-1} = c_{-1} = 0`).
+fn shifted(bd: &mut Build, d: Dims, s: Seq) -> Loc {
+    let (n, t, w) = (d.n, d.t, s.width);
+    let out = bd.alloc(n * t * w);
+    bd.fill(out, n * t * w, 0.0);
+    let st = vec![(t * w) as i64, w as i64, 1];
     bd.copy(
-        vec![n, t - 1, h],
+        vec![n, t - 1, w],
         View {
-            loc: hs.loc,
+            loc: s.loc,
             off: 0,
-            strides: s.clone(),
+            strides: st.clone(),
         },
         View {
-            loc: hp,
-            off: h,
-            strides: s,
+            loc: out,
+            off: w,
+            strides: st,
         },
     );
-    hp
+    out
 }
 
+/// Columns `c0..` of every step of a `[N, T, width]` buffer as one
+/// `[N·T, w]` view.
+fn all_steps(loc: Loc, width: usize, c0: usize) -> View {
+    View {
+        loc,
+        off: c0,
+        strides: vec![width as i64, 1],
+    }
+}
+
+/// Blocks `c0, c0 + step, …` (`blocks` of them, `h` wide) of step `t` as a
+/// `[N, blocks, h]` view.
+fn blocks(s: Seq, t: usize, c0: usize, step: usize) -> View {
+    View {
+        loc: s.loc,
+        off: (t % s.slots) * s.width + c0,
+        strides: vec![(s.slots * s.width) as i64, step as i64, 1],
+    }
+}
+
+/// A `[N, h]` matrix repeated over the middle dim of a `[N, blocks, h]`
+/// step.
+fn repeated(v: &View) -> View {
+    View {
+        loc: v.loc,
+        off: v.off,
+        strides: vec![v.strides[0], 0, 1],
+    }
+}
+
+/// LSTM BPTT. Everything that only depends on forward values is computed
+/// for all steps before the loop, as coefficients `a [N, T, 4H]` with
+/// `dz_{i,f,g} = dc · a_{i,f,g}` and `dz_o = dh · a_o`, and `a_c` with
+/// `dc = dh · a_c + dc_{t+1}`; the loop then only carries `dh` and `dc`.
 fn lstm_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
     let (n, h, g, tt) = (d.n, d.h, d.g(), d.t);
     let hs = Seq::new(bd, n, tt, h);
     let st = lstm_forward(bd, d, w, hs, true);
+    let (mul, sub, add) = (BinaryOp::Mul, BinaryOp::Sub, BinaryOp::Add);
+    let one = bd.constant(1.0);
+    let rows = [n * tt, h];
+    let act = |c0: usize| all_steps(st.act.loc, g, c0);
+    let (gi, gf, gg, go) = (act(0), act(h), act(2 * h), act(3 * h));
+    let tc = all_steps(st.tc.loc, h, 0);
+    let cp = all_steps(shifted(bd, d, st.c), h, 0);
+    let coef = Seq::new(bd, n, tt, g);
+    let ac = Seq::new(bd, n, tt, h);
+    let tmp = all_steps(bd.alloc(n * tt * h), h, 0);
+    let a = |c0: usize| all_steps(coef.loc, g, c0);
+    // h = o·tanh(c): a_o = tanh(c)·o·(1 − o), a_c = o·(1 − tanh²c)
+    bd.binary(sub, rows, tmp.clone(), bcast(one), go.clone());
+    bd.binary(mul, rows, tmp.clone(), tmp.clone(), go.clone());
+    bd.binary(mul, rows, a(3 * h), tmp.clone(), tc.clone());
+    bd.binary(mul, rows, tmp.clone(), tc.clone(), tc);
+    bd.binary(sub, rows, tmp.clone(), bcast(one), tmp.clone());
+    bd.binary(mul, rows, all_steps(ac.loc, h, 0), tmp.clone(), go);
+    // c = f·c_{t-1} + i·g: a_i = g·i·(1 − i), a_f = c_{t-1}·f·(1 − f),
+    // a_g = i·(1 − g²)
+    bd.binary(sub, rows, tmp.clone(), bcast(one), gi.clone());
+    bd.binary(mul, rows, tmp.clone(), tmp.clone(), gi.clone());
+    bd.binary(mul, rows, a(0), tmp.clone(), gg.clone());
+    bd.binary(sub, rows, tmp.clone(), bcast(one), gf.clone());
+    bd.binary(mul, rows, tmp.clone(), tmp.clone(), gf);
+    bd.binary(mul, rows, a(h), tmp.clone(), cp);
+    bd.binary(mul, rows, tmp.clone(), gg.clone(), gg);
+    bd.binary(sub, rows, tmp.clone(), bcast(one), tmp.clone());
+    bd.binary(mul, rows, a(2 * h), tmp, gi);
+
     let dz = Seq::new(bd, n, tt, g);
     let dh_out = Seq {
         loc: dh_in,
         slots: tt,
         width: h,
     };
-    let one = bd.constant(1.0);
-    let zero = bd.constant(0.0);
-    let dht_buf = bd.alloc(n * h);
+    let dht_buf = mat(bd.alloc(n * h), h);
     let dhn = bd.alloc(n * h);
-    let dc_buf = bd.alloc(n * h);
-    let dcn = bd.alloc(n * h);
-    let t1 = mat(bd.alloc(n * h), h);
-    let t2 = mat(bd.alloc(n * h), h);
+    let dc = mat(bd.alloc(n * h), h);
+    let dcn = mat(bd.alloc(n * h), h);
     // dh_{t-1} = dz_t @ w_hᵀ, w_hᵀ packed once.
     let wh_t = (tt > 1).then(|| bd.prepack(vec![], (n, g, h), dz.a(0, 0), operand(w.wh, 0, g, true)));
     let dh = [n, h];
-    let (mul, sub, add) = (BinaryOp::Mul, BinaryOp::Sub, BinaryOp::Add);
     for t in (0..tt).rev() {
-        let (gi, gf, gg, go) = (st.act.at(t, 0), st.act.at(t, h), st.act.at(t, 2 * h), st.act.at(t, 3 * h));
-        let tc = st.tc.at(t, 0);
         let last = t + 1 == tt;
-        // dh_t from the output plus from step t+1.
         let dht = if last {
             dh_out.at(t, 0)
         } else {
-            bd.binary(add, dh, mat(dht_buf, h), dh_out.at(t, 0), mat(dhn, h));
-            mat(dht_buf, h)
+            bd.binary(add, dh, dht_buf.clone(), dh_out.at(t, 0), mat(dhn, h));
+            dht_buf.clone()
         };
-        // h = o·tanh(c): dz_o = dh·tanh(c)·o·(1 − o)
-        bd.binary(mul, dh, t1.clone(), dht.clone(), tc.clone());
-        bd.binary(sub, dh, t2.clone(), bcast(one), go.clone());
-        bd.binary(mul, dh, t2.clone(), t2.clone(), go.clone());
-        bd.binary(mul, dh, dz.at(t, 3 * h), t1.clone(), t2.clone());
-        // dc = dh·o·(1 − tanh²c) + dc_{t+1}
-        bd.binary(mul, dh, t1.clone(), tc.clone(), tc);
-        bd.binary(sub, dh, t1.clone(), bcast(one), t1.clone());
-        bd.binary(mul, dh, t1.clone(), t1.clone(), go);
-        bd.binary(mul, dh, t1.clone(), t1.clone(), dht);
-        let dc = if last {
-            t1.clone()
-        } else {
-            bd.binary(add, dh, mat(dc_buf, h), t1.clone(), mat(dcn, h));
-            mat(dc_buf, h)
-        };
-        // c = f·c_{t-1} + i·g
-        bd.binary(sub, dh, t2.clone(), bcast(one), gi.clone());
-        bd.binary(mul, dh, t2.clone(), t2.clone(), gi.clone());
-        bd.binary(mul, dh, t2.clone(), t2.clone(), gg.clone());
-        bd.binary(mul, dh, dz.at(t, 0), t2.clone(), dc.clone());
-        if t > 0 {
-            bd.binary(sub, dh, t2.clone(), bcast(one), gf.clone());
-            bd.binary(mul, dh, t2.clone(), t2.clone(), gf.clone());
-            bd.binary(mul, dh, t2.clone(), t2.clone(), st.c.at(t - 1, 0));
-            bd.binary(mul, dh, dz.at(t, h), t2.clone(), dc.clone());
-        } else {
-            bd.copy(dh.to_vec(), bcast(zero), dz.at(t, h));
+        bd.binary(mul, dh, dc.clone(), dht.clone(), ac.at(t, 0));
+        if !last {
+            bd.binary(add, dh, dc.clone(), dc.clone(), dcn.clone());
         }
-        bd.binary(mul, dh, t2.clone(), gg.clone(), gg);
-        bd.binary(sub, dh, t2.clone(), bcast(one), t2.clone());
-        bd.binary(mul, dh, t2.clone(), t2.clone(), gi);
-        bd.binary(mul, dh, dz.at(t, 2 * h), t2.clone(), dc.clone());
+        let three = blocks(coef, t, 0, h);
+        bd.ew(EwOp::Binary(mul), &[n, 3, h], blocks(dz, t, 0, h), vec![three, repeated(&dc)]);
+        bd.binary(mul, dh, dz.at(t, 3 * h), coef.at(t, 3 * h), dht);
         if t > 0 {
-            bd.binary(mul, dh, mat(dcn, h), dc, gf);
+            bd.binary(mul, dh, dcn.clone(), dc.clone(), st.act.at(t, h));
             if let Some(mm) = &wh_t {
                 bd.run_packed(mm, dz.a(t, 0), dhn);
             }
@@ -531,27 +566,52 @@ fn lstm_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
     }
     let [dx, dwx, dwh, db] = outs;
     input_grads(bd, d, w, dz, dx, dwx, db);
-    let hp = shifted_hidden(bd, d, st.hs);
+    let hp = shifted(bd, d, st.hs);
     bd.matmul(vec![], (h, n * tt, g), operand(hp, 0, h, true), operand(dz.loc, 0, g, false), dwh);
 }
 
+/// GRU BPTT, with the coefficients of forward values hoisted out of the
+/// loop: `dz_z = dh · (h~ − h_{t-1})·z·(1 − z)`, `dz_h~ = dh · z·(1 − h~²)`,
+/// `dz_r = d(r·h_{t-1}) · h_{t-1}·r·(1 − r)`.
 fn gru_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
     let (n, h, g, tt) = (d.n, d.h, d.g(), d.t);
     let hs = Seq::new(bd, n, tt, h);
     let st = gru_forward(bd, d, w, hs, true);
+    let (mul, sub, add) = (BinaryOp::Mul, BinaryOp::Sub, BinaryOp::Add);
+    let one = bd.constant(1.0);
+    let zero = bd.constant(0.0);
+    let rows = [n * tt, h];
+    let act = |c0: usize| all_steps(st.act.loc, g, c0);
+    let (gz, gr, gc) = (act(0), act(h), act(2 * h));
+    let hp_all = shifted(bd, d, st.hs);
+    let hp = all_steps(hp_all, h, 0);
+    let coef = Seq::new(bd, n, tt, g);
+    let keep = Seq::new(bd, n, tt, h);
+    let tmp = all_steps(bd.alloc(n * tt * h), h, 0);
+    let tmp2 = all_steps(bd.alloc(n * tt * h), h, 0);
+    let a = |c0: usize| all_steps(coef.loc, g, c0);
+    // h_t = (1 − z)·h_{t−1} + z·h~
+    bd.binary(sub, rows, all_steps(keep.loc, h, 0), bcast(one), gz.clone());
+    bd.binary(sub, rows, tmp.clone(), gc.clone(), hp.clone());
+    bd.binary(mul, rows, tmp2.clone(), all_steps(keep.loc, h, 0), gz.clone());
+    bd.binary(mul, rows, a(0), tmp.clone(), tmp2.clone());
+    bd.binary(mul, rows, tmp.clone(), gc.clone(), gc);
+    bd.binary(sub, rows, tmp.clone(), bcast(one), tmp.clone());
+    bd.binary(mul, rows, a(2 * h), tmp.clone(), gz);
+    bd.binary(sub, rows, tmp.clone(), bcast(one), gr.clone());
+    bd.binary(mul, rows, tmp.clone(), tmp.clone(), gr);
+    bd.binary(mul, rows, a(h), tmp, hp);
+
     let dz = Seq::new(bd, n, tt, g);
     let dh_out = Seq {
         loc: dh_in,
         slots: tt,
         width: h,
     };
-    let one = bd.constant(1.0);
-    let zero = bd.constant(0.0);
-    let dht_buf = bd.alloc(n * h);
-    let dhn = bd.alloc(n * h);
+    let dht_buf = mat(bd.alloc(n * h), h);
+    let dhn = mat(bd.alloc(n * h), h);
     let drh = bd.alloc(n * h);
     let m = bd.alloc(n * h);
-    let t1 = mat(bd.alloc(n * h), h);
     let t2 = mat(bd.alloc(n * h), h);
     // d(r·h_{t-1}) = dz_h~ @ w_h[:, 2H:]ᵀ and the (z, r) part of dh_{t-1}
     // = dz_{z,r} @ w_h[:, :2H]ᵀ, both weights packed once.
@@ -561,39 +621,30 @@ fn gru_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
         (cand, zr)
     });
     let dh = [n, h];
-    let (mul, sub, add) = (BinaryOp::Mul, BinaryOp::Sub, BinaryOp::Add);
     for t in (0..tt).rev() {
-        let (gz, gr, gc) = (st.act.at(t, 0), st.act.at(t, h), st.act.at(t, 2 * h));
-        let hp = if t > 0 { st.hs.at(t - 1, 0) } else { bcast(zero) };
         let dht = if t + 1 == tt {
             dh_out.at(t, 0)
         } else {
-            bd.binary(add, dh, mat(dht_buf, h), dh_out.at(t, 0), mat(dhn, h));
-            mat(dht_buf, h)
+            bd.binary(add, dh, dht_buf.clone(), dh_out.at(t, 0), dhn.clone());
+            dht_buf.clone()
         };
-        // h_t = (1 − z)·h_{t−1} + z·h~
-        bd.binary(sub, dh, t1.clone(), gc.clone(), hp.clone());
-        bd.binary(mul, dh, t1.clone(), t1.clone(), dht.clone());
-        bd.binary(sub, dh, t2.clone(), bcast(one), gz.clone());
-        bd.binary(mul, dh, t2.clone(), t2.clone(), gz.clone());
-        bd.binary(mul, dh, dz.at(t, 0), t1.clone(), t2.clone());
-        bd.binary(mul, dh, t1.clone(), gc.clone(), gc);
-        bd.binary(sub, dh, t1.clone(), bcast(one), t1.clone());
-        bd.binary(mul, dh, t1.clone(), t1.clone(), gz.clone());
-        bd.binary(mul, dh, dz.at(t, 2 * h), t1.clone(), dht.clone());
+        // dz_z and dz_h~ (blocks 0 and 2) in one step.
+        bd.ew(
+            EwOp::Binary(mul),
+            &[n, 2, h],
+            blocks(dz, t, 0, 2 * h),
+            vec![blocks(coef, t, 0, 2 * h), repeated(&dht)],
+        );
         match &packed {
             Some((cand, zr)) if t > 0 => {
                 bd.run_packed(cand, dz.a(t, 2 * h), drh);
-                bd.binary(sub, dh, t1.clone(), bcast(one), gr.clone());
-                bd.binary(mul, dh, t1.clone(), t1.clone(), gr.clone());
-                bd.binary(mul, dh, t1.clone(), t1.clone(), hp);
-                bd.binary(mul, dh, dz.at(t, h), t1.clone(), mat(drh, h));
+                bd.binary(mul, dh, dz.at(t, h), coef.at(t, h), mat(drh, h));
                 bd.run_packed(zr, dz.a(t, 0), m);
-                bd.binary(sub, dh, t1.clone(), bcast(one), gz);
-                bd.binary(mul, dh, t1.clone(), t1.clone(), dht);
-                bd.binary(mul, dh, t2.clone(), mat(drh, h), gr);
-                bd.binary(add, dh, t1.clone(), t1.clone(), t2.clone());
-                bd.binary(add, dh, mat(dhn, h), t1.clone(), mat(m, h));
+                // dh_{t-1} = dh·(1 − z) + d(r·h_{t-1})·r + dz_{z,r} w_hᵀ
+                bd.binary(mul, dh, dhn.clone(), dht, keep.at(t, 0));
+                bd.binary(mul, dh, t2.clone(), mat(drh, h), st.act.at(t, h));
+                bd.binary(add, dh, dhn.clone(), dhn.clone(), t2.clone());
+                bd.binary(add, dh, dhn.clone(), dhn.clone(), mat(m, h));
             }
             // h_{-1} = 0: no reset-gate gradient, nothing flows further back.
             _ => bd.copy(dh.to_vec(), bcast(zero), dz.at(t, h)),
@@ -603,11 +654,10 @@ fn gru_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
     input_grads(bd, d, w, dz, dx, dwx, db);
     // dw_h[:, :2H] = hpᵀ dz_{z,r}, dw_h[:, 2H:] = (r·h_{t-1})ᵀ dz_h~, each
     // computed contiguously, then placed in its column block.
-    let hp = shifted_hidden(bd, d, st.hs);
     let rows = n * tt;
     let w_zr = bd.alloc(h * 2 * h);
     let w_c = bd.alloc(h * h);
-    bd.matmul(vec![], (h, rows, 2 * h), operand(hp, 0, h, true), operand(dz.loc, 0, g, false), w_zr);
+    bd.matmul(vec![], (h, rows, 2 * h), operand(hp_all, 0, h, true), operand(dz.loc, 0, g, false), w_zr);
     let dz_c = operand(dz.loc, 2 * h, g, false);
     bd.matmul(vec![], (h, rows, h), operand(st.rh.loc, 0, h, true), dz_c, w_c);
     let place = |src: Loc, c0: usize, w: usize| {

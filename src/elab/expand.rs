@@ -546,9 +546,17 @@ impl<'a, D: ElabDim> Elab<'a, D> {
     /// fixed before expansion), a free symbol while checking, else its
     /// default.
     fn resolve_symbol(&mut self, name: &str, span: Span) -> Option<Int<D>> {
-        if let Some(n) = self.syms.bound.get(name) {
-            self.model_dims.insert(name.to_string(), *n);
-            return Some(Int::C(*n as i64));
+        if let Some(&n) = self.syms.bound.get(name) {
+            self.model_dims.insert(name.to_string(), n);
+            // `as i64` would turn sizes past i64::MAX negative.
+            let Ok(c) = i64::try_from(n) else {
+                self.error(
+                    span,
+                    format!("dimension `{name}` = {n} is too large for any tensor"),
+                );
+                return None;
+            };
+            return Some(Int::C(c));
         }
         if let Some(d) = D::free_symbol(name) {
             return Some(Int::S(d));

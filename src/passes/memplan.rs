@@ -10,12 +10,14 @@
 //!   writes its result over an operand of the same shape whose last reader it
 //!   is. That is safe because such a loop reads element `i` of every operand
 //!   before it writes element `i` of any result.
+//! - Views: a kernel that only reshapes a stored value gets the same bytes
+//!   (a row-major reshape does not move data), so both stay live together.
 //! - Offsets: greedy by size — largest first, each at the lowest aligned
 //!   offset that overlaps no placed buffer live at the same time.
 //!
 //! **Invariant** ([`check`]): no two buffers live at the same step overlap,
-//! except a result and the operand it overwrites in place; every buffer is
-//! written before it is read.
+//! except a result and the operand it overwrites in place, and a view and
+//! the buffer it views; every buffer is written before it is read.
 
 use super::fusion::{KernelGroup, KernelKind};
 use super::rewrite::bytes;
@@ -40,6 +42,9 @@ pub struct Buffer {
     pub last_use: usize,
     /// The operand whose storage this result overwrites.
     pub inplace_of: Option<Value>,
+    /// The buffer this one is a reshape of: same bytes at the same offset,
+    /// both live at once (its kernel only copies the data onto itself).
+    pub view_of: Option<Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -154,31 +159,56 @@ pub fn plan(g: &Graph, kernels: &[KernelGroup]) -> MemoryPlan {
             def: nd.def,
             last_use: nd.uses.iter().copied().max().unwrap_or(nd.def),
             inplace_of: None,
+            view_of: None,
         })
         .collect();
     let index: HashMap<Value, usize> = bufs.iter().enumerate().map(|(i, b)| (b.value, i)).collect();
 
-    // In-place reuse: storage[i] is the buffer whose storage buffer i shares.
+    // Views and in-place reuse: storage[i] is the buffer whose storage buffer
+    // i shares; end[root] is the last step any sharer is read.
     let mut storage: Vec<usize> = (0..bufs.len()).collect();
-    let mut taken: HashSet<usize> = HashSet::new();
+    let mut end: Vec<usize> = bufs.iter().map(|b| b.last_use).collect();
     for (s, k) in kernels.iter().enumerate() {
+        if let Some((iv, ov)) = view(g, k) {
+            if let (Some(&b), Some(&o)) = (index.get(&iv), index.get(&ov)) {
+                if bufs[b].bytes == bufs[o].bytes {
+                    let root = storage[b];
+                    bufs[o].view_of = Some(iv);
+                    storage[o] = root;
+                    end[root] = end[root].max(bufs[o].last_use);
+                }
+            }
+            continue;
+        }
         if !pure_elementwise(g, k) {
             continue;
         }
+        let ins = k.inputs(g);
+        let mut taken: HashSet<usize> = HashSet::new();
         for v in k.outputs(g) {
             let Some(&o) = index.get(&v) else { continue };
-            let cand = k.inputs(g).into_iter().find_map(|iv| {
-                let &b = index.get(&iv)?;
-                let ok = bufs[b].last_use == s
+            let cand = ins.iter().find_map(|iv| {
+                let &b = index.get(iv)?;
+                let root = storage[b];
+                // every operand in that storage is read at the result's own
+                // index (same type, no broadcast), so reads precede writes
+                let same_index = ins.iter().all(|jv| {
+                    index
+                        .get(jv)
+                        .is_none_or(|&j| storage[j] != root || g.ty(*jv) == g.ty(v))
+                });
+                let ok = end[root] == s
                     && bufs[b].bytes == bufs[o].bytes
-                    && g.ty(iv) == g.ty(v)
-                    && !taken.contains(&b);
+                    && same_index
+                    && !taken.contains(&root);
                 ok.then_some(b)
             });
             if let Some(b) = cand {
-                taken.insert(b);
+                let root = storage[b];
+                taken.insert(root);
                 bufs[o].inplace_of = Some(bufs[b].value);
-                storage[o] = storage[b];
+                storage[o] = root;
+                end[root] = end[root].max(bufs[o].last_use);
             }
         }
     }
@@ -218,7 +248,7 @@ pub fn plan(g: &Graph, kernels: &[KernelGroup]) -> MemoryPlan {
         b.offset = offset_of[&storage[i]];
     }
     let arena_bytes = bufs.iter().map(|b| b.offset + b.bytes).max().unwrap_or(0);
-    let peak_bytes = peak(&bufs, kernels.len());
+    let peak_bytes = peak(&placed, kernels.len());
     MemoryPlan {
         buffers: bufs,
         arena_bytes,
@@ -231,21 +261,26 @@ fn align(x: usize) -> usize {
     x.div_ceil(ALIGN) * ALIGN
 }
 
-/// The most bytes live at one step, counting a storage shared in place once.
-fn peak(bufs: &[Buffer], steps: usize) -> usize {
+/// The most bytes live at one step; `storages` are `(start, end, offset,
+/// size)`, each counted once however many buffers share it.
+fn peak(storages: &[(usize, usize, usize, usize)], steps: usize) -> usize {
     let mut live = vec![0usize; steps.max(1)];
-    for b in bufs {
-        // an in-place result's first step is its operand's last: counted there
-        let from = if b.inplace_of.is_some() {
-            b.def + 1
-        } else {
-            b.def
-        };
-        for l in live.iter_mut().take(b.last_use + 1).skip(from) {
-            *l += b.bytes;
+    for &(start, end, _, size) in storages {
+        for l in live.iter_mut().take(end + 1).skip(start) {
+            *l += size;
         }
     }
     live.into_iter().max().unwrap_or(0)
+}
+
+/// A kernel that is one reshape of a value: `(operand, result)`.
+fn view(g: &Graph, k: &KernelGroup) -> Option<(Value, Value)> {
+    match k.nodes.as_slice() {
+        [n] if matches!(g.node(*n).op, Op::Reshape { .. }) => {
+            Some((g.inputs(*n)[0], Value::new(*n)))
+        }
+        _ => None,
+    }
 }
 
 /// Prove the plan sound for `kernels` (in schedule order): the right values
@@ -342,10 +377,15 @@ pub fn check(g: &Graph, kernels: &[KernelGroup], plan: &MemoryPlan) -> Result<()
             if !(live_together && overlap) {
                 continue;
             }
+            let same_place = a.offset == b.offset && a.bytes == b.bytes;
+            let family = |x: &Buffer| root_view(plan, x.value);
             let in_place = |r: &Buffer, o: &Buffer| {
-                r.inplace_of == Some(o.value) && o.last_use == r.def && o.offset == r.offset
+                r.inplace_of
+                    .is_some_and(|x| root_view(plan, x) == family(o))
+                    && o.last_use == r.def
             };
-            if !(in_place(a, b) || in_place(b, a)) {
+            let views = family(a) == family(b);
+            if !(same_place && (in_place(a, b) || in_place(b, a) || views)) {
                 return Err(format!(
                     "buffers {} (steps {}..{}, bytes {}..{}) and {} (steps {}..{}, bytes {}..{}) overlap",
                     show(a.value), a.def, a.last_use, a.offset, a.offset + a.bytes,
@@ -355,6 +395,17 @@ pub fn check(g: &Graph, kernels: &[KernelGroup], plan: &MemoryPlan) -> Result<()
         }
     }
     Ok(())
+}
+
+/// The buffer a chain of views ends at.
+fn root_view(plan: &MemoryPlan, mut v: Value) -> Value {
+    for _ in 0..plan.buffers.len() {
+        match plan.buffer(v).and_then(|b| b.view_of) {
+            Some(u) => v = u,
+            None => break,
+        }
+    }
+    v
 }
 
 /// `--emit plan`: the schedule with what each kernel writes, then the totals.
@@ -380,10 +431,11 @@ pub fn print_plan(g: &Graph, kernels: &[KernelGroup], plan: &MemoryPlan) -> Stri
             .iter()
             .filter(|b| b.def == step)
             .map(|b| {
-                let inplace = b
-                    .inplace_of
-                    .map(|o| format!(" over {}", name(o)))
-                    .unwrap_or_default();
+                let inplace = match (b.inplace_of, b.view_of) {
+                    (Some(o), _) => format!(" over {}", name(o)),
+                    (_, Some(o)) => format!(" view of {}", name(o)),
+                    _ => String::new(),
+                };
                 format!(
                     "{} {} @{}+{} live {}..{}{inplace}",
                     name(b.value),

@@ -290,14 +290,22 @@ fn read(
             .unwrap_or_else(|| Tensor::zeros(ty.dtype, ty.shape.clone())),
         Loc::Arena(off) => {
             assert!(off + n * 4 <= arena_len, "value outside the arena (a codegen bug)");
-            // SAFETY: the range was just checked to lie inside the arena,
-            // which is 64-byte aligned with every offset a multiple of 16;
-            // the arena lock is held by the caller.
-            let bytes = unsafe { std::slice::from_raw_parts(base.add(off) as *const u8, n * 4) };
-            let words = bytes.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]);
+            let src = base.wrapping_add(off);
             match ty.dtype {
-                DType::F32 => Tensor::f32(ty.shape.clone(), words.map(f32::from_ne_bytes).collect()),
-                DType::I32 => Tensor::i32(ty.shape.clone(), words.map(i32::from_ne_bytes).collect()),
+                DType::F32 => {
+                    let mut v = vec![0f32; n];
+                    // SAFETY: `[off, off + 4n)` was just checked to lie in
+                    // the arena (locked by the caller), `v` has room for n
+                    // elements, and the regions are distinct allocations.
+                    unsafe { std::ptr::copy_nonoverlapping(src, v.as_mut_ptr() as *mut u8, n * 4) };
+                    Tensor::f32(ty.shape.clone(), v)
+                }
+                DType::I32 => {
+                    let mut v = vec![0i32; n];
+                    // SAFETY: as above.
+                    unsafe { std::ptr::copy_nonoverlapping(src, v.as_mut_ptr() as *mut u8, n * 4) };
+                    Tensor::i32(ty.shape.clone(), v)
+                }
             }
         }
     }
