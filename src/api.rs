@@ -118,14 +118,10 @@ pub enum Error {
         model: String,
         source: AutodiffError,
     },
-    /// A backend could not compile a graph (the JIT's code generator).
-    #[error("the {backend} backend cannot compile the graph: {source}")]
-    Prepare {
-        backend: &'static str,
-        source: ExecError,
-    },
     #[error("the `{0}` backend is not available yet; use `--backend interp`")]
     BackendUnavailable(&'static str),
+    #[error("the JIT could not compile the model: {0}")]
+    Codegen(String),
     #[error("unknown backend `{0}`; expected `interp` or `jit`")]
     UnknownBackend(String),
 }
@@ -223,12 +219,25 @@ impl Executable for Interpreted {
     }
 }
 
+impl Executable for crate::codegen::JitModel {
+    fn run(&self, feeds: &TensorMap) -> std::result::Result<TensorMap, ExecError> {
+        Ok(crate::codegen::JitModel::run(self, feeds)?)
+    }
+}
+
 impl Backend {
     /// Compile (or, for the interpreter, keep) a graph for execution.
-    pub fn prepare(self, graph: &Graph, _opts: &ExecOptions) -> Result<Box<dyn Executable>> {
+    pub fn prepare(self, graph: &Graph, opts: &ExecOptions) -> Result<Box<dyn Executable>> {
         match self {
             Backend::Interp => Ok(Box::new(Interpreted(graph.clone()))),
-            Backend::Jit => Err(Error::BackendUnavailable("jit")),
+            Backend::Jit => {
+                let jit = crate::codegen::JitOptions {
+                    threads: opts.threads.max(1),
+                };
+                let model = crate::codegen::compile(graph, &jit)
+                    .map_err(|e| Error::Codegen(e.to_string()))?;
+                Ok(Box::new(model))
+            }
         }
     }
 }

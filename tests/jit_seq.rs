@@ -232,3 +232,62 @@ fn lstm_hand_values() {
         assert!((a - want).abs() < 1e-6, "{h:?}");
     }
 }
+
+/// Whole models from source with their gradient graphs: the sequence ops
+/// and their gradients (as autodiff emits them) are compiled, and every
+/// output and gradient matches the interpreter.
+#[test]
+fn models_with_gradients_match_interpreter() {
+    let sources = [
+        "model m {
+            input x: f32[N=3, T=5, 6]
+            input label: i32[N]
+            h = x |> lstm(7)
+            loss = cross_entropy(h |> last |> dense(4), label)
+        }",
+        "model m {
+            input x: f32[N=2, T=4, 3]
+            input label: i32[N]
+            h = x |> gru(9)
+            loss = cross_entropy(h |> last |> dense(4), label)
+        }",
+        "model m {
+            input x: f32[N=2, T=5, 8]
+            input target: f32[N, T, 8]
+            a = x |> self_attention(heads=2, causal=true)
+            loss = mse(a, target)
+        }",
+    ];
+    let mut rng = Rng(31);
+    for src in sources {
+        let model = dlc::api::Compiler::new().compile_source("m.dl", src).expect("model compiles");
+        let g = dlc::autodiff::with_gradients(model.model()).expect("differentiable");
+        let mut feeds = BTreeMap::new();
+        let leaves = [g.inputs_by_name(), g.params(), g.states()].concat();
+        for (name, v) in leaves {
+            let ty = g.ty(v);
+            let t = match ty.dtype {
+                dlc::tensor::DType::I32 => {
+                    let n = numel(&ty.shape);
+                    Tensor::i32(ty.shape.clone(), (0..n).map(|_| (rng.next() % 4) as i32).collect())
+                }
+                dlc::tensor::DType::F32 => rng.tensor(&ty.shape, 0.5),
+            };
+            feeds.insert(name, t);
+        }
+        let m = codegen::compile(&g, &JitOptions { threads: 2 }).expect("compiles");
+        let seq_ops = ["lstm_seq", "lstm_seq_grad", "gru_seq", "gru_seq_grad", "attention", "attention_grad"];
+        let left: Vec<_> = m.interpreted_ops().into_iter().filter(|o| seq_ops.contains(o)).collect();
+        assert!(left.is_empty(), "interpreted: {left:?}");
+        let used = g.graph.node_indices().filter(|&n| seq_ops.contains(&g.node(n).op.name())).count();
+        assert!(used >= 2, "the model should contain a sequence op and its gradient");
+        let want = interp::run_f32(&g, &feeds).expect("interpreter runs");
+        let got = m.run(&feeds).expect("runs");
+        for (name, w) in &want {
+            let (gv, wv) = (got[name].as_f32().expect("f32"), w.as_f32().expect("f32"));
+            for (i, (a, e)) in gv.iter().zip(wv).enumerate() {
+                assert!((a - e).abs() <= 1e-5 + 1e-4 * e.abs(), "{name}[{i}]: jit {a} vs interp {e}");
+            }
+        }
+    }
+}
