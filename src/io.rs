@@ -674,7 +674,10 @@ mod tests {
         let t = Tensor::f32(vec![1; 30_000], vec![3.0]);
         let b = encode_npy(&t);
         assert_eq!(b[6], 2);
-        assert!((b.len() - 4).is_multiple_of(64), "data starts 64-byte aligned");
+        assert!(
+            (b.len() - 4).is_multiple_of(64),
+            "data starts 64-byte aligned"
+        );
         assert_eq!(parse_npy(&b).ok(), Some(t));
     }
 

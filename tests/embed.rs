@@ -268,3 +268,23 @@ fn optimizer_state_of_another_optimizer_or_shape_is_not_used_silently() {
         "{e}"
     );
 }
+
+#[test]
+fn the_backend_is_a_compiler_option_with_the_same_results() {
+    use dlc::api::Backend;
+    let x = map(vec![("x", Tensor::f32(vec![2, 2], vec![1., 2., -3., 4.]))]);
+    let mut outs = Vec::new();
+    for backend in [Backend::Interp, Backend::Jit] {
+        let m = Compiler::new()
+            .dim("N", 2)
+            .backend(backend)
+            .threads(2)
+            .compile_source("affine.dl", AFFINE)
+            .unwrap();
+        assert_eq!(m.backend(), backend);
+        outs.push(m.session().run(&x).unwrap());
+    }
+    // w = ones, b = 0: y = x0 + x1.
+    assert_eq!(outs[0]["y"], Tensor::f32(vec![2, 1], vec![3.0, 1.0]));
+    assert_eq!(outs[0], outs[1]);
+}

@@ -2,11 +2,10 @@
 
 use std::process::Command;
 
-#[test]
-fn every_golden_case_passes() {
+fn run_all(backend: &str) {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden");
     let out = Command::new(env!("CARGO_BIN_EXE_dlc"))
-        .args(["test", dir])
+        .args(["test", dir, "--backend", backend])
         .output()
         .expect("run dlc");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -19,6 +18,16 @@ fn every_golden_case_passes() {
         "expected every case to pass, got {cases}:\n{stdout}"
     );
     assert_eq!(failing, [format!("{cases} passed, 0 failed")], "{stdout}");
+}
+
+#[test]
+fn every_golden_case_passes_on_the_interpreter() {
+    run_all("interp");
+}
+
+#[test]
+fn every_golden_case_passes_on_the_jit() {
+    run_all("jit");
 }
 
 #[test]

@@ -552,16 +552,35 @@ fn ops_without_a_kernel_run_through_the_interpreter() {
     let s = c.input("s", rand_f32(&mut rng, &[4, 5], 2.0));
     let l = c.input("l", rand_ids(&mut rng, &[4], 5));
     let d = c.input("d", Tensor::scalar(1.5));
-    // hinge_grad has no compiled kernel; a compiled kernel then reads its
-    // result back from the arena.
-    let g = c.op(Op::HingeGrad, &[s, l, d]);
+    // hinge_grad runs in the interpreter between two compiled kernels, which
+    // write its operand to and read its result from the arena.
+    let s2 = c.op(Op::Unary(UnaryOp::Abs), &[s]);
+    let g = c.op(Op::HingeGrad, &[s2, l, d]);
     let y = c.op(Op::Unary(UnaryOp::Neg), &[g]);
     c.out("y", y);
     let want = interp::run_f32(&c.g, &c.feeds).expect("interpreter runs");
-    let m = codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
+    let m = codegen::compile_interpreting(&c.g, &JitOptions { threads: 2 }, &["hinge_grad"]).expect("compiles");
     assert_eq!(m.interpreted_kernels(), 1);
     assert_eq!(m.interpreted_ops(), vec!["hinge_grad"]);
     assert_eq!(m.run(&c.feeds).expect("runs"), want);
+    // Its own kernel agrees too.
+    c.check(1e-6);
+}
+
+#[test]
+fn hinge_and_its_gradient_match_interpreter() {
+    let mut rng = Rng(16);
+    for (n, classes) in [(4usize, 5usize), (1, 1), (7, 3)] {
+        let mut c = Case::new();
+        let s = c.input("s", rand_f32(&mut rng, &[n, classes], 1.0));
+        let l = c.input("l", rand_ids(&mut rng, &[n], classes));
+        let d = c.input("d", Tensor::scalar(0.3));
+        let h = c.op(Op::Hinge, &[s, l]);
+        let g = c.op(Op::HingeGrad, &[s, l, d]);
+        c.out("h", h);
+        c.out("g", g);
+        c.check(1e-5);
+    }
 }
 
 /// Shapes large enough that every kernel kind is cut into several chunks,

@@ -50,9 +50,13 @@ impl Case {
 
     /// Add `op` and expose every result as an output `name0`, `name1`, …
     fn op(&mut self, name: &str, op: Op, ins: &[Value]) {
-        let vs = self.g.add_multi(op, ins, None).expect("test graphs are well-typed");
+        let vs = self
+            .g
+            .add_multi(op, ins, None)
+            .expect("test graphs are well-typed");
         for (i, v) in vs.into_iter().enumerate() {
-            self.g.push_output(format!("{name}{i}"), OutputKind::Output, v);
+            self.g
+                .push_output(format!("{name}{i}"), OutputKind::Output, v);
         }
     }
 
@@ -63,7 +67,12 @@ impl Case {
         let mut first: Option<BTreeMap<String, Tensor>> = None;
         for threads in [1, 2, 3] {
             let m = codegen::compile(&self.g, &JitOptions { threads }).expect("compiles");
-            assert_eq!(m.interpreted_kernels(), 0, "ops interpreted: {:?}", m.interpreted_ops());
+            assert_eq!(
+                m.interpreted_kernels(),
+                0,
+                "ops interpreted: {:?}",
+                m.interpreted_ops()
+            );
             let got = m.run(&self.feeds).expect("runs");
             for (name, w) in &want {
                 let g = &got[name];
@@ -81,9 +90,17 @@ impl Case {
                 Some(f) => {
                     for (name, t) in f {
                         let bits = |t: &Tensor| -> Vec<u32> {
-                            t.as_f32().unwrap_or(&[]).iter().map(|x| x.to_bits()).collect()
+                            t.as_f32()
+                                .unwrap_or(&[])
+                                .iter()
+                                .map(|x| x.to_bits())
+                                .collect()
                         };
-                        assert_eq!(bits(t), bits(&got[name]), "{name}: threads={threads} differs bitwise");
+                        assert_eq!(
+                            bits(t),
+                            bits(&got[name]),
+                            "{name}: threads={threads} differs bitwise"
+                        );
                     }
                 }
             }
@@ -92,12 +109,23 @@ impl Case {
 }
 
 /// (N, T, F, H): T = 1, H not a multiple of 4, a single batch row.
-const RNN_SHAPES: [(usize, usize, usize, usize); 5] =
-    [(2, 5, 3, 7), (1, 1, 4, 5), (3, 4, 6, 9), (1, 6, 1, 13), (4, 3, 5, 8)];
+const RNN_SHAPES: [(usize, usize, usize, usize); 5] = [
+    (2, 5, 3, 7),
+    (1, 1, 4, 5),
+    (3, 4, 6, 9),
+    (1, 6, 1, 13),
+    (4, 3, 5, 8),
+];
 
 /// A recurrent case: `x`, weights of `gates` blocks, and with `grad` an
 /// incoming `dh`.
-fn rnn_case(rng: &mut Rng, (n, t, f, h): (usize, usize, usize, usize), gates: usize, op: Op, grad: bool) -> Case {
+fn rnn_case(
+    rng: &mut Rng,
+    (n, t, f, h): (usize, usize, usize, usize),
+    gates: usize,
+    op: Op,
+    grad: bool,
+) -> Case {
     let mut c = Case::new();
     let x = c.input("x", rng.tensor(&[n, t, f], 1.0));
     let wx = c.input("wx", rng.tensor(&[f, gates * h], 0.6));
@@ -196,7 +224,14 @@ fn attention_hand_values() {
     let q = c.input("q", Tensor::f32(vec![2, 1], vec![1.0, -2.0]));
     let k = c.input("k", Tensor::f32(vec![2, 1], vec![0.5, 3.0]));
     let v = c.input("v", Tensor::f32(vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]));
-    c.op("y", Op::Attention { causal: true, scale: 1.0 }, &[q, k, v]);
+    c.op(
+        "y",
+        Op::Attention {
+            causal: true,
+            scale: 1.0,
+        },
+        &[q, k, v],
+    );
     let m = codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
     assert_eq!(m.interpreted_kernels(), 0);
     let y = m.run(&c.feeds).expect("runs");
@@ -260,7 +295,9 @@ fn models_with_gradients_match_interpreter() {
     ];
     let mut rng = Rng(31);
     for src in sources {
-        let model = dlc::api::Compiler::new().compile_source("m.dl", src).expect("model compiles");
+        let model = dlc::api::Compiler::new()
+            .compile_source("m.dl", src)
+            .expect("model compiles");
         let g = dlc::autodiff::with_gradients(model.model()).expect("differentiable");
         let mut feeds = BTreeMap::new();
         let leaves = [g.inputs_by_name(), g.params(), g.states()].concat();
@@ -269,24 +306,48 @@ fn models_with_gradients_match_interpreter() {
             let t = match ty.dtype {
                 dlc::tensor::DType::I32 => {
                     let n = numel(&ty.shape);
-                    Tensor::i32(ty.shape.clone(), (0..n).map(|_| (rng.next() % 4) as i32).collect())
+                    Tensor::i32(
+                        ty.shape.clone(),
+                        (0..n).map(|_| (rng.next() % 4) as i32).collect(),
+                    )
                 }
                 dlc::tensor::DType::F32 => rng.tensor(&ty.shape, 0.5),
             };
             feeds.insert(name, t);
         }
         let m = codegen::compile(&g, &JitOptions { threads: 2 }).expect("compiles");
-        let seq_ops = ["lstm_seq", "lstm_seq_grad", "gru_seq", "gru_seq_grad", "attention", "attention_grad"];
-        let left: Vec<_> = m.interpreted_ops().into_iter().filter(|o| seq_ops.contains(o)).collect();
+        let seq_ops = [
+            "lstm_seq",
+            "lstm_seq_grad",
+            "gru_seq",
+            "gru_seq_grad",
+            "attention",
+            "attention_grad",
+        ];
+        let left: Vec<_> = m
+            .interpreted_ops()
+            .into_iter()
+            .filter(|o| seq_ops.contains(o))
+            .collect();
         assert!(left.is_empty(), "interpreted: {left:?}");
-        let used = g.graph.node_indices().filter(|&n| seq_ops.contains(&g.node(n).op.name())).count();
-        assert!(used >= 2, "the model should contain a sequence op and its gradient");
+        let used = g
+            .graph
+            .node_indices()
+            .filter(|&n| seq_ops.contains(&g.node(n).op.name()))
+            .count();
+        assert!(
+            used >= 2,
+            "the model should contain a sequence op and its gradient"
+        );
         let want = interp::run_f32(&g, &feeds).expect("interpreter runs");
         let got = m.run(&feeds).expect("runs");
         for (name, w) in &want {
             let (gv, wv) = (got[name].as_f32().expect("f32"), w.as_f32().expect("f32"));
             for (i, (a, e)) in gv.iter().zip(wv).enumerate() {
-                assert!((a - e).abs() <= 1e-5 + 1e-4 * e.abs(), "{name}[{i}]: jit {a} vs interp {e}");
+                assert!(
+                    (a - e).abs() <= 1e-5 + 1e-4 * e.abs(),
+                    "{name}[{i}]: jit {a} vs interp {e}"
+                );
             }
         }
     }

@@ -26,7 +26,11 @@ struct Dims {
 
 impl Dims {
     fn of(ins: &[(Loc, &TensorType)]) -> Option<Dims> {
-        let (q, k, v) = (&ins.first()?.1.shape, &ins.get(1)?.1.shape, &ins.get(2)?.1.shape);
+        let (q, k, v) = (
+            &ins.first()?.1.shape,
+            &ins.get(1)?.1.shape,
+            &ins.get(2)?.1.shape,
+        );
         let r = q.len();
         if r < 2 || k.len() != r || v.len() != r {
             return None;
@@ -46,7 +50,11 @@ impl Dims {
 /// A batched matmul operand over `[batch, rows, cols]` at `loc`;
 /// `transposed` reads each matrix as `[cols, rows]`.
 fn operand(loc: Loc, rows: usize, cols: usize, transposed: bool) -> MmOperand {
-    let (rs, cs) = if transposed { (1, cols as i64) } else { (cols as i64, 1) };
+    let (rs, cs) = if transposed {
+        (1, cols as i64)
+    } else {
+        (cols as i64, 1)
+    };
     MmOperand {
         loc,
         off: 0,
@@ -70,7 +78,13 @@ fn weights(bd: &mut Build, s: Dims, q: Loc, k: Loc, causal: bool, scale: f32) ->
     );
     let sc = bd.constant(scale);
     let rows = [b * tq, tk];
-    bd.binary(BinaryOp::Mul, rows, mat(scores, tk), mat(scores, tk), bcast(sc));
+    bd.binary(
+        BinaryOp::Mul,
+        rows,
+        mat(scores, tk),
+        mat(scores, tk),
+        bcast(sc),
+    );
     if causal {
         let mask = bd.alloc(tq + tk - 1);
         bd.fill(mask, tq + tk - 1, f32::NEG_INFINITY);
@@ -90,7 +104,12 @@ fn weights(bd: &mut Build, s: Dims, q: Loc, k: Loc, causal: bool, scale: f32) ->
             off: 0,
             strides: vec![(tq * tk) as i64, tk as i64, 1],
         };
-        bd.ew(EwOp::Binary(BinaryOp::Add), &[b, tq, tk], sv.clone(), vec![sv, view]);
+        bd.ew(
+            EwOp::Binary(BinaryOp::Add),
+            &[b, tq, tk],
+            sv.clone(),
+            vec![sv, view],
+        );
     }
     let p = bd.alloc(b * tq * tk);
     bd.steps.push(Step::Softmax(Softmax {

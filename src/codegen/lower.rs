@@ -36,6 +36,13 @@ pub fn lower(
             scratch_bytes: 0,
         })
     };
+    // Kernels index operands by the op's shape rule; a node that breaks it
+    // goes to the interpreter, which reports the problem as an error.
+    let in_types: Vec<&TensorType> = ins.iter().map(|(_, t)| *t).collect();
+    let want = crate::ir::infer(op, &in_types).ok()?;
+    if want.len() != outs.len() || want.iter().zip(outs).any(|(w, (_, t))| w != *t) {
+        return None;
+    }
     let out = outs.first()?;
     let oshape = &out.1.shape;
     match op {

@@ -158,7 +158,7 @@ fn lower_node(g: &Graph, n: NodeIndex, locs: &HashMap<Value, Loc>, scratch: usiz
     lower::lower(&g.node(n).op, &ins_ref, &outs_ref, scratch)
 }
 
-fn prepare(g: &Graph, plan: Option<MemoryPlan>) -> Result<Prepared, CodegenError> {
+fn prepare(g: &Graph, plan: Option<MemoryPlan>, interpret: &[&str]) -> Result<Prepared, CodegenError> {
     let order = g.topo_order();
     if order.len() != g.graph.node_count() {
         return Err(CodegenError::Cycle);
@@ -204,9 +204,10 @@ fn prepare(g: &Graph, plan: Option<MemoryPlan>) -> Result<Prepared, CodegenError
             continue;
         }
         let scratch = plan.scratch.get(&n).copied().unwrap_or(0);
+        let forced = interpret.contains(&g.node(n).op.name());
         let k = match lower_node(g, n, &locs, scratch) {
-            Some(l) => Planned::Jit(l.steps),
-            None => Planned::Host,
+            Some(l) if !forced => Planned::Jit(l.steps),
+            _ => Planned::Host,
         };
         kernels.push((n, k));
     }
@@ -230,7 +231,23 @@ pub fn compile_with_plan(
     plan: Option<MemoryPlan>,
     opts: &JitOptions,
 ) -> Result<JitModel, CodegenError> {
-    let p = prepare(g, plan)?;
+    compile_inner(g, plan, opts, &[])
+}
+
+/// Compile, but run the ops named in `interpret` (e.g. `"conv"`) through
+/// the interpreter: to bisect a suspected kernel bug, and to test the
+/// fallback path.
+pub fn compile_interpreting(g: &Graph, opts: &JitOptions, interpret: &[&str]) -> Result<JitModel, CodegenError> {
+    compile_inner(g, None, opts, interpret)
+}
+
+fn compile_inner(
+    g: &Graph,
+    plan: Option<MemoryPlan>,
+    opts: &JitOptions,
+    interpret: &[&str],
+) -> Result<JitModel, CodegenError> {
+    let p = prepare(g, plan, interpret)?;
     let isa = host_isa()?;
     let config = isa.frontend_config();
     let call_conv = config.default_call_conv;
@@ -347,7 +364,7 @@ fn step_check(g: &Graph, n: NodeIndex, step: &Step) -> StepCheck {
 /// The Cranelift IR of every kernel function, for `--emit clif`; nodes run
 /// by the interpreter are listed as comments.
 pub fn emit_clif(g: &Graph) -> String {
-    let p = match prepare(g, None) {
+    let p = match prepare(g, None, &[]) {
         Ok(p) => p,
         Err(e) => return format!("; error: {e}\n"),
     };
@@ -378,7 +395,7 @@ pub fn emit_clif(g: &Graph) -> String {
 /// The machine code of every kernel function, disassembled by Cranelift,
 /// for `--emit asm`.
 pub fn emit_asm(g: &Graph) -> Result<String, CodegenError> {
-    let p = prepare(g, None)?;
+    let p = prepare(g, None, &[])?;
     let isa = host_isa()?;
     let config = isa.frontend_config();
     let mut ctx = cranelift_codegen::Context::new();

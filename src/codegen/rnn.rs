@@ -123,7 +123,8 @@ impl Build {
         };
         mm.pack_a = self.alloc_bytes(mm.pack_a_bytes());
         mm.pack_b = self.alloc_bytes(mm.pack_b_bytes());
-        self.steps.push(Step::Matmul(mm.clone(), MatmulPhase::PackB));
+        self.steps
+            .push(Step::Matmul(mm.clone(), MatmulPhase::PackB));
         mm
     }
 
@@ -137,7 +138,14 @@ impl Build {
     }
 
     /// `c = a @ b` (all dims non-zero).
-    pub fn matmul(&mut self, batch: Vec<usize>, mkn: (usize, usize, usize), a: MmOperand, b: MmOperand, c: Loc) {
+    pub fn matmul(
+        &mut self,
+        batch: Vec<usize>,
+        mkn: (usize, usize, usize),
+        a: MmOperand,
+        b: MmOperand,
+        c: Loc,
+    ) {
         let mm = self.prepack(batch, mkn, a.clone(), b);
         self.run_packed(&mm, a, c);
     }
@@ -177,7 +185,11 @@ pub(crate) fn mat(loc: Loc, cols: usize) -> View {
 /// A matmul operand over a row-major `[rows, cols]` matrix at `off`;
 /// `transposed` reads it as `[cols, rows]`.
 pub(crate) fn operand(loc: Loc, off: usize, cols: usize, transposed: bool) -> MmOperand {
-    let (rs, cs) = if transposed { (1, cols as i64) } else { (cols as i64, 1) };
+    let (rs, cs) = if transposed {
+        (1, cols as i64)
+    } else {
+        (cols as i64, 1)
+    };
     MmOperand {
         loc,
         off,
@@ -282,7 +294,13 @@ fn input_projection(bd: &mut Build, d: Dims, w: &Weights) -> Seq {
         off: 0,
         strides: vec![0, 1],
     };
-    bd.binary(BinaryOp::Add, [d.n * d.t, g], mat(xw.loc, g), mat(xw.loc, g), bias);
+    bd.binary(
+        BinaryOp::Add,
+        [d.n * d.t, g],
+        mat(xw.loc, g),
+        mat(xw.loc, g),
+        bias,
+    );
     xw
 }
 
@@ -306,7 +324,8 @@ fn lstm_forward(bd: &mut Build, d: Dims, w: &Weights, hs: Seq, keep: bool) -> Ls
     let tc = Seq::new(bd, n, slots, h);
     let tmp = bd.alloc(n * h);
     let rec = bd.alloc(n * g);
-    let wh = (d.t > 1).then(|| bd.prepack(vec![], (n, h, g), hs.a(0, 0), operand(w.wh, 0, g, false)));
+    let wh =
+        (d.t > 1).then(|| bd.prepack(vec![], (n, h, g), hs.a(0, 0), operand(w.wh, 0, g, false)));
     let dh = [n, h];
     for t in 0..d.t {
         // Pre-activations: at t = 0, h_{-1} = 0 leaves only x w_x + b.
@@ -325,7 +344,12 @@ fn lstm_forward(bd: &mut Build, d: Dims, w: &Weights, hs: Seq, keep: bool) -> Ls
         };
         bd.unary(UnaryOp::Sigmoid, [n, g], act.at(t, 0), z);
         bd.unary(UnaryOp::Tanh, dh, act.at(t, 2 * h), zg);
-        let (gi, gf, gg, go) = (act.at(t, 0), act.at(t, h), act.at(t, 2 * h), act.at(t, 3 * h));
+        let (gi, gf, gg, go) = (
+            act.at(t, 0),
+            act.at(t, h),
+            act.at(t, 2 * h),
+            act.at(t, 3 * h),
+        );
         // c_t = f·c_{t-1} + i·g
         if t == 0 {
             bd.binary(BinaryOp::Mul, dh, c.at(t, 0), gi, gg);
@@ -360,8 +384,18 @@ fn gru_forward(bd: &mut Build, d: Dims, w: &Weights, hs: Seq, keep: bool) -> Gru
     let rec = bd.alloc(n * 2 * h);
     let one = bd.constant(1.0);
     let packed = (d.t > 1).then(|| {
-        let zr = bd.prepack(vec![], (n, h, 2 * h), hs.a(0, 0), operand(w.wh, 0, g, false));
-        let cand = bd.prepack(vec![], (n, h, h), rh.a(0, 0), operand(w.wh, 2 * h, g, false));
+        let zr = bd.prepack(
+            vec![],
+            (n, h, 2 * h),
+            hs.a(0, 0),
+            operand(w.wh, 0, g, false),
+        );
+        let cand = bd.prepack(
+            vec![],
+            (n, h, h),
+            rh.a(0, 0),
+            operand(w.wh, 2 * h, g, false),
+        );
         (zr, cand)
     });
     if keep {
@@ -374,7 +408,13 @@ fn gru_forward(bd: &mut Build, d: Dims, w: &Weights, hs: Seq, keep: bool) -> Gru
         match &packed {
             Some((zr, cand)) if t > 0 => {
                 bd.run_packed(zr, hs.a(t - 1, 0), rec);
-                bd.binary(BinaryOp::Add, [n, 2 * h], gz.clone(), mat(rec, 2 * h), xw.at(t, 0));
+                bd.binary(
+                    BinaryOp::Add,
+                    [n, 2 * h],
+                    gz.clone(),
+                    mat(rec, 2 * h),
+                    xw.at(t, 0),
+                );
                 bd.unary(UnaryOp::Sigmoid, [n, 2 * h], gz.clone(), gz.clone());
                 // The reset gate applies before the recurrent matmul.
                 bd.binary(BinaryOp::Mul, dh, rh.at(t, 0), gr, hs.at(t - 1, 0));
@@ -433,8 +473,20 @@ pub fn lower_forward(
 /// reverse loop: `dx = dz w_xᵀ`, `dw_x = xᵀ dz`, `db = Σ dz`.
 fn input_grads(bd: &mut Build, d: Dims, w: &Weights, dz: Seq, dx: Loc, dwx: Loc, db: Loc) {
     let (rows, g) = (d.n * d.t, d.g());
-    bd.matmul(vec![], (rows, g, d.f), operand(dz.loc, 0, g, false), operand(w.wx, 0, g, true), dx);
-    bd.matmul(vec![], (d.f, rows, g), operand(w.x, 0, d.f, true), operand(dz.loc, 0, g, false), dwx);
+    bd.matmul(
+        vec![],
+        (rows, g, d.f),
+        operand(dz.loc, 0, g, false),
+        operand(w.wx, 0, g, true),
+        dx,
+    );
+    bd.matmul(
+        vec![],
+        (d.f, rows, g),
+        operand(w.x, 0, d.f, true),
+        operand(dz.loc, 0, g, false),
+        dwx,
+    );
     bd.reduce_sum(dz.loc, db, (g, 1), (rows, g as i64));
 }
 
@@ -540,7 +592,8 @@ fn lstm_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
     let dc = mat(bd.alloc(n * h), h);
     let dcn = mat(bd.alloc(n * h), h);
     // dh_{t-1} = dz_t @ w_hᵀ, w_hᵀ packed once.
-    let wh_t = (tt > 1).then(|| bd.prepack(vec![], (n, g, h), dz.a(0, 0), operand(w.wh, 0, g, true)));
+    let wh_t =
+        (tt > 1).then(|| bd.prepack(vec![], (n, g, h), dz.a(0, 0), operand(w.wh, 0, g, true)));
     let dh = [n, h];
     for t in (0..tt).rev() {
         let last = t + 1 == tt;
@@ -555,7 +608,12 @@ fn lstm_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
             bd.binary(add, dh, dc.clone(), dc.clone(), dcn.clone());
         }
         let three = blocks(coef, t, 0, h);
-        bd.ew(EwOp::Binary(mul), &[n, 3, h], blocks(dz, t, 0, h), vec![three, repeated(&dc)]);
+        bd.ew(
+            EwOp::Binary(mul),
+            &[n, 3, h],
+            blocks(dz, t, 0, h),
+            vec![three, repeated(&dc)],
+        );
         bd.binary(mul, dh, dz.at(t, 3 * h), coef.at(t, 3 * h), dht);
         if t > 0 {
             bd.binary(mul, dh, dcn.clone(), dc.clone(), st.act.at(t, h));
@@ -567,7 +625,13 @@ fn lstm_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
     let [dx, dwx, dwh, db] = outs;
     input_grads(bd, d, w, dz, dx, dwx, db);
     let hp = shifted(bd, d, st.hs);
-    bd.matmul(vec![], (h, n * tt, g), operand(hp, 0, h, true), operand(dz.loc, 0, g, false), dwh);
+    bd.matmul(
+        vec![],
+        (h, n * tt, g),
+        operand(hp, 0, h, true),
+        operand(dz.loc, 0, g, false),
+        dwh,
+    );
 }
 
 /// GRU BPTT, with the coefficients of forward values hoisted out of the
@@ -593,7 +657,13 @@ fn gru_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
     // h_t = (1 − z)·h_{t−1} + z·h~
     bd.binary(sub, rows, all_steps(keep.loc, h, 0), bcast(one), gz.clone());
     bd.binary(sub, rows, tmp.clone(), gc.clone(), hp.clone());
-    bd.binary(mul, rows, tmp2.clone(), all_steps(keep.loc, h, 0), gz.clone());
+    bd.binary(
+        mul,
+        rows,
+        tmp2.clone(),
+        all_steps(keep.loc, h, 0),
+        gz.clone(),
+    );
     bd.binary(mul, rows, a(0), tmp.clone(), tmp2.clone());
     bd.binary(mul, rows, tmp.clone(), gc.clone(), gc);
     bd.binary(sub, rows, tmp.clone(), bcast(one), tmp.clone());
@@ -616,7 +686,12 @@ fn gru_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
     // d(r·h_{t-1}) = dz_h~ @ w_h[:, 2H:]ᵀ and the (z, r) part of dh_{t-1}
     // = dz_{z,r} @ w_h[:, :2H]ᵀ, both weights packed once.
     let packed = (tt > 1).then(|| {
-        let cand = bd.prepack(vec![], (n, h, h), dz.a(0, 2 * h), operand(w.wh, 2 * h, g, true));
+        let cand = bd.prepack(
+            vec![],
+            (n, h, h),
+            dz.a(0, 2 * h),
+            operand(w.wh, 2 * h, g, true),
+        );
         let zr = bd.prepack(vec![], (n, 2 * h, h), dz.a(0, 0), operand(w.wh, 0, g, true));
         (cand, zr)
     });
@@ -657,9 +732,21 @@ fn gru_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
     let rows = n * tt;
     let w_zr = bd.alloc(h * 2 * h);
     let w_c = bd.alloc(h * h);
-    bd.matmul(vec![], (h, rows, 2 * h), operand(hp_all, 0, h, true), operand(dz.loc, 0, g, false), w_zr);
+    bd.matmul(
+        vec![],
+        (h, rows, 2 * h),
+        operand(hp_all, 0, h, true),
+        operand(dz.loc, 0, g, false),
+        w_zr,
+    );
     let dz_c = operand(dz.loc, 2 * h, g, false);
-    bd.matmul(vec![], (h, rows, h), operand(st.rh.loc, 0, h, true), dz_c, w_c);
+    bd.matmul(
+        vec![],
+        (h, rows, h),
+        operand(st.rh.loc, 0, h, true),
+        dz_c,
+        w_c,
+    );
     let place = |src: Loc, c0: usize, w: usize| {
         (
             vec![h, w],
@@ -687,7 +774,12 @@ pub fn lower_grad(
     let d = Dims::of(ins, if lstm { 4 } else { 3 })?;
     let w = weights(ins)?;
     let dh = ins.get(4)?.0;
-    let o = [outs.first()?.0, outs.get(1)?.0, outs.get(2)?.0, outs.get(3)?.0];
+    let o = [
+        outs.first()?.0,
+        outs.get(1)?.0,
+        outs.get(2)?.0,
+        outs.get(3)?.0,
+    ];
     let mut bd = Build::new(scratch);
     if lstm {
         lstm_grad(&mut bd, d, &w, dh, o);
