@@ -11,8 +11,16 @@ use std::time::Instant;
 fn main() {
     for n in [512usize, 1024] {
         let mut g = Graph::new();
-        let a = g.add_leaf(Op::Input { name: "a".into() }, TensorType::f32(vec![n, n]), None);
-        let b = g.add_leaf(Op::Input { name: "b".into() }, TensorType::f32(vec![n, n]), None);
+        let a = g.add_leaf(
+            Op::Input { name: "a".into() },
+            TensorType::f32(vec![n, n]),
+            None,
+        );
+        let b = g.add_leaf(
+            Op::Input { name: "b".into() },
+            TensorType::f32(vec![n, n]),
+            None,
+        );
         let c = match g.add(Op::MatMul, &[a, b], None) {
             Ok(c) => c,
             Err(e) => {
@@ -21,7 +29,9 @@ fn main() {
             }
         };
         g.push_output("c", OutputKind::Output, c);
-        let data: Vec<f32> = (0..n * n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let data: Vec<f32> = (0..n * n)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
         let mut feeds = BTreeMap::new();
         feeds.insert("a".to_string(), Tensor::f32(vec![n, n], data.clone()));
         feeds.insert("b".to_string(), Tensor::f32(vec![n, n], data));

@@ -234,7 +234,11 @@ impl Backend {
                 let jit = crate::codegen::JitOptions {
                     threads: opts.threads.max(1),
                 };
-                let model = crate::codegen::compile(graph, &jit)
+                // The JIT compiles the simplified graph: the passes keep
+                // every leaf and named output, so it is fed and read alike.
+                let (optimized, _) =
+                    crate::passes::optimize(graph, crate::passes::OptLevel::default());
+                let model = crate::codegen::compile(&optimized, &jit)
                     .map_err(|e| Error::Codegen(e.to_string()))?;
                 Ok(Box::new(model))
             }

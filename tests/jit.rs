@@ -35,7 +35,10 @@ fn rand_f32(rng: &mut Rng, shape: &[usize], scale: f32) -> Tensor {
 
 fn rand_ids(rng: &mut Rng, shape: &[usize], below: usize) -> Tensor {
     let n = numel(shape);
-    Tensor::i32(shape.to_vec(), (0..n).map(|_| rng.below(below) as i32).collect())
+    Tensor::i32(
+        shape.to_vec(),
+        (0..n).map(|_| rng.below(below) as i32).collect(),
+    )
 }
 
 /// A graph under construction with its feeds.
@@ -58,7 +61,9 @@ impl Case {
         v
     }
     fn op(&mut self, op: Op, ins: &[Value]) -> Value {
-        self.g.add(op, ins, None).expect("test graphs are well-typed")
+        self.g
+            .add(op, ins, None)
+            .expect("test graphs are well-typed")
     }
     fn out(&mut self, name: &str, v: Value) {
         self.g.push_output(name, OutputKind::Output, v);
@@ -75,7 +80,12 @@ impl Case {
         let mut first: Option<BTreeMap<String, Tensor>> = None;
         for threads in [1, 2, 3] {
             let m = codegen::compile(&self.g, &JitOptions { threads }).expect("compiles");
-            assert_eq!(m.interpreted_kernels(), 0, "ops interpreted: {:?}", m.interpreted_ops());
+            assert_eq!(
+                m.interpreted_kernels(),
+                0,
+                "ops interpreted: {:?}",
+                m.interpreted_ops()
+            );
             let got = m.run(&self.feeds).expect("runs");
             for (name, w) in &want {
                 let g = &got[name];
@@ -83,7 +93,9 @@ impl Case {
                 match (g.as_f32(), w.as_f32()) {
                     (Some(gv), Some(wv)) => {
                         for (i, (a, e)) in gv.iter().zip(wv).enumerate() {
-                            let ok = (a - e).abs() <= atol + rtol * e.abs() || (a.is_nan() && e.is_nan()) || a == e;
+                            let ok = (a - e).abs() <= atol + rtol * e.abs()
+                                || (a.is_nan() && e.is_nan())
+                                || a == e;
                             assert!(ok, "{name}[{i}]: jit {a} vs interp {e}");
                         }
                     }
@@ -97,10 +109,19 @@ impl Case {
                         let bits = |t: &Tensor| -> Vec<u32> {
                             match t.as_f32() {
                                 Some(v) => v.iter().map(|x| x.to_bits()).collect(),
-                                None => t.as_i32().unwrap_or(&[]).iter().map(|&x| x as u32).collect(),
+                                None => t
+                                    .as_i32()
+                                    .unwrap_or(&[])
+                                    .iter()
+                                    .map(|&x| x as u32)
+                                    .collect(),
                             }
                         };
-                        assert_eq!(bits(t), bits(&got[name]), "{name}: threads={threads} differs bitwise");
+                        assert_eq!(
+                            bits(t),
+                            bits(&got[name]),
+                            "{name}: threads={threads} differs bitwise"
+                        );
                     }
                 }
             }
@@ -238,7 +259,12 @@ fn reductions_match_interpreter() {
 #[test]
 fn softmax_and_log_softmax_match_interpreter() {
     let mut rng = Rng(5);
-    for (shape, axis) in [(&[4usize, 11][..], 1usize), (&[3, 5, 2], 1), (&[1, 7], 0), (&[2, 3, 9], 2)] {
+    for (shape, axis) in [
+        (&[4usize, 11][..], 1usize),
+        (&[3, 5, 2], 1),
+        (&[1, 7], 0),
+        (&[2, 3, 9], 2),
+    ] {
         for log in [false, true] {
             let mut c = Case::new();
             let x = c.input("x", rand_f32(&mut rng, shape, 5.0));
@@ -278,8 +304,13 @@ fn a_label_out_of_range_is_the_interpreters_error() {
     let loss = c.op(Op::CrossEntropy, &[x, l]);
     c.out("loss", loss);
     let m = codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
-    let jit = m.run(&c.feeds).expect_err("label 3 is out of range").to_string();
-    let reference = interp::run_f32(&c.g, &c.feeds).expect_err("also in the interpreter").to_string();
+    let jit = m
+        .run(&c.feeds)
+        .expect_err("label 3 is out of range")
+        .to_string();
+    let reference = interp::run_f32(&c.g, &c.feeds)
+        .expect_err("also in the interpreter")
+        .to_string();
     assert_eq!(jit, reference);
 }
 
@@ -351,7 +382,11 @@ fn layout_ops_match_interpreter() {
 #[test]
 fn gather_and_scatter_add_match_interpreter() {
     let mut rng = Rng(8);
-    for (rows, width, ids_shape) in [(10usize, 7usize, &[3usize, 5][..]), (1, 1, &[4]), (6, 9, &[1])] {
+    for (rows, width, ids_shape) in [
+        (10usize, 7usize, &[3usize, 5][..]),
+        (1, 1, &[4]),
+        (6, 9, &[1]),
+    ] {
         let mut c = Case::new();
         let table = c.input("t", rand_f32(&mut rng, &[rows, width], 1.0));
         let ids = c.input("i", rand_ids(&mut rng, ids_shape, rows));
@@ -372,7 +407,16 @@ fn fill_and_a_chain_of_kernels() {
     let mut rng = Rng(9);
     let x = c.input("x", rand_f32(&mut rng, &[3, 10], 1.0));
     let w = c.input("w", rand_f32(&mut rng, &[10, 6], 1.0));
-    let b = c.g.add(Op::Fill { value: 0.25, shape: vec![6] }, &[], None).expect("fill");
+    let b =
+        c.g.add(
+            Op::Fill {
+                value: 0.25,
+                shape: vec![6],
+            },
+            &[],
+            None,
+        )
+        .expect("fill");
     let h = c.op(Op::MatMul, &[x, w]);
     let h = c.op(Op::Binary(BinaryOp::Add), &[h, b]);
     let h = c.op(Op::Unary(UnaryOp::Tanh), &[h]);
@@ -390,9 +434,17 @@ fn feeds_are_validated() {
     c.out("y", y);
     let m = codegen::compile(&c.g, &JitOptions { threads: 1 }).expect("compiles");
     let mut bad = BTreeMap::new();
-    assert!(m.run(&bad).expect_err("missing").to_string().contains("missing value for input 'x'"));
+    assert!(m
+        .run(&bad)
+        .expect_err("missing")
+        .to_string()
+        .contains("missing value for input 'x'"));
     bad.insert("x".to_string(), Tensor::f32(vec![3], vec![0.0; 3]));
-    assert!(m.run(&bad).expect_err("shape").to_string().contains("shape [3]"));
+    assert!(m
+        .run(&bad)
+        .expect_err("shape")
+        .to_string()
+        .contains("shape [3]"));
     bad.insert("x".to_string(), Tensor::i32(vec![2], vec![0; 2]));
     assert!(m.run(&bad).expect_err("dtype").to_string().contains("i32"));
 }
@@ -409,7 +461,10 @@ fn matmul_kernel_uses_fused_multiply_add() {
     if std::env::var("DLC_SHOW_ASM").is_ok() {
         println!("{asm}");
     }
-    assert!(asm.contains("vfmadd"), "no FMA instruction in the matmul kernel");
+    assert!(
+        asm.contains("vfmadd"),
+        "no FMA instruction in the matmul kernel"
+    );
     assert!(!asm.contains("fmaf"), "FMA lowered to a libcall");
 }
 
@@ -418,10 +473,42 @@ fn conv_and_its_gradients_match_interpreter() {
     use dlc::ir::Conv2d;
     let mut rng = Rng(11);
     let cases: &[(&[usize], &[usize], Conv2d)] = &[
-        (&[2, 3, 7, 9], &[4, 3, 3, 2], Conv2d { stride: 1, dilation: 1, pad: [1, 0, 1, 0] }),
-        (&[1, 1, 5, 5], &[1, 1, 1, 1], Conv2d { stride: 2, dilation: 1, pad: [0, 0, 0, 0] }),
-        (&[3, 2, 9, 8], &[5, 2, 3, 3], Conv2d { stride: 2, dilation: 2, pad: [2, 1, 3, 2] }),
-        (&[2, 6, 12, 11], &[7, 6, 5, 5], Conv2d { stride: 1, dilation: 1, pad: [2, 2, 2, 2] }),
+        (
+            &[2, 3, 7, 9],
+            &[4, 3, 3, 2],
+            Conv2d {
+                stride: 1,
+                dilation: 1,
+                pad: [1, 0, 1, 0],
+            },
+        ),
+        (
+            &[1, 1, 5, 5],
+            &[1, 1, 1, 1],
+            Conv2d {
+                stride: 2,
+                dilation: 1,
+                pad: [0, 0, 0, 0],
+            },
+        ),
+        (
+            &[3, 2, 9, 8],
+            &[5, 2, 3, 3],
+            Conv2d {
+                stride: 2,
+                dilation: 2,
+                pad: [2, 1, 3, 2],
+            },
+        ),
+        (
+            &[2, 6, 12, 11],
+            &[7, 6, 5, 5],
+            Conv2d {
+                stride: 1,
+                dilation: 1,
+                pad: [2, 2, 2, 2],
+            },
+        ),
     ];
     for (xs, ws, conv) in cases {
         let mut c = Case::new();
@@ -456,10 +543,38 @@ fn pooling_and_its_gradients_match_interpreter() {
     use dlc::ir::Pool2d;
     let mut rng = Rng(12);
     let cases: &[(&[usize], Pool2d)] = &[
-        (&[2, 3, 7, 6], Pool2d { window: 3, stride: 2, pad: 1 }),
-        (&[1, 2, 5, 5], Pool2d { window: 2, stride: 2, pad: 0 }),
-        (&[3, 1, 6, 9], Pool2d { window: 3, stride: 1, pad: 0 }),
-        (&[1, 1, 1, 1], Pool2d { window: 1, stride: 1, pad: 0 }),
+        (
+            &[2, 3, 7, 6],
+            Pool2d {
+                window: 3,
+                stride: 2,
+                pad: 1,
+            },
+        ),
+        (
+            &[1, 2, 5, 5],
+            Pool2d {
+                window: 2,
+                stride: 2,
+                pad: 0,
+            },
+        ),
+        (
+            &[3, 1, 6, 9],
+            Pool2d {
+                window: 3,
+                stride: 1,
+                pad: 0,
+            },
+        ),
+        (
+            &[1, 1, 1, 1],
+            Pool2d {
+                window: 1,
+                stride: 1,
+                pad: 0,
+            },
+        ),
     ];
     for (xs, p) in cases {
         let mut c = Case::new();
@@ -488,7 +603,9 @@ fn pooling_and_its_gradients_match_interpreter() {
 /// (every 1021st bit pattern plus the special values) against f64 libm.
 #[test]
 fn transcendental_approximations_hold_their_error_bound_everywhere() {
-    let mut xs: Vec<f32> = (0..=u32::MAX / 1021).map(|i| f32::from_bits(i * 1021)).collect();
+    let mut xs: Vec<f32> = (0..=u32::MAX / 1021)
+        .map(|i| f32::from_bits(i * 1021))
+        .collect();
     xs.extend([
         0.0,
         -0.0,
@@ -537,7 +654,10 @@ fn transcendental_approximations_hold_their_error_bound_everywhere() {
                 assert!(err <= 1e-40, "{op:?}({x:e}) = {g:e}, expected {r:e}");
             } else {
                 let rel = (f64::from(g) - r).abs() / r.abs();
-                assert!(rel <= bound, "{op:?}({x:e}) = {g:e}, expected {r:e} (rel {rel:e})");
+                assert!(
+                    rel <= bound,
+                    "{op:?}({x:e}) = {g:e}, expected {r:e} (rel {rel:e})"
+                );
                 worst = worst.max(rel);
             }
         }
@@ -559,7 +679,8 @@ fn ops_without_a_kernel_run_through_the_interpreter() {
     let y = c.op(Op::Unary(UnaryOp::Neg), &[g]);
     c.out("y", y);
     let want = interp::run_f32(&c.g, &c.feeds).expect("interpreter runs");
-    let m = codegen::compile_interpreting(&c.g, &JitOptions { threads: 2 }, &["hinge_grad"]).expect("compiles");
+    let m = codegen::compile_interpreting(&c.g, &JitOptions { threads: 2 }, &["hinge_grad"])
+        .expect("compiles");
     assert_eq!(m.interpreted_kernels(), 1);
     assert_eq!(m.interpreted_ops(), vec!["hinge_grad"]);
     assert_eq!(m.run(&c.feeds).expect("runs"), want);
@@ -594,15 +715,33 @@ fn large_kernels_split_over_threads_bitwise_identically() {
     let h = c.op(Op::Binary(BinaryOp::Add), &[x, b]);
     let h = c.op(Op::Unary(UnaryOp::Tanh), &[h]);
     let s = c.op(Op::Softmax { axis: 1 }, &[h]);
-    let r0 = c.op(Op::Reduce { op: ReduceOp::Sum, axes: vec![0], keepdims: false }, &[s]);
-    let r1 = c.op(Op::Reduce { op: ReduceOp::Max, axes: vec![1], keepdims: true }, &[x]);
+    let r0 = c.op(
+        Op::Reduce {
+            op: ReduceOp::Sum,
+            axes: vec![0],
+            keepdims: false,
+        },
+        &[s],
+    );
+    let r1 = c.op(
+        Op::Reduce {
+            op: ReduceOp::Max,
+            axes: vec![1],
+            keepdims: true,
+        },
+        &[x],
+    );
     let a = c.input("a", rand_f32(&mut rng, &[3, 70, 90], 1.0));
     let w = c.input("w", rand_f32(&mut rng, &[90, 130], 1.0));
     let mm = c.op(Op::MatMul, &[a, w]);
     let img = c.input("img", rand_f32(&mut rng, &[4, 3, 20, 20], 1.0));
     let f = c.input("f", rand_f32(&mut rng, &[8, 3, 3, 3], 1.0));
     let conv = c.op(
-        Op::Conv(dlc::ir::Conv2d { stride: 1, dilation: 1, pad: [1, 1, 1, 1] }),
+        Op::Conv(dlc::ir::Conv2d {
+            stride: 1,
+            dilation: 1,
+            pad: [1, 1, 1, 1],
+        }),
         &[img, f],
     );
     let logits = c.input("logits", rand_f32(&mut rng, &[600, 10], 3.0));
@@ -645,5 +784,9 @@ fn several_models_coexist_and_run_on_several_threads() {
         }
     });
     drop(m1);
-    assert_eq!(m2.run(&c2.feeds).expect("runs after another model is dropped"), want2);
+    assert_eq!(
+        m2.run(&c2.feeds)
+            .expect("runs after another model is dropped"),
+        want2
+    );
 }

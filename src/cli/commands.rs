@@ -3,6 +3,8 @@
 use super::{BenchArgs, Command, CompileArgs, ModelArgs, RunArgs, TestArgs, TrainArgs};
 use dlc::api::{self, Backend, CompiledModel, Compiler};
 use dlc::golden;
+use dlc::passes::{self, OptLevel};
+use dlc::codegen;
 use dlc::io;
 use dlc::ir::fmt_shape;
 use dlc::tensor::{Data, Tensor};
@@ -158,13 +160,10 @@ fn compile(a: CompileArgs) -> Result<(), Failure> {
             return fail(format!("--stats takes `json`, not `{s}`"));
         }
     }
-    if let Some(level) = &a.opt {
-        if level != "0" {
-            return fail(format!(
-                "-O{level} is not available yet (optimisation passes are not wired into the CLI); use -O0"
-            ));
-        }
-    }
+    let level: OptLevel = match a.opt.as_deref() {
+        None => OptLevel::default(),
+        Some(l) => l.parse().map_err(Failure::Message)?,
+    };
     if let Some(what) = a.emit.as_deref() {
         if what == "ast" {
             return emit_ast(&a.file, a.out.as_deref());
@@ -173,6 +172,7 @@ fn compile(a: CompileArgs) -> Result<(), Failure> {
     let started = Instant::now();
     let model = compiler(&a.model)?.compile_file(&a.file)?;
     show_warnings(&model);
+    let frontend_ms = ms(started.elapsed());
     let graph = if a.train {
         let (opt, reg) = (
             model.model().train.optimizer.clone().unwrap_or_default(),
@@ -182,48 +182,71 @@ fn compile(a: CompileArgs) -> Result<(), Failure> {
     } else {
         None
     };
-    let compile_ms = ms(started.elapsed());
     let g = graph.as_ref().unwrap_or(model.graph());
-    let text = match a.emit.as_deref() {
-        None => None,
-        Some("ir") => Some(dlc::ir::print::print(g)),
-        Some("grad-ir") => Some(dlc::ir::print::print(match &graph {
+    let autodiff_ms = ms(started.elapsed()) - frontend_ms;
+    if a.emit.as_deref() == Some("ir") {
+        return write_or_print(a.out.as_deref(), &dlc::ir::print::print(g));
+    }
+    if a.emit.as_deref() == Some("grad-ir") {
+        let grad = match &graph {
             Some(t) => t,
             None => model.gradient_graph()?,
-        })),
-        Some(w @ ("opt-ir" | "kernels" | "plan" | "clif" | "asm")) => {
-            return fail(format!(
-                "--emit {w} is not available yet; available now: ast, ir, grad-ir"
-            ))
-        }
+        };
+        return write_or_print(a.out.as_deref(), &dlc::ir::print::print(grad));
+    }
+    let lowered = passes::lower(g, level).map_err(|e| Failure::Message(e.to_string()))?;
+    let passes_ms = ms(started.elapsed()) - frontend_ms - autodiff_ms;
+    let jit_started = Instant::now();
+    let jit = codegen::compile(&lowered.graph, &codegen::JitOptions::default())
+        .map_err(|e| Failure::Message(format!("the JIT could not compile the model: {e}")))?;
+    let jit_ms = ms(jit_started.elapsed());
+    let compile_ms = ms(started.elapsed());
+    let text = match a.emit.as_deref() {
+        None => None,
+        Some("opt-ir") => Some(dlc::ir::print::print(&lowered.graph)),
+        Some("kernels") => Some(passes::fusion::print_kernels(
+            &lowered.graph,
+            &lowered.kernels,
+        )),
+        Some("plan") => Some(passes::memplan::print_plan(
+            &lowered.graph,
+            &lowered.kernels,
+            &lowered.plan,
+        )),
+        Some("clif") => Some(codegen::emit_clif(&lowered.graph)),
+        Some("asm") => Some(codegen::emit_asm(&lowered.graph).map_err(|e| Failure::Message(e.to_string()))?),
         Some(other) => {
             return fail(format!(
-            "--emit takes one of ast, ir, opt-ir, grad-ir, kernels, plan, clif, asm, not `{other}`"
-        ))
+                "--emit takes one of ast, ir, opt-ir, grad-ir, kernels, plan, clif, asm, not `{other}`"
+            ))
         }
     };
-    let ops = g.op_count();
-    let bytes = api::naive_bytes(g);
+    let ops_before = g.op_count();
+    let ops_after = lowered.graph.op_count();
+    let plan = &lowered.plan;
     let summary = if a.stats.is_some() {
         serde_json::json!({
             "model": model.name(),
             "dims": model.dims(),
-            "ops_before": ops,
-            "ops_after": ops,
-            "kernels": ops,
-            "peak_bytes": bytes,
-            "naive_bytes": bytes,
+            "ops_before": ops_before,
+            "ops_after": ops_after,
+            "kernels": lowered.kernels.len(),
+            "peak_bytes": plan.peak_bytes,
+            "arena_bytes": plan.arena_bytes,
+            "naive_bytes": plan.naive_bytes,
+            "interpreted_kernels": jit.interpreted_kernels(),
             "compile_ms": compile_ms,
         })
         .to_string()
             + "\n"
     } else {
         format!(
-            "model {} ({})\n  graph: {ops} ops{}\n  passes: none run yet (ops before = after = {ops})\n  kernels: {ops} (interpreter, one per op)\n  memory: {bytes} bytes, one buffer per value (no memory plan yet)\n  time: {compile_ms:.2} ms to parse, elaborate{}\n",
+            "model {} ({}){}\n{}  interpreted kernels: {}\n  time: front end {frontend_ms:.2} ms, autodiff {autodiff_ms:.2} ms, passes {passes_ms:.2} ms, JIT {jit_ms:.2} ms, total {compile_ms:.2} ms\n",
             model.name(),
             fmt_dims(model.dims()),
-            if a.train { " (training step)" } else { "" },
-            if a.train { " and differentiate" } else { "" },
+            if a.train { ", training step" } else { "" },
+            lowered.summary(),
+            jit.interpreted_kernels(),
         )
     };
     let body = match text {

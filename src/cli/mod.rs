@@ -43,7 +43,7 @@ pub struct ModelArgs {
     #[arg(long = "dim", value_name = "NAME=SIZE", value_parser = parse_dim)]
     pub dims: Vec<(String, usize)>,
     /// Execution backend.
-    #[arg(long, value_name = "interp|jit", default_value = "interp")]
+    #[arg(long, value_name = "interp|jit", default_value = "jit")]
     pub backend: String,
     /// Worker threads (default: all cores); results do not depend on it.
     #[arg(long)]
@@ -99,7 +99,7 @@ pub struct TestArgs {
     /// Folders to search for golden cases (folders holding model.dl).
     #[arg(required = true)]
     pub dirs: Vec<PathBuf>,
-    #[arg(long, value_name = "interp|jit", default_value = "interp")]
+    #[arg(long, value_name = "interp|jit", default_value = "jit")]
     pub backend: String,
     #[arg(long)]
     pub threads: Option<usize>,

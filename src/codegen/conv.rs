@@ -24,7 +24,15 @@ pub struct Geom {
 }
 
 impl Geom {
-    pub fn conv(h: usize, w: usize, kh: usize, kw: usize, oh: usize, ow: usize, c: &Conv2d) -> Geom {
+    pub fn conv(
+        h: usize,
+        w: usize,
+        kh: usize,
+        kw: usize,
+        oh: usize,
+        ow: usize,
+        c: &Conv2d,
+    ) -> Geom {
         Geom {
             h,
             w,
@@ -297,7 +305,8 @@ impl Pool {
                         }
                         PoolKind::MaxGrad => {
                             let at = k.b.use_var(best_at);
-                            let found = k.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, at, 0);
+                            let found =
+                                k.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, at, 0);
                             k.if_then(found, |k| {
                                 let ga = k.addr(dyp, o, 4);
                                 let gv = k.load_f(ga, 0);

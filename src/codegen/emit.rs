@@ -125,11 +125,10 @@ impl Kb<'_> {
     pub fn base(&mut self, loc: Loc) -> Value {
         match loc {
             Loc::Arena(off) => self.b.ins().iadd_imm_s(self.arena, off as i64),
-            Loc::Extern(slot) => {
-                self.b
-                    .ins()
-                    .load(I64, ro_flags(), self.ptrs, (slot * 8) as i32)
-            }
+            Loc::Extern(slot) => self
+                .b
+                .ins()
+                .load(I64, ro_flags(), self.ptrs, (slot * 8) as i32),
         }
     }
 
@@ -163,7 +162,13 @@ impl Kb<'_> {
     }
 
     /// `for i in (lo..hi).step_by(step)`; `body` gets `i`.
-    pub fn for_range(&mut self, lo: Value, hi: Value, step: i64, body: impl FnOnce(&mut Self, Value)) {
+    pub fn for_range(
+        &mut self,
+        lo: Value,
+        hi: Value,
+        step: i64,
+        body: impl FnOnce(&mut Self, Value),
+    ) {
         let hdr = self.b.create_block();
         let bb = self.b.create_block();
         let exit = self.b.create_block();
@@ -237,7 +242,12 @@ impl Kb<'_> {
     }
 
     /// `if cond { then } else { els }`.
-    pub fn if_else(&mut self, cond: Value, then: impl FnOnce(&mut Self), els: impl FnOnce(&mut Self)) {
+    pub fn if_else(
+        &mut self,
+        cond: Value,
+        then: impl FnOnce(&mut Self),
+        els: impl FnOnce(&mut Self),
+    ) {
         let tb = self.b.create_block();
         let eb = self.b.create_block();
         let done = self.b.create_block();
@@ -253,15 +263,22 @@ impl Kb<'_> {
 
     /// A 16-byte-aligned stack buffer of `bytes`; returns its address.
     pub fn stack_buf(&mut self, bytes: u32) -> Value {
-        let slot = self
-            .b
-            .create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, bytes, 4));
+        let slot = self.b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            bytes,
+            4,
+        ));
         self.b.ins().stack_addr(I64, slot, 0)
     }
 
     /// Decompose a flat index into its coordinates over `dims` (row-major)
     /// and return `Σ coord_d · strides[k][d]` for each stride vector `k`.
-    pub fn unflatten_offsets(&mut self, flat: Value, dims: &[usize], strides: &[Vec<i64>]) -> Vec<Value> {
+    pub fn unflatten_offsets(
+        &mut self,
+        flat: Value,
+        dims: &[usize],
+        strides: &[Vec<i64>],
+    ) -> Vec<Value> {
         let mut offs: Vec<Value> = strides.iter().map(|_| self.iconst(0)).collect();
         let mut rest = flat;
         for d in (0..dims.len()).rev() {

@@ -423,7 +423,11 @@ fn emit_elementwise(kb: &mut Kb, e: &Elementwise) {
     let (start, end) = (kb.start, kb.end);
     let mut views: Vec<&View> = vec![&e.out];
     views.extend(e.ins.iter());
-    let inner_strides: Vec<i64> = e.ins.iter().map(|v| *v.strides.last().unwrap_or(&0)).collect();
+    let inner_strides: Vec<i64> = e
+        .ins
+        .iter()
+        .map(|v| *v.strides.last().unwrap_or(&0))
+        .collect();
     kb.for_range(start, end, 1, |k, row| {
         let offs = row_offsets(k, row, &e.dims, &views);
         let o0 = k.addr(obase, offs[0], 4);
@@ -490,10 +494,11 @@ fn emit_gather(kb: &mut Kb, g: &Gather) {
         let id = k.b.ins().sextend(cranelift_codegen::ir::types::I64, id);
         let rows = k.iconst(g.rows as i64);
         // Unsigned compare also rejects negative ids.
-        let bad = k
-            .b
-            .ins()
-            .icmp(cranelift_codegen::ir::condcodes::IntCC::UnsignedGreaterThanOrEqual, id, rows);
+        let bad = k.b.ins().icmp(
+            cranelift_codegen::ir::condcodes::IntCC::UnsignedGreaterThanOrEqual,
+            id,
+            rows,
+        );
         k.if_then(bad, |k| {
             let code = k.b.ins().iadd_imm_s(i, 1);
             k.jump_ret(code);
@@ -543,10 +548,11 @@ fn emit_scatter_add(kb: &mut Kb, s: &ScatterAdd) {
         let id = k.load_i(ia, 0);
         let id = k.b.ins().sextend(cranelift_codegen::ir::types::I64, id);
         let rows = k.iconst(s.rows as i64);
-        let bad = k
-            .b
-            .ins()
-            .icmp(cranelift_codegen::ir::condcodes::IntCC::UnsignedGreaterThanOrEqual, id, rows);
+        let bad = k.b.ins().icmp(
+            cranelift_codegen::ir::condcodes::IntCC::UnsignedGreaterThanOrEqual,
+            id,
+            rows,
+        );
         k.if_then(bad, |k| {
             let code = k.b.ins().iadd_imm_s(i, 1);
             k.jump_ret(code);

@@ -155,7 +155,8 @@ pub fn lower(
                 rs: p as i64,
                 cs: 1,
             };
-            let (mut steps, bytes) = matmul_steps(vec![nb], (o, ckk, p), a_op, b_op, out.0, scratch + cols);
+            let (mut steps, bytes) =
+                matmul_steps(vec![nb], (o, ckk, p), a_op, b_op, out.0, scratch + cols);
             steps.insert(0, im);
             Some(Lowered {
                 steps,
@@ -183,8 +184,14 @@ pub fn lower(
                 rs: p as i64,
                 cs: 1,
             };
-            let (mut steps, bytes) =
-                matmul_steps(vec![nb], (ckk, o, p), a_op, b_op, Loc::Arena(scratch), scratch + cols);
+            let (mut steps, bytes) = matmul_steps(
+                vec![nb],
+                (ckk, o, p),
+                a_op,
+                b_op,
+                Loc::Arena(scratch),
+                scratch + cols,
+            );
             steps.push(Step::Col2im(Col2im {
                 cols: Loc::Arena(scratch),
                 dx: out.0,
@@ -238,8 +245,14 @@ pub fn lower(
                 rs: 1,
                 cs: (nb * p) as i64,
             };
-            let (mut steps, bytes) =
-                matmul_steps(vec![], (o, nb * p, ckk), a_op, b_op, out.0, scratch + cols + dyt);
+            let (mut steps, bytes) = matmul_steps(
+                vec![],
+                (o, nb * p, ckk),
+                a_op,
+                b_op,
+                out.0,
+                scratch + cols + dyt,
+            );
             steps.insert(0, regroup);
             steps.insert(0, im);
             Some(Lowered {
@@ -281,7 +294,15 @@ pub fn lower(
         Op::Transpose { perm } => {
             let cs = contiguous_strides(&ins[0].1.shape);
             let src_s: Vec<i64> = perm.iter().map(|&p| cs[p]).collect();
-            plain(vec![copy(oshape, ins[0].0, 0, src_s, out.0, 0, contiguous_strides(oshape))])
+            plain(vec![copy(
+                oshape,
+                ins[0].0,
+                0,
+                src_s,
+                out.0,
+                0,
+                contiguous_strides(oshape),
+            )])
         }
         Op::Reshape { .. } => {
             let n = numel(oshape);
@@ -289,7 +310,15 @@ pub fn lower(
         }
         Op::Expand { shape } => {
             let src_s = broadcast_strides(&ins[0].1.shape, shape);
-            plain(vec![copy(oshape, ins[0].0, 0, src_s, out.0, 0, contiguous_strides(oshape))])
+            plain(vec![copy(
+                oshape,
+                ins[0].0,
+                0,
+                src_s,
+                out.0,
+                0,
+                contiguous_strides(oshape),
+            )])
         }
         Op::Concat { axis } => {
             let os = contiguous_strides(oshape);
@@ -297,7 +326,15 @@ pub fn lower(
             let mut steps = Vec::new();
             for (loc, t) in ins {
                 let s = &t.shape;
-                steps.push(copy(s, *loc, 0, contiguous_strides(s), out.0, at * os[*axis] as usize, os.clone()));
+                steps.push(copy(
+                    s,
+                    *loc,
+                    0,
+                    contiguous_strides(s),
+                    out.0,
+                    at * os[*axis] as usize,
+                    os.clone(),
+                ));
                 at += s[*axis];
             }
             plain(steps)
@@ -324,7 +361,15 @@ pub fn lower(
                     n: numel(oshape),
                     bits: 0,
                 }),
-                copy(s, ins[0].0, 0, contiguous_strides(s), out.0, start * os[*axis] as usize, os),
+                copy(
+                    s,
+                    ins[0].0,
+                    0,
+                    contiguous_strides(s),
+                    out.0,
+                    start * os[*axis] as usize,
+                    os,
+                ),
             ])
         }
         Op::Gather => {
@@ -368,11 +413,15 @@ pub fn lower(
                 grad: ins.get(2).map(|x| x.0),
             })])
         }
-        Op::LstmSeq | Op::GruSeq => super::rnn::lower_forward(matches!(op, Op::LstmSeq), ins, outs, scratch),
+        Op::LstmSeq | Op::GruSeq => {
+            super::rnn::lower_forward(matches!(op, Op::LstmSeq), ins, outs, scratch)
+        }
         Op::LstmSeqGrad | Op::GruSeqGrad => {
             super::rnn::lower_grad(matches!(op, Op::LstmSeqGrad), ins, outs, scratch)
         }
-        Op::Attention { causal, scale } => super::attention::lower_forward(ins, outs, *causal, *scale, scratch),
+        Op::Attention { causal, scale } => {
+            super::attention::lower_forward(ins, outs, *causal, *scale, scratch)
+        }
         Op::AttentionGrad { causal, scale } => {
             super::attention::lower_grad(ins, outs, *causal, *scale, scratch)
         }

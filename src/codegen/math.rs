@@ -104,9 +104,15 @@ impl Kb<'_> {
         let c126 = self.fv(126.0);
         let e = self.b.ins().fsub(ef, c126);
         let mut e = self.b.ins().fadd(e, eadj);
-        let mant_mask = self.b.ins().iconst(cranelift_codegen::ir::types::I32, 0x007f_ffff);
+        let mant_mask = self
+            .b
+            .ins()
+            .iconst(cranelift_codegen::ir::types::I32, 0x007f_ffff);
         let mant_mask = self.b.ins().splat(I32X4, mant_mask);
-        let half = self.b.ins().iconst(cranelift_codegen::ir::types::I32, 0x3f00_0000);
+        let half = self
+            .b
+            .ins()
+            .iconst(cranelift_codegen::ir::types::I32, 0x3f00_0000);
         let half = self.b.ins().splat(I32X4, half);
         let mb = self.b.ins().band(bits, mant_mask);
         let mb = self.b.ins().bor(mb, half);

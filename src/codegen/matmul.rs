@@ -88,10 +88,14 @@ impl Matmul {
         self.n.div_ceil(NR)
     }
     fn a_batches(&self) -> usize {
-        pack_dims(&self.batch, &self.a.batch_strides).iter().product()
+        pack_dims(&self.batch, &self.a.batch_strides)
+            .iter()
+            .product()
     }
     fn b_batches(&self) -> usize {
-        pack_dims(&self.batch, &self.b.batch_strides).iter().product()
+        pack_dims(&self.batch, &self.b.batch_strides)
+            .iter()
+            .product()
     }
     fn out_batches(&self) -> usize {
         self.batch.iter().product()
@@ -319,7 +323,9 @@ impl Matmul {
                         };
                         micro_kernel(k, pa, pb, kc, ptr, ldc, first);
                         if let Some(e) = edge {
-                            k.if_then(e, |k| copy_tile_out(k, tile, cptr, (n * 4) as i64, mrv, nrv));
+                            k.if_then(e, |k| {
+                                copy_tile_out(k, tile, cptr, (n * 4) as i64, mrv, nrv)
+                            });
                         }
                     });
                 });
@@ -385,7 +391,9 @@ fn micro_kernel(k: &mut Kb, pa: Value, pb: Value, kc: Value, c: Value, ldc: Valu
         let bp = k.b.use_var(pb_v);
         for u in 0..unroll {
             let b0 = k.b.ins().load(F32X4, ro_flags(), bp, (u * NR * 4) as i32);
-            let b1 = k.b.ins().load(F32X4, ro_flags(), bp, (u * NR * 4 + 16) as i32);
+            let b1 =
+                k.b.ins()
+                    .load(F32X4, ro_flags(), bp, (u * NR * 4 + 16) as i32);
             for (r, acc) in accs.iter().enumerate() {
                 for (h, var) in acc.iter().enumerate() {
                     let off = ((u * AK + r * AREP + h) * 4) as i32;

@@ -131,7 +131,12 @@ fn leaf_kind(op: &Op) -> Option<(&'static str, &str)> {
 fn operands(g: &Graph, n: NodeIndex, locs: &HashMap<Value, Loc>) -> Vec<(Loc, TensorType)> {
     g.inputs(n)
         .into_iter()
-        .map(|v| (locs.get(&v).copied().unwrap_or(Loc::Arena(0)), g.ty(v).clone()))
+        .map(|v| {
+            (
+                locs.get(&v).copied().unwrap_or(Loc::Arena(0)),
+                g.ty(v).clone(),
+            )
+        })
         .collect()
 }
 
@@ -150,7 +155,12 @@ fn results(g: &Graph, n: NodeIndex, locs: &HashMap<Value, Loc>) -> Vec<(Loc, Ten
         .collect()
 }
 
-fn lower_node(g: &Graph, n: NodeIndex, locs: &HashMap<Value, Loc>, scratch: usize) -> Option<lower::Lowered> {
+fn lower_node(
+    g: &Graph,
+    n: NodeIndex,
+    locs: &HashMap<Value, Loc>,
+    scratch: usize,
+) -> Option<lower::Lowered> {
     let ins = operands(g, n, locs);
     let outs = results(g, n, locs);
     let ins_ref: Vec<(Loc, &TensorType)> = ins.iter().map(|(l, t)| (*l, t)).collect();
@@ -158,13 +168,20 @@ fn lower_node(g: &Graph, n: NodeIndex, locs: &HashMap<Value, Loc>, scratch: usiz
     lower::lower(&g.node(n).op, &ins_ref, &outs_ref, scratch)
 }
 
-fn prepare(g: &Graph, plan: Option<MemoryPlan>, interpret: &[&str]) -> Result<Prepared, CodegenError> {
+fn prepare(
+    g: &Graph,
+    plan: Option<MemoryPlan>,
+    interpret: &[&str],
+) -> Result<Prepared, CodegenError> {
     let order = g.topo_order();
     if order.len() != g.graph.node_count() {
         return Err(CodegenError::Cycle);
     }
     for o in &g.outputs {
-        let ok = g.graph.node_weight(o.value.node).is_some_and(|nd| (o.value.port as usize) < nd.outputs.len());
+        let ok = g
+            .graph
+            .node_weight(o.value.node)
+            .is_some_and(|nd| (o.value.port as usize) < nd.outputs.len());
         if !ok {
             return Err(CodegenError::BadOutput(o.name.clone()));
         }
@@ -194,7 +211,11 @@ fn prepare(g: &Graph, plan: Option<MemoryPlan>, interpret: &[&str]) -> Result<Pr
         }
         None => MemoryPlan::naive(g, &scratch_bytes),
     };
-    let mut locs: HashMap<Value, Loc> = plan.values.iter().map(|(v, o)| (*v, Loc::Arena(*o))).collect();
+    let mut locs: HashMap<Value, Loc> = plan
+        .values
+        .iter()
+        .map(|(v, o)| (*v, Loc::Arena(*o)))
+        .collect();
     for (slot, (_, _, v)) in feeds.iter().enumerate() {
         locs.insert(*v, Loc::Extern(slot));
     }
@@ -237,7 +258,11 @@ pub fn compile_with_plan(
 /// Compile, but run the ops named in `interpret` (e.g. `"conv"`) through
 /// the interpreter: to bisect a suspected kernel bug, and to test the
 /// fallback path.
-pub fn compile_interpreting(g: &Graph, opts: &JitOptions, interpret: &[&str]) -> Result<JitModel, CodegenError> {
+pub fn compile_interpreting(
+    g: &Graph,
+    opts: &JitOptions,
+    interpret: &[&str],
+) -> Result<JitModel, CodegenError> {
     compile_inner(g, None, opts, interpret)
 }
 
@@ -251,7 +276,10 @@ fn compile_inner(
     let isa = host_isa()?;
     let config = isa.frontend_config();
     let call_conv = config.default_call_conv;
-    let mut module = JITModule::new(JITBuilder::with_isa(isa, cranelift_module::default_libcall_names()));
+    let mut module = JITModule::new(JITBuilder::with_isa(
+        isa,
+        cranelift_module::default_libcall_names(),
+    ));
     let sig = emit::kernel_signature(call_conv);
     let mut ctx = module.make_context();
     let mut pending: Vec<(usize, usize, cranelift_module::FuncId)> = Vec::new();
@@ -312,10 +340,23 @@ fn compile_inner(
     let outputs = g
         .outputs
         .iter()
-        .map(|o| (o.name.clone(), p.locs.get(&o.value).copied().unwrap_or(Loc::Arena(0)), g.ty(o.value).clone()))
+        .map(|o| {
+            (
+                o.name.clone(),
+                p.locs.get(&o.value).copied().unwrap_or(Loc::Arena(0)),
+                g.ty(o.value).clone(),
+            )
+        })
         .collect();
     let _ = &p.order;
-    Ok(JitModel::new(module, execs, feeds, outputs, p.plan.size, opts.threads))
+    Ok(JitModel::new(
+        module,
+        execs,
+        feeds,
+        outputs,
+        p.plan.size,
+        opts.threads,
+    ))
 }
 
 fn cranelift_err(n: NodeIndex, op: &Op, message: String) -> CodegenError {

@@ -32,7 +32,10 @@ impl MemoryPlan {
         let mut at = 0usize;
         for n in g.topo_order() {
             let node = g.node(n);
-            if matches!(node.op, Op::Input { .. } | Op::Param { .. } | Op::State { .. }) {
+            if matches!(
+                node.op,
+                Op::Input { .. } | Op::Param { .. } | Op::State { .. }
+            ) {
                 continue;
             }
             for port in 0..node.outputs.len() {
@@ -56,10 +59,17 @@ impl MemoryPlan {
 
     /// Check that the plan gives every computed value and scratch region
     /// its space inside the arena; the planner's overlap rules are its own.
-    pub fn check(&self, g: &Graph, scratch_bytes: &HashMap<NodeIndex, usize>) -> Result<(), String> {
+    pub fn check(
+        &self,
+        g: &Graph,
+        scratch_bytes: &HashMap<NodeIndex, usize>,
+    ) -> Result<(), String> {
         for n in g.graph.node_indices() {
             let node = g.node(n);
-            if matches!(node.op, Op::Input { .. } | Op::Param { .. } | Op::State { .. }) {
+            if matches!(
+                node.op,
+                Op::Input { .. } | Op::Param { .. } | Op::State { .. }
+            ) {
                 continue;
             }
             for port in 0..node.outputs.len() {
@@ -67,7 +77,10 @@ impl MemoryPlan {
                     node: n,
                     port: port as u16,
                 };
-                let off = self.values.get(&v).ok_or(format!("value {v} has no buffer"))?;
+                let off = self
+                    .values
+                    .get(&v)
+                    .ok_or(format!("value {v} has no buffer"))?;
                 if off % 16 != 0 || off + elem_bytes(g, v) > self.size {
                     return Err(format!("buffer of {v} is misaligned or outside the arena"));
                 }
@@ -79,7 +92,10 @@ impl MemoryPlan {
                         .get(&n)
                         .ok_or(format!("kernel %{} has no scratch", n.index()))?;
                     if off % 16 != 0 || off + s > self.size {
-                        return Err(format!("scratch of %{} is misaligned or outside the arena", n.index()));
+                        return Err(format!(
+                            "scratch of %{} is misaligned or outside the arena",
+                            n.index()
+                        ));
                     }
                 }
             }

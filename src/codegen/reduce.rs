@@ -36,7 +36,9 @@ impl Reduce {
         let (start, end) = (kb.start, kb.end);
         let count: usize = self.red_dims.iter().product();
         kb.for_range(start, end, 1, |k, u| {
-            let off = k.unflatten_offsets(u, &self.kept_dims, std::slice::from_ref(&self.kept_strides))[0];
+            let off =
+                k.unflatten_offsets(u, &self.kept_dims, std::slice::from_ref(&self.kept_strides))
+                    [0];
             let p = k.addr(src, off, 4);
             let init = match self.op {
                 ReduceOp::Max => k.fconst(f32::NEG_INFINITY),
@@ -45,53 +47,59 @@ impl Reduce {
             let acc = k.var(F32, init);
             let op = self.op;
             let inner_contig = self.red_strides.last() == Some(&1);
-            nest(k, p, &self.red_dims, &self.red_strides, &mut |k, ptr, n, stride| {
-                let zero = k.iconst(0);
-                let nv = k.iconst(n as i64);
-                if inner_contig && stride == 1 && n >= 8 && op != ReduceOp::Max {
-                    // Four partial sums, combined at the end of the line.
-                    let z = k.vconst(0.0);
-                    let vacc = k.var(F32X4, z);
-                    let fz = k.fconst(0.0);
-                    let tail_acc = k.var(F32, fz);
-                    k.for_vec_tail(
-                        zero,
-                        nv,
-                        |k, i| {
-                            let a = k.addr(ptr, i, 4);
-                            let x = k.load_v(a, 0);
-                            let o = k.b.use_var(vacc);
-                            let s = k.b.ins().fadd(o, x);
-                            k.b.def_var(vacc, s);
-                        },
-                        |k, i| {
-                            let a = k.addr(ptr, i, 4);
-                            let x = k.load_f(a, 0);
-                            let o = k.b.use_var(tail_acc);
-                            let s = k.b.ins().fadd(o, x);
-                            k.b.def_var(tail_acc, s);
-                        },
-                    );
-                    let v = k.b.use_var(vacc);
-                    let h = hsum(k, v);
-                    let t = k.b.use_var(tail_acc);
-                    let h = k.b.ins().fadd(h, t);
-                    let o = k.b.use_var(acc);
-                    let s = k.b.ins().fadd(o, h);
-                    k.b.def_var(acc, s);
-                } else {
-                    k.for_range(zero, nv, 1, |k, i| {
-                        let a = k.addr(ptr, i, 4 * stride);
-                        let x = k.load_f(a, 0);
+            nest(
+                k,
+                p,
+                &self.red_dims,
+                &self.red_strides,
+                &mut |k, ptr, n, stride| {
+                    let zero = k.iconst(0);
+                    let nv = k.iconst(n as i64);
+                    if inner_contig && stride == 1 && n >= 8 && op != ReduceOp::Max {
+                        // Four partial sums, combined at the end of the line.
+                        let z = k.vconst(0.0);
+                        let vacc = k.var(F32X4, z);
+                        let fz = k.fconst(0.0);
+                        let tail_acc = k.var(F32, fz);
+                        k.for_vec_tail(
+                            zero,
+                            nv,
+                            |k, i| {
+                                let a = k.addr(ptr, i, 4);
+                                let x = k.load_v(a, 0);
+                                let o = k.b.use_var(vacc);
+                                let s = k.b.ins().fadd(o, x);
+                                k.b.def_var(vacc, s);
+                            },
+                            |k, i| {
+                                let a = k.addr(ptr, i, 4);
+                                let x = k.load_f(a, 0);
+                                let o = k.b.use_var(tail_acc);
+                                let s = k.b.ins().fadd(o, x);
+                                k.b.def_var(tail_acc, s);
+                            },
+                        );
+                        let v = k.b.use_var(vacc);
+                        let h = hsum(k, v);
+                        let t = k.b.use_var(tail_acc);
+                        let h = k.b.ins().fadd(h, t);
                         let o = k.b.use_var(acc);
-                        let s = match op {
-                            ReduceOp::Max => k.b.ins().fmax(o, x),
-                            _ => k.b.ins().fadd(o, x),
-                        };
+                        let s = k.b.ins().fadd(o, h);
                         k.b.def_var(acc, s);
-                    });
-                }
-            });
+                    } else {
+                        k.for_range(zero, nv, 1, |k, i| {
+                            let a = k.addr(ptr, i, 4 * stride);
+                            let x = k.load_f(a, 0);
+                            let o = k.b.use_var(acc);
+                            let s = match op {
+                                ReduceOp::Max => k.b.ins().fmax(o, x),
+                                _ => k.b.ins().fadd(o, x),
+                            };
+                            k.b.def_var(acc, s);
+                        });
+                    }
+                },
+            );
             let mut r = k.b.use_var(acc);
             if op == ReduceOp::Mean {
                 let c = k.fconst(count as f32);
@@ -185,7 +193,14 @@ fn line_max(k: &mut Kb, p: Value, n: usize, stride: i64) -> Value {
 
 /// `Σ exp(x - m)` over a line; with `store`, also writes each `exp(x - m)`
 /// to the same position of the `store` line.
-fn line_sum_exp(k: &mut Kb, p: Value, n: usize, stride: i64, m: Value, store: Option<Value>) -> Value {
+fn line_sum_exp(
+    k: &mut Kb,
+    p: Value,
+    n: usize,
+    stride: i64,
+    m: Value,
+    store: Option<Value>,
+) -> Value {
     let z = k.fconst(0.0);
     let acc = k.var(F32, z);
     let zero = k.iconst(0);

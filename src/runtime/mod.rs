@@ -142,7 +142,10 @@ impl JitModel {
 
     /// Kernels run by the interpreter because no compiled kernel exists.
     pub fn interpreted_kernels(&self) -> usize {
-        self.kernels.iter().filter(|k| matches!(k.exec, Exec::Host { .. })).count()
+        self.kernels
+            .iter()
+            .filter(|k| matches!(k.exec, Exec::Host { .. }))
+            .count()
     }
 
     /// Names of the ops run by the interpreter, one per kernel.
@@ -173,7 +176,10 @@ impl JitModel {
 
     /// Run the graph: every input/param/state leaf fed by name; returns every
     /// graph output by name (as `interp::run_f32`).
-    pub fn run(&self, feeds: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+    pub fn run(
+        &self,
+        feeds: &BTreeMap<String, Tensor>,
+    ) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
         let mut ptrs: Vec<*const u8> = Vec::with_capacity(self.feeds.len());
         for (name, kind, ty) in &self.feeds {
             let t = check_feed(feeds, name, kind, ty)?;
@@ -203,7 +209,8 @@ impl JitModel {
                         // every access is inside the arena or a fed tensor,
                         // both alive and unaliased for the call (the arena
                         // is locked, feeds are borrowed).
-                        let code = unsafe { arena.pool.run(f, base, ptrs.as_ptr(), s.units, s.grain) };
+                        let code =
+                            unsafe { arena.pool.run(f, base, ptrs.as_ptr(), s.units, s.grain) };
                         if code != 0 {
                             return Err(explain(k, &s.check, code, base, &ptrs));
                         }
@@ -212,7 +219,9 @@ impl JitModel {
                 Exec::Host { op, ins, outs } => {
                     let arrays: Vec<Array> = ins
                         .iter()
-                        .map(|(loc, ty)| Array::from(&read(*loc, ty, base, arena_len, &ptrs, feeds, &self.feeds)))
+                        .map(|(loc, ty)| {
+                            Array::from(&read(*loc, ty, base, arena_len, &ptrs, feeds, &self.feeds))
+                        })
                         .collect();
                     let refs: Vec<&Array> = arrays.iter().collect();
                     let res = eval_op(op, &refs, Precision::F32)?;
@@ -224,7 +233,10 @@ impl JitModel {
         }
         let mut out = BTreeMap::new();
         for (name, loc, ty) in &self.outputs {
-            out.insert(name.clone(), read(*loc, ty, base, arena_len, &ptrs, feeds, &self.feeds));
+            out.insert(
+                name.clone(),
+                read(*loc, ty, base, arena_len, &ptrs, feeds, &self.feeds),
+            );
         }
         Ok(out)
     }
@@ -289,7 +301,10 @@ fn read(
             .cloned()
             .unwrap_or_else(|| Tensor::zeros(ty.dtype, ty.shape.clone())),
         Loc::Arena(off) => {
-            assert!(off + n * 4 <= arena_len, "value outside the arena (a codegen bug)");
+            assert!(
+                off + n * 4 <= arena_len,
+                "value outside the arena (a codegen bug)"
+            );
             let src = base.wrapping_add(off);
             match ty.dtype {
                 DType::F32 => {
@@ -314,7 +329,10 @@ fn read(
 fn write(loc: Loc, ty: &TensorType, t: &Tensor, base: *mut u8, arena_len: usize) {
     let Loc::Arena(off) = loc else { return };
     let n = numel(&ty.shape);
-    assert!(off + n * 4 <= arena_len, "value outside the arena (a codegen bug)");
+    assert!(
+        off + n * 4 <= arena_len,
+        "value outside the arena (a codegen bug)"
+    );
     // SAFETY: checked to lie inside the arena, whose lock the caller holds.
     let dst = unsafe { std::slice::from_raw_parts_mut(base.add(off), n * 4) };
     match &t.data {
@@ -333,7 +351,13 @@ fn write(loc: Loc, ty: &TensorType, t: &Tensor, base: *mut u8, arena_len: usize)
 
 /// Turn a kernel's error code into the interpreter's error for the same
 /// bad value.
-fn explain(k: &ExecKernel, check: &StepCheck, code: i64, base: *mut u8, ptrs: &[*const u8]) -> RuntimeError {
+fn explain(
+    k: &ExecKernel,
+    check: &StepCheck,
+    code: i64,
+    base: *mut u8,
+    ptrs: &[*const u8],
+) -> RuntimeError {
     let index = (code - 1) as usize;
     let read_i32 = |loc: Loc| -> i32 {
         let p = match loc {
@@ -348,14 +372,23 @@ fn explain(k: &ExecKernel, check: &StepCheck, code: i64, base: *mut u8, ptrs: &[
         unsafe { (p as *const i32).add(index).read_unaligned() }
     };
     match check {
-        StepCheck::Id { op, ids, shape, rows } => InterpError::IdOutOfRange {
+        StepCheck::Id {
+            op,
+            ids,
+            shape,
+            rows,
+        } => InterpError::IdOutOfRange {
             op,
             id: read_i32(*ids),
             index: unravel(index, shape),
             rows: *rows,
         }
         .into(),
-        StepCheck::Label { op, labels, classes } => InterpError::LabelOutOfRange {
+        StepCheck::Label {
+            op,
+            labels,
+            classes,
+        } => InterpError::LabelOutOfRange {
             op,
             label: read_i32(*labels),
             index,

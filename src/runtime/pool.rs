@@ -77,7 +77,14 @@ impl Pool {
     /// # Safety
     /// `func` must be a finalized kernel whose every memory access stays in
     /// the arena and the tensors named by `ptrs`, both alive for the call.
-    pub unsafe fn run(&self, func: KernelFn, arena: *mut u8, ptrs: *const *const u8, units: usize, grain: usize) -> i64 {
+    pub unsafe fn run(
+        &self,
+        func: KernelFn,
+        arena: *mut u8,
+        ptrs: *const *const u8,
+        units: usize,
+        grain: usize,
+    ) -> i64 {
         let grain = grain.max(1);
         let chunks = units.div_ceil(grain);
         if chunks <= 1 || self.workers.is_empty() {
@@ -140,7 +147,12 @@ fn run_chunks(shared: &Shared, job: Job) {
         // valid until every worker has reported back (it waits for that).
         let r = unsafe {
             let f: KernelFn = std::mem::transmute::<usize, KernelFn>(job.func);
-            f(job.arena as *mut u8, job.ptrs as *const *const u8, s as i64, e as i64)
+            f(
+                job.arena as *mut u8,
+                job.ptrs as *const *const u8,
+                s as i64,
+                e as i64,
+            )
         };
         if r != 0 {
             shared.code.fetch_min(r, Ordering::SeqCst);
