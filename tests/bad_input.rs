@@ -454,12 +454,8 @@ fn unknown_flags_and_values() {
         &["--emit", "`pixels`"],
     );
     f.fails(
-        &["compile", "affine.dl", "--dim", "N=2", "--emit", "clif"],
-        &["not available yet"],
-    );
-    f.fails(
-        &["compile", "affine.dl", "--dim", "N=2", "-O2"],
-        &["not available yet"],
+        &["compile", "affine.dl", "--dim", "N=2", "-O3"],
+        &["invalid value '3'", "-O"],
     );
     f.fails(
         &["compile", "affine.dl", "--dim", "N=2", "--backend", "gpu"],
