@@ -695,13 +695,20 @@ impl Session {
         feeds
     }
 
-    /// One forward pass: every model output (and `loss`) by name.
-    pub fn run(&mut self, inputs: &TensorMap) -> Result<TensorMap> {
-        self.model.check_inputs(inputs)?;
+    /// Compile the forward pass now (it is otherwise compiled on the first
+    /// [`Session::run`]); for timing compilation apart from running.
+    pub fn prepare_forward(&mut self) -> Result<()> {
         if self.forward.is_none() {
             let m = &self.model;
             self.forward = Some(m.backend().prepare(m.graph(), &m.exec_options())?);
         }
+        Ok(())
+    }
+
+    /// One forward pass: every model output (and `loss`) by name.
+    pub fn run(&mut self, inputs: &TensorMap) -> Result<TensorMap> {
+        self.model.check_inputs(inputs)?;
+        self.prepare_forward()?;
         let feeds = self.feeds(inputs);
         let exe = self
             .forward
@@ -743,9 +750,9 @@ impl Session {
         (&self.optimizer, self.regularize)
     }
 
-    /// One optimizer step on a batch: updates parameters and state in place.
-    pub fn train_step(&mut self, inputs: &TensorMap) -> Result<StepResult> {
-        self.model.check_inputs(inputs)?;
+    /// Build and compile the training step now (it is otherwise compiled on
+    /// the first [`Session::train_step`]); for timing compilation.
+    pub fn prepare_training(&mut self) -> Result<()> {
         if self.train.is_none() {
             let m = &self.model;
             let g = m.training_graph(&self.optimizer, self.regularize)?;
@@ -773,6 +780,13 @@ impl Session {
                 .collect();
             self.train = Some((m.backend().prepare(&g, &m.exec_options())?, updates));
         }
+        Ok(())
+    }
+
+    /// One optimizer step on a batch: updates parameters and state in place.
+    pub fn train_step(&mut self, inputs: &TensorMap) -> Result<StepResult> {
+        self.model.check_inputs(inputs)?;
+        self.prepare_training()?;
         let mut feeds = self.feeds(inputs);
         feeds.extend(self.state.iter().map(|(k, v)| (k.clone(), v.clone())));
         let (exe, updates) = self
