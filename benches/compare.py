@@ -9,12 +9,11 @@ markdown table of the two with the ratio dlc/XLA (above 1: dlc is slower).
 
 Both sides run one after the other, never at the same time, with the same
 thread count. Columns:
-  * compile: dlc's `compile_ms` as `dlc bench` reports it against XLA's
-    compile time of the forward function. (At the time of writing
-    `dlc bench` times `compile_file`, i.e. parsing and elaboration; the
-    backend builds its forward and training plans lazily, in the warm-up
-    steps, so that cost is not in the column. `cargo bench --bench
-    workloads compile` times source to a runnable forward plan.);
+  * compile: source to runnable, as `dlc bench` reports it (parsing,
+    elaboration and, for the step it measures, autodiff, passes and code
+    generation): for a model with a loss that is the training step, so it
+    is set against XLA's compile time of the training step; for gemm,
+    against XLA's compile time of the forward function;
   * fwd / train: median latency of one forward pass / one training step
     (sgd, lr=0.01, momentum=0.9) after a warm-up;
   * GFLOP/s: gemm only, 2*M*K*P / forward time.
@@ -171,7 +170,9 @@ def table(rows):
             notes.append(f"dlc: {d['error']}")
         if "error" in x:
             notes.append(f"XLA: {x['error']}")
-        dc, xc = d.get("compile_ms"), ms_of(x.get("compile_fwd_s"))
+        # dlc bench --train compiles the training step, otherwise the forward.
+        xc_key = "compile_train_s" if r["trainable"] else "compile_fwd_s"
+        dc, xc = d.get("compile_ms"), ms_of(x.get(xc_key))
         df, xf = d.get("forward_ms"), ms_of(x.get("fwd_s"))
         dt, xt = d.get("train_step_ms"), ms_of(x.get("train_s"))
         dg = xg = None
@@ -224,10 +225,11 @@ def main():
     xla_error = xla_raw.get("error") if isinstance(xla_raw, dict) else None
 
     rows = []
-    for name, _, dims, _ in chosen:
+    for name, _, dims, trainable in chosen:
         flops = 2.0 * dims["M"] * dims["K"] * dims["P"] if name.startswith("gemm") else None
         x = xla_results.get(name) or {"error": xla_error or "no result"}
-        rows.append({"name": name, "dims": dims, "flops": flops, "dlc": dlc_results[name], "xla": x})
+        rows.append({"name": name, "dims": dims, "flops": flops, "trainable": trainable,
+                     "dlc": dlc_results[name], "xla": x})
 
     env = machine()
     xla_env = xla_raw.get("environment", {}) if isinstance(xla_raw, dict) else {}
@@ -237,8 +239,8 @@ def main():
             f"{args.steps} timed steps; XLA: jax {xla_env.get('jax', '?')}"
             f"{', --quick timing windows' if args.quick else ''}; "
             f"whole run {time.time() - started:.0f} s.\n"
-            "ratio = dlc / XLA (above 1: dlc slower). compile: `dlc bench` compile_ms vs "
-            "XLA forward jit compile (see the header of benches/compare.py). XLA bg load: CPU "
+            "ratio = dlc / XLA (above 1: dlc slower). compile: source to runnable training step "
+            "(forward for gemm) on both sides. XLA bg load: CPU "
             "cores other processes used during the XLA measurement (anchors.py); above 0.1 "
             "its figures are likely inflated.")
     print(out)

@@ -1,8 +1,9 @@
 //! Forward pass and training step of the reference workloads
 //! (../shared/bench/workloads/README.md sizes) through the library API.
 //!
-//! `DLC_BACKEND=interp|jit` picks the backend (default interp, the one that
-//! always exists), `DLC_THREADS` the worker threads (default: all cores).
+//! `DLC_BACKEND=interp|jit` picks the backend (default: the library's
+//! `Backend::default()`), `DLC_THREADS` the worker threads (default: all
+//! cores).
 //! Each sample is one call; setup and one warm-up call (where the backend
 //! prepares its plan) stay outside the timing. The interpreter takes
 //! seconds per step on the larger models, so keep runs short with divan's
@@ -62,7 +63,7 @@ const ALL: &[&str] = &[
 fn backend() -> Backend {
     match std::env::var("DLC_BACKEND") {
         Ok(s) => s.parse().unwrap_or_else(|e| panic!("DLC_BACKEND: {e}")),
-        Err(_) => Backend::Interp,
+        Err(_) => Backend::default(),
     }
 }
 

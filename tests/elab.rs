@@ -330,11 +330,13 @@ fn golden_models_elaborate_with_the_reference_shapes_and_names() {
     for case in cases {
         let inputs = tensor_shapes(&case.join("inputs.safetensors"));
         let expected = tensor_shapes(&case.join("expected.safetensors"));
-        let mut opts = ElabOptions::default();
-        opts.input_shapes = inputs
-            .iter()
-            .map(|(k, (_, s))| (k.clone(), s.clone()))
-            .collect();
+        let mut opts = ElabOptions {
+            input_shapes: inputs
+                .iter()
+                .map(|(k, (_, s))| (k.clone(), s.clone()))
+                .collect(),
+            ..ElabOptions::default()
+        };
         if let Ok(toml) = std::fs::read_to_string(case.join("case.toml")) {
             let v: toml::Table = toml.parse().expect("case.toml");
             opts.model = v.get("model").and_then(|m| m.as_str()).map(String::from);

@@ -670,7 +670,7 @@ fn render_warning_in_second_file() {
           |    ----- standard definition
 
     "#]]
-    .assert_eq(&render(&[d.clone()], &map));
+    .assert_eq(&render(std::slice::from_ref(&d), &map));
     expect!["user.dl:1:4: warning: 'dense' shadows the standard library fn of the same name"]
         .assert_eq(&one_line(&d, &map));
 }

@@ -46,7 +46,7 @@ pub fn infer<D: Dim>(op: &Op<D>, ins: Types<'_, D>) -> Result<Vec<TensorType<D>>
             arity(name, ins, 2)?;
             float(name, "left operand", ins[0])?;
             float(name, "right operand", ins[1])?;
-            let shape = broadcast_shapes(&ins[0].shape, &ins[1].shape).map_err(|()| {
+            let shape = broadcast_shapes(&ins[0].shape, &ins[1].shape).ok_or_else(|| {
                 ShapeError {
                     message: format!(
                         "{}: shapes {} and {} do not broadcast",
@@ -118,7 +118,7 @@ pub fn infer<D: Dim>(op: &Op<D>, ins: Types<'_, D>) -> Result<Vec<TensorType<D>>
                     k2
                 ));
             }
-            let batch = broadcast_shapes(&a[..a.len() - 2], &b[..b.len() - 2]).map_err(|()| {
+            let batch = broadcast_shapes(&a[..a.len() - 2], &b[..b.len() - 2]).ok_or_else(|| {
                 ShapeError {
                     message: format!(
                         "matmul: batch dimensions of {} and {} do not broadcast",
@@ -169,7 +169,7 @@ pub fn infer<D: Dim>(op: &Op<D>, ins: Types<'_, D>) -> Result<Vec<TensorType<D>>
             arity(name, ins, 1)?;
             let x = ins[0];
             match broadcast_shapes(&x.shape, shape) {
-                Ok(s) if &s == shape => one(TensorType::new(x.dtype, shape.clone())),
+                Some(s) if &s == shape => one(TensorType::new(x.dtype, shape.clone())),
                 _ => err(format!(
                     "expand: {} does not broadcast to {}",
                     fmt_shape(&x.shape),
@@ -408,7 +408,8 @@ pub fn infer<D: Dim>(op: &Op<D>, ins: Types<'_, D>) -> Result<Vec<TensorType<D>>
 }
 
 /// NumPy broadcasting of two shapes.
-pub fn broadcast_shapes<D: Dim>(a: &[D], b: &[D]) -> Result<Vec<D>, ()> {
+/// `None` when the shapes do not broadcast.
+pub fn broadcast_shapes<D: Dim>(a: &[D], b: &[D]) -> Option<Vec<D>> {
     let rank = a.len().max(b.len());
     let one = D::lit(1);
     let mut out = Vec::with_capacity(rank);
@@ -420,10 +421,10 @@ pub fn broadcast_shapes<D: Dim>(a: &[D], b: &[D]) -> Result<Vec<D>, ()> {
         } else if *da == one {
             out.push(db.clone());
         } else {
-            return Err(());
+            return None;
         }
     }
-    Ok(out)
+    Some(out)
 }
 
 fn binary_symbol(b: BinaryOp) -> &'static str {
