@@ -93,7 +93,8 @@ def run_dlc(args, workload):
     for k, v in dims.items():
         cmd += ["--dim", f"{k}={v}"]
     if trainable:
-        cmd.append("--train")
+        # The reference training step: sgd(lr=0.01, momentum=0.9), as anchors.py.
+        cmd += ["--train", "--lr", "0.01", "--momentum", "0.9"]
     print("# dlc: " + " ".join(cmd), file=sys.stderr, flush=True)
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

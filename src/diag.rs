@@ -133,7 +133,9 @@ pub fn one_line(d: &Diagnostic, sources: &SourceMap) -> String {
 /// `file:line:col`, the source line with `^^^` under the span, related
 /// places as secondary labels and `help` as a note. Plain text, no colours.
 pub fn render(diags: &[Diagnostic], sources: &SourceMap) -> String {
-    use codespan_reporting::diagnostic::{Diagnostic as CsDiagnostic, Label, Severity as CsSeverity};
+    use codespan_reporting::diagnostic::{
+        Diagnostic as CsDiagnostic, Label, Severity as CsSeverity,
+    };
     use codespan_reporting::files::SimpleFiles;
     use codespan_reporting::term::{self, termcolor::NoColor, Chars, Config};
 

@@ -43,7 +43,11 @@ impl Tensor {
     /// An f32 tensor; panics if `data.len()` does not match the shape, which
     /// is a programming error, not a user error.
     pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
-        assert_eq!(numel(&shape), data.len(), "tensor data does not fit its shape");
+        assert_eq!(
+            numel(&shape),
+            data.len(),
+            "tensor data does not fit its shape"
+        );
         Tensor {
             shape,
             data: Data::F32(data),
@@ -52,7 +56,11 @@ impl Tensor {
 
     /// An i32 tensor; panics on a length mismatch (a programming error).
     pub fn i32(shape: Vec<usize>, data: Vec<i32>) -> Tensor {
-        assert_eq!(numel(&shape), data.len(), "tensor data does not fit its shape");
+        assert_eq!(
+            numel(&shape),
+            data.len(),
+            "tensor data does not fit its shape"
+        );
         Tensor {
             shape,
             data: Data::I32(data),

@@ -2,11 +2,12 @@
 
 use super::{BenchArgs, Command, CompileArgs, ModelArgs, RunArgs, TestArgs, TrainArgs};
 use dlc::api::{self, Backend, CompiledModel, Compiler};
-use dlc::golden;
-use dlc::passes::{self, OptLevel};
 use dlc::codegen;
+use dlc::golden;
 use dlc::io;
 use dlc::ir::fmt_shape;
+use dlc::model::Optimizer;
+use dlc::passes::{self, OptLevel};
 use dlc::tensor::{Data, Tensor};
 use dlc::train::{OptimizerKind, TrainError, TrainOptions, Trainer};
 use std::path::{Path, PathBuf};
@@ -214,12 +215,12 @@ fn compile(a: CompileArgs) -> Result<(), Failure> {
             &lowered.plan,
         )),
         Some("clif") => Some(codegen::emit_clif(&lowered.graph)),
-        Some("asm") => Some(codegen::emit_asm(&lowered.graph).map_err(|e| Failure::Message(e.to_string()))?),
-        Some(other) => {
-            return fail(format!(
-                "--emit takes one of ast, ir, opt-ir, grad-ir, kernels, plan, clif, asm, not `{other}`"
-            ))
+        Some("asm") => {
+            Some(codegen::emit_asm(&lowered.graph).map_err(|e| Failure::Message(e.to_string()))?)
         }
+        Some(other) => return fail(format!(
+            "--emit takes one of ast, ir, opt-ir, grad-ir, kernels, plan, clif, asm, not `{other}`"
+        )),
     };
     let ops_before = g.op_count();
     let ops_after = lowered.graph.op_count();
@@ -505,6 +506,13 @@ fn bench(a: BenchArgs) -> Result<(), Failure> {
     let started = Instant::now();
     let model = compiler(&a.model)?.compile_file(&a.file)?;
     let mut session = model.session_with_seed(a.seed);
+    if a.lr.is_some() || a.momentum.is_some() {
+        let optimizer = Optimizer::Sgd {
+            lr: a.lr.unwrap_or(0.01),
+            momentum: a.momentum.unwrap_or(0.0),
+        };
+        session.set_optimizer(optimizer, model.model().train.regularize);
+    }
     if a.train {
         session.prepare_training()?;
     } else {

@@ -155,6 +155,14 @@ pub struct BenchArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// SGD learning rate of the timed training step (overrides the model's
+    /// `train` block; the reference workloads use 0.01).
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// SGD momentum of the timed training step (the reference workloads
+    /// use 0.9).
+    #[arg(long)]
+    pub momentum: Option<f32>,
 }
 
 fn parse_dim(s: &str) -> Result<(String, usize), String> {

@@ -80,14 +80,24 @@ pub struct Pool2d {
 pub enum Op<D = usize> {
     // ---- leaves ----
     /// A runtime input, fed by name.
-    Input { name: String },
+    Input {
+        name: String,
+    },
     /// A trainable parameter, fed by name (or initialised with `init`).
-    Param { name: String, init: Init },
+    Param {
+        name: String,
+        init: Init,
+    },
     /// A state tensor of the training step (optimizer moments, step count),
     /// fed by name like a parameter and saved with it; initialised to zeros.
-    State { name: String },
+    State {
+        name: String,
+    },
     /// A constant f32 tensor filled with one value.
-    Fill { value: f32, shape: Vec<D> },
+    Fill {
+        value: f32,
+        shape: Vec<D>,
+    },
 
     // ---- elementwise ----
     Unary(UnaryOp),
@@ -95,9 +105,17 @@ pub enum Op<D = usize> {
     Binary(BinaryOp),
 
     // ---- reductions and normalisations ----
-    Reduce { op: ReduceOp, axes: Vec<usize>, keepdims: bool },
-    Softmax { axis: usize },
-    LogSoftmax { axis: usize },
+    Reduce {
+        op: ReduceOp,
+        axes: Vec<usize>,
+        keepdims: bool,
+    },
+    Softmax {
+        axis: usize,
+    },
+    LogSoftmax {
+        axis: usize,
+    },
 
     // ---- linear algebra ----
     /// `[..., M, K] @ [..., K, N]`, both rank >= 2, batch dims broadcast.
@@ -105,30 +123,55 @@ pub enum Op<D = usize> {
     MatMul,
 
     // ---- layout ----
-    Transpose { perm: Vec<usize> },
-    Reshape { shape: Vec<D> },
+    Transpose {
+        perm: Vec<usize>,
+    },
+    Reshape {
+        shape: Vec<D>,
+    },
     /// Broadcast the operand (NumPy rules) to `shape`.
-    Expand { shape: Vec<D> },
-    Concat { axis: usize },
+    Expand {
+        shape: Vec<D>,
+    },
+    Concat {
+        axis: usize,
+    },
     /// Half-open `[start, end)` along `axis`, already clamped.
-    Slice { axis: usize, start: usize, end: usize },
+    Slice {
+        axis: usize,
+        start: usize,
+        end: usize,
+    },
     /// Zero tensor of the input's source shape with the operand written at
     /// `[start, start + len)` along `axis` — the gradient of `Slice`.
-    PadSlice { axis: usize, start: usize, full: D },
+    PadSlice {
+        axis: usize,
+        start: usize,
+        full: D,
+    },
 
     // ---- convolution and pooling (NCHW) ----
     /// `conv(x [N,C,H,W], w [O,C,KH,KW])`, cross-correlation.
     Conv(Conv2d),
     /// `dx` from `(dy, w)`; `input_hw` is the forward input's `[H, W]`.
-    ConvGradInput { conv: Conv2d, input_hw: [D; 2] },
+    ConvGradInput {
+        conv: Conv2d,
+        input_hw: [D; 2],
+    },
     /// `dw` from `(x, dy)`; `kernel_hw` is the forward filter's `[KH, KW]`.
-    ConvGradFilter { conv: Conv2d, kernel_hw: [D; 2] },
+    ConvGradFilter {
+        conv: Conv2d,
+        kernel_hw: [D; 2],
+    },
     MaxPool(Pool2d),
     /// `dx` from `(x, dy)`: each window's gradient to its first maximum.
     MaxPoolGrad(Pool2d),
     AvgPool(Pool2d),
     /// `dx` from `(dy)`; padding cells are not counted.
-    AvgPoolGrad { pool: Pool2d, input_hw: [D; 2] },
+    AvgPoolGrad {
+        pool: Pool2d,
+        input_hw: [D; 2],
+    },
 
     // ---- sequence ops ----
     /// `(x [N,T,F], w_x [F,4H], w_h [H,4H], b [4H]) -> h [N,T,H]`.
@@ -140,16 +183,24 @@ pub enum Op<D = usize> {
     /// `(x, w_x, w_h, b, dh) -> (dx, dw_x, dw_h, db)`, BPTT.
     GruSeqGrad,
     /// `softmax(q kᵀ · scale [+ causal mask]) v`.
-    Attention { causal: bool, scale: f32 },
+    Attention {
+        causal: bool,
+        scale: f32,
+    },
     /// `(q, k, v, dy) -> (dq, dk, dv)`.
-    AttentionGrad { causal: bool, scale: f32 },
+    AttentionGrad {
+        causal: bool,
+        scale: f32,
+    },
 
     // ---- embeddings ----
     /// `(table [V, D], ids i32[...]) -> [..., D]`.
     Gather,
     /// `(ids i32[...], dy [..., D]) -> [rows, D]`: the gradient of `Gather`,
     /// repeated ids add up.
-    ScatterAdd { rows: D },
+    ScatterAdd {
+        rows: D,
+    },
 
     // ---- losses (scalar results) ----
     /// `(logits [N, C], labels i32[N]) -> []`.

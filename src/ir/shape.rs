@@ -30,9 +30,9 @@ pub fn infer<D: Dim>(op: &Op<D>, ins: Types<'_, D>) -> Result<Vec<TensorType<D>>
     let name = op.name();
     let one = |t: TensorType<D>| Ok(vec![t]);
     match op {
-        Op::Input { .. } | Op::Param { .. } | Op::State { .. } => {
-            err(format!("{name}: a leaf has no shape rule; add it with its type"))
-        }
+        Op::Input { .. } | Op::Param { .. } | Op::State { .. } => err(format!(
+            "{name}: a leaf has no shape rule; add it with its type"
+        )),
         Op::Fill { shape, .. } => {
             arity(name, ins, 0)?;
             one(TensorType::f32(shape.clone()))
@@ -46,16 +46,15 @@ pub fn infer<D: Dim>(op: &Op<D>, ins: Types<'_, D>) -> Result<Vec<TensorType<D>>
             arity(name, ins, 2)?;
             float(name, "left operand", ins[0])?;
             float(name, "right operand", ins[1])?;
-            let shape = broadcast_shapes(&ins[0].shape, &ins[1].shape).ok_or_else(|| {
-                ShapeError {
+            let shape =
+                broadcast_shapes(&ins[0].shape, &ins[1].shape).ok_or_else(|| ShapeError {
                     message: format!(
                         "{}: shapes {} and {} do not broadcast",
                         binary_symbol(*b),
                         fmt_shape(&ins[0].shape),
                         fmt_shape(&ins[1].shape)
                     ),
-                }
-            })?;
+                })?;
             one(TensorType::f32(shape))
         }
         Op::Reduce { axes, keepdims, .. } => {
@@ -118,15 +117,16 @@ pub fn infer<D: Dim>(op: &Op<D>, ins: Types<'_, D>) -> Result<Vec<TensorType<D>>
                     k2
                 ));
             }
-            let batch = broadcast_shapes(&a[..a.len() - 2], &b[..b.len() - 2]).ok_or_else(|| {
-                ShapeError {
-                    message: format!(
-                        "matmul: batch dimensions of {} and {} do not broadcast",
-                        fmt_shape(a),
-                        fmt_shape(b)
-                    ),
-                }
-            })?;
+            let batch =
+                broadcast_shapes(&a[..a.len() - 2], &b[..b.len() - 2]).ok_or_else(|| {
+                    ShapeError {
+                        message: format!(
+                            "matmul: batch dimensions of {} and {} do not broadcast",
+                            fmt_shape(a),
+                            fmt_shape(b)
+                        ),
+                    }
+                })?;
             let mut shape = batch;
             shape.push(m.clone());
             shape.push(n.clone());
@@ -137,9 +137,9 @@ pub fn infer<D: Dim>(op: &Op<D>, ins: Types<'_, D>) -> Result<Vec<TensorType<D>>
             let x = ins[0];
             let mut seen = vec![false; x.rank()];
             let valid = perm.len() == x.rank()
-                && perm.iter().all(|&p| {
-                    p < seen.len() && !std::mem::replace(&mut seen[p], true)
-                });
+                && perm
+                    .iter()
+                    .all(|&p| p < seen.len() && !std::mem::replace(&mut seen[p], true));
             if !valid {
                 return err(format!(
                     "transpose: {perm:?} is not a permutation of the {} axes of {}",
@@ -265,8 +265,22 @@ pub fn infer<D: Dim>(op: &Op<D>, ins: Types<'_, D>) -> Result<Vec<TensorType<D>>
             let (dy, w) = (&ins[0].shape, &ins[1].shape);
             rank(name, "gradient", dy, 4, "[N, O, OH, OW]")?;
             rank(name, "weight", w, 4, "[O, C, KH, KW]")?;
-            let oh = conv_out(name, "height", &input_hw[0], &w[2], conv.pad[0] + conv.pad[2], conv)?;
-            let ow = conv_out(name, "width", &input_hw[1], &w[3], conv.pad[1] + conv.pad[3], conv)?;
+            let oh = conv_out(
+                name,
+                "height",
+                &input_hw[0],
+                &w[2],
+                conv.pad[0] + conv.pad[2],
+                conv,
+            )?;
+            let ow = conv_out(
+                name,
+                "width",
+                &input_hw[1],
+                &w[3],
+                conv.pad[1] + conv.pad[3],
+                conv,
+            )?;
             if dy[1] != w[0] || dy[2] != oh || dy[3] != ow {
                 return err(format!(
                     "conv_grad_input: gradient {} does not match the conv output",
@@ -286,8 +300,22 @@ pub fn infer<D: Dim>(op: &Op<D>, ins: Types<'_, D>) -> Result<Vec<TensorType<D>>
             let (x, dy) = (&ins[0].shape, &ins[1].shape);
             rank(name, "input", x, 4, "[N, C, H, W]")?;
             rank(name, "gradient", dy, 4, "[N, O, OH, OW]")?;
-            let oh = conv_out(name, "height", &x[2], &kernel_hw[0], conv.pad[0] + conv.pad[2], conv)?;
-            let ow = conv_out(name, "width", &x[3], &kernel_hw[1], conv.pad[1] + conv.pad[3], conv)?;
+            let oh = conv_out(
+                name,
+                "height",
+                &x[2],
+                &kernel_hw[0],
+                conv.pad[0] + conv.pad[2],
+                conv,
+            )?;
+            let ow = conv_out(
+                name,
+                "width",
+                &x[3],
+                &kernel_hw[1],
+                conv.pad[1] + conv.pad[3],
+                conv,
+            )?;
             if dy[0] != x[0] || dy[2] != oh || dy[3] != ow {
                 return err(format!(
                     "conv_grad_filter: gradient {} does not match the conv output",
@@ -391,7 +419,10 @@ pub fn infer<D: Dim>(op: &Op<D>, ins: Types<'_, D>) -> Result<Vec<TensorType<D>>
                     fmt_shape(&ids.shape)
                 ));
             }
-            one(TensorType::f32(vec![rows.clone(), dy.shape[ids.rank()].clone()]))
+            one(TensorType::f32(vec![
+                rows.clone(),
+                dy.shape[ids.rank()].clone(),
+            ]))
         }
         Op::CrossEntropy | Op::Hinge => {
             arity(name, ins, 2)?;
@@ -414,8 +445,14 @@ pub fn broadcast_shapes<D: Dim>(a: &[D], b: &[D]) -> Option<Vec<D>> {
     let one = D::lit(1);
     let mut out = Vec::with_capacity(rank);
     for i in 0..rank {
-        let da = (i + a.len()).checked_sub(rank).map(|j| &a[j]).unwrap_or(&one);
-        let db = (i + b.len()).checked_sub(rank).map(|j| &b[j]).unwrap_or(&one);
+        let da = (i + a.len())
+            .checked_sub(rank)
+            .map(|j| &a[j])
+            .unwrap_or(&one);
+        let db = (i + b.len())
+            .checked_sub(rank)
+            .map(|j| &b[j])
+            .unwrap_or(&one);
         if da == db || *db == one {
             out.push(da.clone());
         } else if *da == one {

@@ -123,7 +123,10 @@ pub enum BinOp {
 #[derive(Clone, Debug, PartialEq)]
 pub enum ExprKind {
     /// A number literal; `is_int` when written without `.` or exponent.
-    Number { value: f64, is_int: bool },
+    Number {
+        value: f64,
+        is_int: bool,
+    },
     Str(String),
     Bool(bool),
     Name(String),
@@ -135,7 +138,10 @@ pub enum ExprKind {
     Neg(Box<Expr>),
     /// `f(args)`; also the desugared form of `a |> f(args)`, where `a` is
     /// the first positional argument.
-    Call { callee: Ident, args: Vec<Arg> },
+    Call {
+        callee: Ident,
+        args: Vec<Arg>,
+    },
     /// `[e1, e2, ...]`
     List(Vec<Expr>),
     /// Placeholder left by error recovery; elaboration skips it silently
