@@ -218,9 +218,11 @@ fn compile(a: CompileArgs) -> Result<(), Failure> {
         Some("asm") => {
             Some(codegen::emit_asm(&lowered.graph).map_err(|e| Failure::Message(e.to_string()))?)
         }
-        Some(other) => return fail(format!(
+        Some(other) => {
+            return fail(format!(
             "--emit takes one of ast, ir, opt-ir, grad-ir, kernels, plan, clif, asm, not `{other}`"
-        )),
+        ))
+        }
     };
     let ops_before = g.op_count();
     let ops_after = lowered.graph.op_count();
