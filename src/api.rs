@@ -209,6 +209,23 @@ pub type ExecError = Box<dyn std::error::Error + Send + Sync>;
 /// graph output by name (the contract of [`crate::interp::run_f32`]).
 pub trait Executable: Send + Sync {
     fn run(&self, feeds: &TensorMap) -> std::result::Result<TensorMap, ExecError>;
+
+    /// As [`Executable::run`], with leaves looked up in `layers` (a later
+    /// map wins) and outputs written into `out`, reusing an entry's buffer
+    /// when its dtype and shape fit. Lets a session feed its parameters
+    /// without copying them and keep output buffers between calls.
+    fn run_into(
+        &self,
+        layers: &[&TensorMap],
+        out: &mut TensorMap,
+    ) -> std::result::Result<(), ExecError> {
+        let mut feeds = TensorMap::new();
+        for m in layers {
+            feeds.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        out.extend(self.run(&feeds)?);
+        Ok(())
+    }
 }
 
 struct Interpreted(Graph);
@@ -222,6 +239,14 @@ impl Executable for Interpreted {
 impl Executable for crate::codegen::JitModel {
     fn run(&self, feeds: &TensorMap) -> std::result::Result<TensorMap, ExecError> {
         Ok(crate::codegen::JitModel::run(self, feeds)?)
+    }
+
+    fn run_into(
+        &self,
+        layers: &[&TensorMap],
+        out: &mut TensorMap,
+    ) -> std::result::Result<(), ExecError> {
+        Ok(crate::codegen::JitModel::run_into(self, layers, out)?)
     }
 }
 
@@ -507,6 +532,7 @@ impl CompiledModel {
             forward: None,
             grads: None,
             train: None,
+            spare: TensorMap::new(),
             optimizer: self.0.model.train.optimizer.clone().unwrap_or_default(),
             regularize: self.0.model.train.regularize,
         }
@@ -607,6 +633,10 @@ pub struct Session {
     grads: Option<Box<dyn Executable>>,
     /// The training step and the names of its `Update` outputs.
     train: Option<(Box<dyn Executable>, Vec<String>)>,
+    /// Outputs of the last training step, with the buffers of the
+    /// parameters and state it replaced: the next step writes into them
+    /// instead of allocating.
+    spare: TensorMap,
     optimizer: Optimizer,
     regularize: Option<Regularizer>,
 }
@@ -687,14 +717,6 @@ impl Session {
         Ok(())
     }
 
-    fn feeds(&self, inputs: &TensorMap) -> TensorMap {
-        let mut feeds = self.params.clone();
-        for (n, t) in inputs {
-            feeds.insert(n.clone(), t.clone());
-        }
-        feeds
-    }
-
     /// Compile the forward pass now (it is otherwise compiled on the first
     /// [`Session::run`]); for timing compilation apart from running.
     pub fn prepare_forward(&mut self) -> Result<()> {
@@ -709,12 +731,14 @@ impl Session {
     pub fn run(&mut self, inputs: &TensorMap) -> Result<TensorMap> {
         self.model.check_inputs(inputs)?;
         self.prepare_forward()?;
-        let feeds = self.feeds(inputs);
         let exe = self
             .forward
             .as_ref()
             .ok_or(Error::BackendUnavailable("forward"))?;
-        exe.run(&feeds).map_err(|e| self.model.run_error(e))
+        let mut out = TensorMap::new();
+        exe.run_into(&[&self.params, inputs], &mut out)
+            .map_err(|e| self.model.run_error(e))?;
+        Ok(out)
     }
 
     /// A forward pass plus the gradient of `loss` w.r.t. every parameter:
@@ -726,12 +750,14 @@ impl Session {
             let g = m.gradient_graph()?;
             self.grads = Some(m.backend().prepare(g, &m.exec_options())?);
         }
-        let feeds = self.feeds(inputs);
         let exe = self
             .grads
             .as_ref()
             .ok_or(Error::BackendUnavailable("gradients"))?;
-        exe.run(&feeds).map_err(|e| self.model.run_error(e))
+        let mut out = TensorMap::new();
+        exe.run_into(&[&self.params, inputs], &mut out)
+            .map_err(|e| self.model.run_error(e))?;
+        Ok(out)
     }
 
     /// Choose the optimizer and regulariser of [`Session::train_step`]
@@ -787,23 +813,33 @@ impl Session {
     pub fn train_step(&mut self, inputs: &TensorMap) -> Result<StepResult> {
         self.model.check_inputs(inputs)?;
         self.prepare_training()?;
-        let mut feeds = self.feeds(inputs);
-        feeds.extend(self.state.iter().map(|(k, v)| (k.clone(), v.clone())));
         let (exe, updates) = self
             .train
             .as_ref()
             .ok_or(Error::BackendUnavailable("train"))?;
-        let mut out = exe.run(&feeds).map_err(|e| self.model.run_error(e))?;
+        // Same precedence as one merged map: params, then inputs, then state.
+        exe.run_into(&[&self.params, inputs, &self.state], &mut self.spare)
+            .map_err(|e| self.model.run_error(e))?;
+        let out = &mut self.spare;
         let scalar =
             |t: Option<&Tensor>| t.and_then(|t| t.as_f32()).and_then(|v| v.first()).copied();
         let loss = scalar(out.get("loss")).unwrap_or(f32::NAN);
         let objective = scalar(out.get("objective")).unwrap_or(loss);
         for name in updates {
-            let Some(t) = out.remove(name) else { continue };
-            if self.params.contains_key(name) {
-                self.params.insert(name.clone(), t);
+            let Some(t) = out.get_mut(name) else { continue };
+            // The replaced tensor stays in `spare` as next step's buffer.
+            let target = if self.params.contains_key(name) {
+                &mut self.params
             } else {
-                self.state.insert(name.clone(), t);
+                &mut self.state
+            };
+            match target.get_mut(name) {
+                Some(old) => std::mem::swap(old, t),
+                None => {
+                    if let Some(t) = out.remove(name) {
+                        target.insert(name.clone(), t);
+                    }
+                }
             }
         }
         Ok(StepResult { loss, objective })
@@ -888,6 +924,51 @@ mod tests {
         assert_send_sync::<CompiledModel>();
         assert_send_sync::<Session>();
         assert_send_sync::<Error>();
+    }
+
+    #[test]
+    fn jit_steps_reuse_buffers_without_stale_values() {
+        let model = Compiler::new()
+            .backend(Backend::Jit)
+            .threads(2)
+            .dim("N", 2)
+            .compile_source(
+                "fit.dl",
+                "model fit {\n  input x: f32[N, 1]\n  input t: f32[N, 1]\n  \
+                 param w: f32[1, 1]\n  loss = mse(x @ w, t)\n}\n",
+            )
+            .unwrap();
+        let mut s = model.session();
+        let batch: TensorMap = [
+            ("x".to_string(), Tensor::f32(vec![2, 1], vec![1., 2.])),
+            ("t".to_string(), Tensor::f32(vec![2, 1], vec![2., 4.])),
+        ]
+        .into_iter()
+        .collect();
+        s.set_optimizer(
+            Optimizer::Sgd {
+                lr: 0.1,
+                momentum: 0.5,
+            },
+            None,
+        );
+        let w = |s: &Session| s.params()["w"].as_f32().unwrap()[0];
+        // loss = mean((x·w - t)²), dloss/dw = mean(2(x·w - t)x); v = 0.5v + g,
+        // w -= 0.1v. w = 0: loss 10, g = -10, v = -10, w = 1.
+        assert_eq!(s.train_step(&batch).unwrap().loss, 10.0);
+        assert!((w(&s) - 1.0).abs() < 1e-6);
+        // w = 1: loss 2.5, g = -5, v = -10, w = 2.
+        assert_eq!(s.train_step(&batch).unwrap().loss, 2.5);
+        assert!((w(&s) - 2.0).abs() < 1e-6);
+        // The forward pass sees the trained parameter: w = 2 fits exactly.
+        assert_eq!(s.run(&batch).unwrap()["loss"].as_f32(), Some(&[0.0][..]));
+        // A parameter set by hand is what the next step reads, not a buffer
+        // kept from an earlier step: w = 0, g = -10, v = -15, w = 1.5.
+        s.set_param("w", Tensor::f32(vec![1, 1], vec![0.0]))
+            .unwrap();
+        assert_eq!(s.train_step(&batch).unwrap().loss, 10.0);
+        assert!((w(&s) - 1.5).abs() < 1e-6);
+        assert!((s.state()["opt.velocity.w"].as_f32().unwrap()[0] + 15.0).abs() < 1e-6);
     }
 
     #[test]

@@ -387,14 +387,15 @@ impl Trainer {
             return Err(TrainError::Options("evaluation model missing".into()));
         };
         m.check_inputs(inputs)?;
-        let mut feeds = self.session.params().clone();
-        feeds.extend(inputs.iter().map(|(k, v)| (k.clone(), v.clone())));
-        exe.run(&feeds).map_err(|source| {
-            TrainError::Api(api::Error::Run {
-                model: m.name().to_string(),
-                source,
-            })
-        })
+        let mut out = TensorMap::new();
+        exe.run_into(&[self.session.params(), inputs], &mut out)
+            .map_err(|source| {
+                TrainError::Api(api::Error::Run {
+                    model: m.name().to_string(),
+                    source,
+                })
+            })?;
+        Ok(out)
     }
 }
 

@@ -30,11 +30,13 @@ pub use plan::MemoryPlan;
 
 use crate::ir::{Graph, Op, TensorType, Value};
 use crate::runtime::{Exec, ExecKernel, JitStep, StepCheck};
-use cranelift_codegen::ir::Function;
-use cranelift_codegen::isa::{OwnedTargetIsa, TargetFrontendConfig};
+use cranelift_codegen::control::ControlPlane;
+use cranelift_codegen::ir::{Function, UserFuncName};
+use cranelift_codegen::isa::{OwnedTargetIsa, TargetFrontendConfig, TargetIsa};
 use cranelift_codegen::settings::{self, Configurable};
+use cranelift_codegen::Context;
 use cranelift_jit::{JITBuilder, JITModule};
-use cranelift_module::{Linkage, Module};
+use cranelift_module::{FuncId, Linkage, Module, ModuleReloc};
 use emit::Loc;
 use kernel::Step;
 use petgraph::stable_graph::NodeIndex;
@@ -85,6 +87,10 @@ pub fn host_isa() -> Result<OwnedTargetIsa, CodegenError> {
     };
     set(&mut flags, "opt_level", "speed")?;
     set(&mut flags, "is_pic", "false")?;
+    // Our builders emit well-formed IR by construction and the test suite
+    // runs every kernel template; verifying each function again at compile
+    // time cost about a third of the JIT time.
+    set(&mut flags, "enable_verifier", "false")?;
     let mut isa = cranelift_native::builder().map_err(|e| CodegenError::Isa(e.to_string()))?;
     #[cfg(target_arch = "x86_64")]
     {
@@ -281,10 +287,12 @@ fn compile_inner(
         cranelift_module::default_libcall_names(),
     ));
     let sig = emit::kernel_signature(call_conv);
-    let mut ctx = module.make_context();
     let mut pending: Vec<(usize, usize, cranelift_module::FuncId)> = Vec::new();
     let mut execs: Vec<ExecKernel> = Vec::new();
     let mut fn_index = 0u32;
+    let mut compiled: HashMap<String, cranelift_module::FuncId> = HashMap::new();
+    let mut to_compile: Vec<Unit> = Vec::new();
+    let mut funcs: Vec<Function> = Vec::new();
     for (ki, (n, k)) in p.kernels.iter().enumerate() {
         let node = g.node(*n);
         let exec = match k {
@@ -296,17 +304,31 @@ fn compile_inner(
             Planned::Jit(steps) => {
                 let mut js = Vec::new();
                 for (si, step) in steps.iter().enumerate() {
-                    let func = build_step(config, fn_index, step);
-                    let id = module
-                        .declare_function(&format!("k{fn_index}"), Linkage::Local, &sig)
-                        .map_err(|e| cranelift_err(*n, &node.op, e.to_string()))?;
-                    ctx.func = func;
-                    module
-                        .define_function(id, &mut ctx)
-                        .map_err(|e| cranelift_err(*n, &node.op, format!("{e:?}")))?;
-                    module.clear_context(&mut ctx);
+                    // Steps are built under one name so that identical
+                    // bodies print identically: the unrolled recurrent
+                    // time loop repeats the same function many times, and
+                    // identical IR compiles to identical machine code.
+                    let mut func = build_step(config, 0, step);
+                    let key = func.display().to_string();
+                    let id = match compiled.get(&key) {
+                        Some(&id) => id,
+                        None => {
+                            let id = module
+                                .declare_function(&format!("k{fn_index}"), Linkage::Local, &sig)
+                                .map_err(|e| cranelift_err(*n, &node.op, e.to_string()))?;
+                            func.name = UserFuncName::user(0, fn_index);
+                            compiled.insert(key, id);
+                            to_compile.push(Unit {
+                                node: *n,
+                                op: &node.op,
+                                id,
+                            });
+                            funcs.push(func);
+                            fn_index += 1;
+                            id
+                        }
+                    };
                     pending.push((ki, si, id));
-                    fn_index += 1;
                     js.push(JitStep {
                         func: None,
                         units: step.units(),
@@ -322,6 +344,14 @@ fn compile_inner(
             op: node.op.name(),
             exec,
         });
+    }
+    let machine = compile_units(module.isa(), &to_compile, funcs, opts.threads)?;
+    // Defined in declaration order, so the code layout does not depend on
+    // which worker compiled what.
+    for (unit, code) in to_compile.iter().zip(machine) {
+        module
+            .define_function_bytes(unit.id, code.alignment, &code.bytes, &code.relocs)
+            .map_err(|e| cranelift_err(unit.node, unit.op, format!("{e:?}")))?;
     }
     module
         .finalize_definitions()
@@ -357,6 +387,92 @@ fn compile_inner(
         p.plan.size,
         opts.threads,
     ))
+}
+
+/// One distinct kernel function awaiting machine code.
+struct Unit<'g> {
+    node: NodeIndex,
+    op: &'g Op,
+    id: FuncId,
+}
+
+/// The machine code of one [`Unit`].
+struct Machine {
+    bytes: Vec<u8>,
+    alignment: u64,
+    relocs: Vec<ModuleReloc>,
+}
+
+fn compile_unit(
+    isa: &dyn TargetIsa,
+    ctx: &mut Context,
+    unit: &Unit,
+    func: Function,
+) -> Result<Machine, CodegenError> {
+    ctx.clear();
+    ctx.func = func;
+    let code = ctx
+        .compile(isa, &mut ControlPlane::default())
+        .map_err(|e| cranelift_err(unit.node, unit.op, format!("{:?}", e.inner)))?;
+    let bytes = code.code_buffer().to_vec();
+    let alignment = code.buffer.alignment as u64;
+    let raw = code.buffer.relocs().to_vec();
+    let relocs = raw
+        .iter()
+        .map(|r| ModuleReloc::from_mach_reloc(r, &ctx.func, unit.id))
+        .collect();
+    Ok(Machine {
+        bytes,
+        alignment,
+        relocs,
+    })
+}
+
+/// Compile `funcs` (one per unit), spread over up to `threads` workers:
+/// functions are independent, and Cranelift's output depends only on the
+/// function and the ISA, so the machine code is the same for any split.
+fn compile_units(
+    isa: &dyn TargetIsa,
+    units: &[Unit],
+    funcs: Vec<Function>,
+    threads: usize,
+) -> Result<Vec<Machine>, CodegenError> {
+    let workers = threads.clamp(1, units.len().max(1));
+    let chunk = units.len().div_ceil(workers).max(1);
+    let mut funcs = funcs.into_iter();
+    let jobs: Vec<(&[Unit], Vec<Function>)> = units
+        .chunks(chunk)
+        .map(|part| (part, funcs.by_ref().take(part.len()).collect()))
+        .collect();
+    let run = |(part, fs): (&[Unit], Vec<Function>)| {
+        let mut ctx = Context::new();
+        part.iter()
+            .zip(fs)
+            .map(|(u, f)| compile_unit(isa, &mut ctx, u, f))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let parts: Vec<Result<Vec<Machine>, CodegenError>> = if jobs.len() <= 1 {
+        jobs.into_iter().map(run).collect()
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = jobs.into_iter().map(|j| s.spawn(move || run(j))).collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(CodegenError::Isa(
+                            "a compiler worker thread panicked".into(),
+                        ))
+                    })
+                })
+                .collect()
+        })
+    };
+    let mut out = Vec::with_capacity(units.len());
+    for part in parts {
+        out.extend(part?);
+    }
+    Ok(out)
 }
 
 fn cranelift_err(n: NodeIndex, op: &Op, message: String) -> CodegenError {

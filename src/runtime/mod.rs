@@ -11,7 +11,7 @@ pub mod pool;
 use crate::codegen::emit::Loc;
 use crate::interp::{eval_op, Array, InterpError, Precision};
 use crate::ir::{Op, TensorType};
-use crate::tensor::{numel, DType, Data, Tensor};
+use crate::tensor::{numel, Data, Tensor};
 use cranelift_jit::JITModule;
 use pool::{KernelFn, Pool};
 use std::collections::BTreeMap;
@@ -180,9 +180,27 @@ impl JitModel {
         &self,
         feeds: &BTreeMap<String, Tensor>,
     ) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        let mut out = BTreeMap::new();
+        self.run_into(&[feeds], &mut out)?;
+        Ok(out)
+    }
+
+    /// Run the graph with leaves looked up in `layers` (a later map wins
+    /// over an earlier one), writing every output into `out`. An entry of
+    /// `out` with the output's dtype and shape is overwritten in place, so
+    /// a caller that keeps `out` between calls allocates nothing; callers
+    /// can feed parameters without first copying them into one map.
+    pub fn run_into(
+        &self,
+        layers: &[&BTreeMap<String, Tensor>],
+        out: &mut BTreeMap<String, Tensor>,
+    ) -> Result<(), RuntimeError> {
+        let lookup = |name: &str| layers.iter().rev().find_map(|m| m.get(name));
+        let mut fed: Vec<&Tensor> = Vec::with_capacity(self.feeds.len());
         let mut ptrs: Vec<*const u8> = Vec::with_capacity(self.feeds.len());
         for (name, kind, ty) in &self.feeds {
-            let t = check_feed(feeds, name, kind, ty)?;
+            let t = check_feed(lookup(name), name, kind, ty)?;
+            fed.push(t);
             ptrs.push(match &t.data {
                 Data::F32(v) => v.as_ptr() as *const u8,
                 Data::I32(v) => v.as_ptr() as *const u8,
@@ -220,7 +238,9 @@ impl JitModel {
                     let arrays: Vec<Array> = ins
                         .iter()
                         .map(|(loc, ty)| {
-                            Array::from(&read(*loc, ty, base, arena_len, &ptrs, feeds, &self.feeds))
+                            let mut t = Tensor::zeros(ty.dtype, ty.shape.clone());
+                            read_into(*loc, ty, base, arena_len, &fed, &mut t);
+                            Array::from(&t)
                         })
                         .collect();
                     let refs: Vec<&Array> = arrays.iter().collect();
@@ -231,24 +251,40 @@ impl JitModel {
                 }
             }
         }
-        let mut out = BTreeMap::new();
         for (name, loc, ty) in &self.outputs {
-            out.insert(
-                name.clone(),
-                read(*loc, ty, base, arena_len, &ptrs, feeds, &self.feeds),
-            );
+            match out.get_mut(name) {
+                Some(t)
+                    if t.dtype() == ty.dtype
+                        && t.shape == ty.shape
+                        && data_len(t) == numel(&ty.shape) =>
+                {
+                    read_into(*loc, ty, base, arena_len, &fed, t)
+                }
+                _ => {
+                    let mut t = Tensor::zeros(ty.dtype, ty.shape.clone());
+                    read_into(*loc, ty, base, arena_len, &fed, &mut t);
+                    out.insert(name.clone(), t);
+                }
+            }
         }
-        Ok(out)
+        Ok(())
+    }
+}
+
+fn data_len(t: &Tensor) -> usize {
+    match &t.data {
+        Data::F32(v) => v.len(),
+        Data::I32(v) => v.len(),
     }
 }
 
 fn check_feed<'a>(
-    feeds: &'a BTreeMap<String, Tensor>,
+    found: Option<&'a Tensor>,
     name: &str,
     kind: &'static str,
     ty: &TensorType,
 ) -> Result<&'a Tensor, InterpError> {
-    let t = feeds.get(name).ok_or_else(|| InterpError::MissingFeed {
+    let t = found.ok_or_else(|| InterpError::MissingFeed {
         kind,
         name: name.to_string(),
     })?;
@@ -268,10 +304,7 @@ fn check_feed<'a>(
             want: ty.shape.clone(),
         });
     }
-    let len = match &t.data {
-        Data::F32(v) => v.len(),
-        Data::I32(v) => v.len(),
-    };
+    let len = data_len(t);
     if len != numel(&t.shape) {
         return Err(InterpError::FeedData {
             kind,
@@ -283,47 +316,45 @@ fn check_feed<'a>(
     Ok(t)
 }
 
-/// The bytes of a value, wherever it lives.
-fn read(
+/// Copy the bytes of a value, wherever it lives, into `t`, whose dtype,
+/// shape and buffer length already match `ty`.
+fn read_into(
     loc: Loc,
     ty: &TensorType,
     base: *mut u8,
     arena_len: usize,
-    _ptrs: &[*const u8],
-    feeds: &BTreeMap<String, Tensor>,
-    feed_list: &[(String, &'static str, TensorType)],
-) -> Tensor {
+    fed: &[&Tensor],
+    t: &mut Tensor,
+) {
     let n = numel(&ty.shape);
-    match loc {
-        Loc::Extern(slot) => feed_list
-            .get(slot)
-            .and_then(|(name, _, _)| feeds.get(name))
-            .cloned()
-            .unwrap_or_else(|| Tensor::zeros(ty.dtype, ty.shape.clone())),
+    let src: *const u8 = match loc {
+        Loc::Extern(slot) => match fed.get(slot) {
+            Some(f) => {
+                t.data.clone_from(&f.data);
+                return;
+            }
+            None => {
+                *t = Tensor::zeros(ty.dtype, ty.shape.clone());
+                return;
+            }
+        },
         Loc::Arena(off) => {
             assert!(
                 off + n * 4 <= arena_len,
                 "value outside the arena (a codegen bug)"
             );
-            let src = base.wrapping_add(off);
-            match ty.dtype {
-                DType::F32 => {
-                    let mut v = vec![0f32; n];
-                    // SAFETY: `[off, off + 4n)` was just checked to lie in
-                    // the arena (locked by the caller), `v` has room for n
-                    // elements, and the regions are distinct allocations.
-                    unsafe { std::ptr::copy_nonoverlapping(src, v.as_mut_ptr() as *mut u8, n * 4) };
-                    Tensor::f32(ty.shape.clone(), v)
-                }
-                DType::I32 => {
-                    let mut v = vec![0i32; n];
-                    // SAFETY: as above.
-                    unsafe { std::ptr::copy_nonoverlapping(src, v.as_mut_ptr() as *mut u8, n * 4) };
-                    Tensor::i32(ty.shape.clone(), v)
-                }
-            }
+            base.wrapping_add(off)
         }
-    }
+    };
+    let dst = match &mut t.data {
+        Data::F32(v) => v.as_mut_ptr() as *mut u8,
+        Data::I32(v) => v.as_mut_ptr() as *mut u8,
+    };
+    assert_eq!(data_len(t), n, "output buffer of the wrong size");
+    // SAFETY: `[off, off + 4n)` was just checked to lie in the arena (locked
+    // by the caller), `t` holds exactly n 4-byte elements, and the two are
+    // distinct allocations.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, n * 4) };
 }
 
 fn write(loc: Loc, ty: &TensorType, t: &Tensor, base: *mut u8, arena_len: usize) {
