@@ -354,16 +354,7 @@ impl CrossEntropy {
     }
 
     fn row(&self, k: &mut Kb, logits: Value, labels: Value, r: Value) -> (Value, Value, Value) {
-        let lp = k.addr(labels, r, 4);
-        let label = k.load_i(lp, 0);
-        let label = k.b.ins().sextend(I64, label);
-        let cv = k.iconst(self.c as i64);
-        let bad = k.b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, label, cv);
-        k.if_then(bad, |k| {
-            let code = k.b.ins().iadd_imm_s(r, 1);
-            k.jump_ret(code);
-        });
-        let xp = k.addr(logits, r, (self.c * 4) as i64);
+        let (xp, label) = labelled_row(k, logits, labels, r, self.c);
         (xp, label, line_max(k, xp, self.c, 1))
     }
 
@@ -455,16 +446,7 @@ impl Hinge {
 
     /// Row pointer, label and the label's score, after the range check.
     fn row(&self, k: &mut Kb, scores: Value, labels: Value, r: Value) -> (Value, Value, Value) {
-        let lp = k.addr(labels, r, 4);
-        let label = k.load_i(lp, 0);
-        let label = k.b.ins().sextend(I64, label);
-        let cv = k.iconst(self.c as i64);
-        let bad = k.b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, label, cv);
-        k.if_then(bad, |k| {
-            let code = k.b.ins().iadd_imm_s(r, 1);
-            k.jump_ret(code);
-        });
-        let sp = k.addr(scores, r, (self.c * 4) as i64);
+        let (sp, label) = labelled_row(k, scores, labels, r, self.c);
         let ya = k.addr(sp, label, 4);
         let sy = k.load_f(ya, 0);
         (sp, label, sy)
@@ -548,4 +530,21 @@ impl Hinge {
             }
         }
     }
+}
+
+/// Row `r` of a `[n, c]` score matrix and its label, widened to i64. A label
+/// outside `[0, c)` makes the kernel return `r + 1`, which the runtime turns
+/// into the interpreter's out-of-range error; shared by the classification
+/// losses and their gradients.
+fn labelled_row(k: &mut Kb, scores: Value, labels: Value, r: Value, c: usize) -> (Value, Value) {
+    let lp = k.addr(labels, r, 4);
+    let label = k.load_i(lp, 0);
+    let label = k.b.ins().sextend(I64, label);
+    let cv = k.iconst(c as i64);
+    let bad = k.b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, label, cv);
+    k.if_then(bad, |k| {
+        let code = k.b.ins().iadd_imm_s(r, 1);
+        k.jump_ret(code);
+    });
+    (k.addr(scores, r, (c * 4) as i64), label)
 }
