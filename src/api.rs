@@ -124,6 +124,8 @@ pub enum Error {
     Codegen(String),
     #[error("unknown backend `{0}`; expected `interp` or `jit`")]
     UnknownBackend(String),
+    #[error("profiling times compiled kernels, and the interpreter has none; use `--backend jit`")]
+    ProfileNeedsJit,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -758,6 +760,49 @@ impl Session {
         exe.run_into(&[&self.params, inputs], &mut out)
             .map_err(|e| self.model.run_error(e))?;
         Ok(out)
+    }
+
+    /// Time every compiled kernel of the forward pass, the gradient graph
+    /// or the training step over `runs` runs after one warm-up; returns the
+    /// profile and the outputs of the last run. The step is not applied:
+    /// parameters and optimizer state are left as they are. Needs the JIT
+    /// backend: the interpreter has no kernels.
+    pub fn profile(
+        &mut self,
+        inputs: &TensorMap,
+        target: crate::profile::ProfileTarget,
+        runs: usize,
+    ) -> Result<(crate::profile::Profile, TensorMap)> {
+        use crate::profile::ProfileTarget;
+        self.model.check_inputs(inputs)?;
+        if self.model.backend() != Backend::Jit {
+            return Err(Error::ProfileNeedsJit);
+        }
+        if target == ProfileTarget::TrainStep {
+            // Sets up the optimizer state the step reads.
+            self.prepare_training()?;
+        }
+        let m = &self.model;
+        let training;
+        let graph = match target {
+            ProfileTarget::Forward => m.graph(),
+            ProfileTarget::Gradients => m.gradient_graph()?,
+            ProfileTarget::TrainStep => {
+                training = m.training_graph(&self.optimizer, self.regularize)?;
+                &training
+            }
+        };
+        // The same graph the JIT backend compiles, kept so kernels can be
+        // named by their nodes.
+        let (optimized, _) = crate::passes::optimize(graph, crate::passes::OptLevel::default());
+        let jit = crate::codegen::JitOptions {
+            threads: m.exec_options().threads.max(1),
+        };
+        let compiled =
+            crate::codegen::compile(&optimized, &jit).map_err(|e| Error::Codegen(e.to_string()))?;
+        let layers = [&self.params, inputs, &self.state];
+        crate::profile::collect(&optimized, &compiled, &layers, runs)
+            .map_err(|e| m.run_error(Box::new(e)))
     }
 
     /// Choose the optimizer and regulariser of [`Session::train_step`]

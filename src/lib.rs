@@ -15,6 +15,7 @@ pub mod io;
 pub mod ir;
 pub mod model;
 pub mod passes;
+pub mod profile;
 pub mod runtime;
 pub mod syntax;
 pub mod tensor;

@@ -263,6 +263,80 @@ fn bench_prints_the_json_contract() {
     assert!(plain.contains("median"), "{plain}");
 }
 
+#[test]
+fn bench_and_run_profile_every_kernel() {
+    let d = tempfile::tempdir().unwrap();
+    let src = file(d.path(), "clf.dl", CLF);
+    let out = ok(&dlc(&[
+        &"bench",
+        &src,
+        &"--dim",
+        &"N=8",
+        &"--train",
+        &"--json",
+        &"--profile",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for what in ["profile_forward", "profile_train_step"] {
+        let kernels = v[what]["kernels"].as_array().unwrap();
+        // dense(2) on [8, 2]: 8·2 outputs of 2 multiply-adds = 64 FLOPs.
+        let mm = kernels
+            .iter()
+            .find(|k| k["op"] == "matmul" && k["result"] == "f32[8, 2]")
+            .unwrap_or_else(|| panic!("no forward matmul in {what}: {out}"));
+        assert_eq!(mm["flops"], 64);
+        assert!(mm["median_us"].is_number());
+    }
+    let forward = v["profile_forward"]["kernels"].as_array().unwrap().len();
+    let train = v["profile_train_step"]["kernels"].as_array().unwrap().len();
+    assert!(
+        train > forward,
+        "{forward} forward vs {train} training kernels"
+    );
+
+    let inputs = tensors(
+        d.path(),
+        "in.safetensors",
+        vec![
+            ("x", Tensor::f32(vec![2, 2], vec![1., -1., 0.5, 2.])),
+            ("label", Tensor::i32(vec![2], vec![0, 1])),
+        ],
+    );
+    let plain = ok(&dlc(&[&"run", &src, &"--inputs", &inputs]));
+    let profiled = ok(&dlc(&[
+        &"run",
+        &src,
+        &"--inputs",
+        &inputs,
+        &"--profile",
+        &"--runs",
+        &"3",
+    ]));
+    // The outputs come first, unchanged, then the table.
+    assert!(profiled.starts_with(&plain), "{plain}\n---\n{profiled}");
+    let table = &profiled[plain.len()..];
+    assert!(table.contains("median of 3 runs"), "{table}");
+    assert!(
+        table.contains("matmul") && table.contains("by op:"),
+        "{table}"
+    );
+    let interp = dlc(&[
+        &"run",
+        &src,
+        &"--inputs",
+        &inputs,
+        &"--profile",
+        &"--backend",
+        &"interp",
+    ]);
+    assert_eq!(interp.status.code(), Some(1));
+    assert!(
+        text(&interp.stderr).contains("--backend jit"),
+        "{}",
+        text(&interp.stderr)
+    );
+}
+
 /// 64 examples of two separable classes: label 1 exactly when x0 + x1 > 0.
 fn classes(n: usize, offset: usize) -> Vec<(&'static str, Tensor)> {
     let mut x = Vec::new();

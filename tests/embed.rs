@@ -288,3 +288,69 @@ fn the_backend_is_a_compiler_option_with_the_same_results() {
     assert_eq!(outs[0]["y"], Tensor::f32(vec![2, 1], vec![3.0, 1.0]));
     assert_eq!(outs[0], outs[1]);
 }
+
+#[test]
+fn profile_times_every_kernel_and_counts_matmul_flops() {
+    use dlc::profile::ProfileTarget;
+    let model = Compiler::new()
+        .dim("N", 4)
+        .threads(2)
+        .backend(dlc::api::Backend::Jit)
+        .compile_source("affine.dl", AFFINE)
+        .unwrap();
+    let mut s = model.session();
+    s.set_param("w", Tensor::f32(vec![2, 1], vec![1.0, -1.0]))
+        .unwrap();
+    s.set_param("b", Tensor::f32(vec![1], vec![0.5])).unwrap();
+    let x = Tensor::f32(vec![4, 2], vec![1., 2., 3., 5., 8., 13., 21., 34.]);
+    let inputs = map(vec![("x", x)]);
+    let (profile, out) = s.profile(&inputs, ProfileTarget::Forward, 3).unwrap();
+    // y = x0 - x1 + 0.5, as a plain run gives it.
+    assert_eq!(out["y"].as_f32().unwrap(), [-0.5, -1.5, -4.5, -12.5]);
+    assert_eq!(s.run(&inputs).unwrap()["y"], out["y"]);
+    assert_eq!(profile.runs, 3);
+    assert_eq!(profile.threads, 2);
+    assert!(profile.total_ns > 0);
+    // [4, 2] @ [2, 1]: 4 outputs of 2 multiply-adds each = 16 FLOPs; the
+    // bias add one per element = 4.
+    let matmul = profile.kernels.iter().find(|k| k.op == "matmul").unwrap();
+    assert_eq!(matmul.flops, Some(16));
+    assert_eq!(matmul.result, "f32[4, 1]");
+    let add = profile.kernels.iter().find(|k| k.op == "add").unwrap();
+    assert_eq!(add.flops, Some(4));
+    let times: Vec<u64> = profile.kernels.iter().map(|k| k.median_ns).collect();
+    assert!(times.windows(2).all(|w| w[0] >= w[1]), "{times:?}");
+    // The step is not applied: a profiled training step leaves w alone.
+    let fit = Compiler::new()
+        .dim("N", 2)
+        .backend(dlc::api::Backend::Jit)
+        .compile_source("fit.dl", FIT)
+        .unwrap();
+    let mut s = fit.session();
+    let inputs = map(vec![
+        ("x", Tensor::f32(vec![2, 1], vec![1., 2.])),
+        ("t", Tensor::f32(vec![2, 1], vec![2., 4.])),
+    ]);
+    let before = s.params().clone();
+    let (p, out) = s.profile(&inputs, ProfileTarget::TrainStep, 1).unwrap();
+    assert!(p.kernels.iter().any(|k| k.op == "matmul"));
+    assert_eq!(out["loss"].as_f32().unwrap(), [10.0]);
+    assert_eq!(s.params(), &before);
+}
+
+#[test]
+fn profile_needs_the_jit() {
+    use dlc::profile::ProfileTarget;
+    let model = Compiler::new()
+        .dim("N", 1)
+        .backend(dlc::api::Backend::Interp)
+        .compile_source("affine.dl", AFFINE)
+        .unwrap();
+    let inputs = map(vec![("x", Tensor::f32(vec![1, 2], vec![1., 2.]))]);
+    let err = model
+        .session()
+        .profile(&inputs, ProfileTarget::Forward, 1)
+        .unwrap_err();
+    assert!(matches!(err, Error::ProfileNeedsJit), "{err}");
+    assert!(err.to_string().contains("--backend jit"));
+}

@@ -8,6 +8,7 @@ use dlc::io;
 use dlc::ir::fmt_shape;
 use dlc::model::Optimizer;
 use dlc::passes::{self, OptLevel};
+use dlc::profile::{Profile, ProfileTarget};
 use dlc::tensor::{Data, Tensor};
 use dlc::train::{OptimizerKind, TrainError, TrainOptions, Trainer};
 use std::path::{Path, PathBuf};
@@ -343,7 +344,17 @@ fn run(a: RunArgs) -> Result<(), Failure> {
             );
         }
     }
-    let outputs = if a.grads {
+    let mut profile = None;
+    let outputs = if a.profile {
+        let target = if a.grads {
+            ProfileTarget::Gradients
+        } else {
+            ProfileTarget::Forward
+        };
+        let (p, outputs) = session.profile(&inputs, target, a.runs as usize)?;
+        profile = Some(p);
+        outputs
+    } else if a.grads {
         session.gradients(&inputs)?
     } else {
         session.run(&inputs)?
@@ -355,6 +366,9 @@ fn run(a: RunArgs) -> Result<(), Failure> {
                 outln!("{name}: {}", preview(t));
             }
         }
+    }
+    if let Some(p) = profile {
+        outln!("{}", p.table().trim_end());
     }
     Ok(())
 }
@@ -531,6 +545,17 @@ fn bench(a: BenchArgs) -> Result<(), Failure> {
     } else {
         None
     };
+    let mut profiles: Vec<(&str, Profile)> = Vec::new();
+    if a.profile {
+        profiles.push((
+            "forward",
+            session.profile(&inputs, ProfileTarget::Forward, a.steps)?.0,
+        ));
+        if a.train {
+            let p = session.profile(&inputs, ProfileTarget::TrainStep, a.steps)?;
+            profiles.push(("train_step", p.0));
+        }
+    }
     let threads = model.exec_options().threads;
     let peak = api::naive_bytes(model.graph());
     if a.json {
@@ -543,6 +568,10 @@ fn bench(a: BenchArgs) -> Result<(), Failure> {
             "train_step_ms": train.as_ref().map(|t| t.median),
             "peak_bytes": peak,
         });
+        let mut v = v;
+        for (what, p) in &profiles {
+            v[format!("profile_{what}")] = profile_json(p);
+        }
         outln!("{v}");
     } else {
         outln!(
@@ -556,8 +585,34 @@ fn bench(a: BenchArgs) -> Result<(), Failure> {
             outln!("train step: {t}");
         }
         outln!("memory: {peak} bytes (one buffer per value)");
+        for (what, p) in &profiles {
+            outln!("\n{what} {}", p.table().trim_end());
+        }
     }
     Ok(())
+}
+
+fn profile_json(p: &Profile) -> serde_json::Value {
+    let kernels: Vec<serde_json::Value> = p
+        .kernels
+        .iter()
+        .map(|k| {
+            serde_json::json!({
+                "node": k.node,
+                "op": k.op,
+                "result": k.result,
+                "median_us": k.median_ns as f64 / 1e3,
+                "flops": k.flops,
+                "gflops": k.gflops(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "runs": p.runs,
+        "threads": p.threads,
+        "total_us": p.total_ns as f64 / 1e3,
+        "kernels": kernels,
+    })
 }
 
 struct Timing {

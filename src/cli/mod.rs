@@ -90,6 +90,13 @@ pub struct RunArgs {
     /// Seed of the parameter initialisers.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also print the time of every compiled kernel, slowest first, with
+    /// GFLOP/s (median of --runs runs after one warm-up).
+    #[arg(long)]
+    pub profile: bool,
+    /// Timed runs of `--profile`.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub runs: u64,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -150,6 +157,10 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Also time every compiled kernel (forward, and the training step with
+    /// --train), slowest first, over --steps runs.
+    #[arg(long)]
+    pub profile: bool,
     /// Timed steps after the warm-up.
     #[arg(long, default_value_t = 5)]
     pub steps: usize,

@@ -1,6 +1,7 @@
 //! The intermediate representation: a dataflow graph of primitive ops with
 //! concrete (or, while checking, symbolic) shapes.
 
+pub mod cost;
 pub mod dim;
 pub mod graph;
 pub mod op;

@@ -195,6 +195,32 @@ impl JitModel {
         layers: &[&BTreeMap<String, Tensor>],
         out: &mut BTreeMap<String, Tensor>,
     ) -> Result<(), RuntimeError> {
+        self.execute(layers, out, None)
+    }
+
+    /// As [`JitModel::run_into`], adding each kernel's wall time (ns) to
+    /// `nanos[k]`, in the order of [`JitModel::kernel_nodes`]. Timing reads
+    /// the clock twice per kernel and changes no result.
+    pub fn run_profiled(
+        &self,
+        layers: &[&BTreeMap<String, Tensor>],
+        out: &mut BTreeMap<String, Tensor>,
+        nanos: &mut [u64],
+    ) -> Result<(), RuntimeError> {
+        self.execute(layers, out, Some(nanos))
+    }
+
+    /// The graph node and op name of each kernel, in execution order.
+    pub fn kernel_nodes(&self) -> Vec<(usize, &'static str)> {
+        self.kernels.iter().map(|k| (k.node, k.op)).collect()
+    }
+
+    fn execute(
+        &self,
+        layers: &[&BTreeMap<String, Tensor>],
+        out: &mut BTreeMap<String, Tensor>,
+        mut nanos: Option<&mut [u64]>,
+    ) -> Result<(), RuntimeError> {
         let lookup = |name: &str| layers.iter().rev().find_map(|m| m.get(name));
         let mut fed: Vec<&Tensor> = Vec::with_capacity(self.feeds.len());
         let mut ptrs: Vec<*const u8> = Vec::with_capacity(self.feeds.len());
@@ -210,7 +236,8 @@ impl JitModel {
         let arena = &mut *guard;
         let base = arena.lines.as_mut_ptr() as *mut u8;
         let arena_len = arena.lines.len() * 64;
-        for k in &self.kernels {
+        for (ki, k) in self.kernels.iter().enumerate() {
+            let started = nanos.is_some().then(std::time::Instant::now);
             match &k.exec {
                 Exec::Jit(steps) => {
                     for s in steps {
@@ -248,6 +275,11 @@ impl JitModel {
                     for ((loc, ty), a) in outs.iter().zip(res) {
                         write(*loc, ty, &a.to_tensor(), base, arena_len);
                     }
+                }
+            }
+            if let (Some(t0), Some(ns)) = (started, nanos.as_deref_mut()) {
+                if let Some(slot) = ns.get_mut(ki) {
+                    *slot += t0.elapsed().as_nanos() as u64;
                 }
             }
         }
