@@ -1,6 +1,8 @@
 //! Matmul throughput of the JIT: GFLOP/s at 512³ and 1024³ on 1 and 2
-//! threads (median of several runs after a warm-up). Run with
-//! `cargo bench --bench matmul`.
+//! threads, and at the small-M shapes of the reference workloads (median
+//! of several runs after a warm-up). Run with `cargo bench --bench matmul`;
+//! `cargo bench --bench matmul -- 64x784x256 t1` times only the given
+//! `MxKxN` shapes on the given thread counts.
 
 use dlc::codegen::{self, JitOptions};
 use dlc::ir::{Graph, Op, OutputKind, TensorType};
@@ -8,71 +10,106 @@ use dlc::tensor::Tensor;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+/// Products of the workloads (per batch element where batched): mlp's first
+/// layer, the transformer's projections, lenet's conv1 and conv2 as im2col
+/// (one image).
+const DEFAULT_SHAPES: [(usize, usize, usize); 7] = [
+    (512, 512, 512),
+    (1024, 1024, 1024),
+    (64, 784, 256),
+    (512, 128, 512),
+    (512, 512, 128),
+    (6, 25, 784),
+    (16, 150, 100),
+];
+
 fn main() {
-    for n in [512usize, 1024] {
-        let mut g = Graph::new();
-        let a = g.add_leaf(
-            Op::Input { name: "a".into() },
-            TensorType::f32(vec![n, n]),
-            None,
-        );
-        let b = g.add_leaf(
-            Op::Input { name: "b".into() },
-            TensorType::f32(vec![n, n]),
-            None,
-        );
-        let c = match g.add(Op::MatMul, &[a, b], None) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("matmul graph: {e}");
-                return;
-            }
-        };
-        g.push_output("c", OutputKind::Output, c);
-        let data: Vec<f32> = (0..n * n)
-            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
-            .collect();
-        let mut feeds = BTreeMap::new();
-        feeds.insert("a".to_string(), Tensor::f32(vec![n, n], data.clone()));
-        feeds.insert("b".to_string(), Tensor::f32(vec![n, n], data));
-        for threads in [1usize, 2] {
-            let m = match codegen::compile(&g, &JitOptions { threads }) {
-                Ok(m) => m,
-                Err(e) => {
-                    eprintln!("compile: {e}");
-                    return;
-                }
-            };
-            let reps = if n <= 512 { 30 } else { 8 };
-            let mut times = Vec::new();
-            let mut cpu0 = 0.0;
-            for i in 0..reps + 2 {
-                if i == 2 {
-                    cpu0 = cpu_seconds();
-                }
-                let t = Instant::now();
-                if let Err(e) = m.run(&feeds) {
-                    eprintln!("run: {e}");
-                    return;
-                }
-                if i >= 2 {
-                    times.push(t.elapsed().as_secs_f64());
-                }
-            }
-            let cpu = (cpu_seconds() - cpu0) / reps as f64;
-            times.sort_by(f64::total_cmp);
-            let med = times[times.len() / 2];
-            let flops = 2.0 * (n * n * n) as f64;
-            println!(
-                "matmul {n}x{n}x{n} threads={threads}: {:.2} ms median, {:.1} GFLOP/s (best {:.1}); \
-                 {:.1} GFLOP per CPU-second",
-                med * 1e3,
-                flops / med / 1e9,
-                flops / times[0] / 1e9,
-                flops / cpu / 1e9
-            );
+    let mut shapes = Vec::new();
+    let mut threads = Vec::new();
+    for a in std::env::args().skip(1) {
+        if a.starts_with("--") {
+            continue;
+        }
+        if let Some(t) = a.strip_prefix('t').and_then(|t| t.parse().ok()) {
+            threads.push(t);
+            continue;
+        }
+        let dims: Vec<usize> = a.split('x').filter_map(|d| d.parse().ok()).collect();
+        match dims[..] {
+            [m, k, n] if m > 0 && k > 0 && n > 0 => shapes.push((m, k, n)),
+            _ => eprintln!("ignoring `{a}`: expected MxKxN or tN"),
         }
     }
+    if shapes.is_empty() {
+        shapes = DEFAULT_SHAPES.to_vec();
+    }
+    if threads.is_empty() {
+        threads = vec![1, 2];
+    }
+    for (m, k, n) in shapes {
+        for &t in &threads {
+            if let Err(e) = bench(m, k, n, t) {
+                eprintln!("matmul {m}x{k}x{n}: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn bench(m: usize, k: usize, n: usize, threads: usize) -> Result<(), String> {
+    let mut g = Graph::new();
+    let a = g.add_leaf(
+        Op::Input { name: "a".into() },
+        TensorType::f32(vec![m, k]),
+        None,
+    );
+    let b = g.add_leaf(
+        Op::Input { name: "b".into() },
+        TensorType::f32(vec![k, n]),
+        None,
+    );
+    let c = g.add(Op::MatMul, &[a, b], None).map_err(|e| e.to_string())?;
+    g.push_output("c", OutputKind::Output, c);
+    let data = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+            .collect()
+    };
+    let mut feeds = BTreeMap::new();
+    feeds.insert("a".to_string(), Tensor::f32(vec![m, k], data(m * k)));
+    feeds.insert("b".to_string(), Tensor::f32(vec![k, n], data(k * n)));
+    let model = codegen::compile(&g, &JitOptions { threads }).map_err(|e| e.to_string())?;
+    let flops = 2.0 * (m * k * n) as f64;
+    // About half a second of work, at least 8 timed runs.
+    let reps = ((20e9 / flops) as usize).clamp(8, 2000);
+    let mut times = Vec::new();
+    let mut cpu0 = 0.0;
+    let mut out = BTreeMap::new();
+    let layers = [&feeds];
+    for i in 0..reps + 2 {
+        if i == 2 {
+            cpu0 = cpu_seconds();
+        }
+        let t = Instant::now();
+        model
+            .run_into(&layers, &mut out)
+            .map_err(|e| e.to_string())?;
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let cpu = (cpu_seconds() - cpu0) / reps as f64;
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    println!(
+        "matmul {m}x{k}x{n} threads={threads}: {:.3} ms median, {:.1} GFLOP/s (best {:.1}); \
+         {:.1} GFLOP per CPU-second",
+        med * 1e3,
+        flops / med / 1e9,
+        flops / times[0] / 1e9,
+        flops / cpu / 1e9
+    );
+    Ok(())
 }
 
 /// CPU time of this process (all threads) from /proc, so that a loaded

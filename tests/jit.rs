@@ -235,6 +235,14 @@ fn reductions_match_interpreter() {
         (&[3, 1, 9, 2], &[0, 2]),
         (&[6, 4, 3], &[0, 1, 2]),
         (&[2, 37], &[1]),
+        // Outer-axis reductions run 16 outputs per unit as vectors: full
+        // blocks, a narrower last block, kept outer dims, and one large
+        // enough to be split over threads.
+        (&[9, 37], &[0]),
+        (&[4, 3, 32], &[0, 1]),
+        (&[3, 40, 5], &[1]),
+        (&[2, 6, 20], &[0]),
+        (&[600, 130], &[0]),
     ];
     for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max] {
         for (shape, axes) in cases {
@@ -250,7 +258,12 @@ fn reductions_match_interpreter() {
                     &[x],
                 );
                 c.out("y", y);
-                c.check(1e-5);
+                // A sum of n terms |x| ≤ 3 in f32 may be off by n·u·Σ|x|
+                // ≤ n·u·3n (u = 2⁻²⁴) in any summation order; a relative
+                // tolerance alone fails wherever the terms cancel.
+                let n: usize = axes.iter().map(|&a| shape[a]).product();
+                let atol = (n * n) as f32 * 3.0 * f32::EPSILON / 2.0;
+                c.check_tol(1e-5, atol.max(1e-8));
             }
         }
     }
@@ -283,7 +296,9 @@ fn softmax_and_log_softmax_match_interpreter() {
 #[test]
 fn cross_entropy_and_grad_match_interpreter() {
     let mut rng = Rng(6);
-    for (n, classes) in [(4usize, 3usize), (1, 1), (9, 13)] {
+    // (300, 150): enough rows for the loss and its gradient to be split
+    // over threads.
+    for (n, classes) in [(4usize, 3usize), (1, 1), (9, 13), (300, 150)] {
         let mut c = Case::new();
         let x = c.input("x", rand_f32(&mut rng, &[n, classes], 4.0));
         let l = c.input("l", rand_ids(&mut rng, &[n], classes));
@@ -509,6 +524,49 @@ fn conv_and_its_gradients_match_interpreter() {
                 pad: [2, 2, 2, 2],
             },
         ),
+        // Stride 1 runs the direct kernels: dilation with asymmetric pads,
+        // 13 output channels (two full row panels of 6 and a remainder),
+        // and a width that leaves a 5-lane tail tile.
+        (
+            &[2, 3, 9, 21],
+            &[13, 3, 3, 3],
+            Conv2d {
+                stride: 1,
+                dilation: 2,
+                pad: [3, 1, 0, 4],
+            },
+        ),
+        // Output narrower than one f32x4.
+        (
+            &[1, 2, 4, 3],
+            &[7, 2, 2, 2],
+            Conv2d {
+                stride: 1,
+                dilation: 1,
+                pad: [0, 0, 0, 0],
+            },
+        ),
+        // Padding beyond the kernel extent: the input gradient's padded
+        // copy of dy starts inside dy (negative offset).
+        (
+            &[2, 2, 5, 6],
+            &[3, 2, 1, 2],
+            Conv2d {
+                stride: 1,
+                dilation: 1,
+                pad: [2, 3, 2, 3],
+            },
+        ),
+        // Whole tiles only: 12 channels, 16 columns.
+        (
+            &[1, 4, 6, 16],
+            &[12, 4, 3, 3],
+            Conv2d {
+                stride: 1,
+                dilation: 1,
+                pad: [1, 1, 1, 1],
+            },
+        ),
     ];
     for (xs, ws, conv) in cases {
         let mut c = Case::new();
@@ -575,10 +633,34 @@ fn pooling_and_its_gradients_match_interpreter() {
                 pad: 0,
             },
         ),
+        // Interior windows take the unrolled path, the border the checked
+        // one; ties (repeated values) must pick the first maximum in both.
+        (
+            &[2, 3, 11, 13],
+            Pool2d {
+                window: 3,
+                stride: 2,
+                pad: 1,
+            },
+        ),
+        (
+            &[1, 2, 8, 10],
+            Pool2d {
+                window: 2,
+                stride: 2,
+                pad: 0,
+            },
+        ),
     ];
-    for (xs, p) in cases {
+    for (i, (xs, p)) in cases.iter().enumerate() {
         let mut c = Case::new();
-        let x = c.input("x", rand_f32(&mut rng, xs, 1.0));
+        let mut x = rand_f32(&mut rng, xs, 1.0);
+        if i >= 4 {
+            // Values on a coarse grid, so windows hold tied maxima.
+            let q = x.as_f32().expect("f32").iter().map(|v| (v * 2.0).round());
+            x = Tensor::f32(xs.to_vec(), q.collect());
+        }
+        let x = c.input("x", x);
         let mx = c.op(Op::MaxPool(*p), &[x]);
         let av = c.op(Op::AvgPool(*p), &[x]);
         let ys = c.g.ty(mx).shape.clone();

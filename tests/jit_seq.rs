@@ -108,13 +108,18 @@ impl Case {
     }
 }
 
-/// (N, T, F, H): T = 1, H not a multiple of 4, a single batch row.
-const RNN_SHAPES: [(usize, usize, usize, usize); 5] = [
+/// (N, T, F, H): T = 1, H not a multiple of 4, a single batch row; two
+/// blocks of batch rows run in one call (N = 9, a small loop); three
+/// blocks split over threads, the last one short with a short last tile
+/// (N = 19, enough work to split).
+const RNN_SHAPES: [(usize, usize, usize, usize); 7] = [
     (2, 5, 3, 7),
     (1, 1, 4, 5),
     (3, 4, 6, 9),
     (1, 6, 1, 13),
     (4, 3, 5, 8),
+    (9, 3, 2, 5),
+    (19, 9, 5, 27),
 ];
 
 /// A recurrent case: `x`, weights of `gates` blocks, and with `grad` an
@@ -215,6 +220,39 @@ fn attention_grad_matches_interpreter() {
     }
 }
 
+/// Shapes across the kernels' blocking (4-row units, 8-column register
+/// blocks, 64-column tiles, accumulators of 8, 4 and 1 lanes): T past one
+/// tile and not a multiple of 8, dv not a multiple of 4; the first
+/// two are small enough for the backward to save the probabilities, the
+/// last two make it recompute them tile by tile.
+const ATTN_TILE_SHAPES: [AttnShape; 4] = [
+    (&[2], 70, 70, 6, 15, true),
+    (&[1, 2], 67, 75, 37, 5, false),
+    (&[1], 129, 129, 5, 6, true),
+    (&[2], 130, 131, 7, 3, false),
+];
+
+#[test]
+fn attention_tiles_match_interpreter() {
+    let mut rng = Rng(23);
+    for s in ATTN_TILE_SHAPES {
+        attn_case(&mut rng, s, false).check(1e-5, 1e-6);
+    }
+}
+
+#[test]
+fn attention_grad_both_paths_match_interpreter() {
+    let saved: Vec<bool> = ATTN_TILE_SHAPES
+        .iter()
+        .map(|&(_, tq, tk, ..)| codegen::attention::saves_probabilities(tq, tk))
+        .collect();
+    assert_eq!(saved, [true, true, false, false], "both backward paths covered");
+    let mut rng = Rng(24);
+    for s in ATTN_TILE_SHAPES {
+        attn_case(&mut rng, s, true).check(1e-4, 1e-5);
+    }
+}
+
 /// A hand-computed case: with one key, attention returns that key's value
 /// for every query whatever the scores, and the causal mask hides the
 /// second value from the first query.
@@ -265,6 +303,26 @@ fn lstm_hand_values() {
     let want = 1.0f32.tanh();
     for a in &h {
         assert!((a - want).abs() < 1e-6, "{h:?}");
+    }
+}
+
+/// A hand-computed GRU: with zero weights, z = σ(0) = ½ and, with a
+/// saturating bias, h~ = 1, so h_t = ½·h_{t-1} + ½: 0.5, 0.75, 0.875.
+#[test]
+fn gru_hand_values() {
+    let mut c = Case::new();
+    let x = c.input("x", Tensor::f32(vec![1, 3, 1], vec![0.0; 3]));
+    let wx = c.input("wx", Tensor::f32(vec![1, 3], vec![0.0; 3]));
+    let wh = c.input("wh", Tensor::f32(vec![1, 3], vec![0.0; 3]));
+    let b = c.input("b", Tensor::f32(vec![3], vec![0.0, 0.0, 100.0]));
+    c.op("h", Op::GruSeq, &[x, wx, wh, b]);
+    let m = codegen::compile(&c.g, &JitOptions { threads: 1 }).expect("compiles");
+    assert_eq!(m.interpreted_kernels(), 0);
+    let h = m.run(&c.feeds).expect("runs");
+    let h = h["h0"].as_f32().expect("f32").to_vec();
+    let want = [0.5f32, 0.75, 0.875];
+    for (a, e) in h.iter().zip(want) {
+        assert!((a - e).abs() < 1e-6, "{h:?} vs {want:?}");
     }
 }
 

@@ -1,12 +1,20 @@
-//! Convolution and pooling kernels (NCHW). Convolutions are lowered to
+//! Convolution and pooling kernels (NCHW).
+//!
+//! Stride-1 convolutions (forward and input gradient) run as a direct
+//! kernel: the input is copied once into a zero-padded buffer, so every
+//! weight tap `(c, kh, kw)` reads an output row's pixels as plain f32x4
+//! loads from that buffer, with no im2col matrix and no B packing. The
+//! filter gradient of a stride-1 convolution correlates `dy` with the padded
+//! input directly, vectorised over output columns. Other strides lower to
 //! `im2col` + the matmul kernel (and `col2im` for the input gradient);
 //! pooling runs directly, one (n, c) plane per work unit.
 
-use super::emit::{Kb, Loc};
+use super::emit::{flags, ro_flags, Kb, Loc};
 use crate::ir::Conv2d;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::types::{F32, I64};
+use cranelift_codegen::ir::types::{F32, F32X4, I64};
 use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_frontend::Variable;
 
 /// Spatial geometry shared by conv and pooling.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -63,7 +71,7 @@ fn in_coord(k: &mut Kb, o: Value, kk: Value, g: &Geom, pad: usize, size: usize) 
 /// `cols[n, (c, kh, kw), (oh, ow)] = x[n, c, ih, iw]` (0 in the padding),
 /// written at `n·sn + row·sr + p`. Work units are `(n, c, kh, kw)` rows.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Im2col {
+pub struct Im2colRows {
     pub x: Loc,
     pub cols: Loc,
     pub n: usize,
@@ -73,7 +81,7 @@ pub struct Im2col {
     pub sr: usize,
 }
 
-impl Im2col {
+impl Im2colRows {
     pub fn units(&self) -> usize {
         self.n * self.c * self.g.kh * self.g.kw
     }
@@ -237,103 +245,210 @@ impl Pool {
             let dyp = k.addr(dy, op, 4);
             let dxp = k.addr(out, ip, 4);
             if matches!(kind, PoolKind::MaxGrad | PoolKind::AvgGrad) {
-                let zero = k.iconst(0);
-                let hw = k.iconst((g.h * g.w) as i64);
-                k.for_range(zero, hw, 1, |k, i| {
-                    let a = k.addr(dxp, i, 4);
-                    let z = k.fconst(0.0);
-                    k.store_f(z, a, 0);
-                });
+                zero_run(k, dxp, g.h * g.w);
             }
+            let bufs = PoolBufs { xp, yp, dyp, dxp };
+            // Windows that lie wholly inside the input (all but the border
+            // rows and columns) take the unrolled path with no bounds checks.
+            let (oh0, oh1) = interior(g.oh, g.h, g.kh, g.stride, g.pad_top);
+            let (ow0, ow1) = interior(g.ow, g.w, g.kw, g.stride, g.pad_left);
             k.for_const(0, g.oh, |k, oh| {
-                k.for_const(0, g.ow, |k, ow| {
-                    let ninf = k.fconst(f32::NEG_INFINITY);
-                    let zf = k.fconst(0.0);
-                    let best = k.var(F32, ninf);
-                    let sum = k.var(F32, zf);
-                    let m1 = k.iconst(-1);
-                    let best_at = k.var(I64, m1);
-                    let z = k.iconst(0);
-                    let count = k.var(I64, z);
-                    // Pass 1 over the window: max (and where) or sum/count.
-                    window(k, oh, ow, &g, &mut |k, ih, iw| {
-                        let off = k.b.ins().imul_imm_s(ih, g.w as i64);
-                        let off = k.b.ins().iadd(off, iw);
-                        let c = k.b.use_var(count);
-                        let c = k.b.ins().iadd_imm_s(c, 1);
-                        k.b.def_var(count, c);
-                        if kind == PoolKind::AvgGrad {
-                            return;
-                        }
-                        let a = k.addr(xp, off, 4);
-                        let v = k.load_f(a, 0);
-                        match kind {
-                            PoolKind::Avg => {
-                                let s = k.b.use_var(sum);
-                                let s = k.b.ins().fadd(s, v);
-                                k.b.def_var(sum, s);
-                            }
-                            _ => {
-                                // Strictly greater: the first maximum wins.
-                                let b = k.b.use_var(best);
-                                let at = k.b.use_var(best_at);
-                                let gt = k.b.ins().fcmp(FloatCC::GreaterThan, v, b);
-                                let none = k.b.ins().icmp_imm_s(IntCC::SignedLessThan, at, 0);
-                                let take = k.b.ins().bor(gt, none);
-                                let nb = k.b.ins().select(take, v, b);
-                                let na = k.b.ins().select(take, off, at);
-                                k.b.def_var(best, nb);
-                                k.b.def_var(best_at, na);
-                            }
-                        }
-                    });
-                    let o = k.b.ins().imul_imm_s(oh, g.ow as i64);
-                    let o = k.b.ins().iadd(o, ow);
-                    let cnt = k.b.use_var(count);
-                    let cntf = k.b.ins().fcvt_from_sint(F32, cnt);
-                    match kind {
-                        PoolKind::Max => {
-                            let v = k.b.use_var(best);
-                            let a = k.addr(yp, o, 4);
-                            k.store_f(v, a, 0);
-                        }
-                        PoolKind::Avg => {
-                            let s = k.b.use_var(sum);
-                            let v = k.b.ins().fdiv(s, cntf);
-                            let a = k.addr(yp, o, 4);
-                            k.store_f(v, a, 0);
-                        }
-                        PoolKind::MaxGrad => {
-                            let at = k.b.use_var(best_at);
-                            let found =
-                                k.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, at, 0);
-                            k.if_then(found, |k| {
-                                let ga = k.addr(dyp, o, 4);
-                                let gv = k.load_f(ga, 0);
-                                let d = k.addr(dxp, at, 4);
-                                let old = k.load_f(d, 0);
-                                let t = k.b.ins().fadd(old, gv);
-                                k.store_f(t, d, 0);
-                            });
-                        }
-                        PoolKind::AvgGrad => {
-                            let ga = k.addr(dyp, o, 4);
-                            let gv = k.load_f(ga, 0);
-                            let share = k.b.ins().fdiv(gv, cntf);
-                            window(k, oh, ow, &g, &mut |k, ih, iw| {
-                                let off = k.b.ins().imul_imm_s(ih, g.w as i64);
-                                let off = k.b.ins().iadd(off, iw);
-                                let d = k.addr(dxp, off, 4);
-                                let old = k.load_f(d, 0);
-                                let t = k.b.ins().fadd(old, share);
-                                k.store_f(t, d, 0);
-                            });
-                        }
-                    }
-                });
+                let lo = k.iconst(oh0 as i64);
+                let hi = k.iconst(oh1 as i64);
+                let ge = k.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, oh, lo);
+                let lt = k.b.ins().icmp(IntCC::SignedLessThan, oh, hi);
+                let inside = k.b.ins().band(ge, lt);
+                k.if_else(
+                    inside,
+                    |k| {
+                        k.for_const(0, ow0, |k, ow| self.emit_window(k, &bufs, oh, ow));
+                        k.for_const(ow0, ow1, |k, ow| self.emit_fast(k, &bufs, oh, ow));
+                        k.for_const(ow1, g.ow, |k, ow| self.emit_window(k, &bufs, oh, ow));
+                    },
+                    |k| {
+                        k.for_const(0, g.ow, |k, ow| self.emit_window(k, &bufs, oh, ow));
+                    },
+                );
             });
         });
     }
+
+    /// One output `(oh, ow)` of a window that may cross the border.
+    fn emit_window(&self, k: &mut Kb, bufs: &PoolBufs, oh: Value, ow: Value) {
+        let g = self.g;
+        let kind = self.kind;
+        let PoolBufs { xp, yp, dyp, dxp } = *bufs;
+        let ninf = k.fconst(f32::NEG_INFINITY);
+        let zf = k.fconst(0.0);
+        let best = k.var(F32, ninf);
+        let sum = k.var(F32, zf);
+        let m1 = k.iconst(-1);
+        let best_at = k.var(I64, m1);
+        let z = k.iconst(0);
+        let count = k.var(I64, z);
+        // Pass 1 over the window: max (and where) or sum/count.
+        window(k, oh, ow, &g, &mut |k, ih, iw| {
+            let off = k.b.ins().imul_imm_s(ih, g.w as i64);
+            let off = k.b.ins().iadd(off, iw);
+            let c = k.b.use_var(count);
+            let c = k.b.ins().iadd_imm_s(c, 1);
+            k.b.def_var(count, c);
+            if kind == PoolKind::AvgGrad {
+                return;
+            }
+            let a = k.addr(xp, off, 4);
+            let v = k.load_f(a, 0);
+            match kind {
+                PoolKind::Avg => {
+                    let s = k.b.use_var(sum);
+                    let s = k.b.ins().fadd(s, v);
+                    k.b.def_var(sum, s);
+                }
+                _ => {
+                    // Strictly greater: the first maximum wins.
+                    let b = k.b.use_var(best);
+                    let at = k.b.use_var(best_at);
+                    let gt = k.b.ins().fcmp(FloatCC::GreaterThan, v, b);
+                    let none = k.b.ins().icmp_imm_s(IntCC::SignedLessThan, at, 0);
+                    let take = k.b.ins().bor(gt, none);
+                    let nb = k.b.ins().select(take, v, b);
+                    let na = k.b.ins().select(take, off, at);
+                    k.b.def_var(best, nb);
+                    k.b.def_var(best_at, na);
+                }
+            }
+        });
+        let o = k.b.ins().imul_imm_s(oh, g.ow as i64);
+        let o = k.b.ins().iadd(o, ow);
+        let cnt = k.b.use_var(count);
+        let cntf = k.b.ins().fcvt_from_sint(F32, cnt);
+        match kind {
+            PoolKind::Max => {
+                let v = k.b.use_var(best);
+                let a = k.addr(yp, o, 4);
+                k.store_f(v, a, 0);
+            }
+            PoolKind::Avg => {
+                let s = k.b.use_var(sum);
+                let v = k.b.ins().fdiv(s, cntf);
+                let a = k.addr(yp, o, 4);
+                k.store_f(v, a, 0);
+            }
+            PoolKind::MaxGrad => {
+                let at = k.b.use_var(best_at);
+                let found = k.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, at, 0);
+                k.if_then(found, |k| {
+                    let ga = k.addr(dyp, o, 4);
+                    let gv = k.load_f(ga, 0);
+                    let d = k.addr(dxp, at, 4);
+                    let old = k.load_f(d, 0);
+                    let t = k.b.ins().fadd(old, gv);
+                    k.store_f(t, d, 0);
+                });
+            }
+            PoolKind::AvgGrad => {
+                let ga = k.addr(dyp, o, 4);
+                let gv = k.load_f(ga, 0);
+                let share = k.b.ins().fdiv(gv, cntf);
+                window(k, oh, ow, &g, &mut |k, ih, iw| {
+                    let off = k.b.ins().imul_imm_s(ih, g.w as i64);
+                    let off = k.b.ins().iadd(off, iw);
+                    let d = k.addr(dxp, off, 4);
+                    let old = k.load_f(d, 0);
+                    let t = k.b.ins().fadd(old, share);
+                    k.store_f(t, d, 0);
+                });
+            }
+        }
+    }
+
+    /// One output `(oh, ow)` whose window lies inside the input: the window
+    /// is unrolled at constant offsets, visited in the same row-major order
+    /// as `emit_window`, so both paths give bitwise the same result.
+    fn emit_fast(&self, k: &mut Kb, bufs: &PoolBufs, oh: Value, ow: Value) {
+        let g = self.g;
+        let ih = k.b.ins().imul_imm_s(oh, g.stride as i64);
+        let ih = k.b.ins().iadd_imm_s(ih, -(g.pad_top as i64));
+        let iw = k.b.ins().imul_imm_s(ow, g.stride as i64);
+        let iw = k.b.ins().iadd_imm_s(iw, -(g.pad_left as i64));
+        let off0 = k.b.ins().imul_imm_s(ih, g.w as i64);
+        let off0 = k.b.ins().iadd(off0, iw);
+        let o = k.b.ins().imul_imm_s(oh, g.ow as i64);
+        let o = k.b.ins().iadd(o, ow);
+        let taps: Vec<i64> = (0..g.kh)
+            .flat_map(|a| (0..g.kw).map(move |b| (a * g.w + b) as i64))
+            .collect();
+        let cntf = k.fconst((g.kh * g.kw) as f32);
+        match self.kind {
+            PoolKind::Max | PoolKind::MaxGrad => {
+                let xw = k.addr(bufs.xp, off0, 4);
+                let mut best = k.load_f(xw, 0);
+                let mut at = off0;
+                for &t in &taps[1..] {
+                    let v = k.load_f(xw, (t * 4) as i32);
+                    let gt = k.b.ins().fcmp(FloatCC::GreaterThan, v, best);
+                    best = k.b.ins().select(gt, v, best);
+                    if self.kind == PoolKind::MaxGrad {
+                        let here = k.b.ins().iadd_imm_s(off0, t);
+                        at = k.b.ins().select(gt, here, at);
+                    }
+                }
+                if self.kind == PoolKind::Max {
+                    let a = k.addr(bufs.yp, o, 4);
+                    k.store_f(best, a, 0);
+                } else {
+                    let ga = k.addr(bufs.dyp, o, 4);
+                    let gv = k.load_f(ga, 0);
+                    let d = k.addr(bufs.dxp, at, 4);
+                    let old = k.load_f(d, 0);
+                    let t = k.b.ins().fadd(old, gv);
+                    k.store_f(t, d, 0);
+                }
+            }
+            PoolKind::Avg => {
+                let xw = k.addr(bufs.xp, off0, 4);
+                let mut sum = k.fconst(0.0);
+                for &t in &taps {
+                    let v = k.load_f(xw, (t * 4) as i32);
+                    sum = k.b.ins().fadd(sum, v);
+                }
+                let v = k.b.ins().fdiv(sum, cntf);
+                let a = k.addr(bufs.yp, o, 4);
+                k.store_f(v, a, 0);
+            }
+            PoolKind::AvgGrad => {
+                let ga = k.addr(bufs.dyp, o, 4);
+                let gv = k.load_f(ga, 0);
+                let share = k.b.ins().fdiv(gv, cntf);
+                let dw = k.addr(bufs.dxp, off0, 4);
+                for &t in &taps {
+                    let old = k.load_f(dw, (t * 4) as i32);
+                    let v = k.b.ins().fadd(old, share);
+                    k.store_f(v, dw, (t * 4) as i32);
+                }
+            }
+        }
+    }
+}
+
+/// Base pointers of one pooling plane.
+#[derive(Clone, Copy)]
+struct PoolBufs {
+    xp: Value,
+    yp: Value,
+    dyp: Value,
+    dxp: Value,
+}
+
+/// Outputs `[lo, hi)` along one axis whose windows lie inside `[0, size)`.
+fn interior(out: usize, size: usize, k: usize, stride: usize, pad: usize) -> (usize, usize) {
+    let lo = pad.div_ceil(stride).min(out);
+    let hi = if size + pad >= k {
+        ((size + pad - k) / stride + 1).min(out)
+    } else {
+        0
+    };
+    (lo, hi.max(lo))
 }
 
 /// Visit the in-input cells of window `(oh, ow)` in row-major order.
@@ -348,4 +463,534 @@ fn window(k: &mut Kb, oh: Value, ow: Value, g: &Geom, f: &mut dyn FnMut(&mut Kb,
             });
         });
     });
+}
+
+/// Every conv-specific step. `Step::Im2col` carries this type (the variant
+/// name predates the direct kernels), so new conv steps need no change to
+/// the step list.
+pub type Im2col = ConvStep;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ConvStep {
+    Im2col(Im2colRows),
+    Pad(PadCopy),
+    PackW(PackW),
+    Direct(DirectConv),
+    GradFilter(DirectGradFilter),
+}
+
+impl ConvStep {
+    pub fn units(&self) -> usize {
+        match self {
+            ConvStep::Im2col(s) => s.units(),
+            ConvStep::Pad(s) => s.planes,
+            ConvStep::PackW(s) => s.m.div_ceil(s.mr),
+            ConvStep::Direct(s) => s.n * s.oh,
+            ConvStep::GradFilter(s) => s.o.div_ceil(GF_MR) * s.c * s.kh,
+        }
+    }
+    pub fn unit_cost(&self) -> usize {
+        match self {
+            ConvStep::Im2col(s) => s.unit_cost(),
+            ConvStep::Pad(s) => s.hp * s.wp,
+            ConvStep::PackW(s) => s.mr * s.r() * DIRECT_NV,
+            ConvStep::Direct(s) => 2 * s.m * s.ow * s.r(),
+            ConvStep::GradFilter(s) => 2 * GF_MR * s.kw * s.n * s.oh * s.ow,
+        }
+    }
+    pub fn emit(&self, kb: &mut Kb) {
+        match self {
+            ConvStep::Im2col(s) => s.emit(kb),
+            ConvStep::Pad(s) => s.emit(kb),
+            ConvStep::PackW(s) => s.emit(kb),
+            ConvStep::Direct(s) => s.emit(kb),
+            ConvStep::GradFilter(s) => s.emit(kb),
+        }
+    }
+}
+
+/// `dst[p, i, j] = src[p, i - off_h, j - off_w]`, 0 where that is outside
+/// the `h × w` source plane; `dst` planes are `hp × wp`. Work units are
+/// planes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PadCopy {
+    pub src: Loc,
+    pub dst: Loc,
+    pub planes: usize,
+    pub h: usize,
+    pub w: usize,
+    pub hp: usize,
+    pub wp: usize,
+    pub off_h: i64,
+    pub off_w: i64,
+}
+
+/// Zero `n` floats from byte address `p`.
+fn zero_run(k: &mut Kb, p: Value, n: usize) {
+    if n == 0 {
+        return;
+    }
+    let zero = k.iconst(0);
+    let hi = k.iconst(n as i64);
+    let zv = k.vconst(0.0);
+    let zs = k.fconst(0.0);
+    k.for_vec_tail(
+        zero,
+        hi,
+        |k, i| {
+            let a = k.addr(p, i, 4);
+            k.b.ins().store(flags(), zv, a, 0);
+        },
+        |k, i| {
+            let a = k.addr(p, i, 4);
+            k.store_f(zs, a, 0);
+        },
+    );
+}
+
+impl PadCopy {
+    fn emit(&self, kb: &mut Kb) {
+        let src = kb.base(self.src);
+        let dst = kb.base(self.dst);
+        let (start, end) = (kb.start, kb.end);
+        let (h, w, hp, wp) = (self.h as i64, self.w as i64, self.hp as i64, self.wp as i64);
+        // Destination rows [r0, r1) and columns [c0, c1) come from the source.
+        let r0 = self.off_h.clamp(0, hp);
+        let r1 = (h + self.off_h).clamp(r0, hp);
+        let c0 = self.off_w.clamp(0, wp);
+        let c1 = (w + self.off_w).clamp(c0, wp);
+        kb.for_range(start, end, 1, |k, u| {
+            let sp = k.addr(src, u, h * w * 4);
+            let dp = k.addr(dst, u, hp * wp * 4);
+            zero_run(k, dp, (r0 * wp) as usize);
+            let tail = k.b.ins().iadd_imm_s(dp, r1 * wp * 4);
+            zero_run(k, tail, ((hp - r1) * wp) as usize);
+            if r1 == r0 {
+                return;
+            }
+            let lo = k.iconst(r0);
+            let hi = k.iconst(r1);
+            k.for_range(lo, hi, 1, |k, r| {
+                let drow = k.addr(dp, r, wp * 4);
+                zero_run(k, drow, c0 as usize);
+                let right = k.b.ins().iadd_imm_s(drow, c1 * 4);
+                zero_run(k, right, (wp - c1) as usize);
+                let ir = k.b.ins().iadd_imm_s(r, -self.off_h);
+                let srow = k.addr(sp, ir, w * 4);
+                let s0 = k.b.ins().iadd_imm_s(srow, (c0 - self.off_w) * 4);
+                let d0 = k.b.ins().iadd_imm_s(drow, c0 * 4);
+                let zero = k.iconst(0);
+                let n = k.iconst(c1 - c0);
+                k.for_vec_tail(
+                    zero,
+                    n,
+                    |k, i| {
+                        let a = k.addr(s0, i, 4);
+                        let v = k.load_v(a, 0);
+                        let d = k.addr(d0, i, 4);
+                        k.b.ins().store(flags(), v, d, 0);
+                    },
+                    |k, i| {
+                        let a = k.addr(s0, i, 4);
+                        let v = k.load_f(a, 0);
+                        let d = k.addr(d0, i, 4);
+                        k.store_f(v, d, 0);
+                    },
+                );
+            });
+        });
+    }
+}
+
+/// Read-only data at any 4-byte alignment: such loads may move next to
+/// their use, but (unlike `ro_flags`) never claim 16-byte alignment.
+fn ro_unaligned() -> cranelift_codegen::ir::MemFlagsData {
+    cranelift_codegen::ir::MemFlagsData::new()
+        .with_notrap()
+        .with_readonly()
+        .with_can_move()
+}
+
+/// f32x4 columns of the direct kernel's register tile.
+pub const DIRECT_NV: usize = 2;
+/// Output-channel rows of the direct kernel's register tile.
+pub const DIRECT_MR: usize = 6;
+
+/// Packs the effective weights `w'[o, c, kh, kw]` (element at
+/// `off + o·so + c·sc + kh·skh + kw·skw`, strides may be negative to flip)
+/// into panels of `mr` rows: `((p·R + r)·mr + i)·DIRECT_NV + rep`, each value
+/// stored `DIRECT_NV` times so every FMA gets its own broadcast load. Work
+/// units are panels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackW {
+    pub src: Loc,
+    pub dst: Loc,
+    pub m: usize,
+    pub c: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub mr: usize,
+    pub off: i64,
+    pub so: i64,
+    pub sc: i64,
+    pub skh: i64,
+    pub skw: i64,
+}
+
+impl PackW {
+    fn r(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+    pub fn bytes(&self) -> usize {
+        self.m.div_ceil(self.mr) * self.mr * self.r() * DIRECT_NV * 4
+    }
+    fn emit(&self, kb: &mut Kb) {
+        let src = kb.base(self.src);
+        let dst = kb.base(self.dst);
+        let (start, end) = (kb.start, kb.end);
+        let (mr, r) = (self.mr, self.r());
+        let s = self.clone();
+        kb.for_range(start, end, 1, |k, p| {
+            let dp = k.addr(dst, p, (r * mr * DIRECT_NV * 4) as i64);
+            let o0 = k.b.ins().imul_imm_s(p, mr as i64);
+            let m = k.iconst(s.m as i64);
+            let sp = k.addr(src, o0, s.so * 4);
+            let sp = k.b.ins().iadd_imm_s(sp, s.off * 4);
+            k.for_const(0, s.c, |k, c| {
+                let sc = k.addr(sp, c, s.sc * 4);
+                let dc = k.addr(dp, c, (s.kh * s.kw * mr * DIRECT_NV * 4) as i64);
+                for kh in 0..s.kh {
+                    for kw in 0..s.kw {
+                        let so = (kh as i64 * s.skh + kw as i64 * s.skw) * 4;
+                        let tap = ((kh * s.kw + kw) * mr * DIRECT_NV * 4) as i32;
+                        for i in 0..mr {
+                            let o = k.b.ins().iadd_imm_s(o0, i as i64);
+                            let inside = k.b.ins().icmp(IntCC::SignedLessThan, o, m);
+                            let zero = k.fconst(0.0);
+                            let v = k.var(F32, zero);
+                            k.if_then(inside, |k| {
+                                let a = k.b.ins().iadd_imm_s(sc, so + i as i64 * s.so * 4);
+                                let x = k.load_f(a, 0);
+                                k.b.def_var(v, x);
+                            });
+                            let x = k.b.use_var(v);
+                            for rep in 0..DIRECT_NV {
+                                let off = tap + ((i * DIRECT_NV + rep) * 4) as i32;
+                                k.store_f(x, dc, off);
+                            }
+                        }
+                    }
+                }
+            });
+        });
+    }
+}
+
+/// Stride-1 direct convolution over a zero-padded input:
+/// `y[n, o, i, j] = Σ_{c, kh, kw} w'[o, c, kh, kw] · xp[n, c, i + kh·d, j + kw·d]`
+/// with `xp` planes `hp × wp` and `w'` packed by [`PackW`]. Work units are
+/// `(n, output row)`; each output element sums its taps in `(c, kh, kw)`
+/// order whatever the partition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DirectConv {
+    pub xp: Loc,
+    pub w: Loc,
+    pub y: Loc,
+    pub n: usize,
+    /// Input channels.
+    pub c: usize,
+    /// Output channels.
+    pub m: usize,
+    pub hp: usize,
+    pub wp: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub dilation: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub mr: usize,
+}
+
+impl DirectConv {
+    fn r(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    /// Floats read past the last padded plane by the widest tail tile.
+    pub fn overread(&self) -> usize {
+        4 * DIRECT_NV
+    }
+
+    fn emit(&self, kb: &mut Kb) {
+        let xbase = kb.base(self.xp);
+        let wbase = kb.base(self.w);
+        let ybase = kb.base(self.y);
+        let (start, end) = (kb.start, kb.end);
+        let s = self.clone();
+        let nr = 4 * DIRECT_NV;
+        let plane = (s.hp * s.wp) as i64;
+        let oplane = (s.oh * s.ow) as i64;
+        let panel_bytes = (s.r() * s.mr * DIRECT_NV * 4) as i64;
+        kb.for_range(start, end, 1, |k, u| {
+            let n = k.b.ins().udiv_imm_u(u, s.oh as i64);
+            let oh = k.b.ins().urem_imm_u(u, s.oh as i64);
+            let xs = k.addr(xbase, n, plane * s.c as i64 * 4);
+            let xrow = k.addr(xs, oh, (s.wp * 4) as i64);
+            let ys = k.addr(ybase, n, oplane * s.m as i64 * 4);
+            let yrow = k.addr(ys, oh, (s.ow * 4) as i64);
+            let panels = |k: &mut Kb, p: Value, rows: usize| {
+                let wp = k.addr(wbase, p, panel_bytes);
+                let yo = k.b.ins().imul_imm_s(p, s.mr as i64);
+                let yp = k.addr(yrow, yo, oplane * 4);
+                let full = s.ow / nr;
+                if full > 0 {
+                    k.for_const(0, full, |k, q| {
+                        let xq = k.addr(xrow, q, (nr * 4) as i64);
+                        let yq = k.addr(yp, q, (nr * 4) as i64);
+                        direct_tile(k, &s, xq, wp, yq, rows, nr);
+                    });
+                }
+                let rem = s.ow % nr;
+                if rem > 0 {
+                    let xq = k.b.ins().iadd_imm_s(xrow, (full * nr * 4) as i64);
+                    let yq = k.b.ins().iadd_imm_s(yp, (full * nr * 4) as i64);
+                    direct_tile(k, &s, xq, wp, yq, rows, rem);
+                }
+            };
+            let fp = s.m / s.mr;
+            if fp > 0 {
+                k.for_const(0, fp, |k, p| panels(k, p, s.mr));
+            }
+            if s.m % s.mr > 0 {
+                let p = k.iconst(fp as i64);
+                panels(k, p, s.m % s.mr);
+            }
+        });
+    }
+}
+
+/// One `rows × lanes` output tile (`lanes ≤ 4·DIRECT_NV`): accumulate every
+/// tap over all input channels, then store.
+fn direct_tile(
+    k: &mut Kb,
+    s: &DirectConv,
+    xq: Value,
+    wp: Value,
+    yq: Value,
+    rows: usize,
+    lanes: usize,
+) {
+    let nvec = lanes.div_ceil(4);
+    let zero_v = k.vconst(0.0);
+    let accs: Vec<Vec<Variable>> = (0..rows)
+        .map(|_| (0..nvec).map(|_| k.var(F32X4, zero_v)).collect())
+        .collect();
+    let plane = (s.hp * s.wp * 4) as i64;
+    let tap_bytes = (s.mr * DIRECT_NV * 4) as i64;
+    let row_bytes = (s.wp * s.dilation * 4) as i64;
+    // One kernel row `kh` of taps at x row pointer `px`, weights `pw`.
+    let taps = |k: &mut Kb, px: Value, pw: Value, kw_taps: usize| {
+        for kw in 0..kw_taps {
+            let bv: Vec<Value> = (0..nvec)
+                .map(|j| {
+                    let off = ((kw * s.dilation + 4 * j) * 4) as i32;
+                    k.b.ins().load(F32X4, ro_unaligned(), px, off)
+                })
+                .collect();
+            for (i, acc) in accs.iter().enumerate() {
+                for (j, var) in acc.iter().enumerate() {
+                    let off = (kw as i64 * tap_bytes + ((i * DIRECT_NV + j) * 4) as i64) as i32;
+                    let a = k.b.ins().load(F32, ro_flags(), pw, off);
+                    let a = k.b.ins().splat(F32X4, a);
+                    let old = k.b.use_var(*var);
+                    let new = k.b.ins().fma(a, bv[j], old);
+                    k.b.def_var(*var, new);
+                }
+            }
+        }
+    };
+    // One tap per loop iteration: Cranelift elaborates the pure loads and
+    // FMAs of a block in dependency order, so unrolled taps would keep every
+    // tap's input vectors live at once and spill the accumulators.
+    k.for_const(0, s.c, |k, c| {
+        let px = k.addr(xq, c, plane);
+        let pw = k.addr(wp, c, s.kh as i64 * s.kw as i64 * tap_bytes);
+        k.for_const(0, s.kh, |k, kh| {
+            let pxk = k.addr(px, kh, row_bytes);
+            let pwk = k.addr(pw, kh, s.kw as i64 * tap_bytes);
+            k.for_const(0, s.kw, |k, kw| {
+                let pxw = k.addr(pxk, kw, (s.dilation * 4) as i64);
+                let pww = k.addr(pwk, kw, tap_bytes);
+                taps(k, pxw, pww, 1);
+            });
+        });
+    });
+    let ob = (s.oh * s.ow * 4) as i64;
+    for (i, acc) in accs.iter().enumerate() {
+        for (j, var) in acc.iter().enumerate() {
+            let v = k.b.use_var(*var);
+            let off = (i as i64 * ob + (j * 16) as i64) as i32;
+            let l = (lanes - 4 * j).min(4);
+            if l == 4 {
+                k.b.ins().store(flags(), v, yq, off);
+            } else {
+                for lane in 0..l {
+                    let e = k.b.ins().extractlane(v, lane as u8);
+                    k.store_f(e, yq, off + (lane * 4) as i32);
+                }
+            }
+        }
+    }
+}
+
+/// Output-channel rows per filter-gradient work unit.
+pub const GF_MR: usize = 3;
+/// Kernel columns accumulated at once by the filter-gradient kernel.
+const GF_KWC: usize = 3;
+
+/// Filter gradient of a stride-1 convolution:
+/// `dw[o, c, kh, kw] = Σ_{n, i, j} dy[n, o, i, j] · xp[n, c, i + kh·d, j + kw·d]`
+/// over the padded input. Each f32x4 accumulator lane sums columns
+/// `j ≡ lane (mod 4)` in `(n, i, j)` order, the lanes are then added in a
+/// fixed order. Work units are `(o panel, c, kh)`; a unit owns its outputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DirectGradFilter {
+    pub xp: Loc,
+    pub dy: Loc,
+    pub dw: Loc,
+    pub n: usize,
+    pub c: usize,
+    pub o: usize,
+    pub hp: usize,
+    pub wp: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub dilation: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl DirectGradFilter {
+    fn emit(&self, kb: &mut Kb) {
+        let xbase = kb.base(self.xp);
+        let dybase = kb.base(self.dy);
+        let dwbase = kb.base(self.dw);
+        let (start, end) = (kb.start, kb.end);
+        let s = self.clone();
+        let op = s.o.div_ceil(GF_MR);
+        let rem = s.o - (op - 1) * GF_MR;
+        kb.for_range(start, end, 1, |k, u| {
+            let kh = k.b.ins().urem_imm_u(u, s.kh as i64);
+            let t = k.b.ins().udiv_imm_u(u, s.kh as i64);
+            let c = k.b.ins().urem_imm_u(t, s.c as i64);
+            let p = k.b.ins().udiv_imm_u(t, s.c as i64);
+            let o0 = k.b.ins().imul_imm_s(p, GF_MR as i64);
+            // x of (n = 0, c, row kh·d); dy of (n = 0, o0); dw of (o0, c, kh).
+            let xc = k.addr(xbase, c, (s.hp * s.wp * 4) as i64);
+            let xc = k.addr(xc, kh, (s.dilation * s.wp * 4) as i64);
+            let dyo = k.addr(dybase, o0, (s.oh * s.ow * 4) as i64);
+            let dwo = k.b.ins().imul_imm_s(o0, s.c as i64);
+            let dwo = k.b.ins().iadd(dwo, c);
+            let dwo = k.b.ins().imul_imm_s(dwo, s.kh as i64);
+            let dwo = k.b.ins().iadd(dwo, kh);
+            let dwp = k.addr(dwbase, dwo, (s.kw * 4) as i64);
+            let body = |k: &mut Kb, rows: usize| {
+                let mut kw0 = 0;
+                while kw0 < s.kw {
+                    let cols = GF_KWC.min(s.kw - kw0);
+                    gf_tile(k, &s, xc, dyo, dwp, rows, kw0, cols);
+                    kw0 += cols;
+                }
+            };
+            if rem < GF_MR {
+                let last = k.b.ins().icmp_imm_s(IntCC::Equal, p, op as i64 - 1);
+                k.if_else(last, |k| body(k, rem), |k| body(k, GF_MR));
+            } else {
+                body(k, GF_MR);
+            }
+        });
+    }
+}
+
+/// Accumulate `dw[o0 + i, c, kh, kw0 + j]` for `i < rows`, `j < cols`.
+#[allow(clippy::too_many_arguments)]
+fn gf_tile(
+    k: &mut Kb,
+    s: &DirectGradFilter,
+    xc: Value,
+    dyo: Value,
+    dwp: Value,
+    rows: usize,
+    kw0: usize,
+    cols: usize,
+) {
+    let zero_v = k.vconst(0.0);
+    let accs: Vec<Vec<Variable>> = (0..rows)
+        .map(|_| (0..cols).map(|_| k.var(F32X4, zero_v)).collect())
+        .collect();
+    let dy_plane = (s.oh * s.ow * 4) as i64;
+    let full = s.ow / 4;
+    let tail = s.ow % 4;
+    // One group of 4 output columns at `dyr` / `xr` (+ `v·16` bytes).
+    let step = |k: &mut Kb, dyr: Value, xr: Value, lanes: usize| {
+        let load = |k: &mut Kb, p: Value, off: i64| -> Value {
+            if lanes == 4 {
+                k.b.ins().load(F32X4, ro_unaligned(), p, off as i32)
+            } else {
+                let mut v = k.vconst(0.0);
+                for l in 0..lanes {
+                    let e =
+                        k.b.ins()
+                            .load(F32, ro_unaligned(), p, (off + 4 * l as i64) as i32);
+                    v = k.b.ins().insertlane(v, e, l as u8);
+                }
+                v
+            }
+        };
+        let dv: Vec<Value> = (0..rows)
+            .map(|i| load(k, dyr, i as i64 * dy_plane))
+            .collect();
+        let xv: Vec<Value> = (0..cols)
+            .map(|j| load(k, xr, ((kw0 + j) * s.dilation * 4) as i64))
+            .collect();
+        for (i, acc) in accs.iter().enumerate() {
+            for (j, var) in acc.iter().enumerate() {
+                let old = k.b.use_var(*var);
+                let new = k.b.ins().fma(dv[i], xv[j], old);
+                k.b.def_var(*var, new);
+            }
+        }
+    };
+    k.for_const(0, s.n, |k, n| {
+        let xn = k.addr(xc, n, (s.c * s.hp * s.wp * 4) as i64);
+        let dyn_ = k.addr(dyo, n, (s.o * s.oh * s.ow * 4) as i64);
+        k.for_const(0, s.oh, |k, i| {
+            let xr = k.addr(xn, i, (s.wp * 4) as i64);
+            let dyr = k.addr(dyn_, i, (s.ow * 4) as i64);
+            // One column group per iteration (see `direct_tile`).
+            if full > 0 {
+                k.for_const(0, full, |k, v| {
+                    let d = k.addr(dyr, v, 16);
+                    let x = k.addr(xr, v, 16);
+                    step(k, d, x, 4);
+                });
+            }
+            if tail > 0 {
+                let d = k.b.ins().iadd_imm_s(dyr, (full * 16) as i64);
+                let x = k.b.ins().iadd_imm_s(xr, (full * 16) as i64);
+                step(k, d, x, tail);
+            }
+        });
+    });
+    let kk = (s.c * s.kh * s.kw * 4) as i64;
+    for (i, acc) in accs.iter().enumerate() {
+        for (j, var) in acc.iter().enumerate() {
+            let v = k.b.use_var(*var);
+            let l: Vec<Value> = (0..4).map(|l| k.b.ins().extractlane(v, l as u8)).collect();
+            let a = k.b.ins().fadd(l[0], l[1]);
+            let b = k.b.ins().fadd(l[2], l[3]);
+            let t = k.b.ins().fadd(a, b);
+            k.store_f(t, dwp, (i as i64 * kk + ((kw0 + j) * 4) as i64) as i32);
+        }
+    }
 }

@@ -10,9 +10,10 @@
 
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I64};
+use cranelift_codegen::cursor::{Cursor, FuncCursor};
 use cranelift_codegen::ir::{
-    AbiParam, Block, Function, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind,
-    Type, UserFuncName, Value,
+    AbiParam, Block, Function, Inst, InstBuilder, MemFlagsData, Signature, StackSlotData,
+    StackSlotKind, Type, UserFuncName, Value,
 };
 use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
@@ -47,14 +48,31 @@ pub fn ro_flags() -> MemFlagsData {
     MemFlagsData::trusted().with_readonly().with_can_move()
 }
 
+/// How a kernel reaches its operands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Addressing {
+    /// Offsets and pointer-table slots are constants in the code.
+    Baked,
+    /// A fifth argument points at a table with one `i64` per operand, in
+    /// order of first use (see [`build_kernel_in`]): its arena offset in bytes,
+    /// or for a fed tensor its byte offset in the pointer table. Kernels
+    /// that differ only in where their buffers are then have identical code.
+    Table,
+}
+
 /// A kernel under construction.
 pub struct Kb<'a> {
     pub b: FunctionBuilder<'a>,
     arena: Value,
     ptrs: Value,
+    table: Option<Value>,
     pub start: Value,
     pub end: Value,
     ret: Block,
+    /// The entry block's jump to the body: operand base addresses are
+    /// computed just before it, once, whatever loop first asks for them.
+    entry_jump: Inst,
+    bases: Vec<(Loc, Value)>,
 }
 
 /// Build one kernel function; `body` emits the work for `[start, end)` and
@@ -64,26 +82,55 @@ pub fn build_kernel(
     index: u32,
     body: impl FnOnce(&mut Kb),
 ) -> Function {
+    let mut ctx = FunctionBuilderContext::new();
+    build_kernel_in(&mut ctx, config, index, Addressing::Baked, body).0
+}
+
+/// The signature of a kernel built with `addressing`.
+pub fn signature_for(call_conv: CallConv, addressing: Addressing) -> Signature {
+    let mut sig = kernel_signature(call_conv);
+    if addressing == Addressing::Table {
+        sig.params.push(AbiParam::new(I64));
+    }
+    sig
+}
+
+/// [`build_kernel`] reusing the builder's scratch memory across functions;
+/// also returns the operands in the order the table of
+/// [`Addressing::Table`] lists them.
+pub fn build_kernel_in(
+    ctx: &mut FunctionBuilderContext,
+    config: TargetFrontendConfig,
+    index: u32,
+    addressing: Addressing,
+    body: impl FnOnce(&mut Kb),
+) -> (Function, Vec<Loc>) {
     let mut func = Function::with_name_signature(
         UserFuncName::user(0, index),
-        kernel_signature(config.default_call_conv),
+        signature_for(config.default_call_conv, addressing),
     );
-    let mut ctx = FunctionBuilderContext::new();
+    let operands;
     {
-        let mut b = FunctionBuilder::new(&mut func, &mut ctx);
+        let mut b = FunctionBuilder::new(&mut func, ctx);
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
         let p = b.block_params(entry).to_vec();
+        let top = b.create_block();
+        let entry_jump = b.ins().jump(top, &[]);
+        b.switch_to_block(top);
         let ret = b.create_block();
         b.append_block_param(ret, I64);
         let mut kb = Kb {
             b,
             arena: p[0],
             ptrs: p[1],
+            table: p.get(4).copied(),
             start: p[2],
             end: p[3],
             ret,
+            entry_jump,
+            bases: Vec::new(),
         };
         body(&mut kb);
         let zero = kb.iconst(0);
@@ -92,9 +139,18 @@ pub fn build_kernel(
         let code = kb.b.block_params(ret)[0];
         kb.b.ins().return_(&[code]);
         kb.b.seal_all_blocks();
+        operands = kb.bases.iter().map(|(l, _)| *l).collect();
         kb.b.finalize(config);
     }
-    func
+    (func, operands)
+}
+
+/// The table entry of an operand under [`Addressing::Table`].
+pub fn table_entry(loc: Loc) -> i64 {
+    match loc {
+        Loc::Arena(off) => off as i64,
+        Loc::Extern(slot) => (slot * 8) as i64,
+    }
 }
 
 impl Kb<'_> {
@@ -121,15 +177,29 @@ impl Kb<'_> {
         self.b.switch_to_block(next);
     }
 
-    /// Base address of an operand.
+    /// Base address of an operand, computed once in the entry block.
     pub fn base(&mut self, loc: Loc) -> Value {
-        match loc {
-            Loc::Arena(off) => self.b.ins().iadd_imm_s(self.arena, off as i64),
-            Loc::Extern(slot) => self
-                .b
-                .ins()
-                .load(I64, ro_flags(), self.ptrs, (slot * 8) as i32),
+        if let Some((_, v)) = self.bases.iter().find(|(l, _)| *l == loc) {
+            return *v;
         }
+        let k = (self.bases.len() * 8) as i32;
+        let (arena, ptrs) = (self.arena, self.ptrs);
+        let mut pos = FuncCursor::new(self.b.func).at_inst(self.entry_jump);
+        let v = match (self.table, loc) {
+            (None, Loc::Arena(off)) => pos.ins().iadd_imm_s(arena, off as i64),
+            (None, Loc::Extern(slot)) => pos.ins().load(I64, ro_flags(), ptrs, (slot * 8) as i32),
+            (Some(table), Loc::Arena(_)) => {
+                let off = pos.ins().load(I64, ro_flags(), table, k);
+                pos.ins().iadd(arena, off)
+            }
+            (Some(table), Loc::Extern(_)) => {
+                let off = pos.ins().load(I64, ro_flags(), table, k);
+                let slot = pos.ins().iadd(ptrs, off);
+                pos.ins().load(I64, ro_flags(), slot, 0)
+            }
+        };
+        self.bases.push((loc, v));
+        v
     }
 
     /// `base + idx * scale` (byte address of element `idx`).

@@ -6,6 +6,7 @@ use super::conv::{Col2im, Im2col, Pool};
 use super::emit::{Kb, Loc};
 use super::matmul::Matmul;
 use super::reduce::{CrossEntropy, Hinge, Reduce, Softmax};
+use super::rnn::{RnnPack, RnnSeq};
 use crate::ir::{BinaryOp, UnaryOp};
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::types::{F32X4, I32};
@@ -175,6 +176,10 @@ pub enum Step {
     Im2col(Im2col),
     Col2im(Col2im),
     Pool(Pool),
+    Attention(super::attention::Attn),
+    /// A whole recurrent time loop (LSTM/GRU, forward or backward).
+    Rnn(RnnSeq),
+    RnnPack(RnnPack),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,6 +210,9 @@ impl Step {
             Step::Im2col(s) => s.units(),
             Step::Col2im(s) => s.units(),
             Step::Pool(s) => s.units(),
+            Step::Attention(s) => s.units(),
+            Step::Rnn(s) => s.units(),
+            Step::RnnPack(s) => s.units(),
         }
     }
 
@@ -230,6 +238,9 @@ impl Step {
             Step::Im2col(s) => s.unit_cost(),
             Step::Col2im(s) => s.unit_cost(),
             Step::Pool(s) => s.unit_cost(),
+            Step::Attention(s) => s.unit_cost(),
+            Step::Rnn(s) => s.unit_cost(),
+            Step::RnnPack(s) => s.unit_cost(),
         }
     }
 
@@ -238,6 +249,9 @@ impl Step {
     pub fn grain(&self) -> usize {
         if let Step::Matmul(m, MatmulPhase::Compute) = self {
             return m.compute_grain();
+        }
+        if let Step::Rnn(r) = self {
+            return r.grain();
         }
         // Per-unit work that does not depend on other units can be split
         // anywhere; aim at ~32k element operations per chunk.
@@ -261,6 +275,9 @@ impl Step {
             Step::Im2col(s) => s.emit(kb),
             Step::Col2im(s) => s.emit(kb),
             Step::Pool(s) => s.emit(kb),
+            Step::Attention(s) => s.emit(kb),
+            Step::Rnn(s) => s.emit(kb),
+            Step::RnnPack(s) => s.emit(kb),
         }
     }
 }

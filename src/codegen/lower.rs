@@ -1,7 +1,10 @@
 //! Lowering of one IR node to kernel steps, specialised to its shapes and
 //! to where its operands live.
 
-use super::conv::{Col2im, Geom, Im2col, Pool, PoolKind};
+use super::conv::{
+    Col2im, ConvStep, DirectConv, DirectGradFilter, Geom, Im2colRows, PackW, PadCopy, Pool,
+    PoolKind, DIRECT_MR,
+};
 use super::emit::Loc;
 use super::kernel::{
     broadcast_strides, collapse, contiguous_strides, Copy, Elementwise, EwOp, Fill, Gather,
@@ -9,7 +12,7 @@ use super::kernel::{
 };
 use super::matmul::{Matmul, MmOperand};
 use super::reduce::{CrossEntropy, Hinge, Reduce, Softmax};
-use crate::ir::{Op, Pool2d, TensorType};
+use crate::ir::{Conv2d, Op, Pool2d, TensorType};
 use crate::tensor::numel;
 
 /// The steps of one node and the scratch bytes they use past `scratch`.
@@ -132,7 +135,10 @@ pub fn lower(
             let g = Geom::conv(x[2], x[3], w[2], w[3], oshape[2], oshape[3], c);
             let (ckk, p) = (ch * g.kh * g.kw, g.oh * g.ow);
             let cols = align64(nb * ckk * p * 4);
-            let im = Step::Im2col(Im2col {
+            if let Some(l) = direct_forward(ins[0].0, ins[1].0, out.0, x, w, oshape, c, scratch) {
+                return Some(l);
+            }
+            let im = Step::Im2col(ConvStep::Im2col(Im2colRows {
                 x: ins[0].0,
                 cols: Loc::Arena(scratch),
                 n: nb,
@@ -140,7 +146,7 @@ pub fn lower(
                 g,
                 sn: ckk * p,
                 sr: p,
-            });
+            }));
             let a_op = MmOperand {
                 loc: ins[1].0,
                 off: 0,
@@ -166,6 +172,11 @@ pub fn lower(
         Op::ConvGradInput { conv, .. } => {
             let (dy, w) = (&ins[0].1.shape, &ins[1].1.shape);
             let (nb, o, ch) = (dy[0], w[0], w[1]);
+            if let Some(l) =
+                direct_grad_input(ins[0].0, ins[1].0, out.0, dy, w, oshape, conv, scratch)
+            {
+                return Some(l);
+            }
             let g = Geom::conv(oshape[2], oshape[3], w[2], w[3], dy[2], dy[3], conv);
             let (ckk, p) = (ch * g.kh * g.kw, g.oh * g.ow);
             let cols = align64(nb * ckk * p * 4);
@@ -208,12 +219,15 @@ pub fn lower(
             let (x, dy) = (&ins[0].1.shape, &ins[1].1.shape);
             let (nb, ch, o) = (x[0], x[1], dy[1]);
             let g = Geom::conv(x[2], x[3], oshape[2], oshape[3], dy[2], dy[3], conv);
+            if let Some(l) = direct_grad_filter(ins[0].0, ins[1].0, out.0, x, dy, &g, scratch) {
+                return Some(l);
+            }
             let (ckk, p) = (ch * g.kh * g.kw, g.oh * g.ow);
             // dw [o, ckk] = dyᵀ-by-sample [o, (n, p)] @ cols [(n, p), ckk]:
             // im2col writes [ckk, (n, p)] and dy is regrouped to [o, n, p].
             let cols = align64(ckk * nb * p * 4);
             let dyt = align64(o * nb * p * 4);
-            let im = Step::Im2col(Im2col {
+            let im = Step::Im2col(ConvStep::Im2col(Im2colRows {
                 x: ins[0].0,
                 cols: Loc::Arena(scratch),
                 n: nb,
@@ -221,7 +235,7 @@ pub fn lower(
                 g,
                 sn: p,
                 sr: nb * p,
-            });
+            }));
             let regroup = copy(
                 &[o, nb, p],
                 ins[1].0,
@@ -391,7 +405,7 @@ pub fn lower(
             width: oshape[1],
             count: numel(&ins[0].1.shape),
         })]),
-        Op::CrossEntropy | Op::CrossEntropyGrad => {
+        Op::CrossEntropyGrad => {
             let s = &ins[0].1.shape;
             plain(vec![Step::CrossEntropy(CrossEntropy {
                 logits: ins[0].0,
@@ -401,6 +415,33 @@ pub fn lower(
                 c: s[1],
                 grad: ins.get(2).map(|x| x.0),
             })])
+        }
+        Op::CrossEntropy => {
+            // Row losses in parallel into scratch, then their mean.
+            let s = &ins[0].1.shape;
+            let rows = Loc::Arena(scratch);
+            Some(Lowered {
+                steps: vec![
+                    Step::CrossEntropy(CrossEntropy {
+                        logits: ins[0].0,
+                        labels: ins[1].0,
+                        out: rows,
+                        n: s[0],
+                        c: s[1],
+                        grad: None,
+                    }),
+                    Step::Reduce(Reduce {
+                        op: crate::ir::ReduceOp::Mean,
+                        src: rows,
+                        dst: out.0,
+                        kept_dims: vec![],
+                        kept_strides: vec![],
+                        red_dims: vec![s[0]],
+                        red_strides: vec![1],
+                    }),
+                ],
+                scratch_bytes: align64(s[0] * 4),
+            })
         }
         Op::Hinge | Op::HingeGrad => {
             let s = &ins[0].1.shape;
@@ -427,6 +468,217 @@ pub fn lower(
         }
         _ => None,
     }
+}
+
+/// Zero-padded copy of an `[n, c, h, w]` input at `scratch` whose planes
+/// are `hp × wp` (source pixel `(i, j)` at `(i + off_h, j + off_w)`), plus
+/// `slack` floats past the end; returns the step and its bytes.
+#[allow(clippy::too_many_arguments)]
+fn padded_input(
+    src: Loc,
+    planes: usize,
+    h: usize,
+    w: usize,
+    hp: usize,
+    wp: usize,
+    off: (i64, i64),
+    slack: usize,
+    scratch: usize,
+) -> (Step, usize) {
+    let step = Step::Im2col(ConvStep::Pad(PadCopy {
+        src,
+        dst: Loc::Arena(scratch),
+        planes,
+        h,
+        w,
+        hp,
+        wp,
+        off_h: off.0,
+        off_w: off.1,
+    }));
+    (step, align64((planes * hp * wp + slack) * 4))
+}
+
+/// Steps of a stride-1 direct convolution of `x` `[n, cin, h, w]` (placed
+/// in its padded buffer at offset `off`) with the weights `pack` describes,
+/// into `y` `[n, pack.m, oh, ow]`.
+#[allow(clippy::too_many_arguments)]
+fn direct_steps(
+    x: Loc,
+    (n, cin, h, w): (usize, usize, usize, usize),
+    off: (i64, i64),
+    mut pack: PackW,
+    y: Loc,
+    (oh, ow): (usize, usize),
+    dilation: usize,
+    scratch: usize,
+) -> Lowered {
+    let (kh, kw) = (pack.kh, pack.kw);
+    let hp = oh + (kh - 1) * dilation;
+    let wp = ow + (kw - 1) * dilation;
+    let mut conv = DirectConv {
+        xp: Loc::Arena(scratch),
+        w: Loc::Arena(scratch),
+        y,
+        n,
+        c: cin,
+        m: pack.m,
+        hp,
+        wp,
+        kh,
+        kw,
+        dilation,
+        oh,
+        ow,
+        mr: pack.mr,
+    };
+    let (pad, pad_bytes) = padded_input(x, n * cin, h, w, hp, wp, off, conv.overread(), scratch);
+    pack.dst = Loc::Arena(scratch + pad_bytes);
+    conv.w = pack.dst;
+    let bytes = pad_bytes + align64(pack.bytes());
+    Lowered {
+        steps: vec![
+            pad,
+            Step::Im2col(ConvStep::PackW(pack)),
+            Step::Im2col(ConvStep::Direct(conv)),
+        ],
+        scratch_bytes: bytes,
+    }
+}
+
+/// The direct kernel applies to stride-1 convolutions with no empty dim.
+fn direct_ok(c: &Conv2d, dims: &[usize]) -> bool {
+    c.stride == 1 && dims.iter().all(|&d| d > 0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn direct_forward(
+    x_loc: Loc,
+    w_loc: Loc,
+    y_loc: Loc,
+    x: &[usize],
+    w: &[usize],
+    y: &[usize],
+    c: &Conv2d,
+    scratch: usize,
+) -> Option<Lowered> {
+    if !direct_ok(c, &[x[0], x[1], w[0], y[2], y[3], w[2], w[3]]) {
+        return None;
+    }
+    let pack = PackW {
+        src: w_loc,
+        dst: w_loc,
+        m: w[0],
+        c: w[1],
+        kh: w[2],
+        kw: w[3],
+        mr: DIRECT_MR,
+        off: 0,
+        so: (w[1] * w[2] * w[3]) as i64,
+        sc: (w[2] * w[3]) as i64,
+        skh: w[3] as i64,
+        skw: 1,
+    };
+    let off = (c.pad[0] as i64, c.pad[1] as i64);
+    Some(direct_steps(
+        x_loc,
+        (x[0], x[1], x[2], x[3]),
+        off,
+        pack,
+        y_loc,
+        (y[2], y[3]),
+        c.dilation,
+        scratch,
+    ))
+}
+
+/// `dx` of a stride-1 convolution is the direct convolution of `dy`, padded
+/// by the kernel extent minus the forward padding, with the weights
+/// transposed to `[c, o]` and flipped in both spatial dims.
+#[allow(clippy::too_many_arguments)]
+fn direct_grad_input(
+    dy_loc: Loc,
+    w_loc: Loc,
+    dx_loc: Loc,
+    dy: &[usize],
+    w: &[usize],
+    dx: &[usize],
+    c: &Conv2d,
+    scratch: usize,
+) -> Option<Lowered> {
+    if !direct_ok(
+        c,
+        &[dy[0], dy[1], dy[2], dy[3], w[1], dx[2], dx[3], w[2], w[3]],
+    ) {
+        return None;
+    }
+    let (kh, kw, d) = (w[2], w[3], c.dilation);
+    let pack = PackW {
+        src: w_loc,
+        dst: w_loc,
+        m: w[1],
+        c: w[0],
+        kh,
+        kw,
+        mr: DIRECT_MR,
+        off: ((kh - 1) * kw + (kw - 1)) as i64,
+        so: (kh * kw) as i64,
+        sc: (w[1] * kh * kw) as i64,
+        skh: -(kw as i64),
+        skw: -1,
+    };
+    let off = (
+        ((kh - 1) * d) as i64 - c.pad[0] as i64,
+        ((kw - 1) * d) as i64 - c.pad[1] as i64,
+    );
+    Some(direct_steps(
+        dy_loc,
+        (dy[0], dy[1], dy[2], dy[3]),
+        off,
+        pack,
+        dx_loc,
+        (dx[2], dx[3]),
+        d,
+        scratch,
+    ))
+}
+
+fn direct_grad_filter(
+    x_loc: Loc,
+    dy_loc: Loc,
+    dw_loc: Loc,
+    x: &[usize],
+    dy: &[usize],
+    g: &Geom,
+    scratch: usize,
+) -> Option<Lowered> {
+    let dims = [x[0], x[1], dy[1], g.oh, g.ow, g.kh, g.kw];
+    if g.stride != 1 || dims.iter().any(|&d| d == 0) {
+        return None;
+    }
+    let hp = g.oh + (g.kh - 1) * g.dilation;
+    let wp = g.ow + (g.kw - 1) * g.dilation;
+    let off = (g.pad_top as i64, g.pad_left as i64);
+    let (pad, bytes) = padded_input(x_loc, x[0] * x[1], x[2], x[3], hp, wp, off, 0, scratch);
+    let gf = DirectGradFilter {
+        xp: Loc::Arena(scratch),
+        dy: dy_loc,
+        dw: dw_loc,
+        n: x[0],
+        c: x[1],
+        o: dy[1],
+        hp,
+        wp,
+        kh: g.kh,
+        kw: g.kw,
+        dilation: g.dilation,
+        oh: g.oh,
+        ow: g.ow,
+    };
+    Some(Lowered {
+        steps: vec![pad, Step::Im2col(ConvStep::GradFilter(gf))],
+        scratch_bytes: bytes,
+    })
 }
 
 fn pool_geom(h: usize, w: usize, oh: usize, ow: usize, p: &Pool2d) -> Geom {

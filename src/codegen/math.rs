@@ -50,15 +50,30 @@ impl Kb<'_> {
         self.b.ins().bitcast(F32X4, MemFlagsData::new(), e)
     }
 
+    /// `min(max(x, lo), hi)` lane-wise, NaN lanes kept. Written as the
+    /// compare-and-select shape Cranelift lowers to one `maxps`/`minps`
+    /// each (x86 returns the second operand when either is NaN, which is
+    /// `x` here); `fmax`/`fmin` would cost seven instructions each for
+    /// IEEE signed-zero and NaN rules the clamp does not need.
+    fn clamp_keep_nan(&mut self, x: Value, lo: Value, hi: Value) -> Value {
+        let below = self.vcmp(FloatCC::LessThan, x, lo);
+        let xc = self.vsel(below, lo, x);
+        let above = self.vcmp(FloatCC::LessThan, hi, xc);
+        self.vsel(above, hi, xc)
+    }
+
     pub fn vexp(&mut self, x: Value) -> Value {
         let lo = self.fv(-104.0);
         let hi = self.fv(89.0);
-        // fmax/fmin propagate NaN, so NaN survives the clamp.
-        let xc = self.b.ins().fmax(x, lo);
-        let xc = self.b.ins().fmin(xc, hi);
+        let xc = self.clamp_keep_nan(x, lo, hi);
         let log2e = self.fv(std::f32::consts::LOG2_E);
         let t = self.b.ins().fmul(xc, log2e);
-        let n = self.b.ins().nearest(t);
+        // Round to nearest with the 1.5·2²³ trick: the sum's low mantissa
+        // bits hold the integer, which saves converting n to an integer
+        // separately (t stays within ±151, far inside the trick's range).
+        let magic = self.fv(12_582_912.0);
+        let shifted = self.b.ins().fadd(t, magic);
+        let n = self.b.ins().fsub(shifted, magic);
         let nn = self.b.ins().fneg(n);
         let c1 = self.fv(0.693_359_4);
         let c2 = self.fv(-2.121_944_4e-4);
@@ -80,7 +95,13 @@ impl Kb<'_> {
         let rp1 = self.b.ins().fadd(r, one);
         let p = self.b.ins().fma(p, r2, rp1);
         // 2^n split in two factors so that n down to -150 stays exact.
-        let ni = self.b.ins().fcvt_to_sint_sat(I32X4, n);
+        let sbits = self.b.ins().bitcast(I32X4, MemFlagsData::new(), shifted);
+        let mbits = self
+            .b
+            .ins()
+            .iconst(cranelift_codegen::ir::types::I32, 12_582_912f32.to_bits() as i64);
+        let mbits = self.b.ins().splat(I32X4, mbits);
+        let ni = self.b.ins().isub(sbits, mbits);
         let n1 = self.b.ins().sshr_imm_u(ni, 1);
         let n2 = self.b.ins().isub(ni, n1);
         let s1 = self.pow2i(n1);

@@ -1,11 +1,12 @@
-//! Batched matmul: operands are packed into panels (A: MR rows × K, B:
-//! K × NR columns, zero-padded at the edges), then a register-tiled MR×NR
-//! micro-kernel runs over KC-deep blocks of the packed panels.
+//! Batched matmul: a register-tiled `mr × nr` micro-kernel (nr = four
+//! floats per f32x4 column) runs over KC-deep blocks of B packed into
+//! column panels (`K × nr`, zero-padded at the right edge). A is read in
+//! place when its rows are contiguous, else packed into row panels first.
 //!
-//! Cache blocking: a KC × (NCP·NR) block of packed B (256 KiB) stays in L2
-//! while every row panel of a work chunk streams its MR × KC sliver of A
-//! through L1. Work units are row panels of the output; each output element
-//! is accumulated in the same k order whatever the chunking, so results do
+//! Cache blocking: a KC × (NCP·nr) block of packed B (256 KiB) stays in L2
+//! while every row panel of a work chunk keeps its `mr × KC` sliver of A in
+//! L1. Work units are row panels of the output; each output element is
+//! accumulated in the same k order whatever the chunking, so results do
 //! not depend on the thread count.
 
 use super::emit::{flags, ro_flags, Kb, Loc};
@@ -15,21 +16,41 @@ use cranelift_codegen::ir::types::{F32, F32X4, I64};
 use cranelift_codegen::ir::{InstBuilder, Value};
 use cranelift_frontend::Variable;
 
-/// Rows of the micro-kernel tile.
-pub const MR: usize = 5;
-/// Columns of the micro-kernel tile (two f32x4 vectors).
-pub const NR: usize = 8;
-/// Depth of a packed block.
-pub const KC: usize = 256;
-/// Column panels per L2 block of B.
-pub const NCP: usize = 32;
-/// Copies of each A element in its packed panel: one per f32x4 column of
-/// the tile, so every FMA has its own load, which Cranelift folds into a
-/// `vbroadcastss` from memory (two uses of one load would be merged and
-/// kept in a register instead, costing registers the accumulators need).
-pub const AREP: usize = NR / 4;
-/// Floats per k step of a packed A panel.
-const AK: usize = MR * AREP;
+/// Shape of the register tile and of the cache blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tile {
+    /// Rows of the register tile.
+    pub mr: usize,
+    /// f32x4 columns of the register tile.
+    pub nv: usize,
+    /// k steps per iteration of the inner loop.
+    pub unroll: usize,
+    /// Depth of a k block.
+    pub kc: usize,
+    /// Column panels per L2 block of packed B.
+    pub ncp: usize,
+}
+
+impl Tile {
+    pub fn nr(&self) -> usize {
+        4 * self.nv
+    }
+}
+
+/// k rows of B per packing work unit: short enough that the source lines
+/// a unit reads stay in L1 while it writes every column panel.
+const PACK_KB: usize = 32;
+
+/// 5 × 8 keeps 10 accumulators, 2 B vectors and one broadcast in the 16
+/// xmm registers with room to spare (spills start beyond 13 accumulators);
+/// unrolling k twice measured best (four times spills).
+const TILE: Tile = Tile {
+    mr: 5,
+    nv: 2,
+    unroll: 2,
+    kc: 256,
+    ncp: 32,
+};
 
 /// One matmul operand: element `(batch…, i, j)` is at
 /// `off + Σ batch_d · batch_strides_d + i·rs + j·cs` (elements).
@@ -80,12 +101,45 @@ fn pack_index_strides(batch: &[usize], strides: &[i64]) -> Vec<i64> {
     cs
 }
 
+/// Where the micro-kernel reads A: row `r`, step `kk` of the tile is at
+/// `ptr + r·row_bytes + kk·k_bytes`.
+#[derive(Clone, Copy)]
+struct ASrc {
+    ptr: Value,
+    row_bytes: i64,
+    k_bytes: i64,
+}
+
 impl Matmul {
+    pub fn tile(&self) -> Tile {
+        TILE
+    }
+
+    /// A is read in place when its rows are contiguous and every offset the
+    /// micro-kernel adds to a row pointer fits an instruction's immediate.
+    fn a_direct(&self) -> bool {
+        let t = self.tile();
+        let span = (t.mr as i64) * self.a.rs.abs() * 4 + (t.unroll as i64) * 4;
+        self.a.cs == 1 && span < i32::MAX as i64
+    }
+    /// B is read in place when its rows are contiguous and few row panels
+    /// reuse it: packing would cost about as much as the product itself.
+    /// Row strides that are multiples of 4 KiB are packed anyway, since
+    /// rows that far apart compete for the same L1 sets.
+    fn b_direct(&self) -> bool {
+        let t = self.tile();
+        let row = self.b.rs * 4;
+        let reach = (panels_per_tile(1, t.nv) * t.nr() * 4) as i64 + row.abs() * t.unroll as i64;
+        self.b.cs == 1 && self.mp() <= 4 && row % 4096 != 0 && reach < i32::MAX as i64
+    }
     fn mp(&self) -> usize {
-        self.m.div_ceil(MR)
+        self.m.div_ceil(self.tile().mr)
     }
     fn np(&self) -> usize {
-        self.n.div_ceil(NR)
+        self.n.div_ceil(self.tile().nr())
+    }
+    fn nkp(&self) -> usize {
+        self.k.div_ceil(PACK_KB)
     }
     fn a_batches(&self) -> usize {
         pack_dims(&self.batch, &self.a.batch_strides)
@@ -102,25 +156,34 @@ impl Matmul {
     }
 
     pub fn pack_a_bytes(&self) -> usize {
-        self.a_batches() * self.mp() * self.k * AK * 4
+        if self.a_direct() {
+            return 0;
+        }
+        self.a_batches() * self.mp() * self.k * self.tile().mr * 4
     }
     pub fn pack_b_bytes(&self) -> usize {
-        self.b_batches() * self.np() * self.k * NR * 4
+        if self.b_direct() {
+            return 0;
+        }
+        self.b_batches() * self.np() * self.k * self.tile().nr() * 4
     }
 
     pub fn units(&self, p: MatmulPhase) -> usize {
         match p {
+            MatmulPhase::PackA if self.a_direct() => 0,
             MatmulPhase::PackA => self.a_batches() * self.mp(),
-            MatmulPhase::PackB => self.b_batches() * self.np(),
+            MatmulPhase::PackB if self.b_direct() => 0,
+            MatmulPhase::PackB => self.b_batches() * self.nkp(),
             MatmulPhase::Compute => self.out_batches() * self.mp(),
         }
     }
 
     pub fn unit_cost(&self, p: MatmulPhase) -> usize {
+        let t = self.tile();
         match p {
-            MatmulPhase::PackA => self.k * MR,
-            MatmulPhase::PackB => self.k * NR,
-            MatmulPhase::Compute => 2 * MR * self.n * self.k,
+            MatmulPhase::PackA => self.k * t.mr,
+            MatmulPhase::PackB => PACK_KB * self.np() * t.nr(),
+            MatmulPhase::Compute => 2 * t.mr * self.n * self.k,
         }
     }
 
@@ -143,22 +206,28 @@ impl Matmul {
         }
     }
 
+    /// Row panels `[mr, K]` of A, stored k-major (`mr` floats per k step),
+    /// zero rows below the last row. Nothing to do when A is read in place.
     fn emit_pack_a(&self, kb: &mut Kb) {
+        if self.a_direct() {
+            return;
+        }
+        let mr = self.tile().mr;
         let src = kb.base(self.a.loc);
         let dst = kb.base(self.pack_a);
         let mp = self.mp() as i64;
         let pd = pack_dims(&self.batch, &self.a.batch_strides);
         let (start, end) = (kb.start, kb.end);
-        let m_rem = self.m - (self.mp() - 1) * MR;
+        let m_rem = self.m - (self.mp() - 1) * mr;
         kb.for_range(start, end, 1, |k, u| {
             let ai = k.b.ins().udiv_imm_u(u, mp);
             let ip = k.b.ins().urem_imm_u(u, mp);
             let off = k.unflatten_offsets(ai, &pd, std::slice::from_ref(&self.a.batch_strides))[0];
             let off = k.b.ins().iadd_imm_s(off, self.a.off as i64);
-            let row0 = k.b.ins().imul_imm_s(ip, (MR as i64) * self.a.rs);
+            let row0 = k.b.ins().imul_imm_s(ip, (mr as i64) * self.a.rs);
             let off = k.b.ins().iadd(off, row0);
             let sp = k.addr(src, off, 4);
-            let dp = k.b.ins().imul_imm_s(u, (self.k * AK * 4) as i64);
+            let dp = k.b.ins().imul_imm_s(u, (self.k * mr * 4) as i64);
             let dp = k.b.ins().iadd(dst, dp);
             let last = k.b.ins().icmp_imm_s(IntCC::Equal, ip, mp - 1);
             let panel = |k: &mut Kb, rows: usize| {
@@ -166,55 +235,68 @@ impl Matmul {
                 let kk_n = k.iconst(self.k as i64);
                 k.for_range(zero, kk_n, 1, |k, kk| {
                     let s = k.addr(sp, kk, 4 * self.a.cs);
-                    let d = k.addr(dp, kk, 4 * AK as i64);
-                    for r in 0..MR {
+                    let d = k.addr(dp, kk, 4 * mr as i64);
+                    for r in 0..mr {
                         let v = if r < rows {
                             k.load_f(s, (r as i64 * self.a.rs * 4) as i32)
                         } else {
                             k.fconst(0.0)
                         };
-                        for h in 0..AREP {
-                            k.store_f(v, d, ((r * AREP + h) * 4) as i32);
-                        }
+                        k.store_f(v, d, (r * 4) as i32);
                     }
                 });
             };
-            k.if_else(last, |k| panel(k, m_rem), |k| panel(k, MR));
+            k.if_else(last, |k| panel(k, m_rem), |k| panel(k, mr));
         });
     }
 
+    /// Column panels `[K, nr]` of B, zero columns right of the last one.
+    /// A work unit is PACK_KB rows of k across every panel, so it reads
+    /// each source row once, front to back, instead of one column strip of
+    /// every row per panel.
     fn emit_pack_b(&self, kb: &mut Kb) {
+        if self.b_direct() {
+            return;
+        }
+        let nr = self.tile().nr();
         let src = kb.base(self.b.loc);
         let dst = kb.base(self.pack_b);
-        let np = self.np() as i64;
+        let (np, nkp) = (self.np(), self.nkp());
         let pd = pack_dims(&self.batch, &self.b.batch_strides);
         let (start, end) = (kb.start, kb.end);
-        let n_rem = self.n - (self.np() - 1) * NR;
-        let cs = self.b.cs;
+        let n_rem = self.n - (np - 1) * nr;
+        let np_full = if n_rem == nr { np } else { np - 1 };
+        let (rs, cs) = (self.b.rs, self.b.cs);
+        let panel_bytes = (self.k * nr * 4) as i64;
         kb.for_range(start, end, 1, |k, u| {
-            let bi = k.b.ins().udiv_imm_u(u, np);
-            let jp = k.b.ins().urem_imm_u(u, np);
+            let bi = k.b.ins().udiv_imm_u(u, nkp as i64);
+            let kp = k.b.ins().urem_imm_u(u, nkp as i64);
             let off = k.unflatten_offsets(bi, &pd, std::slice::from_ref(&self.b.batch_strides))[0];
             let off = k.b.ins().iadd_imm_s(off, self.b.off as i64);
-            let col0 = k.b.ins().imul_imm_s(jp, (NR as i64) * cs);
-            let off = k.b.ins().iadd(off, col0);
-            let sp = k.addr(src, off, 4);
-            let dp = k.b.ins().imul_imm_s(u, (self.k * NR * 4) as i64);
-            let dp = k.b.ins().iadd(dst, dp);
-            let last = k.b.ins().icmp_imm_s(IntCC::Equal, jp, np - 1);
-            let panel = |k: &mut Kb, cols: usize| {
+            let k0 = k.b.ins().imul_imm_s(kp, PACK_KB as i64);
+            let k1 = k.b.ins().iadd_imm_s(k0, PACK_KB as i64);
+            let kn = k.iconst(self.k as i64);
+            let k1 = k.b.ins().smin(k1, kn);
+            // Source of (k0, column 0) and destination of panel 0 at k0.
+            let s0 = k.b.ins().imul_imm_s(k0, rs);
+            let s0 = k.b.ins().iadd(off, s0);
+            let s0 = k.addr(src, s0, 4);
+            let d0 = k.b.ins().imul_imm_s(bi, (np as i64) * panel_bytes);
+            let d0 = k.b.ins().iadd(dst, d0);
+            let d0 = k.addr(d0, k0, (nr * 4) as i64);
+            let copy_rows = |k: &mut Kb, s: Value, d: Value, cols: usize| {
+                let cnt = k.b.ins().isub(k1, k0);
                 let zero = k.iconst(0);
-                let kk_n = k.iconst(self.k as i64);
-                k.for_range(zero, kk_n, 1, |k, kk| {
-                    let s = k.addr(sp, kk, 4 * self.b.rs);
-                    let d = k.addr(dp, kk, 4 * NR as i64);
-                    if cols == NR && cs == 1 {
-                        for h in 0..2 {
-                            let v = k.load_v(s, h * 16);
-                            k.b.ins().store(flags(), v, d, h * 16);
+                k.for_range(zero, cnt, 1, |k, kk| {
+                    let s = k.addr(s, kk, 4 * rs);
+                    let d = k.addr(d, kk, (nr * 4) as i64);
+                    if cols == nr && cs == 1 {
+                        for h in 0..nr / 4 {
+                            let v = k.load_v(s, (h * 16) as i32);
+                            k.b.ins().store(flags(), v, d, (h * 16) as i32);
                         }
                     } else {
-                        for c in 0..NR {
+                        for c in 0..nr {
                             let v = if c < cols {
                                 k.load_f(s, (c as i64 * cs * 4) as i32)
                             } else {
@@ -225,202 +307,513 @@ impl Matmul {
                     }
                 });
             };
-            k.if_else(last, |k| panel(k, n_rem), |k| panel(k, NR));
+            let npf = k.iconst(np_full as i64);
+            let zero = k.iconst(0);
+            k.for_range(zero, npf, 1, |k, jp| {
+                let s = k.addr(s0, jp, (nr as i64) * cs * 4);
+                let d = k.addr(d0, jp, panel_bytes);
+                copy_rows(k, s, d, nr);
+            });
+            if np_full < np {
+                let s = k.b.ins().iadd_imm_s(s0, (np_full * nr) as i64 * cs * 4);
+                let d = k.b.ins().iadd_imm_s(d0, np_full as i64 * panel_bytes);
+                copy_rows(k, s, d, n_rem);
+            }
         });
     }
 
     fn emit_compute(&self, kb: &mut Kb) {
+        let t = self.tile();
+        let (mr, nr) = (t.mr, t.nr());
         let (m, n, kdim) = (self.m, self.n, self.k);
         let (mp, np) = (self.mp(), self.np());
-        let pa_base = kb.base(self.pack_a);
-        let pb_base = kb.base(self.pack_b);
+        let direct = self.a_direct();
+        let a_base = if direct {
+            kb.base(self.a.loc)
+        } else {
+            kb.base(self.pack_a)
+        };
+        let b_in_place = self.b_direct();
+        let pb_base = if b_in_place {
+            kb.base(self.b.loc)
+        } else {
+            kb.base(self.pack_b)
+        };
         let c_base = kb.base(self.c);
-        let tile = kb.stack_buf((MR * NR * 4) as u32);
         let (start, end) = (kb.start, kb.end);
-        let nkb = kdim.div_ceil(KC);
-        let njc = np.div_ceil(NCP);
-        let a_ps = pack_index_strides(&self.batch, &self.a.batch_strides);
-        let b_ps = pack_index_strides(&self.batch, &self.b.batch_strides);
+        let nkb = kdim.div_ceil(t.kc);
+        let njc = np.div_ceil(t.ncp);
+        // Per output batch: A's offset (elements in place, packed panels
+        // otherwise), B's packed batch, C's offset.
+        let a_bs = if direct {
+            self.a.batch_strides.clone()
+        } else {
+            pack_index_strides(&self.batch, &self.a.batch_strides)
+        };
+        let b_ps = if b_in_place {
+            self.b.batch_strides.clone()
+        } else {
+            pack_index_strides(&self.batch, &self.b.batch_strides)
+        };
+        // B of panel jp, step kk: pb0 + jp·pbytes + kk·bk (+ lanes).
+        let packed = !b_in_place;
+        let (pbytes, bk) = if b_in_place {
+            ((nr * 4) as i64, self.b.rs * 4)
+        } else {
+            ((kdim * nr * 4) as i64, (nr * 4) as i64)
+        };
         let c_bs: Vec<i64> = super::kernel::contiguous_strides(&self.batch)
             .iter()
             .map(|s| s * (m * n) as i64)
             .collect();
-        let m_rem = m - (mp - 1) * MR;
-        let n_rem = n - (np - 1) * NR;
+        let m_rem = m - (mp - 1) * mr;
+        let n_rem = n - (np - 1) * nr;
+        // Column panels of full width; a narrower last one gets its own
+        // tile code.
+        let np_full = if n_rem == nr { np } else { np - 1 };
+        let ldc = (n * 4) as i64;
+        let (row_bytes, k_bytes) = if direct {
+            (self.a.rs * 4, self.a.cs * 4)
+        } else {
+            (4, (mr * 4) as i64)
+        };
         kb.for_const(0, nkb, |k, kbi| {
-            let k0 = k.b.ins().imul_imm_s(kbi, KC as i64);
+            let k0 = k.b.ins().imul_imm_s(kbi, t.kc as i64);
             let kdv = k.iconst(kdim as i64);
             let kleft = k.b.ins().isub(kdv, k0);
-            let kcap = k.iconst(KC as i64);
+            let kcap = k.iconst(t.kc as i64);
             let kc = k.b.ins().smin(kleft, kcap);
             let first = k.b.ins().icmp_imm_s(IntCC::Equal, kbi, 0);
             k.for_const(0, njc, |k, jc| {
-                let j0 = k.b.ins().imul_imm_s(jc, NCP as i64);
-                let j1 = k.b.ins().iadd_imm_s(j0, NCP as i64);
+                let j0 = k.b.ins().imul_imm_s(jc, t.ncp as i64);
+                let j1 = k.b.ins().iadd_imm_s(j0, t.ncp as i64);
                 let npv = k.iconst(np as i64);
                 let j1 = k.b.ins().smin(j1, npv);
+                let npf = k.iconst(np_full as i64);
+                let j1f = k.b.ins().smin(j1, npf);
                 k.for_range(start, end, 1, |k, u| {
                     let bi = k.b.ins().udiv_imm_u(u, mp as i64);
                     let ip = k.b.ins().urem_imm_u(u, mp as i64);
                     let offs = k.unflatten_offsets(
                         bi,
                         &self.batch,
-                        &[a_ps.clone(), b_ps.clone(), c_bs.clone()],
+                        &[a_bs.clone(), b_ps.clone(), c_bs.clone()],
                     );
-                    let (ai, bj, coff) = (offs[0], offs[1], offs[2]);
-                    // pa = pack_a + ((ai·mp + ip)·K + k0)·AK·4
-                    let t = k.b.ins().imul_imm_s(ai, mp as i64);
-                    let t = k.b.ins().iadd(t, ip);
-                    let t = k.b.ins().imul_imm_s(t, kdim as i64);
-                    let t = k.b.ins().iadd(t, k0);
-                    let pa = k.addr(pa_base, t, (AK * 4) as i64);
-                    let row0 = k.b.ins().imul_imm_s(ip, (MR * n) as i64);
+                    let (ao, bj, coff) = (offs[0], offs[1], offs[2]);
+                    let pa = if direct {
+                        // a + (off + ao + ip·mr·rs + k0·cs)·4
+                        let x = k.b.ins().iadd_imm_s(ao, self.a.off as i64);
+                        let r0 = k.b.ins().imul_imm_s(ip, mr as i64 * self.a.rs);
+                        let x = k.b.ins().iadd(x, r0);
+                        let k0s = k.b.ins().imul_imm_s(k0, self.a.cs);
+                        let x = k.b.ins().iadd(x, k0s);
+                        k.addr(a_base, x, 4)
+                    } else {
+                        // pack_a + ((ao·mp + ip)·K + k0)·mr·4
+                        let x = k.b.ins().imul_imm_s(ao, mp as i64);
+                        let x = k.b.ins().iadd(x, ip);
+                        let x = k.b.ins().imul_imm_s(x, kdim as i64);
+                        let x = k.b.ins().iadd(x, k0);
+                        k.addr(a_base, x, (mr * 4) as i64)
+                    };
+                    let a = ASrc {
+                        ptr: pa,
+                        row_bytes,
+                        k_bytes,
+                    };
+                    let row0 = k.b.ins().imul_imm_s(ip, (mr * n) as i64);
                     let crow = k.b.ins().iadd(coff, row0);
                     let crow = k.b.ins().iadd_imm_s(crow, self.c_off as i64);
                     let crow = k.addr(c_base, crow, 4);
-                    let last_row = k.b.ins().icmp_imm_s(IntCC::Equal, ip, mp as i64 - 1);
-                    let mrv = {
-                        let full = k.iconst(MR as i64);
-                        let rem = k.iconst(m_rem as i64);
-                        k.b.ins().select(last_row, rem, full)
+                    let pb0 = if b_in_place {
+                        // b + (off + bj + k0·rs)·4
+                        let x = k.b.ins().iadd_imm_s(bj, self.b.off as i64);
+                        let k0s = k.b.ins().imul_imm_s(k0, self.b.rs);
+                        let x = k.b.ins().iadd(x, k0s);
+                        k.addr(pb_base, x, 4)
+                    } else {
+                        // Panel 0 at k0: pack_b + (bj·np·K + k0)·nr·4
+                        let x = k.b.ins().imul_imm_s(bj, (np * kdim) as i64);
+                        let x = k.b.ins().iadd(x, k0);
+                        k.addr(pb_base, x, (nr * 4) as i64)
                     };
-                    k.for_range(j0, j1, 1, |k, jp| {
-                        let t = k.b.ins().imul_imm_s(bj, np as i64);
-                        let t = k.b.ins().iadd(t, jp);
-                        let t = k.b.ins().imul_imm_s(t, kdim as i64);
-                        let t = k.b.ins().iadd(t, k0);
-                        let pb = k.addr(pb_base, t, (NR * 4) as i64);
-                        let cptr = k.addr(crow, jp, (NR * 4) as i64);
-                        let last_col = k.b.ins().icmp_imm_s(IntCC::Equal, jp, np as i64 - 1);
-                        let nrv = {
-                            let full = k.iconst(NR as i64);
-                            let rem = k.iconst(n_rem as i64);
-                            k.b.ins().select(last_col, rem, full)
-                        };
-                        let edge_r = if m_rem < MR { Some(last_row) } else { None };
-                        let edge_c = if n_rem < NR { Some(last_col) } else { None };
-                        let edge = match (edge_r, edge_c) {
-                            (None, None) => None,
-                            (Some(a), None) | (None, Some(a)) => Some(a),
-                            (Some(a), Some(b)) => Some(k.b.ins().bor(a, b)),
-                        };
-                        let ldc_full = k.iconst((n * 4) as i64);
-                        let (ptr, ldc) = match edge {
-                            None => (cptr, ldc_full),
-                            Some(e) => {
-                                // Edge tiles work in a stack tile; copy the
-                                // valid part in (after the first block) and out.
-                                let not_first = k.b.ins().bxor_imm_u(first, 1);
-                                let copy_in = k.b.ins().band(e, not_first);
-                                k.if_then(copy_in, |k| {
-                                    copy_tile(k, cptr, (n * 4) as i64, tile, mrv, nrv)
-                                });
-                                let ntile = k.iconst((NR * 4) as i64);
-                                let ptr = k.b.ins().select(e, tile, cptr);
-                                let ldc = k.b.ins().select(e, ntile, ldc_full);
-                                (ptr, ldc)
-                            }
-                        };
-                        micro_kernel(k, pa, pb, kc, ptr, ldc, first);
-                        if let Some(e) = edge {
-                            k.if_then(e, |k| {
-                                copy_tile_out(k, tile, cptr, (n * 4) as i64, mrv, nrv)
+                    let row_block = |k: &mut Kb, rows: usize| {
+                        // Few rows leave too few accumulators to hide the FMA
+                        // latency: such tiles take several column panels.
+                        let group = panels_per_tile(rows, t.nv);
+                        let mut single_from = j0;
+                        if group > 1 {
+                            k.for_range(j0, j1f, group as i64, |k, jp| {
+                                let pb = k.addr(pb0, jp, pbytes);
+                                let cptr = k.addr(crow, jp, (nr * 4) as i64);
+                                let c = (cptr, ldc, first, rows, nr);
+                                micro_kernel(k, &t, a, (pb, pbytes, bk, group, packed), kc, c);
+                            });
+                            let span = k.b.ins().isub(j1f, j0);
+                            let whole = k.b.ins().udiv_imm_u(span, group as i64);
+                            let done = k.b.ins().imul_imm_s(whole, group as i64);
+                            single_from = k.b.ins().iadd(j0, done);
+                        }
+                        k.for_range(single_from, j1f, 1, |k, jp| {
+                            let pb = k.addr(pb0, jp, pbytes);
+                            let cptr = k.addr(crow, jp, (nr * 4) as i64);
+                            let c = (cptr, ldc, first, rows, nr);
+                            micro_kernel(k, &t, a, (pb, pbytes, bk, 1, packed), kc, c);
+                        });
+                        if np_full < np {
+                            let edge = k.b.ins().icmp_imm_s(IntCC::Equal, j1, np as i64);
+                            k.if_then(edge, |k| {
+                                let pb = k.b.ins().iadd_imm_s(pb0, np_full as i64 * pbytes);
+                                let cptr = k.b.ins().iadd_imm_s(crow, (np_full * nr * 4) as i64);
+                                let c = (cptr, ldc, first, rows, n_rem);
+                                micro_kernel(k, &t, a, (pb, pbytes, bk, 1, packed), kc, c);
                             });
                         }
-                    });
+                    };
+                    if m_rem < mr {
+                        let last_row = k.b.ins().icmp_imm_s(IntCC::Equal, ip, mp as i64 - 1);
+                        k.if_else(last_row, |k| row_block(k, m_rem), |k| row_block(k, mr));
+                    } else {
+                        row_block(k, mr);
+                    }
                 });
             });
         });
     }
 }
 
-/// Copy the valid `rows × cols` corner of C (row stride `ldc` bytes) into
-/// the stack tile.
-fn copy_tile(k: &mut Kb, c: Value, ldc: i64, tile: Value, rows: Value, cols: Value) {
-    let zero = k.iconst(0);
-    k.for_range(zero, rows, 1, |k, r| {
-        let src = k.addr(c, r, ldc);
-        let dst = k.addr(tile, r, (NR * 4) as i64);
-        let zero = k.iconst(0);
-        k.for_range(zero, cols, 1, |k, j| {
-            let s = k.addr(src, j, 4);
-            let v = k.load_f(s, 0);
-            let d = k.addr(dst, j, 4);
-            k.store_f(v, d, 0);
-        });
-    });
+/// Column panels one tile spans for a tile of `rows` rows: enough that
+/// the accumulators (rows · nv per panel) keep both FMA pipes busy through
+/// the FMA latency, few enough to stay in registers.
+fn panels_per_tile(rows: usize, nv: usize) -> usize {
+    match rows * nv {
+        0..=2 => 4,
+        3..=4 => 2,
+        _ => 1,
+    }
 }
 
-fn copy_tile_out(k: &mut Kb, tile: Value, c: Value, ldc: i64, rows: Value, cols: Value) {
-    let zero = k.iconst(0);
-    k.for_range(zero, rows, 1, |k, r| {
-        let src = k.addr(tile, r, (NR * 4) as i64);
-        let dst = k.addr(c, r, ldc);
-        let zero = k.iconst(0);
-        k.for_range(zero, cols, 1, |k, j| {
-            let s = k.addr(src, j, 4);
-            let v = k.load_f(s, 0);
-            let d = k.addr(dst, j, 4);
-            k.store_f(v, d, 0);
-        });
-    });
-}
-
-/// `C[MR×NR] (=|+=) Apanel[:, 0..kc] · Bpanel[0..kc, :]`, C rows `ldc`
-/// bytes apart; `first` selects overwrite.
-fn micro_kernel(k: &mut Kb, pa: Value, pb: Value, kc: Value, c: Value, ldc: Value, first: Value) {
+/// `C[rows × panels·nr] (=|+=) A[rows, 0..kc] · B[0..kc, panels]` over
+/// `panels` consecutive B panels (`b` = first panel, bytes between panels,
+/// bytes between k steps, panels, packed); `c` is (C pointer, row stride in bytes, `first` =
+/// overwrite, rows, cols of the last panel). Edge tiles (`rows < mr`,
+/// `cols < nr`) compute full vectors (B is zero-padded) but load and store
+/// only the valid part of C. Each element sums its k terms in order.
+fn micro_kernel(
+    k: &mut Kb,
+    t: &Tile,
+    a: ASrc,
+    (pb, pbytes, bk, panels, packed): (Value, i64, i64, usize, bool),
+    kc: Value,
+    (c, ldc, first, rows, cols): (Value, i64, Value, usize, usize),
+) {
+    let nr = t.nr();
+    // Accumulator columns: (panel, f32x4 within the panel).
+    let vcols: Vec<(usize, usize)> = (0..panels)
+        .flat_map(|p| (0..t.nv).map(move |h| (p, h)))
+        .collect();
+    let c_off = |r: usize, (p, h): (usize, usize)| -> i32 {
+        (r as i64 * ldc + (p * nr * 4 + h * 16) as i64) as i32
+    };
+    let lanes = |(p, h): (usize, usize)| -> usize {
+        let w = if p + 1 == panels { cols } else { nr };
+        w.saturating_sub(4 * h).min(4)
+    };
     let zero_v = k.vconst(0.0);
-    let accs: Vec<[Variable; 2]> = (0..MR)
-        .map(|_| [k.var(F32X4, zero_v), k.var(F32X4, zero_v)])
+    let accs: Vec<Vec<Variable>> = (0..rows)
+        .map(|_| vcols.iter().map(|_| k.var(F32X4, zero_v)).collect())
         .collect();
     let not_first = k.b.ins().bxor_imm_u(first, 1);
     k.if_then(not_first, |k| {
         for (r, acc) in accs.iter().enumerate() {
-            let row = k.b.ins().imul_imm_s(ldc, r as i64);
-            let row = k.b.ins().iadd(c, row);
-            for (h, var) in acc.iter().enumerate() {
-                let v = k.load_v(row, (h * 16) as i32);
+            for (vc, var) in vcols.iter().zip(acc) {
+                let off = c_off(r, *vc);
+                let v = if lanes(*vc) == 4 {
+                    k.load_v(c, off)
+                } else {
+                    let mut v = k.vconst(0.0);
+                    for l in 0..lanes(*vc) {
+                        let s = k.load_f(c, off + (l * 4) as i32);
+                        v = k.b.ins().insertlane(v, s, l as u8);
+                    }
+                    v
+                };
                 k.b.def_var(*var, v);
             }
         }
     });
-    let pa_v = k.var(I64, pa);
+    // One A pointer per f32x4 column of a one-panel tile: the same A
+    // element is loaded once per FMA through a different pointer, so
+    // Cranelift neither merges the loads (which would keep the splat in a
+    // register, broadcast by a shuffle) nor stops folding each into a
+    // `vbroadcastss` from memory. Wider tiles share one broadcast among
+    // many FMAs, where the shuffle is cheap.
+    let copies = if panels == 1 { t.nv } else { 1 };
+    let pa_v: Vec<Variable> = (0..copies).map(|_| k.var(I64, a.ptr)).collect();
+    // Packed B is zero-padded; B read in place is not, so its narrow last
+    // panel is loaded lane by lane.
     let pb_v = k.var(I64, pb);
     let step = |k: &mut Kb, unroll: usize| {
-        let a = k.b.use_var(pa_v);
+        let ap: Vec<Value> = pa_v.iter().map(|v| k.b.use_var(*v)).collect();
         let bp = k.b.use_var(pb_v);
         for u in 0..unroll {
-            let b0 = k.b.ins().load(F32X4, ro_flags(), bp, (u * NR * 4) as i32);
-            let b1 =
-                k.b.ins()
-                    .load(F32X4, ro_flags(), bp, (u * NR * 4 + 16) as i32);
+            let bv: Vec<Value> = vcols
+                .iter()
+                .map(|&(p, h)| {
+                    let off = (p as i64 * pbytes + u as i64 * bk + (h * 16) as i64) as i32;
+                    let n = lanes((p, h));
+                    if packed || n == 4 {
+                        return k.b.ins().load(F32X4, ro_flags(), bp, off);
+                    }
+                    let mut v = k.vconst(0.0);
+                    for l in 0..n {
+                        let s = k.b.ins().load(F32, ro_flags(), bp, off + (l * 4) as i32);
+                        v = k.b.ins().insertlane(v, s, l as u8);
+                    }
+                    v
+                })
+                .collect();
             for (r, acc) in accs.iter().enumerate() {
-                for (h, var) in acc.iter().enumerate() {
-                    let off = ((u * AK + r * AREP + h) * 4) as i32;
-                    let s = k.b.ins().load(F32, ro_flags(), a, off);
-                    let av = k.b.ins().splat(F32X4, s);
-                    let bv = if h == 0 { b0 } else { b1 };
+                for (i, var) in acc.iter().enumerate() {
+                    let off = (r as i64 * a.row_bytes + u as i64 * a.k_bytes) as i32;
+                    let s = k.b.ins().load(F32, ro_flags(), ap[i % copies], off);
+                    let x = k.b.ins().splat(F32X4, s);
                     let old = k.b.use_var(*var);
-                    let new = k.b.ins().fma(av, bv, old);
+                    let new = k.b.ins().fma(x, bv[i], old);
                     k.b.def_var(*var, new);
                 }
             }
         }
-        let a2 = k.b.ins().iadd_imm_s(a, (unroll * AK * 4) as i64);
-        let b2 = k.b.ins().iadd_imm_s(bp, (unroll * NR * 4) as i64);
-        k.b.def_var(pa_v, a2);
+        for (i, v) in pa_v.iter().enumerate() {
+            let next = k.b.ins().iadd_imm_s(ap[i], unroll as i64 * a.k_bytes);
+            k.b.def_var(*v, next);
+        }
+        let b2 = k.b.ins().iadd_imm_s(bp, unroll as i64 * bk);
         k.b.def_var(pb_v, b2);
     };
     let zero = k.iconst(0);
-    k.for_range(zero, kc, 2, |k, _| step(k, 2));
-    let odd = k.b.ins().band_imm_u(kc, 1);
-    k.if_then(odd, |k| step(k, 1));
+    let un = t.unroll.max(1);
+    k.for_range(zero, kc, un as i64, |k, _| step(k, un));
+    if un > 1 {
+        // The loop above ran kc rounded down to a multiple of `un`.
+        let tail = k.b.ins().urem_imm_u(kc, un as i64);
+        k.for_range(zero, tail, 1, |k, _| step(k, 1));
+    }
     for (r, acc) in accs.iter().enumerate() {
-        let row = k.b.ins().imul_imm_s(ldc, r as i64);
-        let row = k.b.ins().iadd(c, row);
-        for (h, var) in acc.iter().enumerate() {
+        for (vc, var) in vcols.iter().zip(acc) {
+            let off = c_off(r, *vc);
             let v = k.b.use_var(*var);
-            k.b.ins().store(flags(), v, row, (h * 16) as i32);
+            if lanes(*vc) == 4 {
+                k.b.ins().store(flags(), v, c, off);
+            } else {
+                for l in 0..lanes(*vc) {
+                    let s = k.b.ins().extractlane(v, l as u8);
+                    k.store_f(s, c, off + (l * 4) as i32);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codegen::{compile, JitOptions};
+    use crate::ir::{Conv2d, Graph, Op, OutputKind, TensorType};
+    use crate::tensor::Tensor;
+    use std::collections::BTreeMap;
+
+    /// Deterministic values in [-1, 1).
+    fn data(len: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Run `g` on 1, 2 and 3 threads; every run must give the same bits.
+    fn run_all_threads(g: &Graph, feeds: &BTreeMap<String, Tensor>) -> Vec<f32> {
+        let mut first: Option<Vec<f32>> = None;
+        for threads in [1, 2, 3] {
+            let m = compile(g, &JitOptions { threads }).expect("compiles");
+            assert_eq!(m.interpreted_kernels(), 0);
+            let out = m.run(feeds).expect("runs");
+            let c = out["c"].as_f32().expect("f32 output").to_vec();
+            match &first {
+                None => first = Some(c),
+                Some(f) => {
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(f), bits(&c), "threads={threads} changed the bits");
+                }
+            }
+        }
+        first.unwrap_or_default()
+    }
+
+    /// `[ba?, m, k] @ [bb?, k, n]` (a missing or size-1 batch broadcasts)
+    /// against an f64 reference, with the f32 error bound K·ε·Σ|a·b|.
+    fn check(a_batch: Option<usize>, b_batch: Option<usize>, m: usize, k: usize, n: usize) {
+        let ba = a_batch.unwrap_or(1);
+        let bb = b_batch.unwrap_or(1);
+        let batch = ba.max(bb);
+        let shape = |b: Option<usize>, r: usize, c: usize| match b {
+            Some(b) => vec![b, r, c],
+            None => vec![r, c],
+        };
+        let (sa, sb) = (shape(a_batch, m, k), shape(b_batch, k, n));
+        let (va, vb) = (data(ba * m * k, 1), data(bb * k * n, 2));
+        let mut g = Graph::new();
+        let a = g.add_leaf(
+            Op::Input { name: "a".into() },
+            TensorType::f32(sa.clone()),
+            None,
+        );
+        let b = g.add_leaf(
+            Op::Input { name: "b".into() },
+            TensorType::f32(sb.clone()),
+            None,
+        );
+        let c = g.add(Op::MatMul, &[a, b], None).expect("matmul");
+        g.push_output("c", OutputKind::Output, c);
+        let mut feeds = BTreeMap::new();
+        feeds.insert("a".to_string(), Tensor::f32(sa, va.clone()));
+        feeds.insert("b".to_string(), Tensor::f32(sb, vb.clone()));
+        let got = run_all_threads(&g, &feeds);
+        assert_eq!(got.len(), batch * m * n);
+        for p in 0..batch {
+            let (pa, pb) = (if ba == 1 { 0 } else { p }, if bb == 1 { 0 } else { p });
+            for i in 0..m {
+                for j in 0..n {
+                    let (mut s, mut mag) = (0f64, 0f64);
+                    for kk in 0..k {
+                        let x = va[(pa * m + i) * k + kk] as f64 * vb[(pb * k + kk) * n + j] as f64;
+                        s += x;
+                        mag += x.abs();
+                    }
+                    let c = got[(p * m + i) * n + j] as f64;
+                    let tol = (k as f64) * f32::EPSILON as f64 * mag + 1e-30;
+                    assert!(
+                        (c - s).abs() <= tol,
+                        "{m}x{k}x{n} batch {p} C[{i},{j}] = {c}, want {s} ± {tol}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn edges_and_blocks_match_an_f64_reference() {
+        let t = TILE;
+        // Row and column edges of every width, k over several KC blocks
+        // with a remainder (and odd, for the unrolled loop's tail), n over
+        // several NCP blocks.
+        check(None, None, 1, 1, 1);
+        check(None, None, t.mr + 1, 3, t.nr() + 1);
+        check(None, None, 2 * t.mr - 1, t.kc + 3, 3);
+        check(None, None, 3 * t.mr + 2, 2 * t.kc + 1, t.ncp * t.nr() + 5);
+        check(None, None, 17, 7, t.ncp * t.nr() * 2);
+        for cols in 1..t.nr() {
+            check(None, None, t.mr, 5, t.nr() + cols);
+        }
+        // Edge rows spanning several panels per tile, with panels left
+        // over for one-panel tiles and a narrow last panel.
+        for rows in 1..t.mr {
+            check(None, None, t.mr + rows, 9, 7 * t.nr() + 3);
+            check(None, None, rows, t.kc + 1, 4 * t.nr());
+        }
+    }
+
+    #[test]
+    fn batched_and_broadcast_operands_match_an_f64_reference() {
+        check(Some(3), Some(3), 7, 9, 11);
+        check(Some(4), None, 6, 260, 10);
+        check(None, Some(2), 11, 5, 13);
+        check(Some(1), Some(3), 4, 8, 9);
+    }
+
+    #[test]
+    fn contiguous_a_is_read_in_place_and_strided_a_is_packed() {
+        let op = |rs: i64, cs: i64| MmOperand {
+            loc: Loc::Arena(0),
+            off: 0,
+            batch_strides: vec![],
+            rs,
+            cs,
+        };
+        let mut mm = Matmul {
+            batch: vec![],
+            m: 12,
+            k: 7,
+            n: 9,
+            a: op(7, 1),
+            b: op(9, 1),
+            c: Loc::Arena(0),
+            c_off: 0,
+            pack_a: Loc::Arena(0),
+            pack_b: Loc::Arena(0),
+        };
+        assert_eq!(mm.pack_a_bytes(), 0);
+        assert_eq!(mm.units(MatmulPhase::PackA), 0);
+        mm.a = op(1, 12);
+        let panels = 12usize.div_ceil(TILE.mr);
+        assert_eq!(mm.pack_a_bytes(), panels * TILE.mr * 7 * 4);
+        assert_eq!(mm.units(MatmulPhase::PackA), panels);
+    }
+
+    /// The input gradient of a convolution multiplies by the transposed
+    /// filter: a strided A that goes through the packed path. k (the output
+    /// channels) spans two KC blocks.
+    #[test]
+    fn transposed_a_through_conv_input_gradient_matches_interpreter() {
+        let (n, o, ch, h, w, kh) = (2, TILE.kc + 5, 3, 4, 5, 3);
+        let conv = Conv2d {
+            stride: 1,
+            dilation: 1,
+            pad: [1, 1, 1, 1],
+        };
+        let mut g = Graph::new();
+        let dy = g.add_leaf(
+            Op::Input { name: "dy".into() },
+            TensorType::f32(vec![n, o, h, w]),
+            None,
+        );
+        let f = g.add_leaf(
+            Op::Input { name: "w".into() },
+            TensorType::f32(vec![o, ch, kh, kh]),
+            None,
+        );
+        let dx = g
+            .add(
+                Op::ConvGradInput {
+                    conv,
+                    input_hw: [h, w],
+                },
+                &[dy, f],
+                None,
+            )
+            .expect("conv_grad_input");
+        g.push_output("c", OutputKind::Output, dx);
+        let mut feeds = BTreeMap::new();
+        feeds.insert(
+            "dy".to_string(),
+            Tensor::f32(vec![n, o, h, w], data(n * o * h * w, 3)),
+        );
+        feeds.insert(
+            "w".to_string(),
+            Tensor::f32(vec![o, ch, kh, kh], data(o * ch * kh * kh, 4)),
+        );
+        let got = run_all_threads(&g, &feeds);
+        let want = crate::interp::run_f32(&g, &feeds).expect("interpreter runs");
+        let want = want["c"].as_f32().expect("f32");
+        assert_eq!(got.len(), want.len());
+        for (i, (a, e)) in got.iter().zip(want).enumerate() {
+            // Sums of up to o·9 products of magnitude < 1.
+            assert!((a - e).abs() <= 1e-5 * (1.0 + e.abs()) * 10.0, "dx[{i}]: {a} vs {e}");
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod attention;
 pub mod conv;
 pub mod emit;
 pub mod kernel;
+pub mod liveness;
 pub mod lower;
 pub mod math;
 pub mod matmul;
@@ -28,19 +29,24 @@ pub mod rnn;
 pub use crate::runtime::{JitModel, RuntimeError};
 pub use plan::MemoryPlan;
 
-use crate::ir::{Graph, Op, TensorType, Value};
+use crate::ir::{Graph, Op, TensorType, UnaryOp, Value};
 use crate::runtime::{Exec, ExecKernel, JitStep, StepCheck};
 use cranelift_codegen::control::ControlPlane;
-use cranelift_codegen::ir::{Function, UserFuncName};
-use cranelift_codegen::isa::{OwnedTargetIsa, TargetFrontendConfig, TargetIsa};
+use cranelift_codegen::ir::Function;
+use cranelift_codegen::binemit::Reloc;
+use cranelift_codegen::isa::{CallConv, OwnedTargetIsa, TargetFrontendConfig, TargetIsa};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_codegen::Context;
 use cranelift_jit::{JITBuilder, JITModule};
-use cranelift_module::{FuncId, Linkage, Module, ModuleReloc};
-use emit::Loc;
+use cranelift_frontend::FunctionBuilderContext;
+use cranelift_module::{FuncId, Linkage, Module, ModuleReloc, ModuleRelocTarget};
+use emit::{Addressing, Loc};
 use kernel::Step;
 use petgraph::stable_graph::NodeIndex;
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 /// Options of the JIT.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,14 +84,38 @@ pub enum CodegenError {
     BadOutput(String),
 }
 
-/// The host ISA with the flags our kernels rely on (FMA, SSE4.1 rounding).
+/// How hard Cranelift optimises a kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptLevel {
+    /// Egraph optimisation (GVN, LICM, constant folding): for the kernels
+    /// whose inner loops carry the run time.
+    Speed,
+    /// No optimisation passes: for the kernels whose loops are memory-bound
+    /// and simple, where the optimiser costs compile time and buys nothing.
+    Quick,
+}
+
+/// The host ISA with the flags our kernels rely on (FMA, SSE4.1 rounding),
+/// optimising for speed.
 pub fn host_isa() -> Result<OwnedTargetIsa, CodegenError> {
+    host_isa_at(OptLevel::Speed)
+}
+
+/// The host ISA at an optimisation level.
+pub fn host_isa_at(level: OptLevel) -> Result<OwnedTargetIsa, CodegenError> {
     let mut flags = settings::builder();
     let set = |f: &mut settings::Builder, k: &str, v: &str| {
         f.set(k, v)
             .map_err(|e| CodegenError::Isa(format!("setting {k}={v}: {e}")))
     };
-    set(&mut flags, "opt_level", "speed")?;
+    let opt = match level {
+        OptLevel::Speed => "speed",
+        OptLevel::Quick => "none",
+    };
+    set(&mut flags, "opt_level", opt)?;
+    if level == OptLevel::Quick && std::env::var("DLC_SP").is_ok() {
+        set(&mut flags, "regalloc_algorithm", "single_pass")?;
+    }
     set(&mut flags, "is_pic", "false")?;
     // Our builders emit well-formed IR by construction and the test suite
     // runs every kernel template; verifying each function again at compile
@@ -215,7 +245,14 @@ fn prepare(
             p.check(g, &scratch_bytes).map_err(CodegenError::Plan)?;
             p
         }
-        None => MemoryPlan::naive(g, &scratch_bytes),
+        None => {
+            let kernels: Vec<NodeIndex> = order
+                .iter()
+                .copied()
+                .filter(|&n| leaf_kind(&g.node(n).op).is_none())
+                .collect();
+            liveness::plan(g, &kernels, &scratch_bytes)
+        }
     };
     let mut locs: HashMap<Value, Loc> = plan
         .values
@@ -278,22 +315,21 @@ fn compile_inner(
     opts: &JitOptions,
     interpret: &[&str],
 ) -> Result<JitModel, CodegenError> {
+    let t0 = std::time::Instant::now();
     let p = prepare(g, plan, interpret)?;
-    let isa = host_isa()?;
+    let t1 = std::time::Instant::now();
+    let isa = host_isa_at(OptLevel::Speed)?;
+    let quick = host_isa_at(OptLevel::Quick)?;
+    let t2 = std::time::Instant::now();
     let config = isa.frontend_config();
-    let call_conv = config.default_call_conv;
     let mut module = JITModule::new(JITBuilder::with_isa(
         isa,
         cranelift_module::default_libcall_names(),
     ));
-    let sig = emit::kernel_signature(call_conv);
-    let mut pending: Vec<(usize, usize, cranelift_module::FuncId)> = Vec::new();
+    let sig = emit::kernel_signature(config.default_call_conv);
+    let mut jobs: Vec<Job> = Vec::new();
     let mut execs: Vec<ExecKernel> = Vec::new();
-    let mut fn_index = 0u32;
-    let mut compiled: HashMap<String, cranelift_module::FuncId> = HashMap::new();
-    let mut to_compile: Vec<Unit> = Vec::new();
-    let mut funcs: Vec<Function> = Vec::new();
-    for (ki, (n, k)) in p.kernels.iter().enumerate() {
+    for (n, k) in &p.kernels {
         let node = g.node(*n);
         let exec = match k {
             Planned::Host => Exec::Host {
@@ -303,32 +339,12 @@ fn compile_inner(
             },
             Planned::Jit(steps) => {
                 let mut js = Vec::new();
-                for (si, step) in steps.iter().enumerate() {
-                    // Steps are built under one name so that identical
-                    // bodies print identically: the unrolled recurrent
-                    // time loop repeats the same function many times, and
-                    // identical IR compiles to identical machine code.
-                    let mut func = build_step(config, 0, step);
-                    let key = func.display().to_string();
-                    let id = match compiled.get(&key) {
-                        Some(&id) => id,
-                        None => {
-                            let id = module
-                                .declare_function(&format!("k{fn_index}"), Linkage::Local, &sig)
-                                .map_err(|e| cranelift_err(*n, &node.op, e.to_string()))?;
-                            func.name = UserFuncName::user(0, fn_index);
-                            compiled.insert(key, id);
-                            to_compile.push(Unit {
-                                node: *n,
-                                op: &node.op,
-                                id,
-                            });
-                            funcs.push(func);
-                            fn_index += 1;
-                            id
-                        }
-                    };
-                    pending.push((ki, si, id));
+                for step in steps {
+                    jobs.push(Job {
+                        node: *n,
+                        op: &node.op,
+                        step,
+                    });
                     js.push(JitStep {
                         func: None,
                         units: step.units(),
@@ -345,21 +361,97 @@ fn compile_inner(
             exec,
         });
     }
-    let machine = compile_units(module.isa(), &to_compile, funcs, opts.threads)?;
-    // Defined in declaration order, so the code layout does not depend on
-    // which worker compiled what.
-    for (unit, code) in to_compile.iter().zip(machine) {
-        module
-            .define_function_bytes(unit.id, code.alignment, &code.bytes, &code.relocs)
-            .map_err(|e| cranelift_err(unit.node, unit.op, format!("{e:?}")))?;
+    let t3 = std::time::Instant::now();
+    let addressing = table_addressing(config.default_call_conv);
+    let isas = Isas {
+        speed: module.isa(),
+        quick: &*quick,
+        config,
+        addressing,
+    };
+    let built = build_and_compile(&isas, &jobs, opts.threads)?;
+    let t4 = std::time::Instant::now();
+    // A job compiled here or the same function as an earlier one: functions
+    // are declared and defined in order of their first job, so the code
+    // layout does not depend on which worker compiled what.
+    let mut root: Vec<usize> = (0..jobs.len()).collect();
+    let mut tables: Vec<Vec<i64>> = Vec::with_capacity(jobs.len());
+    let mut codes: Vec<Option<Machine>> = Vec::with_capacity(jobs.len());
+    for (j, b) in built.into_iter().enumerate() {
+        match b {
+            Built::Code(m, t) => {
+                codes.push(Some(m));
+                tables.push(t);
+            }
+            Built::Same(c, t) => {
+                root[j] = c;
+                codes.push(None);
+                tables.push(t);
+            }
+        }
     }
+    let mut first_of: HashMap<usize, usize> = HashMap::new();
+    for (j, &r) in root.iter().enumerate() {
+        first_of.entry(r).or_insert(j);
+    }
+    let mut roots: Vec<usize> = first_of.keys().copied().collect();
+    roots.sort_by_key(|r| first_of[r]);
+    let body_sig = emit::signature_for(config.default_call_conv, addressing);
+    let mut bodies: HashMap<usize, FuncId> = HashMap::new();
+    for (index, &r) in roots.iter().enumerate() {
+        let job = &jobs[r];
+        let id = module
+            .declare_function(&format!("k{index}"), Linkage::Local, &body_sig)
+            .map_err(|e| cranelift_err(job.node, job.op, e.to_string()))?;
+        let Some(mut code) = codes[r].take() else {
+            return Err(cranelift_err(
+                job.node,
+                job.op,
+                "a deduplicated kernel has no machine code".into(),
+            ));
+        };
+        for reloc in &mut code.relocs {
+            if let ModuleRelocTarget::FunctionOffset(_, off) = reloc.name {
+                reloc.name = ModuleRelocTarget::FunctionOffset(id, off);
+            }
+        }
+        module
+            .define_function_bytes(id, code.alignment, &code.bytes, &code.relocs)
+            .map_err(|e| cranelift_err(job.node, job.op, format!("{e:?}")))?;
+        bodies.insert(r, id);
+    }
+    // What the runtime calls for each job: the body itself, or a thunk that
+    // hands the body this job's operand table.
+    let mut entries: Vec<FuncId> = Vec::with_capacity(jobs.len());
+    for (j, job) in jobs.iter().enumerate() {
+        let body = bodies[&root[j]];
+        let id = match addressing {
+            Addressing::Baked => body,
+            Addressing::Table => {
+                let id = module
+                    .declare_anonymous_function(&sig)
+                    .map_err(|e| cranelift_err(job.node, job.op, e.to_string()))?;
+                let (bytes, relocs) = thunk(body, &tables[j]);
+                module
+                    .define_function_bytes(id, 16, &bytes, &relocs)
+                    .map_err(|e| cranelift_err(job.node, job.op, format!("{e:?}")))?;
+                id
+            }
+        };
+        entries.push(id);
+    }
+    let t5 = std::time::Instant::now();
     module
         .finalize_definitions()
         .map_err(|e| CodegenError::Isa(format!("finalizing kernels: {e}")))?;
-    for (ki, si, id) in pending {
-        let ptr = module.get_finalized_function(id);
-        if let Exec::Jit(steps) = &mut execs[ki].exec {
-            steps[si].func = Some(ptr as usize);
+    let mut j = 0;
+    for e in &mut execs {
+        if let Exec::Jit(steps) = &mut e.exec {
+            for s in steps {
+                let ptr = module.get_finalized_function(entries[j]);
+                s.func = Some(ptr as usize);
+                j += 1;
+            }
         }
     }
     let feeds = p
@@ -379,47 +471,157 @@ fn compile_inner(
         })
         .collect();
     let _ = &p.order;
-    Ok(JitModel::new(
+    let t6 = std::time::Instant::now();
+    let m = JitModel::new(
         module,
         execs,
         feeds,
         outputs,
         p.plan.size,
         opts.threads,
-    ))
+    );
+    let t7 = std::time::Instant::now();
+    if std::env::var("DLC_JT").is_ok() {
+        let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
+        eprintln!("jit: prepare {:.2} isa {:.2} jobs {:.2} ({} steps, {} fns) build+compile {:.2} define {:.2} finalize {:.2} new {:.2} (arena {} B)", ms(t0,t1), ms(t1,t2), ms(t2,t3), jobs.len(), roots.len(), ms(t3,t4), ms(t4,t5), ms(t5,t6), ms(t6,t7), p.plan.size);
+    }
+    Ok(m)
 }
 
-/// One distinct kernel function awaiting machine code.
-struct Unit<'g> {
+/// One kernel step awaiting machine code, in execution order.
+struct Job<'g> {
     node: NodeIndex,
     op: &'g Op,
-    id: FuncId,
+    step: &'g Step,
 }
 
-/// The machine code of one [`Unit`].
+/// What became of a [`Job`]; each with the job's operand table when
+/// kernels are built with [`Addressing::Table`].
+enum Built {
+    /// Its function, compiled.
+    Code(Machine, Vec<i64>),
+    /// Its function is identical to that of this earlier-claimed job.
+    Same(usize, Vec<i64>),
+}
+
+/// The machine code of one function.
 struct Machine {
     bytes: Vec<u8>,
     alignment: u64,
     relocs: Vec<ModuleReloc>,
 }
 
-fn compile_unit(
+/// The two optimisation levels kernels are compiled at, and how they
+/// address their operands.
+struct Isas<'a> {
+    speed: &'a dyn TargetIsa,
+    quick: &'a dyn TargetIsa,
+    config: TargetFrontendConfig,
+    addressing: Addressing,
+}
+
+impl Isas<'_> {
+    fn for_step(&self, step: &Step) -> &dyn TargetIsa {
+        if needs_speed(step) {
+            self.speed
+        } else {
+            self.quick
+        }
+    }
+}
+
+/// Whether a step is compiled with Cranelift's optimiser. Steps whose
+/// loops only move data or do one cheap operation per element (copies,
+/// fills, packing, pooling, plain elementwise arithmetic, reductions) are
+/// memory-bound, and measured no slower without it; the optimiser roughly
+/// halves their compile time. Everything else, including any step kind
+/// added later, keeps it.
+fn needs_speed(step: &Step) -> bool {
+    use conv::ConvStep;
+    use kernel::{EwOp, MatmulPhase};
+    match std::env::var("DLC_QUICK").ok().as_deref() {
+        Some("all") => return false,
+        Some("none") => return true,
+        _ => {}
+    }
+    let quick = match step {
+        Step::Fill(_) | Step::Copy(_) | Step::Reduce(_) | Step::Gather(_) | Step::ScatterAdd(_) => {
+            true
+        }
+        Step::Pool(_) | Step::Col2im(_) => true,
+        Step::Matmul(_, MatmulPhase::PackA | MatmulPhase::PackB) => true,
+        Step::Im2col(ConvStep::Im2col(_) | ConvStep::Pad(_) | ConvStep::PackW(_)) => true,
+        Step::Elementwise(e) => !matches!(
+            e.op,
+            EwOp::Unary(UnaryOp::Exp | UnaryOp::Log | UnaryOp::Tanh | UnaryOp::Sigmoid)
+        ),
+        _ => false,
+    };
+    !quick
+}
+
+/// Whether kernels take their operand table as a fifth argument: where a
+/// hand-written thunk can pass it (x86-64 System V, where it goes in `r8`).
+fn table_addressing(call_conv: CallConv) -> Addressing {
+    if cfg!(target_arch = "x86_64") && call_conv == CallConv::SystemV {
+        Addressing::Table
+    } else {
+        Addressing::Baked
+    }
+}
+
+/// The machine code of a thunk that calls `body` with `table` as its fifth
+/// argument: `lea r8, [rip + table]; movabs rax, body; jmp rax`, the table
+/// following the code. The jump keeps the caller's stack and return
+/// address, so the body returns straight to the runtime; `rax` is free at
+/// a call boundary.
+fn thunk(body: FuncId, table: &[i64]) -> (Vec<u8>, Vec<ModuleReloc>) {
+    const TABLE_AT: usize = 24;
+    let mut code = Vec::with_capacity(TABLE_AT + 8 * table.len());
+    // lea r8, [rip + disp32]; rip is the end of this 7-byte instruction.
+    code.extend_from_slice(&[0x4c, 0x8d, 0x05]);
+    code.extend_from_slice(&((TABLE_AT - 7) as i32).to_le_bytes());
+    // movabs rax, imm64 (the body's address, by relocation).
+    code.extend_from_slice(&[0x48, 0xb8]);
+    let imm_at = code.len();
+    code.extend_from_slice(&[0; 8]);
+    // jmp rax
+    code.extend_from_slice(&[0xff, 0xe0]);
+    code.resize(TABLE_AT, 0xcc);
+    for v in table {
+        code.extend_from_slice(&v.to_le_bytes());
+    }
+    let reloc = ModuleReloc {
+        offset: imm_at as u32,
+        kind: Reloc::Abs8,
+        name: ModuleRelocTarget::from(body),
+        addend: 0,
+    };
+    (code, vec![reloc])
+}
+
+fn compile_function(
     isa: &dyn TargetIsa,
     ctx: &mut Context,
-    unit: &Unit,
+    job: &Job,
     func: Function,
 ) -> Result<Machine, CodegenError> {
     ctx.clear();
     ctx.func = func;
+    let tt = std::time::Instant::now();
     let code = ctx
         .compile(isa, &mut ControlPlane::default())
-        .map_err(|e| cranelift_err(unit.node, unit.op, format!("{:?}", e.inner)))?;
+        .map_err(|e| cranelift_err(job.node, job.op, format!("{:?}", e.inner)))?;
     let bytes = code.code_buffer().to_vec();
+    if std::env::var("DLC_JT2").is_ok() {
+        eprintln!("fn {} {} {:.3} ms {} B", job.op.name(), format!("{:?}", job.step).split(['(', ' ']).next().unwrap_or("") .to_string() + if needs_speed(job.step) {"/S"} else {"/Q"}, tt.elapsed().as_secs_f64()*1e3, bytes.len());
+    }
     let alignment = code.buffer.alignment as u64;
     let raw = code.buffer.relocs().to_vec();
+    // The function's own id is not known yet; the caller fills it in.
     let relocs = raw
         .iter()
-        .map(|r| ModuleReloc::from_mach_reloc(r, &ctx.func, unit.id))
+        .map(|r| ModuleReloc::from_mach_reloc(r, &ctx.func, FuncId::from_u32(0)))
         .collect();
     Ok(Machine {
         bytes,
@@ -428,34 +630,71 @@ fn compile_unit(
     })
 }
 
-/// Compile `funcs` (one per unit), spread over up to `threads` workers:
-/// functions are independent, and Cranelift's output depends only on the
-/// function and the ISA, so the machine code is the same for any split.
-fn compile_units(
-    isa: &dyn TargetIsa,
-    units: &[Unit],
-    funcs: Vec<Function>,
+/// Build every job's function and compile each distinct one, on up to
+/// `threads` workers taking jobs in turn. A function identical to one
+/// already claimed (the unrolled recurrences repeat the same step many
+/// times) is compiled once: Cranelift's output depends only on the function
+/// and the ISA, so the machine code is the same whichever worker compiles
+/// it and however the jobs are split.
+fn build_and_compile(
+    isas: &Isas,
+    jobs: &[Job],
     threads: usize,
-) -> Result<Vec<Machine>, CodegenError> {
-    let workers = threads.clamp(1, units.len().max(1));
-    let chunk = units.len().div_ceil(workers).max(1);
-    let mut funcs = funcs.into_iter();
-    let jobs: Vec<(&[Unit], Vec<Function>)> = units
-        .chunks(chunk)
-        .map(|part| (part, funcs.by_ref().take(part.len()).collect()))
-        .collect();
-    let run = |(part, fs): (&[Unit], Vec<Function>)| {
+) -> Result<Vec<Built>, CodegenError> {
+    type Seen = HashMap<u64, Vec<(usize, Function)>>;
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let seen: Mutex<Seen> = Mutex::new(HashMap::new());
+    let work = || -> Result<Vec<(usize, Built)>, CodegenError> {
         let mut ctx = Context::new();
-        part.iter()
-            .zip(fs)
-            .map(|(u, f)| compile_unit(isa, &mut ctx, u, f))
-            .collect::<Result<Vec<_>, _>>()
+        let mut fctx = FunctionBuilderContext::new();
+        let mut out = Vec::new();
+        loop {
+            let j = next.fetch_add(1, Ordering::Relaxed);
+            if j >= jobs.len() || failed.load(Ordering::Relaxed) {
+                return Ok(out);
+            }
+            let job = &jobs[j];
+            let (func, operands) =
+                emit::build_kernel_in(&mut fctx, isas.config, 0, isas.addressing, |kb| {
+                    job.step.emit(kb)
+                });
+            let table: Vec<i64> = operands.into_iter().map(emit::table_entry).collect();
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            func.stencil.hash(&mut h);
+            let same = {
+                let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                let bucket = seen.entry(h.finish()).or_default();
+                match bucket.iter().find(|(_, f)| *f == func) {
+                    Some((c, _)) => Some(*c),
+                    None => {
+                        bucket.push((j, func.clone()));
+                        None
+                    }
+                }
+            };
+            let b = match same {
+                Some(c) => Built::Same(c, table),
+                None => {
+                    let isa = isas.for_step(job.step);
+                    match compile_function(isa, &mut ctx, job, func) {
+                        Ok(m) => Built::Code(m, table),
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                    }
+                }
+            };
+            out.push((j, b));
+        }
     };
-    let parts: Vec<Result<Vec<Machine>, CodegenError>> = if jobs.len() <= 1 {
-        jobs.into_iter().map(run).collect()
+    let workers = threads.clamp(1, jobs.len().max(1));
+    let parts: Vec<Result<Vec<(usize, Built)>, CodegenError>> = if workers == 1 {
+        vec![work()]
     } else {
         std::thread::scope(|s| {
-            let handles: Vec<_> = jobs.into_iter().map(|j| s.spawn(move || run(j))).collect();
+            let handles: Vec<_> = (0..workers).map(|_| s.spawn(work)).collect();
             handles
                 .into_iter()
                 .map(|h| {
@@ -468,11 +707,16 @@ fn compile_units(
                 .collect()
         })
     };
-    let mut out = Vec::with_capacity(units.len());
+    let mut slots: Vec<Option<Built>> = (0..jobs.len()).map(|_| None).collect();
     for part in parts {
-        out.extend(part?);
+        for (j, b) in part? {
+            slots[j] = Some(b);
+        }
     }
-    Ok(out)
+    slots
+        .into_iter()
+        .map(|b| b.ok_or_else(|| CodegenError::Isa("a kernel was not compiled".into())))
+        .collect()
 }
 
 fn cranelift_err(n: NodeIndex, op: &Op, message: String) -> CodegenError {
@@ -553,8 +797,15 @@ pub fn emit_clif(g: &Graph) -> String {
 /// for `--emit asm`.
 pub fn emit_asm(g: &Graph) -> Result<String, CodegenError> {
     let p = prepare(g, None, &[])?;
-    let isa = host_isa()?;
-    let config = isa.frontend_config();
+    let speed = host_isa_at(OptLevel::Speed)?;
+    let quick = host_isa_at(OptLevel::Quick)?;
+    let config = speed.frontend_config();
+    let isas = Isas {
+        speed: &*speed,
+        quick: &*quick,
+        config,
+        addressing: Addressing::Baked,
+    };
     let mut ctx = cranelift_codegen::Context::new();
     ctx.set_disasm(true);
     let mut out = String::new();
@@ -570,7 +821,7 @@ pub fn emit_asm(g: &Graph) -> Result<String, CodegenError> {
                     ctx.func = build_step(config, index, step);
                     let mut ctrl = cranelift_codegen::control::ControlPlane::default();
                     let code = ctx
-                        .compile(&*isa, &mut ctrl)
+                        .compile(isas.for_step(step), &mut ctrl)
                         .map_err(|e| cranelift_err(*n, op, format!("{:?}", e.inner)))?;
                     out.push_str(&format!("; %{} {op}, step {si}\n", n.index()));
                     out.push_str(code.vcode.as_deref().unwrap_or(""));

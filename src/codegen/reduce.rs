@@ -22,15 +22,44 @@ pub struct Reduce {
     pub red_strides: Vec<i64>,
 }
 
+/// Output elements per work unit when reducing over outer axes.
+const COLS: usize = 16;
+
 impl Reduce {
+    /// When the kept axes end in the source's contiguous axis and the
+    /// reduction runs over outer axes (a bias gradient: `sum` over the
+    /// rows of `[rows, d]`), neighbouring outputs read neighbouring inputs:
+    /// each unit then owns `COLS` consecutive outputs and accumulates them
+    /// as vectors, row after row. Returns the number of column blocks.
+    fn column_blocks(&self) -> Option<usize> {
+        let inner = *self.kept_dims.last()?;
+        let contiguous = self.kept_strides.last() == Some(&1);
+        let outer_reduction = !self.red_dims.is_empty() && self.red_strides.iter().all(|&s| s != 1);
+        (contiguous && outer_reduction && inner >= 4).then(|| inner.div_ceil(COLS))
+    }
+
     pub fn units(&self) -> usize {
-        self.kept_dims.iter().product()
+        match self.column_blocks() {
+            Some(blocks) => {
+                let outer: usize = self.kept_dims[..self.kept_dims.len() - 1].iter().product();
+                outer * blocks
+            }
+            None => self.kept_dims.iter().product(),
+        }
     }
     pub fn unit_cost(&self) -> usize {
-        self.red_dims.iter().product::<usize>().max(1)
+        let per_output = self.red_dims.iter().product::<usize>().max(1);
+        if self.column_blocks().is_some() {
+            per_output * COLS
+        } else {
+            per_output
+        }
     }
 
     pub fn emit(&self, kb: &mut Kb) {
+        if let Some(blocks) = self.column_blocks() {
+            return self.emit_columns(kb, blocks);
+        }
         let src = kb.base(self.src);
         let dst = kb.base(self.dst);
         let (start, end) = (kb.start, kb.end);
@@ -111,6 +140,120 @@ impl Reduce {
     }
 }
 
+impl Reduce {
+    /// Column mode (see [`Reduce::column_blocks`]): every output element is
+    /// accumulated over the reduced axes in row-major order, one element
+    /// per lane, so a block's result does not depend on its width or on
+    /// which unit computes it.
+    fn emit_columns(&self, kb: &mut Kb, blocks: usize) {
+        let src = kb.base(self.src);
+        let dst = kb.base(self.dst);
+        let (start, end) = (kb.start, kb.end);
+        let nk = self.kept_dims.len();
+        let inner = self.kept_dims[nk - 1];
+        let outer_dims = self.kept_dims[..nk - 1].to_vec();
+        let outer_strides = self.kept_strides[..nk - 1].to_vec();
+        let count: usize = self.red_dims.iter().product();
+        let op = self.op;
+        let full = inner / COLS;
+        let init_val = match op {
+            ReduceOp::Max => f32::NEG_INFINITY,
+            _ => 0.0,
+        };
+        let combine = move |k: &mut Kb, acc: Value, x: Value| match op {
+            ReduceOp::Max => k.b.ins().fmax(acc, x),
+            _ => k.b.ins().fadd(acc, x),
+        };
+        kb.for_range(start, end, 1, |k, u| {
+            let o = k.b.ins().udiv_imm_u(u, blocks as i64);
+            let b = k.b.ins().urem_imm_u(u, blocks as i64);
+            let src_off = if outer_dims.is_empty() {
+                k.iconst(0)
+            } else {
+                k.unflatten_offsets(o, &outer_dims, std::slice::from_ref(&outer_strides))[0]
+            };
+            let col = k.b.ins().imul_imm_s(b, COLS as i64);
+            let src_off = k.b.ins().iadd(src_off, col);
+            let p = k.addr(src, src_off, 4);
+            let dst_off = k.b.ins().imul_imm_s(o, inner as i64);
+            let dst_off = k.b.ins().iadd(dst_off, col);
+            let d = k.addr(dst, dst_off, 4);
+            let full_block = |k: &mut Kb| {
+                let init = k.vconst(init_val);
+                let accs: Vec<_> = (0..COLS / 4).map(|_| k.var(F32X4, init)).collect();
+                nest(
+                    k,
+                    p,
+                    &self.red_dims,
+                    &self.red_strides,
+                    &mut |k, ptr, n, stride| {
+                        let zero = k.iconst(0);
+                        let nv = k.iconst(n as i64);
+                        k.for_range(zero, nv, 1, |k, i| {
+                            let a = k.addr(ptr, i, 4 * stride);
+                            for (j, acc) in accs.iter().enumerate() {
+                                let x = k.load_v(a, (16 * j) as i32);
+                                let o = k.b.use_var(*acc);
+                                let r = combine(k, o, x);
+                                k.b.def_var(*acc, r);
+                            }
+                        });
+                    },
+                );
+                for (j, acc) in accs.iter().enumerate() {
+                    let mut r = k.b.use_var(*acc);
+                    if op == ReduceOp::Mean {
+                        let c = k.vconst(count as f32);
+                        r = k.b.ins().fdiv(r, c);
+                    }
+                    k.b.ins().store(super::emit::flags(), r, d, (16 * j) as i32);
+                }
+            };
+            let partial_block = |k: &mut Kb| {
+                // The last, narrower block: one lane at a time.
+                let zero = k.iconst(0);
+                let width = k.iconst((inner - full * COLS) as i64);
+                k.for_range(zero, width, 1, |k, c| {
+                    let init = k.fconst(init_val);
+                    let acc = k.var(F32, init);
+                    let pc = k.addr(p, c, 4);
+                    nest(
+                        k,
+                        pc,
+                        &self.red_dims,
+                        &self.red_strides,
+                        &mut |k, ptr, n, stride| {
+                            let zero = k.iconst(0);
+                            let nv = k.iconst(n as i64);
+                            k.for_range(zero, nv, 1, |k, i| {
+                                let a = k.addr(ptr, i, 4 * stride);
+                                let x = k.load_f(a, 0);
+                                let o = k.b.use_var(acc);
+                                let r = combine(k, o, x);
+                                k.b.def_var(acc, r);
+                            });
+                        },
+                    );
+                    let mut r = k.b.use_var(acc);
+                    if op == ReduceOp::Mean {
+                        let cf = k.fconst(count as f32);
+                        r = k.b.ins().fdiv(r, cf);
+                    }
+                    let da = k.addr(d, c, 4);
+                    k.store_f(r, da, 0);
+                });
+            };
+            if inner % COLS == 0 {
+                full_block(k);
+            } else {
+                let fullv = k.iconst(full as i64);
+                let is_full = k.b.ins().icmp(IntCC::UnsignedLessThan, b, fullv);
+                k.if_else(is_full, full_block, partial_block);
+            }
+        });
+    }
+}
+
 /// Walk all but the innermost of `dims` with nested loops and hand the
 /// innermost line (pointer, length, stride) to `line`.
 fn nest(
@@ -148,7 +291,10 @@ fn hmax(k: &mut Kb, v: Value) -> Value {
     k.b.ins().fmax(a, b)
 }
 
-/// Max over a line of `n` elements `stride` apart.
+/// Max over a line of `n` elements `stride` apart, for softmax-like
+/// kernels only: the vector part skips NaN lanes (one `maxps` instead of
+/// IEEE `fmax`'s seven instructions), which changes nothing downstream as
+/// a NaN element makes `Σ exp(x - max)`, and so every result, NaN anyway.
 fn line_max(k: &mut Kb, p: Value, n: usize, stride: i64) -> Value {
     let ninf = k.fconst(f32::NEG_INFINITY);
     let acc = k.var(F32, ninf);
@@ -164,7 +310,8 @@ fn line_max(k: &mut Kb, p: Value, n: usize, stride: i64) -> Value {
                 let a = k.addr(p, i, 4);
                 let x = k.load_v(a, 0);
                 let o = k.b.use_var(vacc);
-                let m = k.b.ins().fmax(o, x);
+                let lt = k.vcmp(cranelift_codegen::ir::condcodes::FloatCC::LessThan, o, x);
+                let m = k.vsel(lt, x, o);
                 k.b.def_var(vacc, m);
             },
             |k, i| {
@@ -298,7 +445,31 @@ impl Softmax {
             let m = line_max(k, sp, n, stride);
             let zero = k.iconst(0);
             let nv = k.iconst(n as i64);
-            if self.log {
+            if self.log && stride == 1 {
+                let s = line_sum_exp(k, sp, n, stride, m, None);
+                let ls = ew_scalar(k, &EwOp::Unary(UnaryOp::Log), &[s]);
+                let (mv, lsv) = (k.b.ins().splat(F32X4, m), k.b.ins().splat(F32X4, ls));
+                k.for_vec_tail(
+                    zero,
+                    nv,
+                    |k, j| {
+                        let a = k.addr(sp, j, 4);
+                        let x = k.load_v(a, 0);
+                        let y = k.b.ins().fsub(x, mv);
+                        let y = k.b.ins().fsub(y, lsv);
+                        let d = k.addr(dp, j, 4);
+                        k.b.ins().store(super::emit::flags(), y, d, 0);
+                    },
+                    |k, j| {
+                        let a = k.addr(sp, j, 4);
+                        let x = k.load_f(a, 0);
+                        let y = k.b.ins().fsub(x, m);
+                        let y = k.b.ins().fsub(y, ls);
+                        let d = k.addr(dp, j, 4);
+                        k.store_f(y, d, 0);
+                    },
+                );
+            } else if self.log {
                 let s = line_sum_exp(k, sp, n, stride, m, None);
                 let ls = ew_scalar(k, &EwOp::Unary(UnaryOp::Log), &[s]);
                 k.for_range(zero, nv, 1, |k, j| {
@@ -309,6 +480,9 @@ impl Softmax {
                     let d = k.addr(dp, j, 4 * stride);
                     k.store_f(y, d, 0);
                 });
+            } else if stride == 1 {
+                let s = line_sum_exp(k, sp, n, stride, m, Some(dp));
+                divide_line(k, dp, n, s, None);
             } else {
                 let s = line_sum_exp(k, sp, n, stride, m, Some(dp));
                 k.for_range(zero, nv, 1, |k, j| {
@@ -322,7 +496,38 @@ impl Softmax {
     }
 }
 
-/// `cross_entropy(logits [n, c], labels)`; with `grad`, instead
+/// `d[j] = d[j] / s` (then `· scale`) over a contiguous line, with the same
+/// rounding as the scalar division.
+fn divide_line(k: &mut Kb, d: Value, n: usize, s: Value, scale: Option<Value>) {
+    let zero = k.iconst(0);
+    let nv = k.iconst(n as i64);
+    let sv = k.b.ins().splat(F32X4, s);
+    let scale_v = scale.map(|c| k.b.ins().splat(F32X4, c));
+    k.for_vec_tail(
+        zero,
+        nv,
+        |k, j| {
+            let a = k.addr(d, j, 4);
+            let e = k.load_v(a, 0);
+            let mut y = k.b.ins().fdiv(e, sv);
+            if let Some(c) = scale_v {
+                y = k.b.ins().fmul(y, c);
+            }
+            k.b.ins().store(super::emit::flags(), y, a, 0);
+        },
+        |k, j| {
+            let a = k.addr(d, j, 4);
+            let e = k.load_f(a, 0);
+            let mut y = k.b.ins().fdiv(e, s);
+            if let Some(c) = scale {
+                y = k.b.ins().fmul(y, c);
+            }
+            k.store_f(y, a, 0);
+        },
+    );
+}
+
+/// Per-row `cross_entropy(logits [n, c], labels)` losses; with `grad`, instead
 /// `dlogits = dloss/n · (softmax(logits) - onehot(labels))`. A label outside
 /// `[0, c)` returns its row + 1.
 #[derive(Clone, Debug, PartialEq)]
@@ -337,19 +542,16 @@ pub struct CrossEntropy {
 }
 
 impl CrossEntropy {
+    /// Rows: the forward kernel writes one loss per row (their mean is a
+    /// separate reduction, in one fixed order), the gradient one row each.
     pub fn units(&self) -> usize {
-        // The loss sums over rows in one fixed order, so it is one unit.
-        if self.grad.is_some() {
-            self.n
-        } else {
-            1
-        }
+        self.n
     }
     pub fn unit_cost(&self) -> usize {
         if self.grad.is_some() {
             self.c * 24
         } else {
-            self.n * self.c * 12
+            self.c * 12
         }
     }
 
@@ -366,9 +568,7 @@ impl CrossEntropy {
         let log = EwOp::Unary(UnaryOp::Log);
         match self.grad {
             None => {
-                let z = kb.fconst(0.0);
-                let total = kb.var(F32, z);
-                kb.for_const(0, self.n, |k, r| {
+                kb.for_range(start, end, 1, |k, r| {
                     let (xp, label, m) = self.row(k, logits, labels, r);
                     let s = line_sum_exp(k, xp, self.c, 1, m, None);
                     let ls = ew_scalar(k, &log, &[s]);
@@ -376,14 +576,9 @@ impl CrossEntropy {
                     let xa = k.addr(xp, label, 4);
                     let xl = k.load_f(xa, 0);
                     let l = k.b.ins().fsub(lse, xl);
-                    let t = k.b.use_var(total);
-                    let t = k.b.ins().fadd(t, l);
-                    k.b.def_var(total, t);
+                    let oa = k.addr(out, r, 4);
+                    k.store_f(l, oa, 0);
                 });
-                let t = kb.b.use_var(total);
-                let nf = kb.fconst(self.n as f32);
-                let r = kb.b.ins().fdiv(t, nf);
-                kb.store_f(r, out, 0);
             }
             Some(g) => {
                 let gp = kb.base(g);
@@ -394,20 +589,16 @@ impl CrossEntropy {
                     let (xp, label, m) = self.row(k, logits, labels, r);
                     let dp = k.addr(out, r, (self.c * 4) as i64);
                     let s = line_sum_exp(k, xp, self.c, 1, m, Some(dp));
-                    let zero = k.iconst(0);
-                    let cv = k.iconst(self.c as i64);
-                    k.for_range(zero, cv, 1, |k, j| {
-                        let d = k.addr(dp, j, 4);
-                        let e = k.load_f(d, 0);
-                        let p = k.b.ins().fdiv(e, s);
-                        let is_l = k.b.ins().icmp(IntCC::Equal, j, label);
-                        let one = k.fconst(1.0);
-                        let zf = k.fconst(0.0);
-                        let oh = k.b.ins().select(is_l, one, zf);
-                        let p = k.b.ins().fsub(p, oh);
-                        let y = k.b.ins().fmul(p, scale);
-                        k.store_f(y, d, 0);
-                    });
+                    // (p - onehot) · scale: the label's entry is computed
+                    // before the vector pass overwrites its exp.
+                    let la = k.addr(dp, label, 4);
+                    let el = k.load_f(la, 0);
+                    let pl = k.b.ins().fdiv(el, s);
+                    let one = k.fconst(1.0);
+                    let pl = k.b.ins().fsub(pl, one);
+                    let yl = k.b.ins().fmul(pl, scale);
+                    divide_line(k, dp, self.c, s, Some(scale));
+                    k.store_f(yl, la, 0);
                 });
             }
         }

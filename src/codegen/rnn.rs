@@ -1,22 +1,26 @@
 //! LSTM and GRU over whole sequences (LANGUAGE.md §6) and their BPTT
-//! gradients, lowered to the existing kernel steps.
+//! gradients.
 //!
-//! The input projection `x @ w_x + b` of all steps is one matmul; the time
-//! loop is unrolled into per-step kernels (recurrent matmul against a
-//! weight packed once, then the gate math as elementwise steps over strided
-//! views), so no step allocates and every intermediate sits in the kernel's
-//! scratch region. The gradients recompute the forward pass, keeping every
-//! step's activations, run the reverse loop into `dz [N, T, gates·H]`, and
-//! then form `dx`, `dw_x`, `dw_h` and `db` as one matmul (or reduction)
-//! each over all steps. Every step splits its work by rows or elements
-//! with fixed chunks, so results do not depend on the thread count.
+//! The input projection `x @ w_x` of all steps is one matmul. The time loop
+//! is one step function ([`RnnSeq`]): per time step, each block of four
+//! hidden columns runs its recurrent matmul `h_{t-1} @ w_h` (weights packed
+//! once per run by [`RnnPack`]) with the bias and the gate math fused into
+//! its epilogue; threads split the batch rows. The gradients recompute the forward pass keeping
+//! every step's activations, run the reverse loop the same way into
+//! `dz [N, T, gates·H]`, and then form `dx`, `dw_x`, `dw_h` and `db` as one
+//! matmul (or reduction) each over all steps. Nothing allocates: every
+//! intermediate sits in the kernel's scratch region.
 
-use super::emit::Loc;
-use super::kernel::{Copy, Elementwise, EwOp, Fill, MatmulPhase, Step, View};
+use super::emit::{flags, ro_flags, Kb, Loc};
+use super::kernel::{Copy, Fill, MatmulPhase, Step, View};
 use super::lower::{align64, Lowered};
 use super::matmul::{Matmul, MmOperand};
 use super::reduce::Reduce;
-use crate::ir::{BinaryOp, ReduceOp, TensorType, UnaryOp};
+use crate::ir::{ReduceOp, TensorType};
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::{F32, F32X4, I64};
+use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_frontend::Variable;
 
 /// Steps of one node under construction, with a bump allocator over the
 /// node's scratch region.
@@ -40,7 +44,7 @@ impl Build {
         self.alloc_bytes(floats * 4)
     }
 
-    fn alloc_bytes(&mut self, bytes: usize) -> Loc {
+    pub fn alloc_bytes(&mut self, bytes: usize) -> Loc {
         let l = Loc::Arena(self.base + self.used);
         self.used += align64(bytes.max(4));
         l
@@ -51,27 +55,6 @@ impl Build {
             steps: self.steps,
             scratch_bytes: self.used,
         }
-    }
-
-    pub fn unary(&mut self, op: UnaryOp, dims: [usize; 2], out: View, a: View) {
-        self.ew(EwOp::Unary(op), &dims, out, vec![a]);
-    }
-
-    pub fn binary(&mut self, op: BinaryOp, dims: [usize; 2], out: View, a: View, b: View) {
-        self.ew(EwOp::Binary(op), &dims, out, vec![a, b]);
-    }
-
-    /// An elementwise step over any dims; views carry one stride per dim.
-    pub fn ew(&mut self, op: EwOp, dims: &[usize], out: View, ins: Vec<View>) {
-        if dims.iter().product::<usize>() == 0 {
-            return;
-        }
-        self.steps.push(Step::Elementwise(Elementwise {
-            op,
-            dims: dims.to_vec(),
-            out,
-            ins,
-        }));
     }
 
     pub fn copy(&mut self, dims: Vec<usize>, src: View, dst: View) {
@@ -91,13 +74,6 @@ impl Build {
             n,
             bits: value.to_bits(),
         }));
-    }
-
-    /// A one-element buffer holding `value`, read through [`bcast`].
-    pub fn constant(&mut self, value: f32) -> Loc {
-        let l = self.alloc(1);
-        self.fill(l, 1, value);
-        l
     }
 
     /// Pack `b` once for a matmul run later (possibly many times) with
@@ -164,15 +140,6 @@ impl Build {
     }
 }
 
-/// A one-element buffer broadcast over a `[rows, cols]` step.
-pub(crate) fn bcast(loc: Loc) -> View {
-    View {
-        loc,
-        off: 0,
-        strides: vec![0, 0],
-    }
-}
-
 /// A contiguous `[rows, cols]` matrix.
 pub(crate) fn mat(loc: Loc, cols: usize) -> View {
     View {
@@ -200,13 +167,13 @@ pub(crate) fn operand(loc: Loc, off: usize, cols: usize, transposed: bool) -> Mm
 }
 
 /// A `[N, slots, width]` buffer holding one `[N, width]` matrix per time
-/// step; step `t` lives in slot `t % slots` (a ring when fewer slots than
-/// steps are kept).
-#[derive(Clone, Copy, Debug)]
-struct Seq {
-    loc: Loc,
-    slots: usize,
-    width: usize,
+/// step; step `t` lives in slot `t % slots` (with one slot, every step
+/// overwrites the previous one in place).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Seq {
+    pub loc: Loc,
+    pub slots: usize,
+    pub width: usize,
 }
 
 impl Seq {
@@ -215,26 +182,6 @@ impl Seq {
             loc: b.alloc(n * slots * width),
             slots,
             width,
-        }
-    }
-
-    /// Columns `c0..` of step `t` as a `[N, w]` view.
-    fn at(&self, t: usize, c0: usize) -> View {
-        View {
-            loc: self.loc,
-            off: (t % self.slots) * self.width + c0,
-            strides: vec![(self.slots * self.width) as i64, 1],
-        }
-    }
-
-    /// Columns `c0..` of step `t` as a matmul A operand.
-    fn a(&self, t: usize, c0: usize) -> MmOperand {
-        MmOperand {
-            loc: self.loc,
-            off: (t % self.slots) * self.width + c0,
-            batch_strides: vec![],
-            rs: (self.slots * self.width) as i64,
-            cs: 1,
         }
     }
 }
@@ -278,7 +225,8 @@ struct Weights {
     b: Loc,
 }
 
-/// `xw [N, T, G] = x @ w_x + b`, one matmul over all steps.
+/// `xw [N, T, G] = x @ w_x`, one matmul over all steps (the bias is added
+/// in the recurrent step's epilogue).
 fn input_projection(bd: &mut Build, d: Dims, w: &Weights) -> Seq {
     let g = d.g();
     let xw = Seq::new(bd, d.n, d.t, g);
@@ -289,152 +237,89 @@ fn input_projection(bd: &mut Build, d: Dims, w: &Weights) -> Seq {
         operand(w.wx, 0, g, false),
         xw.loc,
     );
-    let bias = View {
-        loc: w.b,
-        off: 0,
-        strides: vec![0, 1],
-    };
-    bd.binary(
-        BinaryOp::Add,
-        [d.n * d.t, g],
-        mat(xw.loc, g),
-        mat(xw.loc, g),
-        bias,
-    );
     xw
 }
 
-/// What the LSTM forward pass keeps: activated gates `(i, f, g, o)`, cell
-/// states, their tanh, and hidden states.
-struct LstmState {
+/// `w_h [H, G]` packed for the forward step: per block of four hidden
+/// columns, per row `k`, the four columns of every gate.
+fn pack_forward(bd: &mut Build, d: Dims, w: &Weights) -> Loc {
+    let p = RnnPack {
+        src: w.wh,
+        k: d.h,
+        v: d.gates,
+        vs: d.h,
+        h: d.h,
+        rs: d.g() as i64,
+        cs: 1,
+        dst: Loc::Arena(0),
+    };
+    push_pack(bd, p)
+}
+
+/// `w_hᵀ [G, H]` packed for the backward step: per block of four hidden
+/// columns (rows of `w_h`), per gate column `k`, those four weights.
+fn pack_backward(bd: &mut Build, d: Dims, w: &Weights) -> Loc {
+    let p = RnnPack {
+        src: w.wh,
+        k: d.g(),
+        v: 1,
+        vs: 0,
+        h: d.h,
+        rs: 1,
+        cs: d.g() as i64,
+        dst: Loc::Arena(0),
+    };
+    push_pack(bd, p)
+}
+
+fn push_pack(bd: &mut Build, mut p: RnnPack) -> Loc {
+    p.dst = bd.alloc_bytes(p.bytes());
+    let dst = p.dst;
+    bd.steps.push(Step::RnnPack(p));
+    dst
+}
+
+/// The LSTM's saved activations for the gradient: activated gates
+/// `(i, f, g, o)`, cell states and their tanh, all steps.
+struct LstmSaved {
     act: Seq,
     c: Seq,
     tc: Seq,
-    hs: Seq,
 }
 
-/// The LSTM forward pass; `hs` receives the hidden states. With `keep`,
-/// every step's activations are kept for the gradient.
-fn lstm_forward(bd: &mut Build, d: Dims, w: &Weights, hs: Seq, keep: bool) -> LstmState {
-    let (n, h, g) = (d.n, d.h, d.g());
+/// The LSTM forward pass; `hs` receives the hidden states.
+fn lstm_forward(bd: &mut Build, d: Dims, w: &Weights, hs: Seq, saved: Option<&LstmSaved>) {
     let xw = input_projection(bd, d, w);
-    let slots = if keep { d.t } else { 1 };
-    let act = Seq::new(bd, n, slots, g);
-    let c = Seq::new(bd, n, if keep { d.t } else { 2 }, h);
-    let tc = Seq::new(bd, n, slots, h);
-    let tmp = bd.alloc(n * h);
-    let rec = bd.alloc(n * g);
-    let wh =
-        (d.t > 1).then(|| bd.prepack(vec![], (n, h, g), hs.a(0, 0), operand(w.wh, 0, g, false)));
-    let dh = [n, h];
-    for t in 0..d.t {
-        // Pre-activations: at t = 0, h_{-1} = 0 leaves only x w_x + b.
-        let z = match &wh {
-            Some(mm) if t > 0 => {
-                bd.run_packed(mm, hs.a(t - 1, 0), rec);
-                bd.binary(BinaryOp::Add, [n, g], mat(rec, g), mat(rec, g), xw.at(t, 0));
-                mat(rec, g)
-            }
-            _ => xw.at(t, 0),
-        };
-        // σ over all four blocks (one step), then g's block redone as tanh.
-        let zg = View {
-            off: z.off + 2 * h,
-            ..z.clone()
-        };
-        bd.unary(UnaryOp::Sigmoid, [n, g], act.at(t, 0), z);
-        bd.unary(UnaryOp::Tanh, dh, act.at(t, 2 * h), zg);
-        let (gi, gf, gg, go) = (
-            act.at(t, 0),
-            act.at(t, h),
-            act.at(t, 2 * h),
-            act.at(t, 3 * h),
-        );
-        // c_t = f·c_{t-1} + i·g
-        if t == 0 {
-            bd.binary(BinaryOp::Mul, dh, c.at(t, 0), gi, gg);
-        } else {
-            bd.binary(BinaryOp::Mul, dh, mat(tmp, h), gi, gg);
-            bd.binary(BinaryOp::Mul, dh, c.at(t, 0), gf, c.at(t - 1, 0));
-            bd.binary(BinaryOp::Add, dh, c.at(t, 0), c.at(t, 0), mat(tmp, h));
-        }
-        // h_t = o·tanh(c_t)
-        bd.unary(UnaryOp::Tanh, dh, tc.at(t, 0), c.at(t, 0));
-        bd.binary(BinaryOp::Mul, dh, hs.at(t, 0), go, tc.at(t, 0));
-    }
-    LstmState { act, c, tc, hs }
+    let wp = pack_forward(bd, d, w);
+    let (c, save) = match saved {
+        Some(s) => (s.c, Some((s.act, s.tc))),
+        // The cell state is updated in place: each unit reads and writes
+        // only its own columns.
+        None => (Seq::new(bd, d.n, 1, d.h), None),
+    };
+    let rec = Rec::LstmFwd {
+        xw,
+        b: w.b,
+        hs,
+        c,
+        save,
+    };
+    bd.steps.push(Step::Rnn(RnnSeq::new(rec, d, wp)));
 }
 
-/// What the GRU forward pass keeps: activated gates `(z, r, h~)`, the
-/// reset hidden states `r·h_{t-1}`, and hidden states.
-struct GruState {
-    act: Seq,
-    rh: Seq,
-    hs: Seq,
-}
-
-fn gru_forward(bd: &mut Build, d: Dims, w: &Weights, hs: Seq, keep: bool) -> GruState {
-    let (n, h, g) = (d.n, d.h, d.g());
+/// The GRU forward pass; `act` (gates `z, r, h~`) and `rh` (`r·h_{t-1}`)
+/// keep every step when they have `t` slots.
+fn gru_forward(bd: &mut Build, d: Dims, w: &Weights, hs: Seq, act: Seq, rh: Seq) {
     let xw = input_projection(bd, d, w);
-    let slots = if keep { d.t } else { 1 };
-    let act = Seq::new(bd, n, slots, g);
-    let rh = Seq::new(bd, n, slots, h);
-    let t1 = bd.alloc(n * h);
-    let t2 = bd.alloc(n * h);
-    let rec = bd.alloc(n * 2 * h);
-    let one = bd.constant(1.0);
-    let packed = (d.t > 1).then(|| {
-        let zr = bd.prepack(
-            vec![],
-            (n, h, 2 * h),
-            hs.a(0, 0),
-            operand(w.wh, 0, g, false),
-        );
-        let cand = bd.prepack(
-            vec![],
-            (n, h, h),
-            rh.a(0, 0),
-            operand(w.wh, 2 * h, g, false),
-        );
-        (zr, cand)
-    });
-    if keep {
-        // r·h_{-1} = 0 for the dw_h of the candidate block.
-        bd.fill(rh.loc, n * slots * h, 0.0);
-    }
-    let dh = [n, h];
-    for t in 0..d.t {
-        let (gz, gr, gc) = (act.at(t, 0), act.at(t, h), act.at(t, 2 * h));
-        match &packed {
-            Some((zr, cand)) if t > 0 => {
-                bd.run_packed(zr, hs.a(t - 1, 0), rec);
-                bd.binary(
-                    BinaryOp::Add,
-                    [n, 2 * h],
-                    gz.clone(),
-                    mat(rec, 2 * h),
-                    xw.at(t, 0),
-                );
-                bd.unary(UnaryOp::Sigmoid, [n, 2 * h], gz.clone(), gz.clone());
-                // The reset gate applies before the recurrent matmul.
-                bd.binary(BinaryOp::Mul, dh, rh.at(t, 0), gr, hs.at(t - 1, 0));
-                bd.run_packed(cand, rh.a(t, 0), rec);
-                bd.binary(BinaryOp::Add, dh, gc.clone(), mat(rec, h), xw.at(t, 2 * h));
-                bd.unary(UnaryOp::Tanh, dh, gc.clone(), gc.clone());
-                // h_t = (1 − z)·h_{t−1} + z·h~
-                bd.binary(BinaryOp::Sub, dh, mat(t1, h), bcast(one), gz.clone());
-                bd.binary(BinaryOp::Mul, dh, mat(t1, h), mat(t1, h), hs.at(t - 1, 0));
-                bd.binary(BinaryOp::Mul, dh, mat(t2, h), gz, gc);
-                bd.binary(BinaryOp::Add, dh, hs.at(t, 0), mat(t1, h), mat(t2, h));
-            }
-            _ => {
-                bd.unary(UnaryOp::Sigmoid, [n, 2 * h], gz.clone(), xw.at(t, 0));
-                bd.unary(UnaryOp::Tanh, dh, gc.clone(), xw.at(t, 2 * h));
-                bd.binary(BinaryOp::Mul, dh, hs.at(t, 0), gz, gc);
-            }
-        }
-    }
-    GruState { act, rh, hs }
+    let wp = pack_forward(bd, d, w);
+    let rec = Rec::GruFwd {
+        xw,
+        b: w.b,
+        hs,
+        act,
+        rh,
+    };
+    bd.steps.push(Step::Rnn(RnnSeq::new(rec, d, wp)));
 }
 
 fn weights(ins: &[(Loc, &TensorType)]) -> Option<Weights> {
@@ -462,9 +347,11 @@ pub fn lower_forward(
     };
     let mut bd = Build::new(scratch);
     if lstm {
-        lstm_forward(&mut bd, d, &w, hs, false);
+        lstm_forward(&mut bd, d, &w, hs, None);
     } else {
-        gru_forward(&mut bd, d, &w, hs, false);
+        let act = Seq::new(&mut bd, d.n, 1, d.g());
+        let rh = Seq::new(&mut bd, d.n, 1, d.h);
+        gru_forward(&mut bd, d, &w, hs, act, rh);
     }
     Some(bd.finish())
 }
@@ -513,118 +400,36 @@ fn shifted(bd: &mut Build, d: Dims, s: Seq) -> Loc {
     out
 }
 
-/// Columns `c0..` of every step of a `[N, T, width]` buffer as one
-/// `[N·T, w]` view.
-fn all_steps(loc: Loc, width: usize, c0: usize) -> View {
-    View {
-        loc,
-        off: c0,
-        strides: vec![width as i64, 1],
-    }
-}
-
-/// Blocks `c0, c0 + step, …` (`blocks` of them, `h` wide) of step `t` as a
-/// `[N, blocks, h]` view.
-fn blocks(s: Seq, t: usize, c0: usize, step: usize) -> View {
-    View {
-        loc: s.loc,
-        off: (t % s.slots) * s.width + c0,
-        strides: vec![(s.slots * s.width) as i64, step as i64, 1],
-    }
-}
-
-/// A `[N, h]` matrix repeated over the middle dim of a `[N, blocks, h]`
-/// step.
-fn repeated(v: &View) -> View {
-    View {
-        loc: v.loc,
-        off: v.off,
-        strides: vec![v.strides[0], 0, 1],
-    }
-}
-
-/// LSTM BPTT. Everything that only depends on forward values is computed
-/// for all steps before the loop, as coefficients `a [N, T, 4H]` with
-/// `dz_{i,f,g} = dc · a_{i,f,g}` and `dz_o = dh · a_o`, and `a_c` with
-/// `dc = dh · a_c + dc_{t+1}`; the loop then only carries `dh` and `dc`.
+/// LSTM BPTT: the forward pass again, keeping every step's activations,
+/// then the reverse loop (one fused step per time step) into
+/// `dz [N, T, 4H]`, then the weight gradients as one matmul each.
 fn lstm_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
     let (n, h, g, tt) = (d.n, d.h, d.g(), d.t);
     let hs = Seq::new(bd, n, tt, h);
-    let st = lstm_forward(bd, d, w, hs, true);
-    let (mul, sub, add) = (BinaryOp::Mul, BinaryOp::Sub, BinaryOp::Add);
-    let one = bd.constant(1.0);
-    let rows = [n * tt, h];
-    let act = |c0: usize| all_steps(st.act.loc, g, c0);
-    let (gi, gf, gg, go) = (act(0), act(h), act(2 * h), act(3 * h));
-    let tc = all_steps(st.tc.loc, h, 0);
-    let cp = all_steps(shifted(bd, d, st.c), h, 0);
-    let coef = Seq::new(bd, n, tt, g);
-    let ac = Seq::new(bd, n, tt, h);
-    let tmp = all_steps(bd.alloc(n * tt * h), h, 0);
-    let a = |c0: usize| all_steps(coef.loc, g, c0);
-    // h = o·tanh(c): a_o = tanh(c)·o·(1 − o), a_c = o·(1 − tanh²c)
-    bd.binary(sub, rows, tmp.clone(), bcast(one), go.clone());
-    bd.binary(mul, rows, tmp.clone(), tmp.clone(), go.clone());
-    bd.binary(mul, rows, a(3 * h), tmp.clone(), tc.clone());
-    bd.binary(mul, rows, tmp.clone(), tc.clone(), tc);
-    bd.binary(sub, rows, tmp.clone(), bcast(one), tmp.clone());
-    bd.binary(mul, rows, all_steps(ac.loc, h, 0), tmp.clone(), go);
-    // c = f·c_{t-1} + i·g: a_i = g·i·(1 − i), a_f = c_{t-1}·f·(1 − f),
-    // a_g = i·(1 − g²)
-    bd.binary(sub, rows, tmp.clone(), bcast(one), gi.clone());
-    bd.binary(mul, rows, tmp.clone(), tmp.clone(), gi.clone());
-    bd.binary(mul, rows, a(0), tmp.clone(), gg.clone());
-    bd.binary(sub, rows, tmp.clone(), bcast(one), gf.clone());
-    bd.binary(mul, rows, tmp.clone(), tmp.clone(), gf);
-    bd.binary(mul, rows, a(h), tmp.clone(), cp);
-    bd.binary(mul, rows, tmp.clone(), gg.clone(), gg);
-    bd.binary(sub, rows, tmp.clone(), bcast(one), tmp.clone());
-    bd.binary(mul, rows, a(2 * h), tmp, gi);
-
-    let dz = Seq::new(bd, n, tt, g);
-    let dh_out = Seq {
-        loc: dh_in,
-        slots: tt,
-        width: h,
+    let saved = LstmSaved {
+        act: Seq::new(bd, n, tt, g),
+        c: Seq::new(bd, n, tt, h),
+        tc: Seq::new(bd, n, tt, h),
     };
-    let dht_buf = mat(bd.alloc(n * h), h);
-    let dhn = bd.alloc(n * h);
-    let dc = mat(bd.alloc(n * h), h);
-    let dcn = mat(bd.alloc(n * h), h);
-    // dh_{t-1} = dz_t @ w_hᵀ, w_hᵀ packed once.
-    let wh_t =
-        (tt > 1).then(|| bd.prepack(vec![], (n, g, h), dz.a(0, 0), operand(w.wh, 0, g, true)));
-    let dh = [n, h];
-    for t in (0..tt).rev() {
-        let last = t + 1 == tt;
-        let dht = if last {
-            dh_out.at(t, 0)
-        } else {
-            bd.binary(add, dh, dht_buf.clone(), dh_out.at(t, 0), mat(dhn, h));
-            dht_buf.clone()
-        };
-        bd.binary(mul, dh, dc.clone(), dht.clone(), ac.at(t, 0));
-        if !last {
-            bd.binary(add, dh, dc.clone(), dc.clone(), dcn.clone());
-        }
-        let three = blocks(coef, t, 0, h);
-        bd.ew(
-            EwOp::Binary(mul),
-            &[n, 3, h],
-            blocks(dz, t, 0, h),
-            vec![three, repeated(&dc)],
-        );
-        bd.binary(mul, dh, dz.at(t, 3 * h), coef.at(t, 3 * h), dht);
-        if t > 0 {
-            bd.binary(mul, dh, dcn.clone(), dc.clone(), st.act.at(t, h));
-            if let Some(mm) = &wh_t {
-                bd.run_packed(mm, dz.a(t, 0), dhn);
-            }
-        }
-    }
+    lstm_forward(bd, d, w, hs, Some(&saved));
+    let wt = pack_backward(bd, d, w);
+    let dz = Seq::new(bd, n, tt, g);
+    let rec = Rec::LstmBwd {
+        dh: Seq {
+            loc: dh_in,
+            slots: tt,
+            width: h,
+        },
+        act: saved.act,
+        c: saved.c,
+        tc: saved.tc,
+        dz,
+        dc: Seq::new(bd, n, 1, h),
+    };
+    bd.steps.push(Step::Rnn(RnnSeq::new(rec, d, wt)));
     let [dx, dwx, dwh, db] = outs;
     input_grads(bd, d, w, dz, dx, dwx, db);
-    let hp = shifted(bd, d, st.hs);
+    let hp = shifted(bd, d, hs);
     bd.matmul(
         vec![],
         (h, n * tt, g),
@@ -634,101 +439,33 @@ fn lstm_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
     );
 }
 
-/// GRU BPTT, with the coefficients of forward values hoisted out of the
-/// loop: `dz_z = dh · (h~ − h_{t-1})·z·(1 − z)`, `dz_h~ = dh · z·(1 − h~²)`,
-/// `dz_r = d(r·h_{t-1}) · h_{t-1}·r·(1 − r)`.
+/// GRU BPTT, as the LSTM's with two fused phases per time step.
 fn gru_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
     let (n, h, g, tt) = (d.n, d.h, d.g(), d.t);
     let hs = Seq::new(bd, n, tt, h);
-    let st = gru_forward(bd, d, w, hs, true);
-    let (mul, sub, add) = (BinaryOp::Mul, BinaryOp::Sub, BinaryOp::Add);
-    let one = bd.constant(1.0);
-    let zero = bd.constant(0.0);
-    let rows = [n * tt, h];
-    let act = |c0: usize| all_steps(st.act.loc, g, c0);
-    let (gz, gr, gc) = (act(0), act(h), act(2 * h));
-    let hp_all = shifted(bd, d, st.hs);
-    let hp = all_steps(hp_all, h, 0);
-    let coef = Seq::new(bd, n, tt, g);
-    let keep = Seq::new(bd, n, tt, h);
-    let tmp = all_steps(bd.alloc(n * tt * h), h, 0);
-    let tmp2 = all_steps(bd.alloc(n * tt * h), h, 0);
-    let a = |c0: usize| all_steps(coef.loc, g, c0);
-    // h_t = (1 − z)·h_{t−1} + z·h~
-    bd.binary(sub, rows, all_steps(keep.loc, h, 0), bcast(one), gz.clone());
-    bd.binary(sub, rows, tmp.clone(), gc.clone(), hp.clone());
-    bd.binary(
-        mul,
-        rows,
-        tmp2.clone(),
-        all_steps(keep.loc, h, 0),
-        gz.clone(),
-    );
-    bd.binary(mul, rows, a(0), tmp.clone(), tmp2.clone());
-    bd.binary(mul, rows, tmp.clone(), gc.clone(), gc);
-    bd.binary(sub, rows, tmp.clone(), bcast(one), tmp.clone());
-    bd.binary(mul, rows, a(2 * h), tmp.clone(), gz);
-    bd.binary(sub, rows, tmp.clone(), bcast(one), gr.clone());
-    bd.binary(mul, rows, tmp.clone(), tmp.clone(), gr);
-    bd.binary(mul, rows, a(h), tmp, hp);
-
+    let act = Seq::new(bd, n, tt, g);
+    let rh = Seq::new(bd, n, tt, h);
+    gru_forward(bd, d, w, hs, act, rh);
+    let wt = pack_backward(bd, d, w);
     let dz = Seq::new(bd, n, tt, g);
-    let dh_out = Seq {
-        loc: dh_in,
-        slots: tt,
-        width: h,
+    let rec = Rec::GruBwd {
+        dh: Seq {
+            loc: dh_in,
+            slots: tt,
+            width: h,
+        },
+        act,
+        hs,
+        dz,
+        dhs: Seq::new(bd, n, 1, h),
+        dhc: Seq::new(bd, n, 1, h),
     };
-    let dht_buf = mat(bd.alloc(n * h), h);
-    let dhn = mat(bd.alloc(n * h), h);
-    let drh = bd.alloc(n * h);
-    let m = bd.alloc(n * h);
-    let t2 = mat(bd.alloc(n * h), h);
-    // d(r·h_{t-1}) = dz_h~ @ w_h[:, 2H:]ᵀ and the (z, r) part of dh_{t-1}
-    // = dz_{z,r} @ w_h[:, :2H]ᵀ, both weights packed once.
-    let packed = (tt > 1).then(|| {
-        let cand = bd.prepack(
-            vec![],
-            (n, h, h),
-            dz.a(0, 2 * h),
-            operand(w.wh, 2 * h, g, true),
-        );
-        let zr = bd.prepack(vec![], (n, 2 * h, h), dz.a(0, 0), operand(w.wh, 0, g, true));
-        (cand, zr)
-    });
-    let dh = [n, h];
-    for t in (0..tt).rev() {
-        let dht = if t + 1 == tt {
-            dh_out.at(t, 0)
-        } else {
-            bd.binary(add, dh, dht_buf.clone(), dh_out.at(t, 0), dhn.clone());
-            dht_buf.clone()
-        };
-        // dz_z and dz_h~ (blocks 0 and 2) in one step.
-        bd.ew(
-            EwOp::Binary(mul),
-            &[n, 2, h],
-            blocks(dz, t, 0, 2 * h),
-            vec![blocks(coef, t, 0, 2 * h), repeated(&dht)],
-        );
-        match &packed {
-            Some((cand, zr)) if t > 0 => {
-                bd.run_packed(cand, dz.a(t, 2 * h), drh);
-                bd.binary(mul, dh, dz.at(t, h), coef.at(t, h), mat(drh, h));
-                bd.run_packed(zr, dz.a(t, 0), m);
-                // dh_{t-1} = dh·(1 − z) + d(r·h_{t-1})·r + dz_{z,r} w_hᵀ
-                bd.binary(mul, dh, dhn.clone(), dht, keep.at(t, 0));
-                bd.binary(mul, dh, t2.clone(), mat(drh, h), st.act.at(t, h));
-                bd.binary(add, dh, dhn.clone(), dhn.clone(), t2.clone());
-                bd.binary(add, dh, dhn.clone(), dhn.clone(), mat(m, h));
-            }
-            // h_{-1} = 0: no reset-gate gradient, nothing flows further back.
-            _ => bd.copy(dh.to_vec(), bcast(zero), dz.at(t, h)),
-        }
-    }
+    bd.steps.push(Step::Rnn(RnnSeq::new(rec, d, wt)));
     let [dx, dwx, dwh, db] = outs;
     input_grads(bd, d, w, dz, dx, dwx, db);
     // dw_h[:, :2H] = hpᵀ dz_{z,r}, dw_h[:, 2H:] = (r·h_{t-1})ᵀ dz_h~, each
     // computed contiguously, then placed in its column block.
+    let hp_all = shifted(bd, d, hs);
     let rows = n * tt;
     let w_zr = bd.alloc(h * 2 * h);
     let w_c = bd.alloc(h * h);
@@ -739,12 +476,11 @@ fn gru_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
         operand(dz.loc, 0, g, false),
         w_zr,
     );
-    let dz_c = operand(dz.loc, 2 * h, g, false);
     bd.matmul(
         vec![],
         (h, rows, h),
-        operand(st.rh.loc, 0, h, true),
-        dz_c,
+        operand(rh.loc, 0, h, true),
+        operand(dz.loc, 2 * h, g, false),
         w_c,
     );
     let place = |src: Loc, c0: usize, w: usize| {
@@ -787,4 +523,988 @@ pub fn lower_grad(
         gru_grad(&mut bd, d, &w, dh, o);
     }
     Some(bd.finish())
+}
+
+// ---------------------------------------------------------------------------
+// The fused recurrent step.
+//
+// One step function runs the whole time loop. A batch row's recurrence
+// never reads another row, so the work units are fixed blocks of
+// `ROW_BLOCK` rows, each running every time step for its rows: threads
+// split the batch with no barrier between time steps (a per-step barrier
+// costs a few µs when threads spin and whole scheduler slices when the
+// machine has fewer free cores than the pool has threads). Within a step,
+// for each block of four hidden columns, the unit runs the recurrent
+// matmul for those columns of every gate against weights packed once by
+// [`RnnPack`], with the bias and the gate math fused as its epilogue. Each
+// row's arithmetic is the same whatever block or tile it falls in, so the
+// results do not depend on the thread count.
+// ---------------------------------------------------------------------------
+
+/// Hidden columns per unit of work: one f32x4 vector.
+const LANES: usize = 4;
+
+/// Batch rows per unit of work. Rows are independent through the whole
+/// time loop, so units need no barrier between steps; a multiple of every
+/// tile height.
+const ROW_BLOCK: usize = 8;
+
+/// Below this many flops in all, the loop runs in one call on one thread.
+const SPLIT_FLOPS: usize = 1 << 20;
+
+/// Bytes of the stack tile of accumulators (rows × vectors ≤ 8).
+const TILE_BYTES: usize = 8 * 16;
+
+/// Rows of a register tile holding `v` accumulator vectors per row.
+fn tile_rows(v: usize) -> usize {
+    (8 / v).max(1)
+}
+
+/// `w_h` (or its transpose) packed per block of four hidden columns:
+/// `dst[hb][k][v][l] = src[k·rs + (v·vs + 4·hb + l)·cs]`, zero past `h`.
+/// Work units are hidden blocks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RnnPack {
+    pub src: Loc,
+    pub k: usize,
+    pub v: usize,
+    pub vs: usize,
+    pub h: usize,
+    pub rs: i64,
+    pub cs: i64,
+    pub dst: Loc,
+}
+
+impl RnnPack {
+    fn nb(&self) -> usize {
+        self.h.div_ceil(LANES)
+    }
+
+    fn panel_bytes(&self) -> usize {
+        self.k * self.v * LANES * 4
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.nb() * self.panel_bytes()
+    }
+
+    pub fn units(&self) -> usize {
+        self.nb()
+    }
+
+    pub fn unit_cost(&self) -> usize {
+        self.k * self.v * LANES
+    }
+
+    pub fn emit(&self, kb: &mut Kb) {
+        let src = kb.base(self.src);
+        let dst = kb.base(self.dst);
+        let (start, end) = (kb.start, kb.end);
+        let nb = self.nb() as i64;
+        let rem = self.h % LANES;
+        kb.for_range(start, end, 1, |k, hb| {
+            let e = k.b.ins().imul_imm_s(hb, LANES as i64 * self.cs);
+            let s0 = k.addr(src, e, 4);
+            let d0 = k.addr(dst, hb, self.panel_bytes() as i64);
+            let body = |k: &mut Kb, lanes: usize| {
+                k.for_const(0, self.k, |k, kk| {
+                    let s = k.addr(s0, kk, 4 * self.rs);
+                    let d = k.addr(d0, kk, (self.v * LANES * 4) as i64);
+                    for vi in 0..self.v {
+                        let sv = k.b.ins().iadd_imm_s(s, (vi * self.vs) as i64 * self.cs * 4);
+                        let dv = k.b.ins().iadd_imm_s(d, (vi * LANES * 4) as i64);
+                        if lanes == LANES && self.cs == 1 {
+                            let x = k.load_v(sv, 0);
+                            k.b.ins().store(flags(), x, dv, 0);
+                        } else {
+                            for l in 0..LANES {
+                                let x = if l < lanes {
+                                    let a = k.b.ins().iadd_imm_s(sv, l as i64 * self.cs * 4);
+                                    k.load_f(a, 0)
+                                } else {
+                                    k.fconst(0.0)
+                                };
+                                k.store_f(x, dv, (l * 4) as i32);
+                            }
+                        }
+                    }
+                });
+            };
+            if rem == 0 {
+                body(k, LANES);
+            } else {
+                let last = k.b.ins().icmp_imm_s(IntCC::Equal, hb, nb - 1);
+                k.if_else(last, |k| body(k, rem), |k| body(k, LANES));
+            }
+        });
+    }
+}
+
+/// The recurrences a fused step runs, with their buffers. `[N, T, ·]`
+/// buffers hold every step; one-slot buffers are updated in place.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Rec {
+    /// LSTM forward: `xw = x @ w_x`, bias `b`, hidden states `hs`, cell
+    /// state `c`; `save` receives the activated gates and `tanh c` of
+    /// every step for the gradient.
+    LstmFwd {
+        xw: Seq,
+        b: Loc,
+        hs: Seq,
+        c: Seq,
+        save: Option<(Seq, Seq)>,
+    },
+    /// GRU forward in two phases per step: `(z, r)` and `r·h_{t-1}`, then
+    /// `h~` and `h_t`. `act` holds `(z, r, h~)`, `rh` holds `r·h_{t-1}`.
+    GruFwd {
+        xw: Seq,
+        b: Loc,
+        hs: Seq,
+        act: Seq,
+        rh: Seq,
+    },
+    /// LSTM backward, steps in reverse: incoming `dh`, the forward's saved
+    /// `act`, `c`, `tanh c`; gate gradients into `dz`; `dc` carries
+    /// `dc_{t+1}·f_{t+1}`.
+    LstmBwd {
+        dh: Seq,
+        act: Seq,
+        c: Seq,
+        tc: Seq,
+        dz: Seq,
+        dc: Seq,
+    },
+    /// GRU backward in two phases per step: `dz_z`, `dz_h~` (phase A), then
+    /// `d(r·h_{t-1})`, `dz_r` (phase B). `dhs` holds `dh_t` between the
+    /// phases, `dhc` the part of `dh_{t-1}` not from `dz_{z,r} w_hᵀ`.
+    GruBwd {
+        dh: Seq,
+        act: Seq,
+        hs: Seq,
+        dz: Seq,
+        dhs: Seq,
+        dhc: Seq,
+    },
+}
+
+/// A whole recurrent time loop as one step (see the section comment).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RnnSeq {
+    pub rec: Rec,
+    pub n: usize,
+    pub t: usize,
+    pub h: usize,
+    /// Recurrent weights packed by [`pack_forward`] (forward recurrences)
+    /// or [`pack_backward`] (backward ones).
+    pub wp: Loc,
+}
+
+/// A buffer's base address in a kernel.
+#[derive(Clone, Copy)]
+struct Bound {
+    base: Value,
+    s: Seq,
+}
+
+impl Bound {
+    fn new(k: &mut Kb, s: Seq) -> Bound {
+        Bound {
+            base: k.base(s.loc),
+            s,
+        }
+    }
+
+    fn row_bytes(&self) -> i64 {
+        (self.s.slots * self.s.width * 4) as i64
+    }
+
+    /// Address of `[row, t, col + c0]` (one-slot buffers ignore `t`).
+    fn at(&self, k: &mut Kb, row: Value, t: Value, col: Value, c0: usize) -> Value {
+        let mut e =
+            k.b.ins()
+                .imul_imm_s(row, (self.s.slots * self.s.width) as i64);
+        if self.s.slots > 1 {
+            let tt = k.b.ins().imul_imm_s(t, self.s.width as i64);
+            e = k.b.ins().iadd(e, tt);
+        }
+        let e = k.b.ins().iadd(e, col);
+        let e = k.b.ins().iadd_imm_s(e, c0 as i64);
+        k.addr(self.base, e, 4)
+    }
+
+    /// Address of `[0, t, c0]`: the start of a matmul A operand.
+    fn row0(&self, k: &mut Kb, t: Value, c0: usize) -> Value {
+        let zero = k.iconst(0);
+        self.at(k, zero, t, zero, c0)
+    }
+}
+
+/// How many of a vector's lanes are real hidden columns: the last block
+/// of a hidden size that is not a multiple of 4 loads and stores fewer.
+#[derive(Clone, Copy)]
+struct Lanes(usize);
+
+impl Lanes {
+    fn ld(self, k: &mut Kb, a: Value) -> Value {
+        if self.0 == LANES {
+            return k.load_v(a, 0);
+        }
+        let mut v = k.vconst(0.0);
+        for l in 0..self.0 {
+            let x = k.load_f(a, (l * 4) as i32);
+            v = k.b.ins().insertlane(v, x, l as u8);
+        }
+        v
+    }
+
+    fn st(self, k: &mut Kb, v: Value, a: Value) {
+        if self.0 == LANES {
+            k.b.ins().store(flags(), v, a, 0);
+            return;
+        }
+        for l in 0..self.0 {
+            let x = k.b.ins().extractlane(v, l as u8);
+            k.store_f(x, a, (l * 4) as i32);
+        }
+    }
+}
+
+/// One unit's recurrent matmul: rows of A start at `a`, `a_rs` bytes
+/// apart, `kdim` contiguous f32s each; the packed panel has `v` vectors per
+/// k, `pstride` bytes apart. Runs only where `run` is set (else the
+/// product is zero: the state before step 0, or the gradient after the
+/// last step).
+#[derive(Clone, Copy)]
+struct Mm {
+    run: Value,
+    a: Value,
+    a_rs: i64,
+    panel: Value,
+    pstride: i64,
+    kdim: usize,
+    v: usize,
+}
+
+/// Per-unit values shared by the epilogues.
+#[derive(Clone, Copy)]
+struct Cx {
+    t: Value,
+    has_prev: Value,
+    has_next: Value,
+    /// `max(t − 1, 0)` and `min(t + 1, T − 1)`: addresses that stay in
+    /// the buffer; what they read is replaced by zeros at the ends.
+    tprev: Value,
+    tnext: Value,
+    col: Value,
+    /// Set for the last hidden block when `H % 4 ≠ 0`.
+    last: Option<Value>,
+    panel: Value,
+    zeros: Value,
+    tile: Value,
+    /// First row of the unit's row block, and whether it is the last
+    /// block.
+    r_lo: Value,
+    last_unit: Value,
+}
+
+type Epi<'a> = dyn Fn(&mut Kb, Value, &[Value], Lanes) + 'a;
+
+/// `tile[r][j] = Σ_k A[r, k] · panel[k][j]` for `rows` rows.
+///
+/// Cranelift's `fma` overwrites its first operand, so each product gets a
+/// broadcast of its own (one `vbroadcastss` from memory, no register copy)
+/// while the panel vectors stay in registers for every row. The loads of
+/// one A element for the `v` products go through `v` distinct base values
+/// (`a + j·4096`, offset back): otherwise redundant-load elimination would
+/// merge them into one register value, which `fma` would then clobber.
+fn tile_mm(k: &mut Kb, a: Value, mm: &Mm, rows: usize, tile: Value) {
+    const SKEW: i64 = 4096;
+    let zero = k.vconst(0.0);
+    let accs: Vec<Variable> = (0..rows * mm.v).map(|_| k.var(F32X4, zero)).collect();
+    let ap = k.var(I64, a);
+    let bp = k.var(I64, mm.panel);
+    // Two k per iteration when the panel vectors of both fit in registers
+    // next to the accumulators.
+    let unroll = 2;
+    let step = |k: &mut Kb, unroll: usize| {
+        let a = k.b.use_var(ap);
+        let b = k.b.use_var(bp);
+        let skewed: Vec<Value> = (0..mm.v)
+            .map(|j| k.b.ins().iadd_imm_s(a, j as i64 * SKEW))
+            .collect();
+        for u in 0..unroll {
+            let bv: Vec<Value> = (0..mm.v)
+                .map(|j| {
+                    let off = u as i64 * mm.pstride + (j * 16) as i64;
+                    k.b.ins().load(F32X4, ro_flags(), b, off as i32)
+                })
+                .collect();
+            for r in 0..rows {
+                for (j, &bj) in bv.iter().enumerate() {
+                    let off = r as i64 * mm.a_rs + (u * 4) as i64 - j as i64 * SKEW;
+                    let s = k.b.ins().load(F32, ro_flags(), skewed[j], off as i32);
+                    let av = k.b.ins().splat(F32X4, s);
+                    let var = accs[r * mm.v + j];
+                    let old = k.b.use_var(var);
+                    let new = k.b.ins().fma(av, bj, old);
+                    k.b.def_var(var, new);
+                }
+            }
+        }
+        let a2 = k.b.ins().iadd_imm_s(a, (unroll * 4) as i64);
+        let b2 = k.b.ins().iadd_imm_s(b, unroll as i64 * mm.pstride);
+        k.b.def_var(ap, a2);
+        k.b.def_var(bp, b2);
+    };
+    let iters = mm.kdim / unroll;
+    if iters > 0 {
+        k.for_const(0, iters, |k, _| step(k, unroll));
+    }
+    if mm.kdim % unroll == 1 {
+        step(k, 1);
+    }
+    for (i, var) in accs.iter().enumerate() {
+        let v = k.b.use_var(*var);
+        k.b.ins().store(flags(), v, tile, (i * 16) as i32);
+    }
+}
+
+impl RnnSeq {
+    fn new(rec: Rec, d: Dims, wp: Loc) -> RnnSeq {
+        RnnSeq {
+            rec,
+            n: d.n,
+            t: d.t,
+            h: d.h,
+            wp,
+        }
+    }
+
+    fn nb(&self) -> usize {
+        self.h.div_ceil(LANES)
+    }
+
+    fn gates(&self) -> usize {
+        match self.rec {
+            Rec::LstmFwd { .. } | Rec::LstmBwd { .. } => 4,
+            Rec::GruFwd { .. } | Rec::GruBwd { .. } => 3,
+        }
+    }
+
+    fn phases(&self) -> usize {
+        match self.rec {
+            Rec::LstmFwd { .. } | Rec::LstmBwd { .. } => 1,
+            Rec::GruFwd { .. } | Rec::GruBwd { .. } => 2,
+        }
+    }
+
+    fn backward(&self) -> bool {
+        matches!(self.rec, Rec::LstmBwd { .. } | Rec::GruBwd { .. })
+    }
+
+    /// Work units are blocks of `ROW_BLOCK` batch rows, each running the
+    /// whole time loop for its rows.
+    pub fn units(&self) -> usize {
+        self.n.div_ceil(ROW_BLOCK)
+    }
+
+    /// Flops of one unit: the recurrent matmuls of all its steps.
+    pub fn unit_cost(&self) -> usize {
+        2 * ROW_BLOCK.min(self.n) * self.h * self.gates() * self.h * self.t
+    }
+
+    /// One call for everything when the loop is small (waking a thread
+    /// would cost more), else one unit per chunk.
+    pub fn grain(&self) -> usize {
+        if self.unit_cost() * self.units() < SPLIT_FLOPS {
+            self.units()
+        } else {
+            1
+        }
+    }
+
+    pub fn emit(&self, kb: &mut Kb) {
+        let nb = self.nb();
+        let tl = self.t as i64 - 1;
+        let panel_bytes = (self.h * self.gates() * LANES * 4) as i64;
+        let wp = kb.base(self.wp);
+        let zeros = kb.stack_buf(16);
+        let z = kb.vconst(0.0);
+        kb.b.ins().store(flags(), z, zeros, 0);
+        let tile = kb.stack_buf(TILE_BYTES as u32);
+        let partial = self.h % LANES != 0;
+        let units = self.units() as i64;
+        let (start, end) = (kb.start, kb.end);
+        let rec = self.bind(kb);
+        kb.for_range(start, end, 1, |k, u| {
+            let r_lo = k.b.ins().imul_imm_s(u, ROW_BLOCK as i64);
+            let last_unit = k.b.ins().icmp_imm_s(IntCC::Equal, u, units - 1);
+            k.for_const(0, self.t, |k, step| {
+                let t = if self.backward() {
+                    let last = k.iconst(tl);
+                    k.b.ins().isub(last, step)
+                } else {
+                    step
+                };
+                let zero = k.iconst(0);
+                let tlv = k.iconst(tl);
+                let tm1 = k.b.ins().iadd_imm_s(t, -1);
+                let tp1 = k.b.ins().iadd_imm_s(t, 1);
+                let has_prev = k.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, t, 0);
+                let has_next = k.b.ins().icmp_imm_s(IntCC::SignedLessThan, t, tl);
+                let tprev = k.b.ins().smax(tm1, zero);
+                let tnext = k.b.ins().smin(tp1, tlv);
+                // Phases run one after the other over all hidden blocks:
+                // a phase reads every column the one before wrote.
+                for phase in 0..self.phases() {
+                    k.for_const(0, nb, |k, hb| {
+                        let cx = Cx {
+                            t,
+                            has_prev,
+                            has_next,
+                            tprev,
+                            tnext,
+                            col: k.b.ins().imul_imm_s(hb, LANES as i64),
+                            last: partial
+                                .then(|| k.b.ins().icmp_imm_s(IntCC::Equal, hb, nb as i64 - 1)),
+                            panel: k.addr(wp, hb, panel_bytes),
+                            zeros,
+                            tile,
+                            r_lo,
+                            last_unit,
+                        };
+                        self.unit(k, &rec, &cx, phase);
+                    });
+                }
+            });
+        });
+    }
+
+    /// Every buffer of the recurrence bound to its address.
+    fn bind(&self, k: &mut Kb) -> BoundRec {
+        let mut b = |s: Seq| Bound::new(k, s);
+        match &self.rec {
+            Rec::LstmFwd {
+                xw,
+                b: bias,
+                hs,
+                c,
+                save,
+            } => BoundRec::LstmFwd {
+                xw: b(*xw),
+                b: b(Seq {
+                    loc: *bias,
+                    slots: 1,
+                    width: 0,
+                }),
+                hs: b(*hs),
+                c: b(*c),
+                save: save.map(|(a, t)| (b(a), b(t))),
+            },
+            Rec::GruFwd {
+                xw,
+                b: bias,
+                hs,
+                act,
+                rh,
+            } => BoundRec::GruFwd {
+                xw: b(*xw),
+                b: b(Seq {
+                    loc: *bias,
+                    slots: 1,
+                    width: 0,
+                }),
+                hs: b(*hs),
+                act: b(*act),
+                rh: b(*rh),
+            },
+            Rec::LstmBwd {
+                dh,
+                act,
+                c,
+                tc,
+                dz,
+                dc,
+            } => BoundRec::LstmBwd {
+                dh: b(*dh),
+                act: b(*act),
+                c: b(*c),
+                tc: b(*tc),
+                dz: b(*dz),
+                dc: b(*dc),
+            },
+            Rec::GruBwd {
+                dh,
+                act,
+                hs,
+                dz,
+                dhs,
+                dhc,
+            } => BoundRec::GruBwd {
+                dh: b(*dh),
+                act: b(*act),
+                hs: b(*hs),
+                dz: b(*dz),
+                dhs: b(*dhs),
+                dhc: b(*dhc),
+            },
+        }
+    }
+
+    /// For every tile of rows of the unit's row block: the matmul into
+    /// the stack tile, then the epilogue row by row. Only the last block
+    /// may be short, and only its last tile may have fewer than `rt` rows.
+    fn rows(&self, k: &mut Kb, cx: &Cx, mm: Mm, epi: &Epi) {
+        let rt = tile_rows(mm.v);
+        let n_last = self.n - (self.units() - 1) * ROW_BLOCK;
+        let tiles_full = ROW_BLOCK / rt;
+        let tiles_last = n_last.div_ceil(rt);
+        let rem = n_last % rt;
+        let h_rem = self.h % LANES;
+        let ntiles = if self.units() == 1 {
+            k.iconst(tiles_last as i64)
+        } else {
+            let f = k.iconst(tiles_full as i64);
+            let l = k.iconst(tiles_last as i64);
+            k.b.ins().select(cx.last_unit, l, f)
+        };
+        let zero = k.iconst(0);
+        k.for_range(zero, ntiles, 1, |k, ti| {
+            let r0 = k.b.ins().imul_imm_s(ti, rt as i64);
+            let r0 = k.b.ins().iadd(cx.r_lo, r0);
+            let a = k.addr(mm.a, r0, mm.a_rs);
+            let is_rem = (rem != 0).then(|| {
+                let lt =
+                    k.b.ins()
+                        .icmp_imm_s(IntCC::Equal, ti, tiles_last as i64 - 1);
+                k.b.ins().band(lt, cx.last_unit)
+            });
+            k.if_else(
+                mm.run,
+                |k| match is_rem {
+                    None => tile_mm(k, a, &mm, rt, cx.tile),
+                    Some(c) => k.if_else(
+                        c,
+                        |k| tile_mm(k, a, &mm, rem, cx.tile),
+                        |k| tile_mm(k, a, &mm, rt, cx.tile),
+                    ),
+                },
+                |k| {
+                    let z = k.vconst(0.0);
+                    for i in 0..rt * mm.v {
+                        k.b.ins().store(flags(), z, cx.tile, (i * 16) as i32);
+                    }
+                },
+            );
+            let full = k.iconst(rt as i64);
+            let nrows = match is_rem {
+                None => full,
+                Some(c) => {
+                    let r = k.iconst(rem as i64);
+                    k.b.ins().select(c, r, full)
+                }
+            };
+            let zero = k.iconst(0);
+            k.for_range(zero, nrows, 1, |k, r| {
+                let row = k.b.ins().iadd(r0, r);
+                let tr = k.addr(cx.tile, r, (mm.v * 16) as i64);
+                let acc: Vec<Value> = (0..mm.v).map(|j| k.load_v(tr, (j * 16) as i32)).collect();
+                match cx.last {
+                    None => epi(k, row, &acc, Lanes(LANES)),
+                    Some(l) => k.if_else(
+                        l,
+                        |k| epi(k, row, &acc, Lanes(h_rem)),
+                        |k| epi(k, row, &acc, Lanes(LANES)),
+                    ),
+                }
+            });
+        });
+    }
+
+    /// One unit of phase `phase`.
+    fn unit(&self, k: &mut Kb, rec: &BoundRec, cx: &Cx, phase: usize) {
+        let h = self.h;
+        let (t, col) = (cx.t, cx.col);
+        // `[row, t', col + c0]` of `b`, or zeros where `cond` is unset.
+        let at_or_zero = |k: &mut Kb, b: &Bound, row, t2, c0, cond| {
+            let a = b.at(k, row, t2, col, c0);
+            k.b.ins().select(cond, a, cx.zeros)
+        };
+        match (rec, phase) {
+            (BoundRec::LstmFwd { xw, b, hs, c, save }, _) => {
+                let mm = Mm {
+                    run: cx.has_prev,
+                    a: hs.row0(k, cx.tprev, 0),
+                    a_rs: hs.row_bytes(),
+                    panel: cx.panel,
+                    pstride: 4 * 16,
+                    kdim: h,
+                    v: 4,
+                };
+                let epi = |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
+                    let zero = k.iconst(0);
+                    let z: Vec<Value> = (0..4)
+                        .map(|gi| {
+                            let xa = xw.at(k, row, t, col, gi * h);
+                            let x = ln.ld(k, xa);
+                            let ba = b.at(k, zero, zero, col, gi * h);
+                            let bb = ln.ld(k, ba);
+                            let s = k.b.ins().fadd(acc[gi], x);
+                            k.b.ins().fadd(s, bb)
+                        })
+                        .collect();
+                    let i = k.vsigmoid(z[0]);
+                    let f = k.vsigmoid(z[1]);
+                    let gg = k.vtanh(z[2]);
+                    let o = k.vsigmoid(z[3]);
+                    let cpa = at_or_zero(k, c, row, cx.tprev, 0, cx.has_prev);
+                    let cp = ln.ld(k, cpa);
+                    let fc = k.b.ins().fmul(f, cp);
+                    let ig = k.b.ins().fmul(i, gg);
+                    let cv = k.b.ins().fadd(fc, ig);
+                    let tc = k.vtanh(cv);
+                    let hv = k.b.ins().fmul(o, tc);
+                    let a = hs.at(k, row, t, col, 0);
+                    ln.st(k, hv, a);
+                    let a = c.at(k, row, t, col, 0);
+                    ln.st(k, cv, a);
+                    if let Some((act, tcs)) = save {
+                        for (gi, v) in [i, f, gg, o].into_iter().enumerate() {
+                            let a = act.at(k, row, t, col, gi * h);
+                            ln.st(k, v, a);
+                        }
+                        let a = tcs.at(k, row, t, col, 0);
+                        ln.st(k, tc, a);
+                    }
+                };
+                self.rows(k, cx, mm, &epi);
+            }
+            (BoundRec::GruFwd { xw, b, hs, act, rh }, 0) => {
+                let mm = Mm {
+                    run: cx.has_prev,
+                    a: hs.row0(k, cx.tprev, 0),
+                    a_rs: hs.row_bytes(),
+                    panel: cx.panel,
+                    pstride: 3 * 16,
+                    kdim: h,
+                    v: 2,
+                };
+                let epi = |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
+                    let zero = k.iconst(0);
+                    let gate = |k: &mut Kb, gi: usize| {
+                        let xa = xw.at(k, row, t, col, gi * h);
+                        let x = ln.ld(k, xa);
+                        let ba = b.at(k, zero, zero, col, gi * h);
+                        let bb = ln.ld(k, ba);
+                        let s = k.b.ins().fadd(acc[gi], x);
+                        let s = k.b.ins().fadd(s, bb);
+                        k.vsigmoid(s)
+                    };
+                    let zz = gate(k, 0);
+                    let rr = gate(k, 1);
+                    let hpa = at_or_zero(k, hs, row, cx.tprev, 0, cx.has_prev);
+                    let hp = ln.ld(k, hpa);
+                    let rhv = k.b.ins().fmul(rr, hp);
+                    let a = act.at(k, row, t, col, 0);
+                    ln.st(k, zz, a);
+                    let a = act.at(k, row, t, col, h);
+                    ln.st(k, rr, a);
+                    let a = rh.at(k, row, t, col, 0);
+                    ln.st(k, rhv, a);
+                };
+                self.rows(k, cx, mm, &epi);
+            }
+            (BoundRec::GruFwd { xw, b, hs, act, rh }, _) => {
+                let mm = Mm {
+                    run: cx.has_prev,
+                    a: rh.row0(k, t, 0),
+                    a_rs: rh.row_bytes(),
+                    panel: k.b.ins().iadd_imm_s(cx.panel, 2 * 16),
+                    pstride: 3 * 16,
+                    kdim: h,
+                    v: 1,
+                };
+                let epi = |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
+                    let zero = k.iconst(0);
+                    let xa = xw.at(k, row, t, col, 2 * h);
+                    let x = ln.ld(k, xa);
+                    let ba = b.at(k, zero, zero, col, 2 * h);
+                    let bb = ln.ld(k, ba);
+                    let s = k.b.ins().fadd(acc[0], x);
+                    let s = k.b.ins().fadd(s, bb);
+                    let hc = k.vtanh(s);
+                    let za = act.at(k, row, t, col, 0);
+                    let zz = ln.ld(k, za);
+                    let hpa = at_or_zero(k, hs, row, cx.tprev, 0, cx.has_prev);
+                    let hp = ln.ld(k, hpa);
+                    let one = k.vconst(1.0);
+                    let keep = k.b.ins().fsub(one, zz);
+                    let kh = k.b.ins().fmul(keep, hp);
+                    let zh = k.b.ins().fmul(zz, hc);
+                    let hv = k.b.ins().fadd(kh, zh);
+                    let a = act.at(k, row, t, col, 2 * h);
+                    ln.st(k, hc, a);
+                    let a = hs.at(k, row, t, col, 0);
+                    ln.st(k, hv, a);
+                };
+                self.rows(k, cx, mm, &epi);
+            }
+            (
+                BoundRec::LstmBwd {
+                    dh,
+                    act,
+                    c,
+                    tc,
+                    dz,
+                    dc,
+                },
+                _,
+            ) => {
+                let mm = Mm {
+                    run: cx.has_next,
+                    a: dz.row0(k, cx.tnext, 0),
+                    a_rs: dz.row_bytes(),
+                    panel: cx.panel,
+                    pstride: 16,
+                    kdim: 4 * h,
+                    v: 1,
+                };
+                let epi = |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
+                    let zero = k.iconst(0);
+                    let one = k.vconst(1.0);
+                    let a = dh.at(k, row, t, col, 0);
+                    let dhv = ln.ld(k, a);
+                    let dhv = k.b.ins().fadd(dhv, acc[0]);
+                    let g: Vec<Value> = (0..4)
+                        .map(|gi| {
+                            let a = act.at(k, row, t, col, gi * h);
+                            ln.ld(k, a)
+                        })
+                        .collect();
+                    let (i, f, gg, o) = (g[0], g[1], g[2], g[3]);
+                    let a = tc.at(k, row, t, col, 0);
+                    let tcv = ln.ld(k, a);
+                    // dc_t = dh·o·(1 − tanh²c) + dc_{t+1}·f_{t+1}
+                    let a = at_or_zero(k, dc, row, zero, 0, cx.has_next);
+                    let dcn = ln.ld(k, a);
+                    let t2 = k.b.ins().fmul(tcv, tcv);
+                    let t2 = k.b.ins().fsub(one, t2);
+                    let dho = k.b.ins().fmul(dhv, o);
+                    let dcv = k.b.ins().fmul(dho, t2);
+                    let dcv = k.b.ins().fadd(dcv, dcn);
+                    // σ' = s·(1 − s), tanh' = 1 − t²
+                    let dsig = |k: &mut Kb, s: Value| {
+                        let m = k.b.ins().fsub(one, s);
+                        k.b.ins().fmul(s, m)
+                    };
+                    let so = dsig(k, o);
+                    let dzo = k.b.ins().fmul(dhv, tcv);
+                    let dzo = k.b.ins().fmul(dzo, so);
+                    let si = dsig(k, i);
+                    let dzi = k.b.ins().fmul(dcv, gg);
+                    let dzi = k.b.ins().fmul(dzi, si);
+                    let a = at_or_zero(k, c, row, cx.tprev, 0, cx.has_prev);
+                    let cp = ln.ld(k, a);
+                    let sf = dsig(k, f);
+                    let dzf = k.b.ins().fmul(dcv, cp);
+                    let dzf = k.b.ins().fmul(dzf, sf);
+                    let g2 = k.b.ins().fmul(gg, gg);
+                    let g2 = k.b.ins().fsub(one, g2);
+                    let dzg = k.b.ins().fmul(dcv, i);
+                    let dzg = k.b.ins().fmul(dzg, g2);
+                    let carry = k.b.ins().fmul(dcv, f);
+                    let a = dc.at(k, row, zero, col, 0);
+                    ln.st(k, carry, a);
+                    for (gi, v) in [dzi, dzf, dzg, dzo].into_iter().enumerate() {
+                        let a = dz.at(k, row, t, col, gi * h);
+                        ln.st(k, v, a);
+                    }
+                };
+                self.rows(k, cx, mm, &epi);
+            }
+            (
+                BoundRec::GruBwd {
+                    dh,
+                    act,
+                    hs,
+                    dz,
+                    dhs,
+                    dhc,
+                },
+                0,
+            ) => {
+                // Phase A: dh_t, then dz_z and dz_h~.
+                let mm = Mm {
+                    run: cx.has_next,
+                    a: dz.row0(k, cx.tnext, 0),
+                    a_rs: dz.row_bytes(),
+                    panel: cx.panel,
+                    pstride: 16,
+                    kdim: 2 * h,
+                    v: 1,
+                };
+                let epi = |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
+                    let zero = k.iconst(0);
+                    let one = k.vconst(1.0);
+                    let a = dh.at(k, row, t, col, 0);
+                    let dhv = ln.ld(k, a);
+                    let a = at_or_zero(k, dhc, row, zero, 0, cx.has_next);
+                    let carry = ln.ld(k, a);
+                    let dhv = k.b.ins().fadd(dhv, acc[0]);
+                    let dhv = k.b.ins().fadd(dhv, carry);
+                    let a = act.at(k, row, t, col, 0);
+                    let zz = ln.ld(k, a);
+                    let a = act.at(k, row, t, col, 2 * h);
+                    let hc = ln.ld(k, a);
+                    let a = at_or_zero(k, hs, row, cx.tprev, 0, cx.has_prev);
+                    let hp = ln.ld(k, a);
+                    let m = k.b.ins().fsub(one, zz);
+                    let sz = k.b.ins().fmul(zz, m);
+                    let diff = k.b.ins().fsub(hc, hp);
+                    let dzz = k.b.ins().fmul(dhv, diff);
+                    let dzz = k.b.ins().fmul(dzz, sz);
+                    let h2 = k.b.ins().fmul(hc, hc);
+                    let h2 = k.b.ins().fsub(one, h2);
+                    let dzc = k.b.ins().fmul(dhv, zz);
+                    let dzc = k.b.ins().fmul(dzc, h2);
+                    let a = dz.at(k, row, t, col, 0);
+                    ln.st(k, dzz, a);
+                    let a = dz.at(k, row, t, col, 2 * h);
+                    ln.st(k, dzc, a);
+                    let a = dhs.at(k, row, zero, col, 0);
+                    ln.st(k, dhv, a);
+                };
+                self.rows(k, cx, mm, &epi);
+            }
+            (
+                BoundRec::GruBwd {
+                    act,
+                    hs,
+                    dz,
+                    dhs,
+                    dhc,
+                    ..
+                },
+                _,
+            ) => {
+                // Phase B: d(r·h_{t-1}) = dz_h~ w_h[:, 2H:]ᵀ, then dz_r and
+                // the rest of dh_{t-1}.
+                let mm = Mm {
+                    run: cx.has_prev,
+                    a: dz.row0(k, t, 2 * h),
+                    a_rs: dz.row_bytes(),
+                    panel: k.b.ins().iadd_imm_s(cx.panel, (2 * h * 16) as i64),
+                    pstride: 16,
+                    kdim: h,
+                    v: 1,
+                };
+                let epi = |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
+                    let zero = k.iconst(0);
+                    let one = k.vconst(1.0);
+                    let drh = acc[0];
+                    let a = act.at(k, row, t, col, 0);
+                    let zz = ln.ld(k, a);
+                    let a = act.at(k, row, t, col, h);
+                    let rr = ln.ld(k, a);
+                    let a = at_or_zero(k, hs, row, cx.tprev, 0, cx.has_prev);
+                    let hp = ln.ld(k, a);
+                    let m = k.b.ins().fsub(one, rr);
+                    let sr = k.b.ins().fmul(rr, m);
+                    let dzr = k.b.ins().fmul(drh, hp);
+                    let dzr = k.b.ins().fmul(dzr, sr);
+                    let a = dhs.at(k, row, zero, col, 0);
+                    let dhv = ln.ld(k, a);
+                    let keep = k.b.ins().fsub(one, zz);
+                    let d1 = k.b.ins().fmul(dhv, keep);
+                    let d2 = k.b.ins().fmul(drh, rr);
+                    let carry = k.b.ins().fadd(d1, d2);
+                    let a = dhc.at(k, row, zero, col, 0);
+                    ln.st(k, carry, a);
+                    let a = dz.at(k, row, t, col, h);
+                    ln.st(k, dzr, a);
+                };
+                self.rows(k, cx, mm, &epi);
+            }
+        }
+    }
+}
+
+/// [`Rec`] with every buffer's address bound in the kernel.
+enum BoundRec {
+    LstmFwd {
+        xw: Bound,
+        b: Bound,
+        hs: Bound,
+        c: Bound,
+        save: Option<(Bound, Bound)>,
+    },
+    GruFwd {
+        xw: Bound,
+        b: Bound,
+        hs: Bound,
+        act: Bound,
+        rh: Bound,
+    },
+    LstmBwd {
+        dh: Bound,
+        act: Bound,
+        c: Bound,
+        tc: Bound,
+        dz: Bound,
+        dc: Bound,
+    },
+    GruBwd {
+        dh: Bound,
+        act: Bound,
+        hs: Bound,
+        dz: Bound,
+        dhs: Bound,
+        dhc: Bound,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused step of `lstm_seq` on `x [n, t, f]` with hidden size `h`.
+    fn lstm_step(n: usize, t: usize, f: usize, h: usize) -> RnnSeq {
+        let ty = |s: Vec<usize>| TensorType::f32(s);
+        let ins = [
+            ty(vec![n, t, f]),
+            ty(vec![f, 4 * h]),
+            ty(vec![h, 4 * h]),
+            ty(vec![4 * h]),
+        ];
+        let out = ty(vec![n, t, h]);
+        let ins: Vec<(Loc, &TensorType)> = ins
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (Loc::Extern(i), t))
+            .collect();
+        let lowered = lower_forward(true, &ins, &[(Loc::Arena(0), &out)], 4096).expect("lowers");
+        lowered
+            .steps
+            .into_iter()
+            .find_map(|s| match s {
+                Step::Rnn(r) => Some(r),
+                _ => None,
+            })
+            .expect("one fused recurrent step")
+    }
+
+    /// The shapes of tests/jit_seq.rs reach both ways of running the loop:
+    /// one call when small, one row block per chunk when large.
+    #[test]
+    fn small_loops_run_in_one_call_large_ones_split_by_row_blocks() {
+        let small = lstm_step(9, 3, 2, 5);
+        assert_eq!(small.units(), 2);
+        assert_eq!(small.grain(), 2);
+        let large = lstm_step(19, 9, 5, 27);
+        assert_eq!(large.units(), 3);
+        assert_eq!(large.grain(), 1);
+        // The reference workload splits its 16 rows over two threads.
+        let bench = lstm_step(16, 32, 64, 128);
+        assert_eq!((bench.units(), bench.grain()), (2, 1));
+    }
 }
