@@ -68,7 +68,9 @@ fn bench(m: usize, k: usize, n: usize, threads: usize) -> Result<(), String> {
         TensorType::f32(vec![k, n]),
         None,
     );
-    let c = g.add(Op::MatMul, &[a, b], None).map_err(|e| e.to_string())?;
+    let c = g
+        .add(Op::MatMul, &[a, b], None)
+        .map_err(|e| e.to_string())?;
     g.push_output("c", OutputKind::Output, c);
     let data = |len: usize| -> Vec<f32> {
         (0..len)

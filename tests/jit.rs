@@ -395,6 +395,39 @@ fn layout_ops_match_interpreter() {
 }
 
 #[test]
+fn transposes_of_the_last_two_axes_move_whole_tiles() {
+    // Swapping the last two axes copies 4×4 tiles through registers: whole
+    // tiles, leftover rows and columns, batch dims, slabs smaller than a
+    // tile (the strided path), i32 data, and enough rows to be split over
+    // threads.
+    let mut rng = Rng(17);
+    for shape in [
+        &[8usize, 12][..],
+        &[7, 9],
+        &[3, 5, 6],
+        &[2, 4, 3, 13],
+        &[3, 2],
+        &[64, 784],
+        &[5, 1001],
+    ] {
+        let n = shape.len();
+        let mut perm: Vec<usize> = (0..n).collect();
+        perm.swap(n - 2, n - 1);
+        for dtype in [DType::F32, DType::I32] {
+            let mut c = Case::new();
+            let t = match dtype {
+                DType::F32 => rand_f32(&mut rng, shape, 1.0),
+                _ => rand_ids(&mut rng, shape, 1 << 30),
+            };
+            let x = c.input("x", t);
+            let y = c.op(Op::Transpose { perm: perm.clone() }, &[x]);
+            c.out("y", y);
+            c.check(0.0);
+        }
+    }
+}
+
+#[test]
 fn gather_and_scatter_add_match_interpreter() {
     let mut rng = Rng(8);
     for (rows, width, ids_shape) in [

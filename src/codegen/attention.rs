@@ -20,11 +20,16 @@
 //! `D_i = Σ_j P_ij dP_ij` per row, with `dP = dy vᵀ`):
 //! 1. `Stats`, per query block: the online pass, accumulating `D` like `l`.
 //! 2. `Dq`, per query block: `P = exp(S − lse)`,
-//!    `dS = P ∘ (dP − D) · scale`, `dq += dS k`. When the problem is small
-//!    ([`saves_probabilities`]) `P` and `dS` are written to scratch.
-//! 3. `Dkv`, per key block: `dv += Pᵀ dy`, `dk += dSᵀ q`, with `P` and `dS`
-//!    read back from scratch, or recomputed tile by tile from `lse` and `D`
-//!    (then `q` and `dy` are also read transposed).
+//!    `dS = P ∘ (dP − D) · scale`, `dq += dS k`.
+//! 3. `Dkv`, per key block: `dv += Pᵀ dy`, `dk += dSᵀ q`.
+//!
+//! Which tensors are formed twice is chosen by size
+//! ([`saves_probabilities`]). Small problems keep two `[Tq, Tk']` buffers
+//! per problem: `Stats` leaves `S` and `dP` there, `Dq` turns them into `P`
+//! and `dS` in place, `Dkv` reads them by column. Larger ones keep only
+//! `lse` and `D`: `Dq` recomputes `S` and `dP` tile by tile, and `Dkv`
+//! recomputes the transposed tiles from `k`, `v` and transposed copies of
+//! `q` and `dy`.
 //!
 //! The IR's `attention_grad` takes `(q, k, v, dy)` only, so the row
 //! statistics are recomputed by the gradient node rather than kept from the
@@ -46,14 +51,18 @@ const G: usize = 8;
 /// Columns per tile of the online softmax; a multiple of `G`.
 const TILE: usize = 64;
 
-/// Largest `Tq · Tk` per problem for which the backward keeps `P` and `dS`
-/// (two `[batch, Tq, Tk']`-sized buffers) instead of recomputing them.
+/// Largest `Tq · Tk` per problem for which the backward keeps `S`/`P` and
+/// `dP`/`dS` (two `[batch, Tq, Tk']`-sized buffers) instead of recomputing
+/// them.
 pub const SAVE_MAX: usize = 128 * 128;
+/// Largest `batch · Tq · Tk` kept that way (2 × 8 MiB).
+pub const SAVE_MAX_TOTAL: usize = 2 << 20;
 
-/// Whether the gradient of attention with these sequence lengths saves the
-/// probabilities (else it recomputes them tile by tile).
-pub fn saves_probabilities(tq: usize, tk: usize) -> bool {
-    tq * tk <= SAVE_MAX
+/// Whether the gradient of attention over `batch` problems with these
+/// sequence lengths saves the probabilities (else it recomputes them tile
+/// by tile).
+pub fn saves_probabilities(batch: usize, tq: usize, tk: usize) -> bool {
+    tq * tk <= SAVE_MAX && batch * tq * tk <= SAVE_MAX_TOTAL
 }
 
 fn pad(n: usize) -> usize {
@@ -617,7 +626,7 @@ fn write_row(
 impl Attn {
     /// Query-side mask: keys `0 ≤ j ≤ i` when causal, else `j < Tk`.
     fn query_mask(&self, k: &mut Kb, rows: &[Value; R]) -> Option<Mask> {
-        if !self.causal && self.tk % G == 0 {
+        if !self.causal && self.tk.is_multiple_of(G) {
             return None;
         }
         let zero = k.iconst(0);
@@ -965,7 +974,7 @@ impl Attn {
                     lo: std::array::from_fn(|r| if self.causal { rows[r] } else { zero }),
                     hi: [last; R],
                 };
-                let use_mask = self.causal || self.tq % G != 0;
+                let use_mask = self.causal || !self.tq.is_multiple_of(G);
                 let pt: [Value; R] =
                     std::array::from_fn(|r| k.b.ins().iadd_imm_s(bufs.t1, (r * TILE * 4) as i64));
                 let dt: [Value; R] =
@@ -1159,7 +1168,7 @@ pub fn lower_grad(
     a.vt = transposed(&mut bd, v, s.batch, s.tk, s.dv);
     a.lse = bd.alloc(s.batch * pad(s.tq));
     a.dd = bd.alloc(s.batch * pad(s.tq));
-    if saves_probabilities(s.tq, s.tk) {
+    if saves_probabilities(s.batch, s.tq, s.tk) {
         let n = s.batch * saved_rows(s.tq) * pad(s.tk);
         a.saved = Some((bd.alloc(n), bd.alloc(n)));
     } else {

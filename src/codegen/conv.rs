@@ -381,22 +381,34 @@ impl Pool {
         let cntf = k.fconst((g.kh * g.kw) as f32);
         match self.kind {
             PoolKind::Max | PoolKind::MaxGrad => {
+                // Lane 0 of f32x4 registers: the vector compare and
+                // bit-select are branch-free, where a scalar float select
+                // becomes an unpredictable branch. The winning tap's offset
+                // rides along as an (exact) float.
                 let xw = k.addr(bufs.xp, off0, 4);
-                let mut best = k.load_f(xw, 0);
-                let mut at = off0;
-                for &t in &taps[1..] {
+                let lane = |k: &mut Kb, t: i64| {
                     let v = k.load_f(xw, (t * 4) as i32);
-                    let gt = k.b.ins().fcmp(FloatCC::GreaterThan, v, best);
-                    best = k.b.ins().select(gt, v, best);
+                    k.b.ins().scalar_to_vector(F32X4, v)
+                };
+                let mut best = lane(k, 0);
+                let mut at = k.vconst(0.0);
+                for &t in &taps[1..] {
+                    let v = lane(k, t);
+                    let gt = k.vcmp(FloatCC::GreaterThan, v, best);
+                    best = k.vsel(gt, v, best);
                     if self.kind == PoolKind::MaxGrad {
-                        let here = k.b.ins().iadd_imm_s(off0, t);
-                        at = k.b.ins().select(gt, here, at);
+                        let here = k.vconst(t as f32);
+                        at = k.vsel(gt, here, at);
                     }
                 }
                 if self.kind == PoolKind::Max {
+                    let v = k.b.ins().extractlane(best, 0);
                     let a = k.addr(bufs.yp, o, 4);
-                    k.store_f(best, a, 0);
+                    k.store_f(v, a, 0);
                 } else {
+                    let t = k.b.ins().extractlane(at, 0);
+                    let t = k.b.ins().fcvt_to_sint(I64, t);
+                    let at = k.b.ins().iadd(off0, t);
                     let ga = k.addr(bufs.dyp, o, 4);
                     let gv = k.load_f(ga, 0);
                     let d = k.addr(bufs.dxp, at, 4);
@@ -811,19 +823,30 @@ fn direct_tile(
     };
     // One tap per loop iteration: Cranelift elaborates the pure loads and
     // FMAs of a block in dependency order, so unrolled taps would keep every
-    // tap's input vectors live at once and spill the accumulators.
-    k.for_const(0, s.c, |k, c| {
-        let px = k.addr(xq, c, plane);
-        let pw = k.addr(wp, c, s.kh as i64 * s.kw as i64 * tap_bytes);
-        k.for_const(0, s.kh, |k, kh| {
-            let pxk = k.addr(px, kh, row_bytes);
-            let pwk = k.addr(pw, kh, s.kw as i64 * tap_bytes);
-            k.for_const(0, s.kw, |k, kw| {
-                let pxw = k.addr(pxk, kw, (s.dilation * 4) as i64);
-                let pww = k.addr(pwk, kw, tap_bytes);
-                taps(k, pxw, pww, 1);
+    // tap's input vectors live at once and spill the accumulators. The tap
+    // pointers are loop-carried (bumped, not recomputed from the loop
+    // counters), since address arithmetic is not hoisted out of the loops.
+    let px_v = k.var(I64, xq);
+    let pw_v = k.var(I64, wp);
+    let kw_bytes = (s.dilation * 4) as i64;
+    k.for_const(0, s.c, |k, _| {
+        k.for_const(0, s.kh, |k, _| {
+            k.for_const(0, s.kw, |k, _| {
+                let px = k.b.use_var(px_v);
+                let pw = k.b.use_var(pw_v);
+                taps(k, px, pw, 1);
+                let px = k.b.ins().iadd_imm_s(px, kw_bytes);
+                let pw = k.b.ins().iadd_imm_s(pw, tap_bytes);
+                k.b.def_var(px_v, px);
+                k.b.def_var(pw_v, pw);
             });
+            let px = k.b.use_var(px_v);
+            let px = k.b.ins().iadd_imm_s(px, row_bytes - s.kw as i64 * kw_bytes);
+            k.b.def_var(px_v, px);
         });
+        let px = k.b.use_var(px_v);
+        let px = k.b.ins().iadd_imm_s(px, plane - s.kh as i64 * row_bytes);
+        k.b.def_var(px_v, px);
     });
     let ob = (s.oh * s.ow * 4) as i64;
     for (i, acc) in accs.iter().enumerate() {
@@ -969,10 +992,16 @@ fn gf_tile(
             let dyr = k.addr(dyn_, i, (s.ow * 4) as i64);
             // One column group per iteration (see `direct_tile`).
             if full > 0 {
-                k.for_const(0, full, |k, v| {
-                    let d = k.addr(dyr, v, 16);
-                    let x = k.addr(xr, v, 16);
+                let d_v = k.var(I64, dyr);
+                let x_v = k.var(I64, xr);
+                k.for_const(0, full, |k, _| {
+                    let d = k.b.use_var(d_v);
+                    let x = k.b.use_var(x_v);
                     step(k, d, x, 4);
+                    let d = k.b.ins().iadd_imm_s(d, 16);
+                    let x = k.b.ins().iadd_imm_s(x, 16);
+                    k.b.def_var(d_v, d);
+                    k.b.def_var(x_v, x);
                 });
             }
             if tail > 0 {

@@ -198,7 +198,10 @@ impl Step {
     pub fn units(&self) -> usize {
         match self {
             Step::Fill(f) => f.n.div_ceil(FILL_BLOCK),
-            Step::Copy(c) => rows_of(&c.dims),
+            Step::Copy(c) => match super::transpose::transposed_slab(c) {
+                Some((rows, _, _)) => super::transpose::units(c, rows),
+                None => rows_of(&c.dims),
+            },
             Step::Elementwise(e) => rows_of(&e.dims),
             Step::Matmul(m, p) => m.units(*p),
             Step::Reduce(r) => r.units(),
@@ -220,7 +223,10 @@ impl Step {
     pub fn unit_cost(&self) -> usize {
         match self {
             Step::Fill(_) => FILL_BLOCK,
-            Step::Copy(c) => *c.dims.last().unwrap_or(&1),
+            Step::Copy(c) => match super::transpose::transposed_slab(c) {
+                Some((_, cols, _)) => 4 * cols,
+                None => *c.dims.last().unwrap_or(&1),
+            },
             Step::Elementwise(e) => {
                 let heavy = matches!(
                     e.op,
@@ -263,7 +269,10 @@ impl Step {
     pub fn emit(&self, kb: &mut Kb) {
         match self {
             Step::Fill(f) => emit_fill(kb, f),
-            Step::Copy(c) => emit_copy(kb, c),
+            Step::Copy(c) => match super::transpose::transposed_slab(c) {
+                Some((rows, cols, ss)) => super::transpose::emit(kb, c, rows, cols, ss),
+                None => emit_copy(kb, c),
+            },
             Step::Elementwise(e) => emit_elementwise(kb, e),
             Step::Matmul(m, p) => m.emit(kb, *p),
             Step::Reduce(r) => r.emit(kb),

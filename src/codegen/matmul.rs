@@ -711,33 +711,43 @@ mod tests {
         let t = TILE;
         // Row and column edges of every width, k over several KC blocks
         // with a remainder (and odd, for the unrolled loop's tail), n over
-        // several NCP blocks.
-        check(None, None, 1, 1, 1);
-        check(None, None, t.mr + 1, 3, t.nr() + 1);
-        check(None, None, 2 * t.mr - 1, t.kc + 3, 3);
-        check(None, None, 3 * t.mr + 2, 2 * t.kc + 1, t.ncp * t.nr() + 5);
-        check(None, None, 17, 7, t.ncp * t.nr() * 2);
-        for cols in 1..t.nr() {
-            check(None, None, t.mr, 5, t.nr() + cols);
-        }
-        // Edge rows spanning several panels per tile, with panels left
-        // over for one-panel tiles and a narrow last panel.
-        for rows in 1..t.mr {
-            check(None, None, t.mr + rows, 9, 7 * t.nr() + 3);
-            check(None, None, rows, t.kc + 1, 4 * t.nr());
+        // several NCP blocks; few row panels read B in place, many pack it.
+        for m0 in [0, 6 * t.mr] {
+            check(None, None, m0 + 1, 1, 1);
+            check(None, None, m0 + t.mr + 1, 3, t.nr() + 1);
+            check(None, None, m0 + 2 * t.mr - 1, t.kc + 3, 3);
+            check(
+                None,
+                None,
+                m0 + 3 * t.mr + 2,
+                2 * t.kc + 1,
+                t.ncp * t.nr() + 5,
+            );
+            check(None, None, m0 + 17, 7, t.ncp * t.nr() * 2);
+            for cols in 1..t.nr() {
+                check(None, None, m0 + t.mr, 5, t.nr() + cols);
+            }
+            // Edge rows spanning several panels per tile, with panels left
+            // over for one-panel tiles and a narrow last panel.
+            for rows in 1..t.mr {
+                check(None, None, m0 + t.mr + rows, 9, 7 * t.nr() + 3);
+                check(None, None, m0 + rows, t.kc + 1, 4 * t.nr());
+            }
         }
     }
 
     #[test]
     fn batched_and_broadcast_operands_match_an_f64_reference() {
-        check(Some(3), Some(3), 7, 9, 11);
-        check(Some(4), None, 6, 260, 10);
-        check(None, Some(2), 11, 5, 13);
-        check(Some(1), Some(3), 4, 8, 9);
+        for m in [7, 41] {
+            check(Some(3), Some(3), m, 9, 11);
+            check(Some(4), None, m, 260, 10);
+            check(None, Some(2), m, 5, 13);
+            check(Some(1), Some(3), m, 8, 9);
+        }
     }
 
     #[test]
-    fn contiguous_a_is_read_in_place_and_strided_a_is_packed() {
+    fn operands_are_packed_only_where_it_pays() {
         let op = |rs: i64, cs: i64| MmOperand {
             loc: Loc::Arena(0),
             off: 0,
@@ -763,6 +773,19 @@ mod tests {
         let panels = 12usize.div_ceil(TILE.mr);
         assert_eq!(mm.pack_a_bytes(), panels * TILE.mr * 7 * 4);
         assert_eq!(mm.units(MatmulPhase::PackA), panels);
+        // Three row panels read contiguous B in place; many pack it, and
+        // so does a strided B or rows 4 KiB apart.
+        assert_eq!(mm.pack_b_bytes(), 0);
+        assert_eq!(mm.units(MatmulPhase::PackB), 0);
+        let col_panels = 9usize.div_ceil(TILE.nr());
+        mm.b = op(1, 7);
+        assert_eq!(mm.pack_b_bytes(), col_panels * TILE.nr() * 7 * 4);
+        mm.b = op(1024, 1);
+        assert!(mm.pack_b_bytes() > 0);
+        mm.b = op(9, 1);
+        mm.m = 100;
+        assert_eq!(mm.pack_b_bytes(), col_panels * TILE.nr() * 7 * 4);
+        assert!(mm.units(MatmulPhase::PackB) > 0);
     }
 
     /// The input gradient of a convolution multiplies by the transposed
@@ -813,7 +836,10 @@ mod tests {
         assert_eq!(got.len(), want.len());
         for (i, (a, e)) in got.iter().zip(want).enumerate() {
             // Sums of up to o·9 products of magnitude < 1.
-            assert!((a - e).abs() <= 1e-5 * (1.0 + e.abs()) * 10.0, "dx[{i}]: {a} vs {e}");
+            assert!(
+                (a - e).abs() <= 1e-5 * (1.0 + e.abs()) * 10.0,
+                "dx[{i}]: {a} vs {e}"
+            );
         }
     }
 }

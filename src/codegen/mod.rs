@@ -25,6 +25,7 @@ pub mod matmul;
 pub mod plan;
 pub mod reduce;
 pub mod rnn;
+pub mod transpose;
 
 pub use crate::runtime::{JitModel, RuntimeError};
 pub use plan::MemoryPlan;
@@ -614,7 +615,7 @@ fn compile_function(
         .map_err(|e| cranelift_err(job.node, job.op, format!("{:?}", e.inner)))?;
     let bytes = code.code_buffer().to_vec();
     if std::env::var("DLC_JT2").is_ok() {
-        eprintln!("fn {} {} {:.3} ms {} B", job.op.name(), format!("{:?}", job.step).split(['(', ' ']).next().unwrap_or("") .to_string() + if needs_speed(job.step) {"/S"} else {"/Q"}, tt.elapsed().as_secs_f64()*1e3, bytes.len());
+        eprintln!("fn {} {} {:.3} ms {} B", job.op.name(), format!("{:?}", job.step).split([' ', '{']).next().unwrap_or("") .to_string() + if needs_speed(job.step) {"/S"} else {"/Q"}, tt.elapsed().as_secs_f64()*1e3, bytes.len());
     }
     let alignment = code.buffer.alignment as u64;
     let raw = code.buffer.relocs().to_vec();

@@ -817,6 +817,11 @@ type Epi<'a> = dyn Fn(&mut Kb, Value, &[Value], Lanes) + 'a;
 /// one A element for the `v` products go through `v` distinct base values
 /// (`a + j·4096`, offset back): otherwise redundant-load elimination would
 /// merge them into one register value, which `fma` would then clobber.
+/// The A loads are marked read-only so they sink into the broadcast: no
+/// store of this function touches A while the loop runs (A is the
+/// previous step's state, written before this step's matmuls), and every
+/// A address depends on the loop's pointer, so no load can be hoisted or
+/// merged across the stores of other steps.
 fn tile_mm(k: &mut Kb, a: Value, mm: &Mm, rows: usize, tile: Value) {
     const SKEW: i64 = 4096;
     let zero = k.vconst(0.0);
@@ -932,7 +937,7 @@ impl RnnSeq {
         let z = kb.vconst(0.0);
         kb.b.ins().store(flags(), z, zeros, 0);
         let tile = kb.stack_buf(TILE_BYTES as u32);
-        let partial = self.h % LANES != 0;
+        let partial = !self.h.is_multiple_of(LANES);
         let units = self.units() as i64;
         let (start, end) = (kb.start, kb.end);
         let rec = self.bind(kb);

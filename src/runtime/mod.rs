@@ -96,12 +96,38 @@ impl Drop for Code {
     }
 }
 
-#[repr(C, align(64))]
-#[derive(Clone, Copy)]
-struct Line([u8; 64]);
+/// Arena memory in 64-byte lines, zeroed. Allocated through `calloc` (a
+/// `vec!` of zero `u128`), which takes fresh pages from the OS that stay
+/// untouched until a kernel first writes them: a large arena costs no time
+/// at compile time. The first line starts at the first 64-byte boundary.
+struct Lines {
+    buf: Vec<u128>,
+    lines: usize,
+}
+
+impl Lines {
+    fn zeroed(bytes: usize) -> Lines {
+        let lines = bytes.div_ceil(64);
+        // Three spare u128s cover the shift from 16- to 64-byte alignment.
+        Lines {
+            buf: vec![0u128; lines * 4 + 3],
+            lines,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.lines
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut u128 {
+        let p = self.buf.as_mut_ptr();
+        // 16-byte units up to the next 64-byte boundary.
+        p.wrapping_add(((p as usize).wrapping_neg() & 63) / 16)
+    }
+}
 
 struct Arena {
-    lines: Vec<Line>,
+    lines: Lines,
     pool: Pool,
 }
 
@@ -132,7 +158,7 @@ impl JitModel {
             feeds,
             outputs,
             arena: Mutex::new(Arena {
-                lines: vec![Line([0; 64]); arena_bytes.div_ceil(64)],
+                lines: Lines::zeroed(arena_bytes),
                 pool: Pool::new(threads),
             }),
             threads,
