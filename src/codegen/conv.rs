@@ -773,7 +773,7 @@ impl DirectConv {
             if fp > 0 {
                 k.for_const(0, fp, |k, p| panels(k, p, s.mr));
             }
-            if s.m % s.mr > 0 {
+            if !s.m.is_multiple_of(s.mr) {
                 let p = k.iconst(fp as i64);
                 panels(k, p, s.m % s.mr);
             }
@@ -800,24 +800,19 @@ fn direct_tile(
     let plane = (s.hp * s.wp * 4) as i64;
     let tap_bytes = (s.mr * DIRECT_NV * 4) as i64;
     let row_bytes = (s.wp * s.dilation * 4) as i64;
-    // One kernel row `kh` of taps at x row pointer `px`, weights `pw`.
-    let taps = |k: &mut Kb, px: Value, pw: Value, kw_taps: usize| {
-        for kw in 0..kw_taps {
-            let bv: Vec<Value> = (0..nvec)
-                .map(|j| {
-                    let off = ((kw * s.dilation + 4 * j) * 4) as i32;
-                    k.b.ins().load(F32X4, ro_unaligned(), px, off)
-                })
-                .collect();
-            for (i, acc) in accs.iter().enumerate() {
-                for (j, var) in acc.iter().enumerate() {
-                    let off = (kw as i64 * tap_bytes + ((i * DIRECT_NV + j) * 4) as i64) as i32;
-                    let a = k.b.ins().load(F32, ro_flags(), pw, off);
-                    let a = k.b.ins().splat(F32X4, a);
-                    let old = k.b.use_var(*var);
-                    let new = k.b.ins().fma(a, bv[j], old);
-                    k.b.def_var(*var, new);
-                }
+    // One tap: input pixels at `px`, its packed weights at `pw`.
+    let tap = |k: &mut Kb, px: Value, pw: Value| {
+        let bv: Vec<Value> = (0..nvec)
+            .map(|j| k.b.ins().load(F32X4, ro_unaligned(), px, (j * 16) as i32))
+            .collect();
+        for (i, acc) in accs.iter().enumerate() {
+            for (j, var) in acc.iter().enumerate() {
+                let off = ((i * DIRECT_NV + j) * 4) as i32;
+                let a = k.b.ins().load(F32, ro_flags(), pw, off);
+                let a = k.b.ins().splat(F32X4, a);
+                let old = k.b.use_var(*var);
+                let new = k.b.ins().fma(a, bv[j], old);
+                k.b.def_var(*var, new);
             }
         }
     };
@@ -834,7 +829,7 @@ fn direct_tile(
             k.for_const(0, s.kw, |k, _| {
                 let px = k.b.use_var(px_v);
                 let pw = k.b.use_var(pw_v);
-                taps(k, px, pw, 1);
+                tap(k, px, pw);
                 let px = k.b.ins().iadd_imm_s(px, kw_bytes);
                 let pw = k.b.ins().iadd_imm_s(pw, tap_bytes);
                 k.b.def_var(px_v, px);

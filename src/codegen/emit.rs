@@ -8,9 +8,9 @@
 //! kernel's work units this call must do, and a non-zero result reports a
 //! bad value (see `runtime::RuntimeError`).
 
+use cranelift_codegen::cursor::{Cursor, FuncCursor};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I64};
-use cranelift_codegen::cursor::{Cursor, FuncCursor};
 use cranelift_codegen::ir::{
     AbiParam, Block, Function, Inst, InstBuilder, MemFlagsData, Signature, StackSlotData,
     StackSlotKind, Type, UserFuncName, Value,

@@ -653,7 +653,7 @@ fn direct_grad_filter(
     scratch: usize,
 ) -> Option<Lowered> {
     let dims = [x[0], x[1], dy[1], g.oh, g.ow, g.kh, g.kw];
-    if g.stride != 1 || dims.iter().any(|&d| d == 0) {
+    if g.stride != 1 || dims.contains(&0) {
         return None;
     }
     let hp = g.oh + (g.kh - 1) * g.dilation;

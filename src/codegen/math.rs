@@ -96,10 +96,10 @@ impl Kb<'_> {
         let p = self.b.ins().fma(p, r2, rp1);
         // 2^n split in two factors so that n down to -150 stays exact.
         let sbits = self.b.ins().bitcast(I32X4, MemFlagsData::new(), shifted);
-        let mbits = self
-            .b
-            .ins()
-            .iconst(cranelift_codegen::ir::types::I32, 12_582_912f32.to_bits() as i64);
+        let mbits = self.b.ins().iconst(
+            cranelift_codegen::ir::types::I32,
+            12_582_912f32.to_bits() as i64,
+        );
         let mbits = self.b.ins().splat(I32X4, mbits);
         let ni = self.b.ins().isub(sbits, mbits);
         let n1 = self.b.ins().sshr_imm_u(ni, 1);

@@ -32,14 +32,14 @@ pub use plan::MemoryPlan;
 
 use crate::ir::{Graph, Op, TensorType, UnaryOp, Value};
 use crate::runtime::{Exec, ExecKernel, JitStep, StepCheck};
+use cranelift_codegen::binemit::Reloc;
 use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::ir::Function;
-use cranelift_codegen::binemit::Reloc;
 use cranelift_codegen::isa::{CallConv, OwnedTargetIsa, TargetFrontendConfig, TargetIsa};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_codegen::Context;
-use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_frontend::FunctionBuilderContext;
+use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Linkage, Module, ModuleReloc, ModuleRelocTarget};
 use emit::{Addressing, Loc};
 use kernel::Step;
@@ -114,9 +114,6 @@ pub fn host_isa_at(level: OptLevel) -> Result<OwnedTargetIsa, CodegenError> {
         OptLevel::Quick => "none",
     };
     set(&mut flags, "opt_level", opt)?;
-    if level == OptLevel::Quick && std::env::var("DLC_SP").is_ok() {
-        set(&mut flags, "regalloc_algorithm", "single_pass")?;
-    }
     set(&mut flags, "is_pic", "false")?;
     // Our builders emit well-formed IR by construction and the test suite
     // runs every kernel template; verifying each function again at compile
@@ -316,12 +313,9 @@ fn compile_inner(
     opts: &JitOptions,
     interpret: &[&str],
 ) -> Result<JitModel, CodegenError> {
-    let t0 = std::time::Instant::now();
     let p = prepare(g, plan, interpret)?;
-    let t1 = std::time::Instant::now();
     let isa = host_isa_at(OptLevel::Speed)?;
     let quick = host_isa_at(OptLevel::Quick)?;
-    let t2 = std::time::Instant::now();
     let config = isa.frontend_config();
     let mut module = JITModule::new(JITBuilder::with_isa(
         isa,
@@ -362,7 +356,6 @@ fn compile_inner(
             exec,
         });
     }
-    let t3 = std::time::Instant::now();
     let addressing = table_addressing(config.default_call_conv);
     let isas = Isas {
         speed: module.isa(),
@@ -371,7 +364,6 @@ fn compile_inner(
         addressing,
     };
     let built = build_and_compile(&isas, &jobs, opts.threads)?;
-    let t4 = std::time::Instant::now();
     // A job compiled here or the same function as an earlier one: functions
     // are declared and defined in order of their first job, so the code
     // layout does not depend on which worker compiled what.
@@ -441,7 +433,6 @@ fn compile_inner(
         };
         entries.push(id);
     }
-    let t5 = std::time::Instant::now();
     module
         .finalize_definitions()
         .map_err(|e| CodegenError::Isa(format!("finalizing kernels: {e}")))?;
@@ -472,21 +463,14 @@ fn compile_inner(
         })
         .collect();
     let _ = &p.order;
-    let t6 = std::time::Instant::now();
-    let m = JitModel::new(
+    Ok(JitModel::new(
         module,
         execs,
         feeds,
         outputs,
         p.plan.size,
         opts.threads,
-    );
-    let t7 = std::time::Instant::now();
-    if std::env::var("DLC_JT").is_ok() {
-        let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
-        eprintln!("jit: prepare {:.2} isa {:.2} jobs {:.2} ({} steps, {} fns) build+compile {:.2} define {:.2} finalize {:.2} new {:.2} (arena {} B)", ms(t0,t1), ms(t1,t2), ms(t2,t3), jobs.len(), roots.len(), ms(t3,t4), ms(t4,t5), ms(t5,t6), ms(t6,t7), p.plan.size);
-    }
-    Ok(m)
+    ))
 }
 
 /// One kernel step awaiting machine code, in execution order.
@@ -540,11 +524,6 @@ impl Isas<'_> {
 fn needs_speed(step: &Step) -> bool {
     use conv::ConvStep;
     use kernel::{EwOp, MatmulPhase};
-    match std::env::var("DLC_QUICK").ok().as_deref() {
-        Some("all") => return false,
-        Some("none") => return true,
-        _ => {}
-    }
     let quick = match step {
         Step::Fill(_) | Step::Copy(_) | Step::Reduce(_) | Step::Gather(_) | Step::ScatterAdd(_) => {
             true
@@ -609,14 +588,10 @@ fn compile_function(
 ) -> Result<Machine, CodegenError> {
     ctx.clear();
     ctx.func = func;
-    let tt = std::time::Instant::now();
     let code = ctx
         .compile(isa, &mut ControlPlane::default())
         .map_err(|e| cranelift_err(job.node, job.op, format!("{:?}", e.inner)))?;
     let bytes = code.code_buffer().to_vec();
-    if std::env::var("DLC_JT2").is_ok() {
-        eprintln!("fn {} {} {:.3} ms {} B", job.op.name(), format!("{:?}", job.step).split([' ', '{']).next().unwrap_or("") .to_string() + if needs_speed(job.step) {"/S"} else {"/Q"}, tt.elapsed().as_secs_f64()*1e3, bytes.len());
-    }
     let alignment = code.buffer.alignment as u64;
     let raw = code.buffer.relocs().to_vec();
     // The function's own id is not known yet; the caller fills it in.
@@ -643,6 +618,19 @@ fn build_and_compile(
     threads: usize,
 ) -> Result<Vec<Built>, CodegenError> {
     type Seen = HashMap<u64, Vec<(usize, Function)>>;
+    // Longest first, so that no worker starts a slow kernel near the end
+    // while the others sit idle: the recurrence and attention kernels take
+    // the longest to compile, then the other optimised ones.
+    let mut queue: Vec<usize> = (0..jobs.len()).collect();
+    queue.sort_by_key(|&j| {
+        let step = jobs[j].step;
+        let weight = match step {
+            Step::Rnn(_) | Step::Attention(_) => 0,
+            _ if needs_speed(step) => 1,
+            _ => 2,
+        };
+        (weight, j)
+    });
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let seen: Mutex<Seen> = Mutex::new(HashMap::new());
@@ -651,10 +639,11 @@ fn build_and_compile(
         let mut fctx = FunctionBuilderContext::new();
         let mut out = Vec::new();
         loop {
-            let j = next.fetch_add(1, Ordering::Relaxed);
-            if j >= jobs.len() || failed.load(Ordering::Relaxed) {
+            let q = next.fetch_add(1, Ordering::Relaxed);
+            if q >= queue.len() || failed.load(Ordering::Relaxed) {
                 return Ok(out);
             }
+            let j = queue[q];
             let job = &jobs[j];
             let (func, operands) =
                 emit::build_kernel_in(&mut fctx, isas.config, 0, isas.addressing, |kb| {

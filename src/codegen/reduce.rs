@@ -243,7 +243,7 @@ impl Reduce {
                     k.store_f(r, da, 0);
                 });
             };
-            if inner % COLS == 0 {
+            if inner.is_multiple_of(COLS) {
                 full_block(k);
             } else {
                 let fullv = k.iconst(full as i64);

@@ -124,7 +124,7 @@ pub fn emit(kb: &mut Kb, c: &Copy, rows: usize, cols: usize, ss: i64) {
                 }
             });
             // Columns past the last whole tile, one element at a time.
-            if cols % TILE != 0 {
+            if !cols.is_multiple_of(TILE) {
                 let lo = k.iconst((cols / TILE * TILE) as i64);
                 let hi = k.iconst(cols as i64);
                 k.for_range(lo, hi, 1, |k, j| {
@@ -137,7 +137,7 @@ pub fn emit(kb: &mut Kb, c: &Copy, rows: usize, cols: usize, ss: i64) {
                 });
             }
         };
-        if rows % TILE == 0 {
+        if rows.is_multiple_of(TILE) {
             full_block(k);
         } else {
             let last = k.iconst((blocks - 1) as i64);
