@@ -38,6 +38,7 @@
 use super::emit::{flags, ro_flags, Kb, Loc};
 use super::kernel::{ew_scalar, EwOp, Step, View};
 use super::lower::Lowered;
+use super::reduce::{hmax, hsum};
 use super::rnn::Build;
 use crate::ir::{TensorType, UnaryOp};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
@@ -275,20 +276,6 @@ fn store(k: &mut Kb, v: Value, a: Value, off: i32) {
 
 fn exp1(k: &mut Kb, x: Value) -> Value {
     ew_scalar(k, &EwOp::Unary(UnaryOp::Exp), &[x])
-}
-
-fn hsum(k: &mut Kb, v: Value) -> Value {
-    let l: Vec<Value> = (0..4).map(|i| k.b.ins().extractlane(v, i as u8)).collect();
-    let a = k.b.ins().fadd(l[0], l[2]);
-    let b = k.b.ins().fadd(l[1], l[3]);
-    k.b.ins().fadd(a, b)
-}
-
-fn hmax(k: &mut Kb, v: Value) -> Value {
-    let l: Vec<Value> = (0..4).map(|i| k.b.ins().extractlane(v, i as u8)).collect();
-    let a = k.b.ins().fmax(l[0], l[2]);
-    let b = k.b.ins().fmax(l[1], l[3]);
-    k.b.ins().fmax(a, b)
 }
 
 /// `exp(x)` for lanes `x ≤ 0`, the exponents of softmax weights (`s − m`

@@ -277,14 +277,15 @@ fn nest(
 }
 
 /// `(l0 + l2) + (l1 + l3)`.
-fn hsum(k: &mut Kb, v: Value) -> Value {
+pub(crate) fn hsum(k: &mut Kb, v: Value) -> Value {
     let l: Vec<Value> = (0..4).map(|i| k.b.ins().extractlane(v, i as u8)).collect();
     let a = k.b.ins().fadd(l[0], l[2]);
     let b = k.b.ins().fadd(l[1], l[3]);
     k.b.ins().fadd(a, b)
 }
 
-fn hmax(k: &mut Kb, v: Value) -> Value {
+/// `max(max(l0, l2), max(l1, l3))`, IEEE `fmax` (NaN propagates).
+pub(crate) fn hmax(k: &mut Kb, v: Value) -> Value {
     let l: Vec<Value> = (0..4).map(|i| k.b.ins().extractlane(v, i as u8)).collect();
     let a = k.b.ins().fmax(l[0], l[2]);
     let b = k.b.ins().fmax(l[1], l[3]);
