@@ -570,7 +570,8 @@ fn zero_acc(k: &mut Kb, acc: Value, f: usize) {
 }
 
 /// Write accumulator row `r` to row `row` of problem `b` of a
-/// `[batch, n, f]` output, when `row < n`.
+/// `[batch, n, f]` output, when `row < n`; divided by `div` (the softmax
+/// denominator) when given.
 #[allow(clippy::too_many_arguments)]
 fn write_row(
     k: &mut Kb,
@@ -581,6 +582,7 @@ fn write_row(
     b: Value,
     row: Value,
     n: usize,
+    div: Option<Value>,
 ) {
     let nv = k.iconst(n as i64);
     let ok = k.b.ins().icmp(IntCC::SignedLessThan, row, nv);
@@ -589,6 +591,7 @@ fn write_row(
         let flat = k.b.ins().iadd(flat, row);
         let dst = k.addr(out, flat, (f * 4) as i64);
         let src = k.b.ins().iadd_imm_s(acc, (r * pad4(f) * 4) as i64);
+        let div_v = div.map(|l| splat(k, l));
         let zero = k.iconst(0);
         let fv = k.iconst(f as i64);
         k.for_vec_tail(
@@ -596,13 +599,19 @@ fn write_row(
             fv,
             |k, i| {
                 let a = k.addr(src, i, 4);
-                let x = k.load_v(a, 0);
+                let mut x = k.load_v(a, 0);
+                if let Some(lv) = div_v {
+                    x = k.b.ins().fdiv(x, lv);
+                }
                 let d = k.addr(dst, i, 4);
                 store(k, x, d, 0);
             },
             |k, i| {
                 let a = k.addr(src, i, 4);
-                let x = k.load_f(a, 0);
+                let mut x = k.load_f(a, 0);
+                if let Some(l) = div {
+                    x = k.b.ins().fdiv(x, l);
+                }
                 let d = k.addr(dst, i, 4);
                 k.store_f(x, d, 0);
             },
@@ -818,7 +827,7 @@ impl Attn {
                     k.store_f(dd, a, 0);
                 });
             } else {
-                write_row_div(k, bufs.a1, r, self.dv, p.out, b, i, self.tq, lr);
+                write_row(k, bufs.a1, r, self.dv, p.out, b, i, self.tq, Some(lr));
             }
         }
     }
@@ -903,7 +912,7 @@ impl Attn {
         });
         for r in 0..R {
             let i = k.b.ins().iadd_imm_s(cx.r0, r as i64);
-            write_row(k, bufs.a1, r, self.d, p.out, b, i, self.tq);
+            write_row(k, bufs.a1, r, self.d, p.out, b, i, self.tq, None);
         }
     }
 
@@ -1017,54 +1026,10 @@ impl Attn {
         }
         for r in 0..R {
             let j = k.b.ins().iadd_imm_s(cx.r0, r as i64);
-            write_row(k, bufs.a1, r, self.d, p.out, b, j, self.tk);
-            write_row(k, bufs.a2, r, self.dv, p.out2, b, j, self.tk);
+            write_row(k, bufs.a1, r, self.d, p.out, b, j, self.tk, None);
+            write_row(k, bufs.a2, r, self.dv, p.out2, b, j, self.tk, None);
         }
     }
-}
-
-/// [`write_row`] dividing by `l` (the softmax denominator).
-#[allow(clippy::too_many_arguments)]
-fn write_row_div(
-    k: &mut Kb,
-    acc: Value,
-    r: usize,
-    f: usize,
-    out: Value,
-    b: Value,
-    row: Value,
-    n: usize,
-    l: Value,
-) {
-    let nv = k.iconst(n as i64);
-    let ok = k.b.ins().icmp(IntCC::SignedLessThan, row, nv);
-    k.if_then(ok, |k| {
-        let flat = k.b.ins().imul_imm_s(b, n as i64);
-        let flat = k.b.ins().iadd(flat, row);
-        let dst = k.addr(out, flat, (f * 4) as i64);
-        let src = k.b.ins().iadd_imm_s(acc, (r * pad4(f) * 4) as i64);
-        let lv = splat(k, l);
-        let zero = k.iconst(0);
-        let fv = k.iconst(f as i64);
-        k.for_vec_tail(
-            zero,
-            fv,
-            |k, i| {
-                let a = k.addr(src, i, 4);
-                let x = k.load_v(a, 0);
-                let x = k.b.ins().fdiv(x, lv);
-                let d = k.addr(dst, i, 4);
-                store(k, x, d, 0);
-            },
-            |k, i| {
-                let a = k.addr(src, i, 4);
-                let x = k.load_f(a, 0);
-                let x = k.b.ins().fdiv(x, l);
-                let d = k.addr(dst, i, 4);
-                k.store_f(x, d, 0);
-            },
-        );
-    });
 }
 
 /// `dst [batch, f, T']` = the transpose of `src [batch, T, f]`, zero

@@ -86,32 +86,10 @@ impl Reduce {
                     let nv = k.iconst(n as i64);
                     if inner_contig && stride == 1 && n >= 8 && op != ReduceOp::Max {
                         // Four partial sums, combined at the end of the line.
-                        let z = k.vconst(0.0);
-                        let vacc = k.var(F32X4, z);
-                        let fz = k.fconst(0.0);
-                        let tail_acc = k.var(F32, fz);
-                        k.for_vec_tail(
-                            zero,
-                            nv,
-                            |k, i| {
-                                let a = k.addr(ptr, i, 4);
-                                let x = k.load_v(a, 0);
-                                let o = k.b.use_var(vacc);
-                                let s = k.b.ins().fadd(o, x);
-                                k.b.def_var(vacc, s);
-                            },
-                            |k, i| {
-                                let a = k.addr(ptr, i, 4);
-                                let x = k.load_f(a, 0);
-                                let o = k.b.use_var(tail_acc);
-                                let s = k.b.ins().fadd(o, x);
-                                k.b.def_var(tail_acc, s);
-                            },
-                        );
-                        let v = k.b.use_var(vacc);
-                        let h = hsum(k, v);
-                        let t = k.b.use_var(tail_acc);
-                        let h = k.b.ins().fadd(h, t);
+                        let add = |k: &mut Kb, a: Value, x: Value, _| k.b.ins().fadd(a, x);
+                        let h = fold_contiguous(k, ptr, n, 0.0, add, add, hsum, |k, h, t| {
+                            k.b.ins().fadd(h, t)
+                        });
                         let o = k.b.use_var(acc);
                         let s = k.b.ins().fadd(o, h);
                         k.b.def_var(acc, s);
@@ -297,46 +275,78 @@ pub(crate) fn hmax(k: &mut Kb, v: Value) -> Value {
 /// IEEE `fmax`'s seven instructions), which changes nothing downstream as
 /// a NaN element makes `Σ exp(x - max)`, and so every result, NaN anyway.
 fn line_max(k: &mut Kb, p: Value, n: usize, stride: i64) -> Value {
+    if stride == 1 {
+        return fold_contiguous(
+            k,
+            p,
+            n,
+            f32::NEG_INFINITY,
+            |k, acc, x, _| {
+                let lt = k.vcmp(cranelift_codegen::ir::condcodes::FloatCC::LessThan, acc, x);
+                k.vsel(lt, x, acc)
+            },
+            |k, acc, x, _| k.b.ins().fmax(acc, x),
+            hmax,
+            |k, h, t| k.b.ins().fmax(h, t),
+        );
+    }
     let ninf = k.fconst(f32::NEG_INFINITY);
     let acc = k.var(F32, ninf);
     let zero = k.iconst(0);
     let nv = k.iconst(n as i64);
-    if stride == 1 {
-        let vninf = k.vconst(f32::NEG_INFINITY);
-        let vacc = k.var(F32X4, vninf);
-        k.for_vec_tail(
-            zero,
-            nv,
-            |k, i| {
-                let a = k.addr(p, i, 4);
-                let x = k.load_v(a, 0);
-                let o = k.b.use_var(vacc);
-                let lt = k.vcmp(cranelift_codegen::ir::condcodes::FloatCC::LessThan, o, x);
-                let m = k.vsel(lt, x, o);
-                k.b.def_var(vacc, m);
-            },
-            |k, i| {
-                let a = k.addr(p, i, 4);
-                let x = k.load_f(a, 0);
-                let o = k.b.use_var(acc);
-                let m = k.b.ins().fmax(o, x);
-                k.b.def_var(acc, m);
-            },
-        );
-        let v = k.b.use_var(vacc);
-        let h = hmax(k, v);
-        let t = k.b.use_var(acc);
-        k.b.ins().fmax(h, t)
-    } else {
-        k.for_range(zero, nv, 1, |k, i| {
-            let a = k.addr(p, i, 4 * stride);
+    k.for_range(zero, nv, 1, |k, i| {
+        let a = k.addr(p, i, 4 * stride);
+        let x = k.load_f(a, 0);
+        let o = k.b.use_var(acc);
+        let m = k.b.ins().fmax(o, x);
+        k.b.def_var(acc, m);
+    });
+    k.b.use_var(acc)
+}
+
+/// Fold a contiguous line of `n` elements at `p`: whole f32x4 groups into
+/// a vector accumulator (`vec_step(acc, x, i)`), the last `n % 4` elements
+/// into a scalar one (`tail_step`), then the lanes by `horizontal` and the
+/// two results by `join`. Both accumulators start at `init`.
+#[allow(clippy::too_many_arguments)]
+fn fold_contiguous(
+    k: &mut Kb,
+    p: Value,
+    n: usize,
+    init: f32,
+    vec_step: impl Fn(&mut Kb, Value, Value, Value) -> Value,
+    tail_step: impl Fn(&mut Kb, Value, Value, Value) -> Value,
+    horizontal: fn(&mut Kb, Value) -> Value,
+    join: impl Fn(&mut Kb, Value, Value) -> Value,
+) -> Value {
+    let s0 = k.fconst(init);
+    let acc = k.var(F32, s0);
+    let zero = k.iconst(0);
+    let nv = k.iconst(n as i64);
+    let v0 = k.vconst(init);
+    let vacc = k.var(F32X4, v0);
+    k.for_vec_tail(
+        zero,
+        nv,
+        |k, i| {
+            let a = k.addr(p, i, 4);
+            let x = k.load_v(a, 0);
+            let o = k.b.use_var(vacc);
+            let r = vec_step(k, o, x, i);
+            k.b.def_var(vacc, r);
+        },
+        |k, i| {
+            let a = k.addr(p, i, 4);
             let x = k.load_f(a, 0);
             let o = k.b.use_var(acc);
-            let m = k.b.ins().fmax(o, x);
-            k.b.def_var(acc, m);
-        });
-        k.b.use_var(acc)
-    }
+            let r = tail_step(k, o, x, i);
+            k.b.def_var(acc, r);
+        },
+    );
+    let v = k.b.use_var(vacc);
+    let h = horizontal(k, v);
+    let t = k.b.use_var(acc);
+    join(k, h, t)
 }
 
 /// `Σ exp(x - m)` over a line; with `store`, also writes each `exp(x - m)`
@@ -349,65 +359,54 @@ fn line_sum_exp(
     m: Value,
     store: Option<Value>,
 ) -> Value {
-    let z = k.fconst(0.0);
-    let acc = k.var(F32, z);
-    let zero = k.iconst(0);
-    let nv = k.iconst(n as i64);
     let exp = EwOp::Unary(UnaryOp::Exp);
     if stride == 1 {
-        let vz = k.vconst(0.0);
-        let vacc = k.var(F32X4, vz);
         let mv = k.b.ins().splat(F32X4, m);
-        k.for_vec_tail(
-            zero,
-            nv,
-            |k, i| {
-                let a = k.addr(p, i, 4);
-                let x = k.load_v(a, 0);
+        return fold_contiguous(
+            k,
+            p,
+            n,
+            0.0,
+            |k, acc, x, i| {
                 let d = k.b.ins().fsub(x, mv);
                 let e = k.vexp(d);
                 if let Some(s) = store {
                     let sa = k.addr(s, i, 4);
                     k.b.ins().store(super::emit::flags(), e, sa, 0);
                 }
-                let o = k.b.use_var(vacc);
-                let t = k.b.ins().fadd(o, e);
-                k.b.def_var(vacc, t);
+                k.b.ins().fadd(acc, e)
             },
-            |k, i| {
-                let a = k.addr(p, i, 4);
-                let x = k.load_f(a, 0);
+            |k, acc, x, i| {
                 let d = k.b.ins().fsub(x, m);
                 let e = ew_scalar(k, &exp, &[d]);
                 if let Some(s) = store {
                     let sa = k.addr(s, i, 4);
                     k.store_f(e, sa, 0);
                 }
-                let o = k.b.use_var(acc);
-                let t = k.b.ins().fadd(o, e);
-                k.b.def_var(acc, t);
+                k.b.ins().fadd(acc, e)
             },
+            hsum,
+            |k, h, t| k.b.ins().fadd(h, t),
         );
-        let v = k.b.use_var(vacc);
-        let h = hsum(k, v);
-        let t = k.b.use_var(acc);
-        k.b.ins().fadd(h, t)
-    } else {
-        k.for_range(zero, nv, 1, |k, i| {
-            let a = k.addr(p, i, 4 * stride);
-            let x = k.load_f(a, 0);
-            let d = k.b.ins().fsub(x, m);
-            let e = ew_scalar(k, &exp, &[d]);
-            if let Some(s) = store {
-                let sa = k.addr(s, i, 4 * stride);
-                k.store_f(e, sa, 0);
-            }
-            let o = k.b.use_var(acc);
-            let t = k.b.ins().fadd(o, e);
-            k.b.def_var(acc, t);
-        });
-        k.b.use_var(acc)
     }
+    let z = k.fconst(0.0);
+    let acc = k.var(F32, z);
+    let zero = k.iconst(0);
+    let nv = k.iconst(n as i64);
+    k.for_range(zero, nv, 1, |k, i| {
+        let a = k.addr(p, i, 4 * stride);
+        let x = k.load_f(a, 0);
+        let d = k.b.ins().fsub(x, m);
+        let e = ew_scalar(k, &exp, &[d]);
+        if let Some(s) = store {
+            let sa = k.addr(s, i, 4 * stride);
+            k.store_f(e, sa, 0);
+        }
+        let o = k.b.use_var(acc);
+        let t = k.b.ins().fadd(o, e);
+        k.b.def_var(acc, t);
+    });
+    k.b.use_var(acc)
 }
 
 /// `softmax`/`log_softmax` along an axis of length `len` with `inner`
