@@ -8,6 +8,7 @@
 //! kernel's work units this call must do, and a non-zero result reports a
 //! bad value (see `runtime::RuntimeError`).
 
+use std::sync::OnceLock;
 use cranelift_codegen::cursor::{Cursor, FuncCursor};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I64};
@@ -73,6 +74,8 @@ pub struct Kb<'a> {
     /// computed just before it, once, whatever loop first asks for them.
     entry_jump: Inst,
     bases: Vec<(Loc, Value)>,
+    /// Address of the math constant table, once asked for.
+    consts: Option<Value>,
 }
 
 /// Build one kernel function; `body` emits the work for `[start, end)` and
@@ -131,6 +134,7 @@ pub fn build_kernel_in(
             ret,
             entry_jump,
             bases: Vec::new(),
+            consts: None,
         };
         body(&mut kb);
         let zero = kb.iconst(0);
@@ -199,6 +203,24 @@ impl Kb<'_> {
             }
         };
         self.bases.push((loc, v));
+        v
+    }
+
+    /// The address of the process-lifetime math constant table (every
+    /// caller passes the same `addr`), loaded once in the entry block.
+    pub fn static_table(&mut self, addr: usize) -> Value {
+        if let Some(v) = self.consts {
+            return v;
+        }
+        // Read from a cell rather than used as an immediate: Cranelift
+        // rematerialises a constant at every use (a 10-byte `movabs` per
+        // folded load), a loaded value stays in one register.
+        static CELL: OnceLock<usize> = OnceLock::new();
+        let cell = CELL.get_or_init(|| addr) as *const usize;
+        let mut pos = FuncCursor::new(self.b.func).at_inst(self.entry_jump);
+        let at = pos.ins().iconst(I64, cell as i64);
+        let v = pos.ins().load(I64, ro_flags(), at, 0);
+        self.consts = Some(v);
         v
     }
 
@@ -298,6 +320,35 @@ impl Kb<'_> {
         self.b.switch_to_block(tail);
         let i = self.b.use_var(iv);
         self.for_range(i, hi, 1, |k, j| tail_body(k, j));
+    }
+
+    /// `for i in (lo..).step_by(width)` while a whole block `i..i + width`
+    /// fits below `hi`; returns the first index no block covered.
+    pub fn for_blocks(
+        &mut self,
+        lo: Value,
+        hi: Value,
+        width: i64,
+        mut body: impl FnMut(&mut Self, Value),
+    ) -> Value {
+        let iv = self.var(I64, lo);
+        let hdr = self.b.create_block();
+        let bb = self.b.create_block();
+        let done = self.b.create_block();
+        self.b.ins().jump(hdr, &[]);
+        self.b.switch_to_block(hdr);
+        let i = self.b.use_var(iv);
+        let last = self.b.ins().iadd_imm_s(i, width);
+        let cond = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, last, hi);
+        self.b.ins().brif(cond, bb, &[], done, &[]);
+        self.b.switch_to_block(bb);
+        body(self, i);
+        let i = self.b.use_var(iv);
+        let next = self.b.ins().iadd_imm_s(i, width);
+        self.b.def_var(iv, next);
+        self.b.ins().jump(hdr, &[]);
+        self.b.switch_to_block(done);
+        self.b.use_var(iv)
     }
 
     /// `if cond { then }`.

@@ -434,6 +434,36 @@ pub fn ew_vec(kb: &mut Kb, op: &EwOp, a: &[Value]) -> Value {
     }
 }
 
+/// Vectors per block of the unrolled loops of the transcendental ops: the
+/// math functions interleave this many independent chains.
+pub const MATH_GROUP: usize = 4;
+
+/// Whether an op is one of the long polynomial approximations, whose
+/// loops are latency-bound unless several vectors go through at once.
+pub fn is_heavy(op: &EwOp) -> bool {
+    matches!(
+        op,
+        EwOp::Unary(UnaryOp::Exp | UnaryOp::Log | UnaryOp::Tanh | UnaryOp::Sigmoid)
+    )
+}
+
+/// [`ew_vec`] on a group of independent operand sets (`args[j][g]`:
+/// operand `j` of group member `g`), the transcendental ops interleaved.
+pub fn ew_vec_n(kb: &mut Kb, op: &EwOp, args: &[Vec<Value>]) -> Vec<Value> {
+    match op {
+        EwOp::Unary(UnaryOp::Exp) => kb.vexp_n(&args[0]),
+        EwOp::Unary(UnaryOp::Log) => kb.vlog_n(&args[0]),
+        EwOp::Unary(UnaryOp::Tanh) => kb.vtanh_n(&args[0]),
+        EwOp::Unary(UnaryOp::Sigmoid) => kb.vsigmoid_n(&args[0]),
+        _ => (0..args[0].len())
+            .map(|g| {
+                let a: Vec<Value> = args.iter().map(|v| v[g]).collect();
+                ew_vec(kb, op, &a)
+            })
+            .collect(),
+    }
+}
+
 /// Scalar version through lane 0 of a splat, so both paths share one
 /// definition (and one rounding behaviour).
 pub fn ew_scalar(kb: &mut Kb, op: &EwOp, a: &[Value]) -> Value {
@@ -473,9 +503,33 @@ fn emit_elementwise(kb: &mut Kb, e: &Elementwise) {
         }
         let zero = k.iconst(0);
         let n = k.iconst(inner as i64);
+        let from = if is_heavy(&e.op) {
+            k.for_blocks(zero, n, (4 * MATH_GROUP) as i64, |k, i| {
+                let args: Vec<Vec<Value>> = (0..starts.len())
+                    .map(|j| {
+                        (0..MATH_GROUP)
+                            .map(|g| match scal[j] {
+                                Some((_, v)) => v,
+                                None => {
+                                    let a = k.addr(starts[j], i, 4 * inner_strides[j]);
+                                    k.load_v(a, (16 * g as i64 * inner_strides[j]) as i32)
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let rs = ew_vec_n(k, &e.op, &args);
+                let a = k.addr(o0, i, 4);
+                for (g, r) in rs.into_iter().enumerate() {
+                    k.b.ins().store(super::emit::flags(), r, a, (16 * g) as i32);
+                }
+            })
+        } else {
+            zero
+        };
         let scal2 = scal.clone();
         k.for_vec_tail(
-            zero,
+            from,
             n,
             |k, i| {
                 let args: Vec<Value> = (0..starts.len())

@@ -30,7 +30,7 @@ pub mod transpose;
 pub use crate::runtime::{JitModel, RuntimeError};
 pub use plan::MemoryPlan;
 
-use crate::ir::{Graph, Op, TensorType, UnaryOp, Value};
+use crate::ir::{Graph, Op, TensorType, Value};
 use crate::runtime::{Exec, ExecKernel, JitStep, StepCheck};
 use cranelift_codegen::binemit::Reloc;
 use cranelift_codegen::control::ControlPlane;
@@ -523,7 +523,7 @@ impl Isas<'_> {
 /// added later, keeps it.
 fn needs_speed(step: &Step) -> bool {
     use conv::ConvStep;
-    use kernel::{EwOp, MatmulPhase};
+    use kernel::MatmulPhase;
     let quick = match step {
         Step::Fill(_) | Step::Copy(_) | Step::Reduce(_) | Step::Gather(_) | Step::ScatterAdd(_) => {
             true
@@ -531,10 +531,9 @@ fn needs_speed(step: &Step) -> bool {
         Step::Pool(_) | Step::Col2im(_) => true,
         Step::Matmul(_, MatmulPhase::PackA | MatmulPhase::PackB) => true,
         Step::Im2col(ConvStep::Im2col(_) | ConvStep::Pad(_) | ConvStep::PackW(_)) => true,
-        Step::Elementwise(e) => !matches!(
-            e.op,
-            EwOp::Unary(UnaryOp::Exp | UnaryOp::Log | UnaryOp::Tanh | UnaryOp::Sigmoid)
-        ),
+        // Their exps are interleaved across vectors, an order Cranelift's
+        // optimiser would undo (it places each chain just before its use).
+        Step::Elementwise(_) | Step::Softmax(_) | Step::CrossEntropy(_) => true,
         _ => false,
     };
     !quick

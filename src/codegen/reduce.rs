@@ -3,7 +3,7 @@
 //! accumulates in a fixed order, so chunking never changes a result.
 
 use super::emit::{Kb, Loc};
-use super::kernel::{ew_scalar, EwOp};
+use super::kernel::{ew_scalar, EwOp, MATH_GROUP};
 use crate::ir::{ReduceOp, UnaryOp};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I64};
@@ -361,33 +361,72 @@ fn line_sum_exp(
 ) -> Value {
     let exp = EwOp::Unary(UnaryOp::Exp);
     if stride == 1 {
+        // Blocks of MATH_GROUP vectors, one accumulator each, so the
+        // interleaved exps are independent; then single vectors into the
+        // first accumulator, then scalars.
         let mv = k.b.ins().splat(F32X4, m);
-        return fold_contiguous(
-            k,
-            p,
-            n,
-            0.0,
-            |k, acc, x, i| {
+        let v0 = k.vconst(0.0);
+        let accs: Vec<_> = (0..MATH_GROUP).map(|_| k.var(F32X4, v0)).collect();
+        let zero = k.iconst(0);
+        let nv = k.iconst(n as i64);
+        let from = k.for_blocks(zero, nv, (4 * MATH_GROUP) as i64, |k, i| {
+            let a = k.addr(p, i, 4);
+            let ds: Vec<Value> = (0..MATH_GROUP)
+                .map(|g| {
+                    let x = k.load_v(a, (16 * g) as i32);
+                    k.b.ins().fsub(x, mv)
+                })
+                .collect();
+            let es = k.vexp_n(&ds);
+            for (g, e) in es.into_iter().enumerate() {
+                if let Some(s) = store {
+                    let sa = k.addr(s, i, 4);
+                    k.b.ins().store(super::emit::flags(), e, sa, (16 * g) as i32);
+                }
+                let o = k.b.use_var(accs[g]);
+                let r = k.b.ins().fadd(o, e);
+                k.b.def_var(accs[g], r);
+            }
+        });
+        let z = k.fconst(0.0);
+        let acc = k.var(F32, z);
+        k.for_vec_tail(
+            from,
+            nv,
+            |k, i| {
+                let a = k.addr(p, i, 4);
+                let x = k.load_v(a, 0);
                 let d = k.b.ins().fsub(x, mv);
                 let e = k.vexp(d);
                 if let Some(s) = store {
                     let sa = k.addr(s, i, 4);
                     k.b.ins().store(super::emit::flags(), e, sa, 0);
                 }
-                k.b.ins().fadd(acc, e)
+                let o = k.b.use_var(accs[0]);
+                let r = k.b.ins().fadd(o, e);
+                k.b.def_var(accs[0], r);
             },
-            |k, acc, x, i| {
+            |k, i| {
+                let a = k.addr(p, i, 4);
+                let x = k.load_f(a, 0);
                 let d = k.b.ins().fsub(x, m);
                 let e = ew_scalar(k, &exp, &[d]);
                 if let Some(s) = store {
                     let sa = k.addr(s, i, 4);
                     k.store_f(e, sa, 0);
                 }
-                k.b.ins().fadd(acc, e)
+                let o = k.b.use_var(acc);
+                let r = k.b.ins().fadd(o, e);
+                k.b.def_var(acc, r);
             },
-            hsum,
-            |k, h, t| k.b.ins().fadd(h, t),
         );
+        let v: Vec<Value> = accs.iter().map(|a| k.b.use_var(*a)).collect();
+        let lo = k.b.ins().fadd(v[0], v[1]);
+        let hi = k.b.ins().fadd(v[2], v[3]);
+        let v = k.b.ins().fadd(lo, hi);
+        let h = hsum(k, v);
+        let t = k.b.use_var(acc);
+        return k.b.ins().fadd(h, t);
     }
     let z = k.fconst(0.0);
     let acc = k.var(F32, z);
