@@ -905,3 +905,37 @@ fn several_models_coexist_and_run_on_several_threads() {
         want2
     );
 }
+
+/// A reshape of a computed value is a view of its buffer (no kernel), and
+/// that buffer stays live until the reshape's last reader: the values
+/// computed in between (same size, so the arena would reuse the bytes if
+/// the lifetime ended early) must not overwrite it. A reshape of a fed
+/// tensor, a reshape of a reshape and a reshape named as an output are
+/// covered too.
+#[test]
+fn reshapes_are_views_that_keep_their_buffer_alive() {
+    let mut rng = Rng(29);
+    let mut c = Case::new();
+    let x = c.input("x", rand_f32(&mut rng, &[6, 10], 1.0));
+    let fed = c.op(Op::Reshape { shape: vec![60] }, &[x]);
+    let a = c.op(Op::Unary(UnaryOp::Exp), &[x]);
+    let r = c.op(Op::Reshape { shape: vec![3, 20] }, &[a]);
+    let rr = c.op(Op::Reshape { shape: vec![60] }, &[r]);
+    let s = c.op(Op::Unary(UnaryOp::Sigmoid), &[x]);
+    let named = c.op(Op::Reshape { shape: vec![60] }, &[s]);
+    let mut t = c.op(Op::Unary(UnaryOp::Neg), &[x]);
+    for _ in 0..4 {
+        let u = c.op(Op::Unary(UnaryOp::Tanh), &[t]);
+        t = c.op(Op::Binary(BinaryOp::Add), &[u, x]);
+    }
+    let t = c.op(Op::Reshape { shape: vec![60] }, &[t]);
+    let late = c.op(Op::Binary(BinaryOp::Mul), &[rr, t]);
+    let late = c.op(Op::Binary(BinaryOp::Add), &[late, fed]);
+    c.out("late", late);
+    c.out("named", named);
+    c.check(1e-5);
+    let m = codegen::compile(&c.g, &JitOptions { threads: 1 }).expect("compiles");
+    let ops: Vec<&str> = m.kernel_nodes().into_iter().map(|(_, op)| op).collect();
+    // Only the reshape of the fed tensor is a kernel (a copy).
+    assert_eq!(ops.iter().filter(|op| **op == "reshape").count(), 1, "{ops:?}");
+}

@@ -33,15 +33,44 @@ struct Interval {
 }
 
 /// Plan the arena for `kernels` (the non-leaf nodes, in execution order);
-/// `scratch_bytes` gives each node's scratch need.
+/// `scratch_bytes` gives each node's scratch need. A value in `aliases`
+/// (a reshape, say) has no buffer of its own: it is a view of the value it
+/// maps to, which a kernel in `kernels` computes and which stays live for
+/// the alias's readers too.
 pub fn plan(
     g: &Graph,
     kernels: &[NodeIndex],
     scratch_bytes: &HashMap<NodeIndex, usize>,
+    aliases: &HashMap<Value, Value>,
 ) -> MemoryPlan {
     let position: HashMap<NodeIndex, usize> =
         kernels.iter().enumerate().map(|(i, n)| (*n, i)).collect();
     let named: HashSet<Value> = g.outputs.iter().map(|o| o.value).collect();
+    // Last kernel reading each value's bytes, through its aliases too.
+    let mut last_read: HashMap<Value, usize> = HashMap::new();
+    for e in g.graph.edge_indices() {
+        let Some((src, dst)) = g.graph.edge_endpoints(e) else {
+            continue;
+        };
+        let v = Value {
+            node: src,
+            port: g.graph[e].port,
+        };
+        let owner = aliases.get(&v).copied().unwrap_or(v);
+        let at = if named.contains(&v) {
+            Some(usize::MAX)
+        } else {
+            position.get(&dst).copied()
+        };
+        if let Some(at) = at {
+            let l = last_read.entry(owner).or_insert(at);
+            *l = (*l).max(at);
+        }
+    }
+    for v in &named {
+        let owner = aliases.get(v).copied().unwrap_or(*v);
+        last_read.insert(owner, usize::MAX);
+    }
     let mut intervals = Vec::new();
     for (i, &n) in kernels.iter().enumerate() {
         let node = g.node(n);
@@ -50,17 +79,7 @@ pub fn plan(
                 node: n,
                 port: port as u16,
             };
-            let last = if named.contains(&v) {
-                usize::MAX
-            } else {
-                g.graph
-                    .edges_directed(n, petgraph::Direction::Outgoing)
-                    .filter(|e| e.weight().port == v.port)
-                    .filter_map(|e| position.get(&e.target()).copied())
-                    .max()
-                    .unwrap_or(i)
-                    .max(i)
-            };
+            let last = last_read.get(&v).copied().unwrap_or(i).max(i);
             intervals.push(Interval {
                 holds: Holds::Value(v),
                 bytes: align64(crate::tensor::numel(&g.ty(v).shape) * 4),
@@ -240,7 +259,7 @@ mod tests {
         let ks = kernels(&g);
         // Scratch on every kernel, to check it against the values too.
         let scratch: HashMap<NodeIndex, usize> = ks.iter().map(|&n| (n, 100)).collect();
-        let p = plan(&g, &ks, &scratch);
+        let p = plan(&g, &ks, &scratch, &HashMap::new());
         assert_eq!(overlaps(&g, &ks, &scratch, &p), Vec::<String>::new());
         let naive = MemoryPlan::naive(&g, &scratch);
         assert!(p.size < naive.size, "{} vs naive {}", p.size, naive.size);
@@ -255,7 +274,7 @@ mod tests {
         let g = training_step();
         let ks = kernels(&g);
         let scratch = HashMap::new();
-        let mut p = plan(&g, &ks, &scratch);
+        let mut p = plan(&g, &ks, &scratch, &HashMap::new());
         // Every value at offset 0: a kernel's operand and result then meet.
         for off in p.values.values_mut() {
             *off = 0;
@@ -267,7 +286,7 @@ mod tests {
     fn a_result_never_shares_bytes_with_its_operands() {
         let g = training_step();
         let ks = kernels(&g);
-        let p = plan(&g, &ks, &HashMap::new());
+        let p = plan(&g, &ks, &HashMap::new(), &HashMap::new());
         for &n in &ks {
             for v in g.inputs(n) {
                 let Some(&a) = p.values.get(&v) else { continue };

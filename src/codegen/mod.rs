@@ -202,6 +202,28 @@ fn lower_node(
     lower::lower(&g.node(n).op, &ins_ref, &outs_ref, scratch)
 }
 
+/// Reshapes whose result can share its operand's buffer (every arena
+/// buffer is contiguous, so a reshape changes nothing in memory), mapped to
+/// the computed value that owns the bytes. A reshape of a fed tensor stays
+/// a copy: feeds are read in place from the caller's memory, which the
+/// runtime does not hand out as a result.
+fn reshape_aliases(g: &Graph, order: &[NodeIndex]) -> HashMap<Value, Value> {
+    let mut aliases: HashMap<Value, Value> = HashMap::new();
+    for &n in order {
+        if !matches!(g.node(n).op, Op::Reshape { .. }) {
+            continue;
+        }
+        let Some(&src) = g.inputs(n).first() else {
+            continue;
+        };
+        let owner = aliases.get(&src).copied().unwrap_or(src);
+        if leaf_kind(&g.node(owner.node).op).is_none() {
+            aliases.insert(Value::new(n), owner);
+        }
+    }
+    aliases
+}
+
 fn prepare(
     g: &Graph,
     plan: Option<MemoryPlan>,
@@ -238,6 +260,13 @@ fn prepare(
             }
         }
     }
+    // Reshapes are views of their operand's bytes when codegen plans the
+    // arena itself (a given plan has a buffer for every value).
+    let aliases = if plan.is_none() && !interpret.contains(&"reshape") {
+        reshape_aliases(g, &order)
+    } else {
+        HashMap::new()
+    };
     let plan = match plan {
         Some(p) => {
             p.check(g, &scratch_bytes).map_err(CodegenError::Plan)?;
@@ -248,8 +277,9 @@ fn prepare(
                 .iter()
                 .copied()
                 .filter(|&n| leaf_kind(&g.node(n).op).is_none())
+                .filter(|&n| !aliases.contains_key(&Value::new(n)))
                 .collect();
-            liveness::plan(g, &kernels, &scratch_bytes)
+            liveness::plan(g, &kernels, &scratch_bytes, &aliases)
         }
     };
     let mut locs: HashMap<Value, Loc> = plan
@@ -260,9 +290,14 @@ fn prepare(
     for (slot, (_, _, v)) in feeds.iter().enumerate() {
         locs.insert(*v, Loc::Extern(slot));
     }
+    for (v, owner) in &aliases {
+        if let Some(&l) = locs.get(owner) {
+            locs.insert(*v, l);
+        }
+    }
     let mut kernels = Vec::new();
     for &n in &order {
-        if leaf_kind(&g.node(n).op).is_some() {
+        if leaf_kind(&g.node(n).op).is_some() || aliases.contains_key(&Value::new(n)) {
             continue;
         }
         let scratch = plan.scratch.get(&n).copied().unwrap_or(0);
