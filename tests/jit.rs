@@ -939,3 +939,42 @@ fn reshapes_are_views_that_keep_their_buffer_alive() {
     // Only the reshape of the fed tensor is a kernel (a copy).
     assert_eq!(ops.iter().filter(|op| **op == "reshape").count(), 1, "{ops:?}");
 }
+
+/// Chains of elementwise ops run as one loop: every intermediate result
+/// stays in registers. Covered: operands broadcast along rows and columns,
+/// a value used twice by its reader (`t * t`), transcendental ops inside a
+/// chain (the interleaved block path and the tails: 37 columns), a chain
+/// longer than the fusion limit, and a named intermediate (materialised,
+/// so it ends a chain). Compared with the interpreter and across threads.
+#[test]
+fn elementwise_chains_fuse_into_one_loop() {
+    let mut rng = Rng(31);
+    let mut c = Case::new();
+    let x = c.input("x", rand_f32(&mut rng, &[5, 37], 2.0));
+    let row = c.input("row", rand_f32(&mut rng, &[37], 1.0));
+    let col = c.input("col", rand_f32(&mut rng, &[5, 1], 1.0));
+    let a = c.op(Op::Binary(BinaryOp::Add), &[x, row]);
+    let t = c.op(Op::Unary(UnaryOp::Tanh), &[a]);
+    let sq = c.op(Op::Binary(BinaryOp::Mul), &[t, t]);
+    let e = c.op(Op::Unary(UnaryOp::Exp), &[sq]);
+    let d = c.op(Op::Binary(BinaryOp::Div), &[e, col]);
+    let named = c.op(Op::Unary(UnaryOp::Sigmoid), &[d]);
+    c.out("named", named);
+    let mut y = c.op(Op::Binary(BinaryOp::Sub), &[named, x]);
+    for i in 0..12 {
+        let u = if i % 2 == 0 {
+            UnaryOp::Neg
+        } else {
+            UnaryOp::Relu
+        };
+        y = c.op(Op::Unary(u), &[y]);
+        y = c.op(Op::Binary(BinaryOp::Mul), &[y, row]);
+    }
+    c.out("y", y);
+    c.check(1e-5);
+    let m = codegen::compile(&c.g, &JitOptions { threads: 1 }).expect("compiles");
+    let kernels = m.kernel_nodes().len();
+    // 6 ops up to `named` (one loop), then 1 + 24 ops in loops of at most
+    // eight: four loops.
+    assert_eq!(kernels, 5, "{:?}", m.kernel_nodes());
+}

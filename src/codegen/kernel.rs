@@ -105,14 +105,66 @@ pub enum EwOp {
     Binary(BinaryOp),
 }
 
-/// `out = op(ins...)`, out contiguous, operands broadcast by strides. Work
-/// units are output rows (all dims but the last).
+/// An operand of a fused elementwise operation: an input view, or the
+/// result of an earlier operation of the same program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EwArg {
+    In(usize),
+    Tmp(usize),
+}
+
+/// One operation of an elementwise program.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EwInstr {
+    pub op: EwOp,
+    pub args: Vec<EwArg>,
+}
+
+/// `out = prog(ins...)`: a chain of elementwise ops computed per element in
+/// registers (the fused ops' intermediate results never reach memory), out
+/// contiguous, operands broadcast by strides. The last operation's result
+/// is stored. Work units are output rows (all dims but the last).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Elementwise {
-    pub op: EwOp,
+    pub prog: Vec<EwInstr>,
     pub dims: Vec<usize>,
     pub out: View,
     pub ins: Vec<View>,
+}
+
+impl Elementwise {
+    fn has_heavy(&self) -> bool {
+        self.prog.iter().any(|i| is_heavy(&i.op))
+    }
+
+    /// Evaluate the program on one group of independent vectors (or
+    /// scalars): `ins[j][g]` is input `j` of member `g`. Heavy operations
+    /// go through the math functions for the whole group at once.
+    fn eval(&self, k: &mut Kb, ins: &[Vec<Value>], scalar: bool) -> Vec<Value> {
+        let mut tmps: Vec<Vec<Value>> = Vec::with_capacity(self.prog.len());
+        for instr in &self.prog {
+            let args: Vec<Vec<Value>> = instr
+                .args
+                .iter()
+                .map(|a| match *a {
+                    EwArg::In(j) => ins[j].clone(),
+                    EwArg::Tmp(t) => tmps[t].clone(),
+                })
+                .collect();
+            let r = if scalar {
+                (0..args.first().map_or(1, |a| a.len()))
+                    .map(|g| {
+                        let a: Vec<Value> = args.iter().map(|v| v[g]).collect();
+                        ew_scalar(k, &instr.op, &a)
+                    })
+                    .collect()
+            } else {
+                ew_vec_n(k, &instr.op, &args)
+            };
+            tmps.push(r);
+        }
+        tmps.pop().unwrap_or_default()
+    }
 }
 
 /// Copy 4-byte elements from a strided view into another (layout ops,
@@ -228,11 +280,12 @@ impl Step {
                 None => *c.dims.last().unwrap_or(&1),
             },
             Step::Elementwise(e) => {
-                let heavy = matches!(
-                    e.op,
-                    EwOp::Unary(UnaryOp::Exp | UnaryOp::Log | UnaryOp::Tanh | UnaryOp::Sigmoid)
-                );
-                e.dims.last().unwrap_or(&1) * if heavy { 8 } else { 1 }
+                let per_element: usize = e
+                    .prog
+                    .iter()
+                    .map(|i| if is_heavy(&i.op) { 8 } else { 1 })
+                    .sum();
+                e.dims.last().unwrap_or(&1) * per_element
             }
             Step::Matmul(m, p) => m.unit_cost(*p),
             Step::Reduce(r) => r.unit_cost(),
@@ -501,24 +554,30 @@ fn emit_elementwise(kb: &mut Kb, e: &Elementwise) {
                 scal.push(None);
             }
         }
+        // `group` vectors (or scalars) of every input from element `i` on.
+        let load = |k: &mut Kb, i: Value, group: usize, scalar: bool| -> Vec<Vec<Value>> {
+            (0..starts.len())
+                .map(|j| {
+                    let a = k.addr(starts[j], i, 4 * inner_strides[j]);
+                    (0..group)
+                        .map(|g| match (scal[j], scalar) {
+                            (Some((s, _)), true) => s,
+                            (Some((_, v)), false) => v,
+                            (None, true) => k.load_f(a, 0),
+                            (None, false) => k.load_v(a, (16 * g) as i32),
+                        })
+                        .collect()
+                })
+                .collect()
+        };
         let zero = k.iconst(0);
         let n = k.iconst(inner as i64);
-        let from = if is_heavy(&e.op) {
+        // Transcendental programs go MATH_GROUP vectors at a time, so the
+        // math functions can interleave independent chains.
+        let from = if e.has_heavy() {
             k.for_blocks(zero, n, (4 * MATH_GROUP) as i64, |k, i| {
-                let args: Vec<Vec<Value>> = (0..starts.len())
-                    .map(|j| {
-                        (0..MATH_GROUP)
-                            .map(|g| match scal[j] {
-                                Some((_, v)) => v,
-                                None => {
-                                    let a = k.addr(starts[j], i, 4 * inner_strides[j]);
-                                    k.load_v(a, (16 * g as i64 * inner_strides[j]) as i32)
-                                }
-                            })
-                            .collect()
-                    })
-                    .collect();
-                let rs = ew_vec_n(k, &e.op, &args);
+                let args = load(k, i, MATH_GROUP, false);
+                let rs = e.eval(k, &args, false);
                 let a = k.addr(o0, i, 4);
                 for (g, r) in rs.into_iter().enumerate() {
                     k.b.ins().store(super::emit::flags(), r, a, (16 * g) as i32);
@@ -527,37 +586,20 @@ fn emit_elementwise(kb: &mut Kb, e: &Elementwise) {
         } else {
             zero
         };
-        let scal2 = scal.clone();
         k.for_vec_tail(
             from,
             n,
             |k, i| {
-                let args: Vec<Value> = (0..starts.len())
-                    .map(|j| match scal[j] {
-                        Some((_, v)) => v,
-                        None => {
-                            let a = k.addr(starts[j], i, 4 * inner_strides[j]);
-                            k.load_v(a, 0)
-                        }
-                    })
-                    .collect();
-                let r = ew_vec(k, &e.op, &args);
+                let args = load(k, i, 1, false);
+                let r = e.eval(k, &args, false);
                 let a = k.addr(o0, i, 4);
-                k.b.ins().store(super::emit::flags(), r, a, 0);
+                k.b.ins().store(super::emit::flags(), r[0], a, 0);
             },
             |k, i| {
-                let args: Vec<Value> = (0..starts.len())
-                    .map(|j| match scal2[j] {
-                        Some((s, _)) => s,
-                        None => {
-                            let a = k.addr(starts[j], i, 4 * inner_strides[j]);
-                            k.load_f(a, 0)
-                        }
-                    })
-                    .collect();
-                let r = ew_scalar(k, &e.op, &args);
+                let args = load(k, i, 1, true);
+                let r = e.eval(k, &args, true);
                 let a = k.addr(o0, i, 4);
-                k.store_f(r, a, 0);
+                k.store_f(r[0], a, 0);
             },
         );
     });

@@ -36,15 +36,23 @@ struct Interval {
 /// `scratch_bytes` gives each node's scratch need. A value in `aliases`
 /// (a reshape, say) has no buffer of its own: it is a view of the value it
 /// maps to, which a kernel in `kernels` computes and which stays live for
-/// the alias's readers too.
+/// the alias's readers too. A node in `merged` is computed inside the
+/// kernel of the node it maps to (a fused elementwise chain): it has no
+/// buffer, and what it reads is read by that kernel.
 pub fn plan(
     g: &Graph,
     kernels: &[NodeIndex],
     scratch_bytes: &HashMap<NodeIndex, usize>,
     aliases: &HashMap<Value, Value>,
+    merged: &HashMap<NodeIndex, NodeIndex>,
 ) -> MemoryPlan {
-    let position: HashMap<NodeIndex, usize> =
+    let mut position: HashMap<NodeIndex, usize> =
         kernels.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    for (member, root) in merged {
+        if let Some(&at) = position.get(root) {
+            position.insert(*member, at);
+        }
+    }
     let named: HashSet<Value> = g.outputs.iter().map(|o| o.value).collect();
     // Last kernel reading each value's bytes, through its aliases too.
     let mut last_read: HashMap<Value, usize> = HashMap::new();
@@ -259,7 +267,7 @@ mod tests {
         let ks = kernels(&g);
         // Scratch on every kernel, to check it against the values too.
         let scratch: HashMap<NodeIndex, usize> = ks.iter().map(|&n| (n, 100)).collect();
-        let p = plan(&g, &ks, &scratch, &HashMap::new());
+        let p = plan(&g, &ks, &scratch, &HashMap::new(), &HashMap::new());
         assert_eq!(overlaps(&g, &ks, &scratch, &p), Vec::<String>::new());
         let naive = MemoryPlan::naive(&g, &scratch);
         assert!(p.size < naive.size, "{} vs naive {}", p.size, naive.size);
@@ -274,7 +282,7 @@ mod tests {
         let g = training_step();
         let ks = kernels(&g);
         let scratch = HashMap::new();
-        let mut p = plan(&g, &ks, &scratch, &HashMap::new());
+        let mut p = plan(&g, &ks, &scratch, &HashMap::new(), &HashMap::new());
         // Every value at offset 0: a kernel's operand and result then meet.
         for off in p.values.values_mut() {
             *off = 0;
@@ -286,7 +294,7 @@ mod tests {
     fn a_result_never_shares_bytes_with_its_operands() {
         let g = training_step();
         let ks = kernels(&g);
-        let p = plan(&g, &ks, &HashMap::new(), &HashMap::new());
+        let p = plan(&g, &ks, &HashMap::new(), &HashMap::new(), &HashMap::new());
         for &n in &ks {
             for v in g.inputs(n) {
                 let Some(&a) = p.values.get(&v) else { continue };

@@ -7,7 +7,8 @@ use super::conv::{
 };
 use super::emit::Loc;
 use super::kernel::{
-    broadcast_strides, collapse, contiguous_strides, Copy, Elementwise, EwOp, Fill, Gather,
+    broadcast_strides, collapse, contiguous_strides, Copy, Elementwise, EwArg, EwInstr, EwOp, Fill,
+    Gather,
     MatmulPhase, ScatterAdd, Step, View,
 };
 use super::matmul::{Matmul, MmOperand};
@@ -743,6 +744,17 @@ fn matmul_steps(
 }
 
 fn elementwise(op: EwOp, ins: &[(Loc, &TensorType)], out: &(Loc, &TensorType)) -> Step {
+    let args = (0..ins.len()).map(EwArg::In).collect();
+    fused_elementwise(vec![EwInstr { op, args }], ins, out)
+}
+
+/// One loop computing `prog` over the elements of `out`; every input
+/// broadcasts into `out`'s shape.
+pub fn fused_elementwise(
+    prog: Vec<EwInstr>,
+    ins: &[(Loc, &TensorType)],
+    out: &(Loc, &TensorType),
+) -> Step {
     let oshape = &out.1.shape;
     let mut out_s = contiguous_strides(oshape);
     let mut in_s: Vec<Vec<i64>> = ins
@@ -755,7 +767,7 @@ fn elementwise(op: EwOp, ins: &[(Loc, &TensorType)], out: &(Loc, &TensorType)) -
         collapse(oshape, &mut views)
     };
     Step::Elementwise(Elementwise {
-        op,
+        prog,
         dims,
         out: View {
             loc: out.0,

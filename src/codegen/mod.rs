@@ -202,6 +202,130 @@ fn lower_node(
     lower::lower(&g.node(n).op, &ins_ref, &outs_ref, scratch)
 }
 
+/// Elementwise ops fused into the op that consumes them: an elementwise
+/// node whose result has exactly one reader, an elementwise op over the
+/// same shape, and is no named output, is computed inside that reader's
+/// loop. Maps each such node to the root of its chain (the node whose
+/// kernel computes it). Chains stop at eight ops, which keeps a loop's
+/// live vectors within the registers.
+fn elementwise_chains(
+    g: &Graph,
+    order: &[NodeIndex],
+    interpret: &[&str],
+) -> HashMap<NodeIndex, NodeIndex> {
+    const MAX_OPS: usize = 8;
+    let fusable = |n: NodeIndex| {
+        let node = g.node(n);
+        matches!(node.op, Op::Unary(_) | Op::Binary(_))
+            && node.outputs.len() == 1
+            && node.outputs[0].dtype == crate::tensor::DType::F32
+            && !interpret.contains(&node.op.name())
+    };
+    let named: std::collections::HashSet<NodeIndex> =
+        g.outputs.iter().map(|o| o.value.node).collect();
+    let mut root: HashMap<NodeIndex, NodeIndex> = HashMap::new();
+    let mut size: HashMap<NodeIndex, usize> = HashMap::new();
+    // Readers before producers, so each reader's chain is known.
+    for &p in order.iter().rev() {
+        if !fusable(p) || named.contains(&p) {
+            continue;
+        }
+        let mut readers: Vec<NodeIndex> = g
+            .graph
+            .edges_directed(p, petgraph::Direction::Outgoing)
+            .map(|e| petgraph::visit::EdgeRef::target(&e))
+            .collect();
+        readers.sort();
+        readers.dedup();
+        let [c] = readers[..] else {
+            continue;
+        };
+        if !fusable(c) || g.node(c).outputs[0].shape != g.node(p).outputs[0].shape {
+            continue;
+        }
+        let r = root.get(&c).copied().unwrap_or(c);
+        let s = size.entry(r).or_insert(1);
+        if *s < MAX_OPS {
+            *s += 1;
+            root.insert(p, r);
+        }
+    }
+    root
+}
+
+/// The fused loop of a chain's root, or `None` when the node is no root.
+fn lower_chain(
+    g: &Graph,
+    root: NodeIndex,
+    merged: &HashMap<NodeIndex, NodeIndex>,
+    locs: &HashMap<Value, Loc>,
+) -> Option<Step> {
+    use kernel::{EwArg, EwInstr, EwOp};
+    if !merged.values().any(|r| *r == root) {
+        return None;
+    }
+    struct Build<'a> {
+        g: &'a Graph,
+        root: NodeIndex,
+        merged: &'a HashMap<NodeIndex, NodeIndex>,
+        prog: Vec<EwInstr>,
+        done: HashMap<NodeIndex, usize>,
+        inputs: Vec<Value>,
+    }
+    impl Build<'_> {
+        fn arg(&mut self, v: Value) -> Option<EwArg> {
+            if self.merged.get(&v.node) == Some(&self.root) {
+                return self.node(v.node).map(EwArg::Tmp);
+            }
+            let j = match self.inputs.iter().position(|x| *x == v) {
+                Some(j) => j,
+                None => {
+                    self.inputs.push(v);
+                    self.inputs.len() - 1
+                }
+            };
+            Some(EwArg::In(j))
+        }
+        fn node(&mut self, n: NodeIndex) -> Option<usize> {
+            if let Some(&t) = self.done.get(&n) {
+                return Some(t);
+            }
+            let op = match self.g.node(n).op {
+                Op::Unary(u) => EwOp::Unary(u),
+                Op::Binary(b) => EwOp::Binary(b),
+                _ => return None,
+            };
+            let args = self
+                .g
+                .inputs(n)
+                .into_iter()
+                .map(|v| self.arg(v))
+                .collect::<Option<Vec<_>>>()?;
+            self.prog.push(EwInstr { op, args });
+            self.done.insert(n, self.prog.len() - 1);
+            Some(self.prog.len() - 1)
+        }
+    }
+    let mut b = Build {
+        g,
+        root,
+        merged,
+        prog: Vec::new(),
+        done: HashMap::new(),
+        inputs: Vec::new(),
+    };
+    b.node(root)?;
+    let ins: Vec<(Loc, TensorType)> = b
+        .inputs
+        .iter()
+        .map(|v| (locs.get(v).copied().unwrap_or(Loc::Arena(0)), g.ty(*v).clone()))
+        .collect();
+    let ins_ref: Vec<(Loc, &TensorType)> = ins.iter().map(|(l, t)| (*l, t)).collect();
+    let out = results(g, root, locs);
+    let out = out.first()?;
+    Some(lower::fused_elementwise(b.prog, &ins_ref, &(out.0, &out.1)))
+}
+
 /// Reshapes whose result can share its operand's buffer (every arena
 /// buffer is contiguous, so a reshape changes nothing in memory), mapped to
 /// the computed value that owns the bytes. A reshape of a fed tensor stays
@@ -267,6 +391,13 @@ fn prepare(
     } else {
         HashMap::new()
     };
+    // Elementwise chains become one loop when codegen plans the arena (the
+    // fused-away values have no buffer).
+    let merged = if plan.is_none() {
+        elementwise_chains(g, &order, interpret)
+    } else {
+        HashMap::new()
+    };
     let plan = match plan {
         Some(p) => {
             p.check(g, &scratch_bytes).map_err(CodegenError::Plan)?;
@@ -277,9 +408,9 @@ fn prepare(
                 .iter()
                 .copied()
                 .filter(|&n| leaf_kind(&g.node(n).op).is_none())
-                .filter(|&n| !aliases.contains_key(&Value::new(n)))
+                .filter(|&n| !aliases.contains_key(&Value::new(n)) && !merged.contains_key(&n))
                 .collect();
-            liveness::plan(g, &kernels, &scratch_bytes, &aliases)
+            liveness::plan(g, &kernels, &scratch_bytes, &aliases, &merged)
         }
     };
     let mut locs: HashMap<Value, Loc> = plan
@@ -297,12 +428,23 @@ fn prepare(
     }
     let mut kernels = Vec::new();
     for &n in &order {
-        if leaf_kind(&g.node(n).op).is_some() || aliases.contains_key(&Value::new(n)) {
+        if leaf_kind(&g.node(n).op).is_some()
+            || aliases.contains_key(&Value::new(n))
+            || merged.contains_key(&n)
+        {
             continue;
         }
         let scratch = plan.scratch.get(&n).copied().unwrap_or(0);
         let forced = interpret.contains(&g.node(n).op.name());
-        let k = match lower_node(g, n, &locs, scratch) {
+        let fused = lower_chain(g, n, &merged, &locs);
+        let lowered = match fused {
+            Some(step) => Some(lower::Lowered {
+                steps: vec![step],
+                scratch_bytes: 0,
+            }),
+            None => lower_node(g, n, &locs, scratch),
+        };
+        let k = match lowered {
             Some(l) if !forced => Planned::Jit(l.steps),
             _ => Planned::Host,
         };
