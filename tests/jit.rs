@@ -978,3 +978,34 @@ fn elementwise_chains_fuse_into_one_loop() {
     // eight: four loops.
     assert_eq!(kernels, 5, "{:?}", m.kernel_nodes());
 }
+
+/// A cross-entropy loss and its gradient over the same logits share one
+/// kernel (one softmax per row); the loss is the mean of row losses from
+/// that kernel. When the gradient's seed depends on the loss itself, the
+/// loss must run first, and the two stay separate kernels.
+#[test]
+fn cross_entropy_loss_is_computed_with_its_gradient() {
+    for dependent_seed in [false, true] {
+        let mut rng = Rng(37);
+        let mut c = Case::new();
+        let x = c.input("x", rand_f32(&mut rng, &[7, 23], 3.0));
+        let l = c.input("l", rand_ids(&mut rng, &[7], 23));
+        let loss = c.op(Op::CrossEntropy, &[x, l]);
+        let seed = if dependent_seed {
+            c.op(Op::Binary(BinaryOp::Mul), &[loss, loss])
+        } else {
+            c.input("d", Tensor::scalar(0.75))
+        };
+        let grad = c.op(Op::CrossEntropyGrad, &[x, l, seed]);
+        c.out("loss", loss);
+        c.out("grad", grad);
+        c.check(1e-5);
+        let m = codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
+        let ops: Vec<&str> = m.kernel_nodes().into_iter().map(|(_, op)| op).collect();
+        assert_eq!(
+            ops.contains(&"cross_entropy"),
+            dependent_seed,
+            "dependent seed {dependent_seed}: {ops:?}"
+        );
+    }
+}

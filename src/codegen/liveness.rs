@@ -32,23 +32,48 @@ struct Interval {
     last: usize,
 }
 
-/// Plan the arena for `kernels` (the non-leaf nodes, in execution order);
-/// `scratch_bytes` gives each node's scratch need. A value in `aliases`
-/// (a reshape, say) has no buffer of its own: it is a view of the value it
-/// maps to, which a kernel in `kernels` computes and which stays live for
-/// the alias's readers too. A node in `merged` is computed inside the
-/// kernel of the node it maps to (a fused elementwise chain): it has no
-/// buffer, and what it reads is read by that kernel.
+/// How kernels share work and bytes beyond one node, one buffer per value.
+#[derive(Debug, Default)]
+pub struct Sharing {
+    /// A value with no buffer of its own (a reshape, say): a view of the
+    /// value it maps to, which a kernel computes and which stays live for
+    /// the alias's readers too.
+    pub aliases: HashMap<Value, Value>,
+    /// A node computed inside the kernel of the node it maps to (a fused
+    /// elementwise chain): it has no buffer, and what it reads is read by
+    /// that kernel.
+    pub merged: HashMap<NodeIndex, NodeIndex>,
+    /// A node whose results the kernel of the node it maps to also writes
+    /// (a loss computed with its gradient): its buffers are live from that
+    /// kernel on.
+    pub co_computed: HashMap<NodeIndex, NodeIndex>,
+}
+
+impl Sharing {
+    /// Whether `n` has no kernel of its own.
+    pub fn absorbed(&self, n: NodeIndex) -> bool {
+        self.aliases.contains_key(&Value::new(n))
+            || self.merged.contains_key(&n)
+            || self.co_computed.contains_key(&n)
+    }
+}
+
+/// Plan the arena for `kernels` (the nodes with a kernel, in execution
+/// order); `scratch_bytes` gives each node's scratch need.
 pub fn plan(
     g: &Graph,
     kernels: &[NodeIndex],
     scratch_bytes: &HashMap<NodeIndex, usize>,
-    aliases: &HashMap<Value, Value>,
-    merged: &HashMap<NodeIndex, NodeIndex>,
+    sharing: &Sharing,
 ) -> MemoryPlan {
+    let Sharing {
+        aliases,
+        merged,
+        co_computed,
+    } = sharing;
     let mut position: HashMap<NodeIndex, usize> =
         kernels.iter().enumerate().map(|(i, n)| (*n, i)).collect();
-    for (member, root) in merged {
+    for (member, root) in merged.iter().chain(co_computed) {
         if let Some(&at) = position.get(root) {
             position.insert(*member, at);
         }
@@ -80,7 +105,11 @@ pub fn plan(
         last_read.insert(owner, usize::MAX);
     }
     let mut intervals = Vec::new();
-    for (i, &n) in kernels.iter().enumerate() {
+    for (i, &k) in kernels.iter().enumerate() {
+        let mut written = vec![k];
+        written.extend(co_computed.iter().filter(|(_, r)| **r == k).map(|(m, _)| *m));
+        written.sort();
+        for &n in &written {
         let node = g.node(n);
         for port in 0..node.outputs.len() {
             let v = Value {
@@ -95,10 +124,11 @@ pub fn plan(
                 last,
             });
         }
-        if let Some(&s) = scratch_bytes.get(&n) {
+        }
+        if let Some(&s) = scratch_bytes.get(&k) {
             if s > 0 {
                 intervals.push(Interval {
-                    holds: Holds::Scratch(n),
+                    holds: Holds::Scratch(k),
                     bytes: align64(s),
                     first: i,
                     last: i,
@@ -267,7 +297,7 @@ mod tests {
         let ks = kernels(&g);
         // Scratch on every kernel, to check it against the values too.
         let scratch: HashMap<NodeIndex, usize> = ks.iter().map(|&n| (n, 100)).collect();
-        let p = plan(&g, &ks, &scratch, &HashMap::new(), &HashMap::new());
+        let p = plan(&g, &ks, &scratch, &Sharing::default());
         assert_eq!(overlaps(&g, &ks, &scratch, &p), Vec::<String>::new());
         let naive = MemoryPlan::naive(&g, &scratch);
         assert!(p.size < naive.size, "{} vs naive {}", p.size, naive.size);
@@ -282,7 +312,7 @@ mod tests {
         let g = training_step();
         let ks = kernels(&g);
         let scratch = HashMap::new();
-        let mut p = plan(&g, &ks, &scratch, &HashMap::new(), &HashMap::new());
+        let mut p = plan(&g, &ks, &scratch, &Sharing::default());
         // Every value at offset 0: a kernel's operand and result then meet.
         for off in p.values.values_mut() {
             *off = 0;
@@ -294,7 +324,7 @@ mod tests {
     fn a_result_never_shares_bytes_with_its_operands() {
         let g = training_step();
         let ks = kernels(&g);
-        let p = plan(&g, &ks, &HashMap::new(), &HashMap::new(), &HashMap::new());
+        let p = plan(&g, &ks, &HashMap::new(), &Sharing::default());
         for &n in &ks {
             for v in g.inputs(n) {
                 let Some(&a) = p.values.get(&v) else { continue };

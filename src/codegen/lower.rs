@@ -415,6 +415,7 @@ pub fn lower(
                 n: s[0],
                 c: s[1],
                 grad: ins.get(2).map(|x| x.0),
+                row_loss: None,
             })])
         }
         Op::CrossEntropy => {
@@ -430,6 +431,7 @@ pub fn lower(
                         n: s[0],
                         c: s[1],
                         grad: None,
+                        row_loss: None,
                     }),
                     Step::Reduce(Reduce {
                         op: crate::ir::ReduceOp::Mean,
@@ -741,6 +743,43 @@ fn matmul_steps(
         Step::Matmul(mm, MatmulPhase::Compute),
     ];
     (steps, total)
+}
+
+/// `cross_entropy_grad` (`ins`: logits, labels, dloss) writing the
+/// gradient to `grad` and, from the same row softmax, the loss (the mean of
+/// the row losses, which go to scratch first) to `loss`.
+pub fn cross_entropy_with_loss(
+    ins: &[(Loc, &TensorType)],
+    grad: Loc,
+    loss: Loc,
+    scratch: usize,
+) -> Option<Lowered> {
+    let s = &ins.first()?.1.shape;
+    let (n, c) = (*s.first()?, *s.get(1)?);
+    let rows = Loc::Arena(scratch);
+    Some(Lowered {
+        steps: vec![
+            Step::CrossEntropy(CrossEntropy {
+                logits: ins[0].0,
+                labels: ins.get(1)?.0,
+                out: grad,
+                n,
+                c,
+                grad: Some(ins.get(2)?.0),
+                row_loss: Some(rows),
+            }),
+            Step::Reduce(Reduce {
+                op: crate::ir::ReduceOp::Mean,
+                src: rows,
+                dst: loss,
+                kept_dims: vec![],
+                kept_strides: vec![],
+                red_dims: vec![n],
+                red_strides: vec![1],
+            }),
+        ],
+        scratch_bytes: align64(n * 4),
+    })
 }
 
 fn elementwise(op: EwOp, ins: &[(Loc, &TensorType)], out: &(Loc, &TensorType)) -> Step {

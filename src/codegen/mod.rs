@@ -326,6 +326,38 @@ fn lower_chain(
     Some(lower::fused_elementwise(b.prog, &ins_ref, &(out.0, &out.1)))
 }
 
+/// Cross-entropy losses whose gradient node reads the same logits and
+/// labels, mapped to that gradient node: its kernel computes the row
+/// softmax once for both. Only where every reader of the loss runs after
+/// the gradient (true of a training step, whose loss is an output).
+fn losses_with_gradients(g: &Graph, order: &[NodeIndex]) -> HashMap<NodeIndex, NodeIndex> {
+    let position: HashMap<NodeIndex, usize> =
+        order.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    let mut out = HashMap::new();
+    for &grad in order {
+        if !matches!(g.node(grad).op, Op::CrossEntropyGrad) {
+            continue;
+        }
+        let gins = g.inputs(grad);
+        let loss = order.iter().copied().find(|&l| {
+            matches!(g.node(l).op, Op::CrossEntropy)
+                && !out.contains_key(&l)
+                && g.inputs(l).get(..2) == gins.get(..2)
+        });
+        let Some(loss) = loss else {
+            continue;
+        };
+        let readers_after = g
+            .graph
+            .edges_directed(loss, petgraph::Direction::Outgoing)
+            .all(|e| position[&petgraph::visit::EdgeRef::target(&e)] > position[&grad]);
+        if readers_after {
+            out.insert(loss, grad);
+        }
+    }
+    out
+}
+
 /// Reshapes whose result can share its operand's buffer (every arena
 /// buffer is contiguous, so a reshape changes nothing in memory), mapped to
 /// the computed value that owns the bytes. A reshape of a fed tensor stays
@@ -376,7 +408,7 @@ fn prepare(
     // Scratch sizes come from a trial lowering; they do not depend on where
     // buffers are.
     let empty = HashMap::new();
-    let mut scratch_bytes = HashMap::new();
+    let mut scratch_bytes: HashMap<NodeIndex, usize> = HashMap::new();
     for &n in &order {
         if leaf_kind(&g.node(n).op).is_none() {
             if let Some(l) = lower_node(g, n, &empty, 0) {
@@ -384,20 +416,25 @@ fn prepare(
             }
         }
     }
-    // Reshapes are views of their operand's bytes when codegen plans the
-    // arena itself (a given plan has a buffer for every value).
-    let aliases = if plan.is_none() && !interpret.contains(&"reshape") {
-        reshape_aliases(g, &order)
-    } else {
-        HashMap::new()
-    };
-    // Elementwise chains become one loop when codegen plans the arena (the
-    // fused-away values have no buffer).
-    let merged = if plan.is_none() {
-        elementwise_chains(g, &order, interpret)
-    } else {
-        HashMap::new()
-    };
+    // When codegen plans the arena itself (a given plan has a buffer for
+    // every value and a kernel for every node): reshapes are views of
+    // their operand's bytes, elementwise chains one loop, a cross-entropy
+    // loss is computed with its gradient.
+    let mut sharing = liveness::Sharing::default();
+    if plan.is_none() {
+        if !interpret.contains(&"reshape") {
+            sharing.aliases = reshape_aliases(g, &order);
+        }
+        sharing.merged = elementwise_chains(g, &order, interpret);
+        if !interpret.contains(&"cross_entropy") && !interpret.contains(&"cross_entropy_grad") {
+            sharing.co_computed = losses_with_gradients(g, &order);
+        }
+    }
+    for (loss, grad) in &sharing.co_computed {
+        if let Some(s) = scratch_bytes.remove(loss) {
+            scratch_bytes.insert(*grad, s);
+        }
+    }
     let plan = match plan {
         Some(p) => {
             p.check(g, &scratch_bytes).map_err(CodegenError::Plan)?;
@@ -408,9 +445,9 @@ fn prepare(
                 .iter()
                 .copied()
                 .filter(|&n| leaf_kind(&g.node(n).op).is_none())
-                .filter(|&n| !aliases.contains_key(&Value::new(n)) && !merged.contains_key(&n))
+                .filter(|&n| !sharing.absorbed(n))
                 .collect();
-            liveness::plan(g, &kernels, &scratch_bytes, &aliases, &merged)
+            liveness::plan(g, &kernels, &scratch_bytes, &sharing)
         }
     };
     let mut locs: HashMap<Value, Loc> = plan
@@ -421,28 +458,36 @@ fn prepare(
     for (slot, (_, _, v)) in feeds.iter().enumerate() {
         locs.insert(*v, Loc::Extern(slot));
     }
-    for (v, owner) in &aliases {
+    for (v, owner) in &sharing.aliases {
         if let Some(&l) = locs.get(owner) {
             locs.insert(*v, l);
         }
     }
     let mut kernels = Vec::new();
     for &n in &order {
-        if leaf_kind(&g.node(n).op).is_some()
-            || aliases.contains_key(&Value::new(n))
-            || merged.contains_key(&n)
-        {
+        if leaf_kind(&g.node(n).op).is_some() || sharing.absorbed(n) {
             continue;
         }
         let scratch = plan.scratch.get(&n).copied().unwrap_or(0);
         let forced = interpret.contains(&g.node(n).op.name());
-        let fused = lower_chain(g, n, &merged, &locs);
-        let lowered = match fused {
-            Some(step) => Some(lower::Lowered {
+        let loss = sharing
+            .co_computed
+            .iter()
+            .find(|(_, r)| **r == n)
+            .map(|(l, _)| *l);
+        let lowered = if let Some(step) = lower_chain(g, n, &sharing.merged, &locs) {
+            Some(lower::Lowered {
                 steps: vec![step],
                 scratch_bytes: 0,
-            }),
-            None => lower_node(g, n, &locs, scratch),
+            })
+        } else if let Some(loss) = loss {
+            let ins = operands(g, n, &locs);
+            let ins_ref: Vec<(Loc, &TensorType)> = ins.iter().map(|(l, t)| (*l, t)).collect();
+            let grad = results(g, n, &locs);
+            let loss = results(g, loss, &locs);
+            lower::cross_entropy_with_loss(&ins_ref, grad[0].0, loss[0].0, scratch)
+        } else {
+            lower_node(g, n, &locs, scratch)
         };
         let k = match lowered {
             Some(l) if !forced => Planned::Jit(l.steps),

@@ -578,6 +578,8 @@ pub struct CrossEntropy {
     pub c: usize,
     /// The incoming scalar gradient, for the gradient kernel.
     pub grad: Option<Loc>,
+    /// With `grad`: also write each row's loss here, from the same softmax.
+    pub row_loss: Option<Loc>,
 }
 
 impl CrossEntropy {
@@ -624,10 +626,21 @@ impl CrossEntropy {
                 let dl = kb.load_f(gp, 0);
                 let nf = kb.fconst(self.n as f32);
                 let scale = kb.b.ins().fdiv(dl, nf);
+                let row_loss = self.row_loss.map(|l| kb.base(l));
                 kb.for_range(start, end, 1, |k, r| {
                     let (xp, label, m) = self.row(k, logits, labels, r);
                     let dp = k.addr(out, r, (self.c * 4) as i64);
                     let s = line_sum_exp(k, xp, self.c, 1, m, Some(dp));
+                    if let Some(rl) = row_loss {
+                        // As the loss kernel: m + log(s) - x[label].
+                        let ls = ew_scalar(k, &log, &[s]);
+                        let lse = k.b.ins().fadd(m, ls);
+                        let xa = k.addr(xp, label, 4);
+                        let xl = k.load_f(xa, 0);
+                        let l = k.b.ins().fsub(lse, xl);
+                        let oa = k.addr(rl, r, 4);
+                        k.store_f(l, oa, 0);
+                    }
                     // (p - onehot) · scale: the label's entry is computed
                     // before the vector pass overwrites its exp.
                     let la = k.addr(dp, label, 4);
