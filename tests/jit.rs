@@ -1009,3 +1009,40 @@ fn cross_entropy_loss_is_computed_with_its_gradient() {
         );
     }
 }
+
+/// A transpose of the last two axes read only by matmuls costs no copy:
+/// the matmuls read its source through swapped strides (as A and as B,
+/// batched, of a fed tensor and of a computed one, with edge sizes). A
+/// transpose that anything else reads stays a kernel.
+#[test]
+fn transposes_into_matmuls_are_strided_reads() {
+    let mut rng = Rng(41);
+    let mut c = Case::new();
+    let x = c.input("x", rand_f32(&mut rng, &[3, 13, 7], 1.0));
+    let w = c.input("w", rand_f32(&mut rng, &[11, 13], 1.0));
+    let w2 = c.input("w2", rand_f32(&mut rng, &[5, 11], 1.0));
+    let swap = |r: usize| -> Vec<usize> {
+        let mut p: Vec<usize> = (0..r).collect();
+        p.swap(r - 1, r - 2);
+        p
+    };
+    // [3, 7, 13] @ [13, 11]: A is the transpose of a fed tensor, B of one.
+    let xt = c.op(Op::Transpose { perm: swap(3) }, &[x]);
+    let wt = c.op(Op::Transpose { perm: swap(2) }, &[w]);
+    let y = c.op(Op::MatMul, &[xt, wt]);
+    // A computed value transposed into B, batched: [3, 7, 11] @ [3, 11, 7].
+    let e = c.op(Op::Unary(UnaryOp::Tanh), &[y]);
+    let et = c.op(Op::Transpose { perm: swap(3) }, &[e]);
+    let z = c.op(Op::MatMul, &[y, et]);
+    // Read by a matmul and by an elementwise op: stays a copy.
+    let kept = c.op(Op::Transpose { perm: swap(2) }, &[w2]);
+    let u = c.op(Op::MatMul, &[y, kept]);
+    let v = c.op(Op::Unary(UnaryOp::Neg), &[kept]);
+    c.out("z", z);
+    c.out("u", u);
+    c.out("v", v);
+    c.check(1e-5);
+    let m = codegen::compile(&c.g, &JitOptions { threads: 1 }).expect("compiles");
+    let ops: Vec<&str> = m.kernel_nodes().into_iter().map(|(_, op)| op).collect();
+    assert_eq!(ops.iter().filter(|op| **op == "transpose").count(), 1, "{ops:?}");
+}

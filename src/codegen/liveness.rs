@@ -47,6 +47,9 @@ pub struct Sharing {
     /// (a loss computed with its gradient): its buffers are live from that
     /// kernel on.
     pub co_computed: HashMap<NodeIndex, NodeIndex>,
+    /// Aliases that are the transpose (last two axes swapped) of the value
+    /// they map to: only matmuls read them, through swapped strides.
+    pub transposed: HashSet<Value>,
 }
 
 impl Sharing {
@@ -70,6 +73,7 @@ pub fn plan(
         aliases,
         merged,
         co_computed,
+        ..
     } = sharing;
     let mut position: HashMap<NodeIndex, usize> =
         kernels.iter().enumerate().map(|(i, n)| (*n, i)).collect();

@@ -99,37 +99,7 @@ pub fn lower(
                 log: matches!(op, Op::LogSoftmax { .. }),
             })])
         }
-        Op::MatMul => {
-            let (a, b) = (&ins[0].1.shape, &ins[1].1.shape);
-            let r = oshape.len();
-            let batch = oshape[..r - 2].to_vec();
-            let (m, k, n) = (a[a.len() - 2], a[a.len() - 1], b[b.len() - 1]);
-            let bs = |s: &[usize], mat: usize| -> Vec<i64> {
-                broadcast_strides(&s[..s.len() - 2], &batch)
-                    .into_iter()
-                    .map(|x| x * mat as i64)
-                    .collect()
-            };
-            let a_op = MmOperand {
-                loc: ins[0].0,
-                off: 0,
-                batch_strides: bs(a, m * k),
-                rs: k as i64,
-                cs: 1,
-            };
-            let b_op = MmOperand {
-                loc: ins[1].0,
-                off: 0,
-                batch_strides: bs(b, k * n),
-                rs: n as i64,
-                cs: 1,
-            };
-            let (steps, bytes) = matmul_steps(batch.clone(), (m, k, n), a_op, b_op, out.0, scratch);
-            Some(Lowered {
-                steps,
-                scratch_bytes: bytes,
-            })
-        }
+        Op::MatMul => matmul(ins, out, scratch, [false, false]),
         Op::Conv(c) => {
             let (x, w) = (&ins[0].1.shape, &ins[1].1.shape);
             let (nb, ch, o) = (x[0], x[1], w[0]);
@@ -701,6 +671,60 @@ fn pool_geom(h: usize, w: usize, oh: usize, ow: usize, p: &Pool2d) -> Geom {
 
 /// Pack A, pack B, compute; packed panels at `scratch`. Returns the steps
 /// and the scratch bytes used.
+/// `C = A @ B`; an operand flagged in `transposed` is read through its
+/// location as the transpose (last two axes swapped) of a contiguous
+/// tensor, which is how a `transpose` feeding only matmuls costs no copy.
+pub fn matmul(
+    ins: &[(Loc, &TensorType)],
+    out: &(Loc, &TensorType),
+    scratch: usize,
+    transposed: [bool; 2],
+) -> Option<Lowered> {
+    let oshape = &out.1.shape;
+    let (a, b) = (&ins.first()?.1.shape, &ins.get(1)?.1.shape);
+    let r = oshape.len();
+    if r < 2 || a.len() < 2 || b.len() < 2 {
+        return None;
+    }
+    let batch = oshape[..r - 2].to_vec();
+    let (m, k, n) = (a[a.len() - 2], a[a.len() - 1], b[b.len() - 1]);
+    let bs = |s: &[usize], mat: usize| -> Vec<i64> {
+        broadcast_strides(&s[..s.len() - 2], &batch)
+            .into_iter()
+            .map(|x| x * mat as i64)
+            .collect()
+    };
+    // Row and column strides of a `rows × cols` operand.
+    let strides = |rows: usize, cols: usize, t: bool| -> (i64, i64) {
+        if t {
+            (1, rows as i64)
+        } else {
+            (cols as i64, 1)
+        }
+    };
+    let (a_rs, a_cs) = strides(m, k, transposed[0]);
+    let (b_rs, b_cs) = strides(k, n, transposed[1]);
+    let a_op = MmOperand {
+        loc: ins[0].0,
+        off: 0,
+        batch_strides: bs(a, m * k),
+        rs: a_rs,
+        cs: a_cs,
+    };
+    let b_op = MmOperand {
+        loc: ins[1].0,
+        off: 0,
+        batch_strides: bs(b, k * n),
+        rs: b_rs,
+        cs: b_cs,
+    };
+    let (steps, bytes) = matmul_steps(batch, (m, k, n), a_op, b_op, out.0, scratch);
+    Some(Lowered {
+        steps,
+        scratch_bytes: bytes,
+    })
+}
+
 fn matmul_steps(
     batch: Vec<usize>,
     (m, k, n): (usize, usize, usize),

@@ -326,6 +326,56 @@ fn lower_chain(
     Some(lower::fused_elementwise(b.prog, &ins_ref, &(out.0, &out.1)))
 }
 
+/// [`lower_node`], reading the operands of a matmul that are absorbed
+/// transposes through swapped strides.
+fn lower_kernel(
+    g: &Graph,
+    n: NodeIndex,
+    locs: &HashMap<Value, Loc>,
+    scratch: usize,
+    sharing: &liveness::Sharing,
+) -> Option<lower::Lowered> {
+    let ins = g.inputs(n);
+    let flags = |i: usize| ins.get(i).is_some_and(|v| sharing.transposed.contains(v));
+    if matches!(g.node(n).op, Op::MatMul) && (flags(0) || flags(1)) {
+        let ops = operands(g, n, locs);
+        let ops_ref: Vec<(Loc, &TensorType)> = ops.iter().map(|(l, t)| (*l, t)).collect();
+        let outs = results(g, n, locs);
+        let out = outs.first()?;
+        return lower::matmul(&ops_ref, &(out.0, &out.1), scratch, [flags(0), flags(1)]);
+    }
+    lower_node(g, n, locs, scratch)
+}
+
+/// Transposes of the last two axes whose every reader is a matmul, which
+/// can read the source through swapped strides instead (its packing pass
+/// reads strided operands anyway): transpose value → source value.
+fn transposes_into_matmuls(g: &Graph, order: &[NodeIndex]) -> Vec<(Value, Value)> {
+    let named: std::collections::HashSet<Value> = g.outputs.iter().map(|o| o.value).collect();
+    let mut out = Vec::new();
+    for &n in order {
+        let Op::Transpose { perm } = &g.node(n).op else {
+            continue;
+        };
+        let r = perm.len();
+        let swaps_last_two = r >= 2
+            && perm[..r - 2].iter().enumerate().all(|(i, &p)| p == i)
+            && perm[r - 2] == r - 1
+            && perm[r - 1] == r - 2;
+        let t = Value::new(n);
+        let only_matmuls = g
+            .graph
+            .edges_directed(n, petgraph::Direction::Outgoing)
+            .all(|e| matches!(g.node(petgraph::visit::EdgeRef::target(&e)).op, Op::MatMul));
+        if swaps_last_two && only_matmuls && !named.contains(&t) {
+            if let Some(&src) = g.inputs(n).first() {
+                out.push((t, src));
+            }
+        }
+    }
+    out
+}
+
 /// Cross-entropy losses whose gradient node reads the same logits and
 /// labels, mapped to that gradient node: its kernel computes the row
 /// softmax once for both. Only where every reader of the loss runs after
@@ -405,17 +455,6 @@ fn prepare(
         }
     }
     feeds.sort_by(|a, b| (a.0.as_str(), a.1).cmp(&(b.0.as_str(), b.1)));
-    // Scratch sizes come from a trial lowering; they do not depend on where
-    // buffers are.
-    let empty = HashMap::new();
-    let mut scratch_bytes: HashMap<NodeIndex, usize> = HashMap::new();
-    for &n in &order {
-        if leaf_kind(&g.node(n).op).is_none() {
-            if let Some(l) = lower_node(g, n, &empty, 0) {
-                scratch_bytes.insert(n, l.scratch_bytes);
-            }
-        }
-    }
     // When codegen plans the arena itself (a given plan has a buffer for
     // every value and a kernel for every node): reshapes are views of
     // their operand's bytes, elementwise chains one loop, a cross-entropy
@@ -425,9 +464,27 @@ fn prepare(
         if !interpret.contains(&"reshape") {
             sharing.aliases = reshape_aliases(g, &order);
         }
+        if !interpret.contains(&"transpose") && !interpret.contains(&"matmul") {
+            for (t, src) in transposes_into_matmuls(g, &order) {
+                let owner = sharing.aliases.get(&src).copied().unwrap_or(src);
+                sharing.aliases.insert(t, owner);
+                sharing.transposed.insert(t);
+            }
+        }
         sharing.merged = elementwise_chains(g, &order, interpret);
         if !interpret.contains(&"cross_entropy") && !interpret.contains(&"cross_entropy_grad") {
             sharing.co_computed = losses_with_gradients(g, &order);
+        }
+    }
+    // Scratch sizes come from a trial lowering; they do not depend on where
+    // buffers are.
+    let empty = HashMap::new();
+    let mut scratch_bytes: HashMap<NodeIndex, usize> = HashMap::new();
+    for &n in &order {
+        if leaf_kind(&g.node(n).op).is_none() {
+            if let Some(l) = lower_kernel(g, n, &empty, 0, &sharing) {
+                scratch_bytes.insert(n, l.scratch_bytes);
+            }
         }
     }
     for (loss, grad) in &sharing.co_computed {
@@ -487,7 +544,7 @@ fn prepare(
             let loss = results(g, loss, &locs);
             lower::cross_entropy_with_loss(&ins_ref, grad[0].0, loss[0].0, scratch)
         } else {
-            lower_node(g, n, &locs, scratch)
+            lower_kernel(g, n, &locs, scratch, &sharing)
         };
         let k = match lowered {
             Some(l) if !forced => Planned::Jit(l.steps),
