@@ -292,34 +292,16 @@ impl Kb<'_> {
         self.for_range(lo, hi, 1, body);
     }
 
-    /// Loop over `[lo, hi)` with f32x4 steps, then the scalar tail; the
-    /// tail start is also returned so callers can continue from it.
+    /// Loop over `[lo, hi)` with f32x4 steps, then the scalar tail.
     pub fn for_vec_tail(
         &mut self,
         lo: Value,
         hi: Value,
-        mut vec_body: impl FnMut(&mut Self, Value),
+        vec_body: impl FnMut(&mut Self, Value),
         mut tail_body: impl FnMut(&mut Self, Value),
     ) {
-        let iv = self.var(I64, lo);
-        let hdr = self.b.create_block();
-        let bb = self.b.create_block();
-        let tail = self.b.create_block();
-        self.b.ins().jump(hdr, &[]);
-        self.b.switch_to_block(hdr);
-        let i = self.b.use_var(iv);
-        let last = self.b.ins().iadd_imm_s(i, 4);
-        let cond = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, last, hi);
-        self.b.ins().brif(cond, bb, &[], tail, &[]);
-        self.b.switch_to_block(bb);
-        vec_body(self, i);
-        let i = self.b.use_var(iv);
-        let next = self.b.ins().iadd_imm_s(i, 4);
-        self.b.def_var(iv, next);
-        self.b.ins().jump(hdr, &[]);
-        self.b.switch_to_block(tail);
-        let i = self.b.use_var(iv);
-        self.for_range(i, hi, 1, |k, j| tail_body(k, j));
+        let from = self.for_blocks(lo, hi, 4, vec_body);
+        self.for_range(from, hi, 1, |k, j| tail_body(k, j));
     }
 
     /// `for i in (lo..).step_by(width)` while a whole block `i..i + width`

@@ -694,30 +694,24 @@ pub fn matmul(
             .map(|x| x * mat as i64)
             .collect()
     };
-    // Row and column strides of a `rows × cols` operand.
-    let strides = |rows: usize, cols: usize, t: bool| -> (i64, i64) {
-        if t {
+    // Operand `i`, `rows × cols`, contiguous or the transpose of a
+    // contiguous `cols × rows`.
+    let operand = |i: usize, s: &[usize], rows: usize, cols: usize| {
+        let (rs, cs) = if transposed[i] {
             (1, rows as i64)
         } else {
             (cols as i64, 1)
+        };
+        MmOperand {
+            loc: ins[i].0,
+            off: 0,
+            batch_strides: bs(s, rows * cols),
+            rs,
+            cs,
         }
     };
-    let (a_rs, a_cs) = strides(m, k, transposed[0]);
-    let (b_rs, b_cs) = strides(k, n, transposed[1]);
-    let a_op = MmOperand {
-        loc: ins[0].0,
-        off: 0,
-        batch_strides: bs(a, m * k),
-        rs: a_rs,
-        cs: a_cs,
-    };
-    let b_op = MmOperand {
-        loc: ins[1].0,
-        off: 0,
-        batch_strides: bs(b, k * n),
-        rs: b_rs,
-        cs: b_cs,
-    };
+    let a_op = operand(0, a, m, k);
+    let b_op = operand(1, b, k, n);
     let (steps, bytes) = matmul_steps(batch, (m, k, n), a_op, b_op, out.0, scratch);
     Some(Lowered {
         steps,

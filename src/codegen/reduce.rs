@@ -325,9 +325,26 @@ fn fold_contiguous(
     let nv = k.iconst(n as i64);
     let v0 = k.vconst(init);
     let vacc = k.var(F32X4, v0);
+    fold_line_from(k, p, (zero, nv), (vacc, acc), vec_step, tail_step);
+    let v = k.b.use_var(vacc);
+    let h = horizontal(k, v);
+    let t = k.b.use_var(acc);
+    join(k, h, t)
+}
+
+/// The loops of [`fold_contiguous`] over elements `from..n` of the line at
+/// `p`, into the vector and scalar accumulators `vacc`, `acc`.
+fn fold_line_from(
+    k: &mut Kb,
+    p: Value,
+    (from, n): (Value, Value),
+    (vacc, acc): (cranelift_frontend::Variable, cranelift_frontend::Variable),
+    vec_step: impl Fn(&mut Kb, Value, Value, Value) -> Value,
+    tail_step: impl Fn(&mut Kb, Value, Value, Value) -> Value,
+) {
     k.for_vec_tail(
-        zero,
-        nv,
+        from,
+        n,
         |k, i| {
             let a = k.addr(p, i, 4);
             let x = k.load_v(a, 0);
@@ -343,10 +360,6 @@ fn fold_contiguous(
             k.b.def_var(acc, r);
         },
     );
-    let v = k.b.use_var(vacc);
-    let h = horizontal(k, v);
-    let t = k.b.use_var(acc);
-    join(k, h, t)
 }
 
 /// `Σ exp(x - m)` over a line; with `store`, also writes each `exp(x - m)`
@@ -390,34 +403,28 @@ fn line_sum_exp(
         });
         let z = k.fconst(0.0);
         let acc = k.var(F32, z);
-        k.for_vec_tail(
-            from,
-            nv,
-            |k, i| {
-                let a = k.addr(p, i, 4);
-                let x = k.load_v(a, 0);
+        fold_line_from(
+            k,
+            p,
+            (from, nv),
+            (accs[0], acc),
+            |k, acc, x, i| {
                 let d = k.b.ins().fsub(x, mv);
                 let e = k.vexp(d);
                 if let Some(s) = store {
                     let sa = k.addr(s, i, 4);
                     k.b.ins().store(super::emit::flags(), e, sa, 0);
                 }
-                let o = k.b.use_var(accs[0]);
-                let r = k.b.ins().fadd(o, e);
-                k.b.def_var(accs[0], r);
+                k.b.ins().fadd(acc, e)
             },
-            |k, i| {
-                let a = k.addr(p, i, 4);
-                let x = k.load_f(a, 0);
+            |k, acc, x, i| {
                 let d = k.b.ins().fsub(x, m);
                 let e = ew_scalar(k, &exp, &[d]);
                 if let Some(s) = store {
                     let sa = k.addr(s, i, 4);
                     k.store_f(e, sa, 0);
                 }
-                let o = k.b.use_var(acc);
-                let r = k.b.ins().fadd(o, e);
-                k.b.def_var(acc, r);
+                k.b.ins().fadd(acc, e)
             },
         );
         let v: Vec<Value> = accs.iter().map(|a| k.b.use_var(*a)).collect();
