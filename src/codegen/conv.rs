@@ -668,31 +668,39 @@ impl PackW {
             let m = k.iconst(s.m as i64);
             let sp = k.addr(src, o0, s.so * 4);
             let sp = k.b.ins().iadd_imm_s(sp, s.off * 4);
+            // Rows of this panel that exist (the last panel may be short).
+            let inside: Vec<Value> = (0..mr)
+                .map(|i| {
+                    let o = k.b.ins().iadd_imm_s(o0, i as i64);
+                    k.b.ins().icmp(IntCC::SignedLessThan, o, m)
+                })
+                .collect();
+            let tap_bytes = (mr * DIRECT_NV * 4) as i64;
+            // Loops rather than unrolled taps: a 5×5 filter unrolled was
+            // ~1700 instructions of compile time for a copy.
             k.for_const(0, s.c, |k, c| {
                 let sc = k.addr(sp, c, s.sc * 4);
-                let dc = k.addr(dp, c, (s.kh * s.kw * mr * DIRECT_NV * 4) as i64);
-                for kh in 0..s.kh {
-                    for kw in 0..s.kw {
-                        let so = (kh as i64 * s.skh + kw as i64 * s.skw) * 4;
-                        let tap = ((kh * s.kw + kw) * mr * DIRECT_NV * 4) as i32;
-                        for i in 0..mr {
-                            let o = k.b.ins().iadd_imm_s(o0, i as i64);
-                            let inside = k.b.ins().icmp(IntCC::SignedLessThan, o, m);
+                let dc = k.addr(dp, c, s.kh as i64 * s.kw as i64 * tap_bytes);
+                k.for_const(0, s.kh, |k, kh| {
+                    let sh = k.addr(sc, kh, s.skh * 4);
+                    let dh = k.addr(dc, kh, s.kw as i64 * tap_bytes);
+                    k.for_const(0, s.kw, |k, kw| {
+                        let st = k.addr(sh, kw, s.skw * 4);
+                        let dt = k.addr(dh, kw, tap_bytes);
+                        for (i, &inside) in inside.iter().enumerate() {
                             let zero = k.fconst(0.0);
                             let v = k.var(F32, zero);
                             k.if_then(inside, |k| {
-                                let a = k.b.ins().iadd_imm_s(sc, so + i as i64 * s.so * 4);
-                                let x = k.load_f(a, 0);
+                                let x = k.load_f(st, (i as i64 * s.so * 4) as i32);
                                 k.b.def_var(v, x);
                             });
                             let x = k.b.use_var(v);
                             for rep in 0..DIRECT_NV {
-                                let off = tap + ((i * DIRECT_NV + rep) * 4) as i32;
-                                k.store_f(x, dc, off);
+                                k.store_f(x, dt, ((i * DIRECT_NV + rep) * 4) as i32);
                             }
                         }
-                    }
-                }
+                    });
+                });
             });
         });
     }

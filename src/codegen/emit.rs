@@ -8,7 +8,6 @@
 //! kernel's work units this call must do, and a non-zero result reports a
 //! bad value (see `runtime::RuntimeError`).
 
-use std::sync::OnceLock;
 use cranelift_codegen::cursor::{Cursor, FuncCursor};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I64};
@@ -18,6 +17,7 @@ use cranelift_codegen::ir::{
 };
 use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+use std::sync::OnceLock;
 
 /// Where a kernel operand lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -111,23 +111,28 @@ pub fn plan(
     let mut intervals = Vec::new();
     for (i, &k) in kernels.iter().enumerate() {
         let mut written = vec![k];
-        written.extend(co_computed.iter().filter(|(_, r)| **r == k).map(|(m, _)| *m));
+        written.extend(
+            co_computed
+                .iter()
+                .filter(|(_, r)| **r == k)
+                .map(|(m, _)| *m),
+        );
         written.sort();
         for &n in &written {
-        let node = g.node(n);
-        for port in 0..node.outputs.len() {
-            let v = Value {
-                node: n,
-                port: port as u16,
-            };
-            let last = last_read.get(&v).copied().unwrap_or(i).max(i);
-            intervals.push(Interval {
-                holds: Holds::Value(v),
-                bytes: align64(crate::tensor::numel(&g.ty(v).shape) * 4),
-                first: i,
-                last,
-            });
-        }
+            let node = g.node(n);
+            for port in 0..node.outputs.len() {
+                let v = Value {
+                    node: n,
+                    port: port as u16,
+                };
+                let last = last_read.get(&v).copied().unwrap_or(i).max(i);
+                intervals.push(Interval {
+                    holds: Holds::Value(v),
+                    bytes: align64(crate::tensor::numel(&g.ty(v).shape) * 4),
+                    first: i,
+                    last,
+                });
+            }
         }
         if let Some(&s) = scratch_bytes.get(&k) {
             if s > 0 {

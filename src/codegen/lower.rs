@@ -8,8 +8,7 @@ use super::conv::{
 use super::emit::Loc;
 use super::kernel::{
     broadcast_strides, collapse, contiguous_strides, Copy, Elementwise, EwArg, EwInstr, EwOp, Fill,
-    Gather,
-    MatmulPhase, ScatterAdd, Step, View,
+    Gather, MatmulPhase, ScatterAdd, Step, View,
 };
 use super::matmul::{Matmul, MmOperand};
 use super::reduce::{CrossEntropy, Hinge, Reduce, Softmax};

@@ -94,6 +94,11 @@ pub enum OptLevel {
     /// No optimisation passes: for the kernels whose loops are memory-bound
     /// and simple, where the optimiser costs compile time and buys nothing.
     Quick,
+    /// No optimisation passes and Cranelift's single-pass register
+    /// allocator: for kernels that only move data (copies, fills, packing),
+    /// whose few live values need no careful allocation. Arithmetic kernels
+    /// measured 2–3× slower with it.
+    Move,
 }
 
 /// The host ISA with the flags our kernels rely on (FMA, SSE4.1 rounding),
@@ -111,9 +116,12 @@ pub fn host_isa_at(level: OptLevel) -> Result<OwnedTargetIsa, CodegenError> {
     };
     let opt = match level {
         OptLevel::Speed => "speed",
-        OptLevel::Quick => "none",
+        OptLevel::Quick | OptLevel::Move => "none",
     };
     set(&mut flags, "opt_level", opt)?;
+    if level == OptLevel::Move {
+        set(&mut flags, "regalloc_algorithm", "single_pass")?;
+    }
     set(&mut flags, "is_pic", "false")?;
     // Our builders emit well-formed IR by construction and the test suite
     // runs every kernel template; verifying each function again at compile
@@ -595,6 +603,7 @@ fn compile_inner(
     let p = prepare(g, plan, interpret)?;
     let isa = host_isa_at(OptLevel::Speed)?;
     let quick = host_isa_at(OptLevel::Quick)?;
+    let moves = host_isa_at(OptLevel::Move)?;
     let config = isa.frontend_config();
     let mut module = JITModule::new(JITBuilder::with_isa(
         isa,
@@ -639,6 +648,7 @@ fn compile_inner(
     let isas = Isas {
         speed: module.isa(),
         quick: &*quick,
+        moves: &*moves,
         config,
         addressing,
     };
@@ -780,42 +790,42 @@ struct Machine {
 struct Isas<'a> {
     speed: &'a dyn TargetIsa,
     quick: &'a dyn TargetIsa,
+    moves: &'a dyn TargetIsa,
     config: TargetFrontendConfig,
     addressing: Addressing,
 }
 
 impl Isas<'_> {
     fn for_step(&self, step: &Step) -> &dyn TargetIsa {
-        if needs_speed(step) {
-            self.speed
-        } else {
-            self.quick
+        match opt_level(step) {
+            OptLevel::Speed => self.speed,
+            OptLevel::Quick => self.quick,
+            OptLevel::Move => self.moves,
         }
     }
 }
 
-/// Whether a step is compiled with Cranelift's optimiser. Steps whose
-/// loops only move data or do one cheap operation per element (copies,
-/// fills, packing, pooling, plain elementwise arithmetic, reductions) are
-/// memory-bound, and measured no slower without it; the optimiser roughly
-/// halves their compile time. Everything else, including any step kind
-/// added later, keeps it.
-fn needs_speed(step: &Step) -> bool {
+/// How a step is compiled. Steps whose loops only move data or do one
+/// cheap operation per element (copies, fills, packing, pooling, plain
+/// elementwise arithmetic, reductions) are memory-bound, and measured no
+/// slower without the optimiser, which roughly halves their compile time;
+/// the pure data movers also take the single-pass register allocator.
+/// Everything else, including any step kind added later, is optimised.
+fn opt_level(step: &Step) -> OptLevel {
     use conv::ConvStep;
     use kernel::MatmulPhase;
-    let quick = match step {
-        Step::Fill(_) | Step::Copy(_) | Step::Reduce(_) | Step::Gather(_) | Step::ScatterAdd(_) => {
-            true
+    match step {
+        Step::Fill(_) | Step::Copy(_) | Step::Gather(_) | Step::ScatterAdd(_) => OptLevel::Move,
+        Step::Matmul(_, MatmulPhase::PackA | MatmulPhase::PackB) => OptLevel::Move,
+        Step::Im2col(ConvStep::Im2col(_) | ConvStep::Pad(_) | ConvStep::PackW(_)) => {
+            OptLevel::Move
         }
-        Step::Pool(_) | Step::Col2im(_) => true,
-        Step::Matmul(_, MatmulPhase::PackA | MatmulPhase::PackB) => true,
-        Step::Im2col(ConvStep::Im2col(_) | ConvStep::Pad(_) | ConvStep::PackW(_)) => true,
+        Step::Reduce(_) | Step::Pool(_) | Step::Col2im(_) => OptLevel::Quick,
         // Their exps are interleaved across vectors, an order Cranelift's
         // optimiser would undo (it places each chain just before its use).
-        Step::Elementwise(_) | Step::Softmax(_) | Step::CrossEntropy(_) => true,
-        _ => false,
-    };
-    !quick
+        Step::Elementwise(_) | Step::Softmax(_) | Step::CrossEntropy(_) => OptLevel::Quick,
+        _ => OptLevel::Speed,
+    }
 }
 
 /// Whether kernels take their operand table as a fifth argument: where a
@@ -904,7 +914,7 @@ fn build_and_compile(
         let step = jobs[j].step;
         let weight = match step {
             Step::Rnn(_) | Step::Attention(_) => 0,
-            _ if needs_speed(step) => 1,
+            _ if opt_level(step) == OptLevel::Speed => 1,
             _ => 2,
         };
         (weight, j)
@@ -1067,10 +1077,12 @@ pub fn emit_asm(g: &Graph) -> Result<String, CodegenError> {
     let p = prepare(g, None, &[])?;
     let speed = host_isa_at(OptLevel::Speed)?;
     let quick = host_isa_at(OptLevel::Quick)?;
+    let moves = host_isa_at(OptLevel::Move)?;
     let config = speed.frontend_config();
     let isas = Isas {
         speed: &*speed,
         quick: &*quick,
+        moves: &*moves,
         config,
         addressing: Addressing::Baked,
     };

@@ -394,7 +394,8 @@ fn line_sum_exp(
             for (g, e) in es.into_iter().enumerate() {
                 if let Some(s) = store {
                     let sa = k.addr(s, i, 4);
-                    k.b.ins().store(super::emit::flags(), e, sa, (16 * g) as i32);
+                    k.b.ins()
+                        .store(super::emit::flags(), e, sa, (16 * g) as i32);
                 }
                 let o = k.b.use_var(accs[g]);
                 let r = k.b.ins().fadd(o, e);

@@ -1,11 +1,13 @@
 //! LSTM and GRU over whole sequences (LANGUAGE.md §6) and their BPTT
 //! gradients.
 //!
-//! The input projection `x @ w_x` of all steps is one matmul. The time loop
-//! is one step function ([`RnnSeq`]): per time step, each block of four
-//! hidden columns runs its recurrent matmul `h_{t-1} @ w_h` (weights packed
-//! once per run by [`RnnPack`]) with the bias and the gate math fused into
-//! its epilogue; threads split the batch rows. The gradients recompute the forward pass keeping
+//! The time loop is one step function ([`RnnSeq`]): per time step, each
+//! block of four hidden columns runs its matmul `[h_{t-1}, x_t] @ [w_h;
+//! w_x]` (weights packed once per run by [`RnnPack`]; the input
+//! projection is part of it) with the bias and the gate math fused into
+//! its epilogue; threads split the batch rows. The recurrent operand is
+//! read from a compact double-buffered copy of the state. The gradients
+//! recompute the forward pass keeping
 //! every step's activations, run the reverse loop the same way into
 //! `dz [N, T, gates·H]`, and then form `dx`, `dw_x`, `dw_h` and `db` as one
 //! matmul (or reduction) each over all steps. Nothing allocates: every
@@ -225,27 +227,17 @@ struct Weights {
     b: Loc,
 }
 
-/// `xw [N, T, G] = x @ w_x`, one matmul over all steps (the bias is added
-/// in the recurrent step's epilogue).
-fn input_projection(bd: &mut Build, d: Dims, w: &Weights) -> Seq {
-    let g = d.g();
-    let xw = Seq::new(bd, d.n, d.t, g);
-    bd.matmul(
-        vec![],
-        (d.n * d.t, d.f, g),
-        operand(w.x, 0, d.f, false),
-        operand(w.wx, 0, g, false),
-        xw.loc,
-    );
-    xw
-}
-
-/// `w_h [H, G]` packed for the forward step: per block of four hidden
-/// columns, per row `k`, the four columns of every gate.
+/// `[w_h; w_x] [H + F, G]` packed for the forward step: per block of four
+/// hidden columns, per row `k`, the four columns of every gate. The step
+/// multiplies `[h_{t-1}, x_t]` by it, so the input projection is part of
+/// the recurrent matmul (no `x @ w_x` pass over all steps to write and
+/// read back).
 fn pack_forward(bd: &mut Build, d: Dims, w: &Weights) -> Loc {
-    let p = RnnPack {
-        src: w.wh,
-        k: d.h,
+    let part = |src: Loc, k: usize, k0: usize| RnnPack {
+        src,
+        k,
+        k0,
+        kt: d.h + d.f,
         v: d.gates,
         vs: d.h,
         h: d.h,
@@ -253,7 +245,14 @@ fn pack_forward(bd: &mut Build, d: Dims, w: &Weights) -> Loc {
         cs: 1,
         dst: Loc::Arena(0),
     };
-    push_pack(bd, p)
+    let mut ph = part(w.wh, d.h, 0);
+    let mut px = part(w.wx, d.f, d.h);
+    let dst = bd.alloc_bytes(ph.bytes());
+    ph.dst = dst;
+    px.dst = dst;
+    bd.steps.push(Step::RnnPack(ph));
+    bd.steps.push(Step::RnnPack(px));
+    dst
 }
 
 /// `w_hᵀ [G, H]` packed for the backward step: per block of four hidden
@@ -262,6 +261,8 @@ fn pack_backward(bd: &mut Build, d: Dims, w: &Weights) -> Loc {
     let p = RnnPack {
         src: w.wh,
         k: d.g(),
+        k0: 0,
+        kt: d.g(),
         v: 1,
         vs: 0,
         h: d.h,
@@ -279,6 +280,15 @@ fn push_pack(bd: &mut Build, mut p: RnnPack) -> Loc {
     dst
 }
 
+/// `x [N, T, F]` as a sequence buffer.
+fn input_seq(d: Dims, w: &Weights) -> Seq {
+    Seq {
+        loc: w.x,
+        slots: d.t,
+        width: d.f,
+    }
+}
+
 /// The LSTM's saved activations for the gradient: activated gates
 /// `(i, f, g, o)`, cell states and their tanh, all steps.
 struct LstmSaved {
@@ -289,7 +299,6 @@ struct LstmSaved {
 
 /// The LSTM forward pass; `hs` receives the hidden states.
 fn lstm_forward(bd: &mut Build, d: Dims, w: &Weights, hs: Seq, saved: Option<&LstmSaved>) {
-    let xw = input_projection(bd, d, w);
     let wp = pack_forward(bd, d, w);
     let (c, save) = match saved {
         Some(s) => (s.c, Some((s.act, s.tc))),
@@ -298,9 +307,10 @@ fn lstm_forward(bd: &mut Build, d: Dims, w: &Weights, hs: Seq, saved: Option<&Ls
         None => (Seq::new(bd, d.n, 1, d.h), None),
     };
     let rec = Rec::LstmFwd {
-        xw,
+        x: input_seq(d, w),
         b: w.b,
         hs,
+        st: Seq::new(bd, d.n, 2, d.h),
         c,
         save,
     };
@@ -310,14 +320,22 @@ fn lstm_forward(bd: &mut Build, d: Dims, w: &Weights, hs: Seq, saved: Option<&Ls
 /// The GRU forward pass; `act` (gates `z, r, h~`) and `rh` (`r·h_{t-1}`)
 /// keep every step when they have `t` slots.
 fn gru_forward(bd: &mut Build, d: Dims, w: &Weights, hs: Seq, act: Seq, rh: Seq) {
-    let xw = input_projection(bd, d, w);
     let wp = pack_forward(bd, d, w);
+    // `r·h_{t-1}` is the second phase's matmul operand: kept compact
+    // next to the per-step copy the gradient needs.
+    let rc = if rh.slots == 1 {
+        rh
+    } else {
+        Seq::new(bd, d.n, 1, d.h)
+    };
     let rec = Rec::GruFwd {
-        xw,
+        x: input_seq(d, w),
         b: w.b,
         hs,
+        st: Seq::new(bd, d.n, 2, d.h),
         act,
         rh,
+        rc,
     };
     bd.steps.push(Step::Rnn(RnnSeq::new(rec, d, wp)));
 }
@@ -424,6 +442,7 @@ fn lstm_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
         c: saved.c,
         tc: saved.tc,
         dz,
+        dzs: Seq::new(bd, n, 2, g),
         dc: Seq::new(bd, n, 1, h),
     };
     bd.steps.push(Step::Rnn(RnnSeq::new(rec, d, wt)));
@@ -457,6 +476,7 @@ fn gru_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
         act,
         hs,
         dz,
+        dzs: Seq::new(bd, n, 2, g),
         dhs: Seq::new(bd, n, 1, h),
         dhc: Seq::new(bd, n, 1, h),
     };
@@ -534,9 +554,14 @@ pub fn lower_grad(
 // split the batch with no barrier between time steps (a per-step barrier
 // costs a few µs when threads spin and whole scheduler slices when the
 // machine has fewer free cores than the pool has threads). Within a step,
-// for each block of four hidden columns, the unit runs the recurrent
-// matmul for those columns of every gate against weights packed once by
-// [`RnnPack`], with the bias and the gate math fused as its epilogue. Each
+// for each block of four hidden columns, the unit runs the matmul of its
+// rows of `[h_{t-1}, x_t]` for those columns of every gate against weights
+// packed once by [`RnnPack`], with the bias and the gate math fused as its
+// epilogue. The matmul reads `h_{t-1}` (or the backward's `dz_{t+1}`) from
+// a two-slot buffer `[N, 2, ·]` the epilogues fill next to the full
+// `[N, T, ·]` sequence: that keeps a tile's rows 1-2 KB apart, where the
+// sequence buffers put them a power of two of 16 KB or more apart, all
+// in the same few L1 sets. Each
 // row's arithmetic is the same whatever block or tile it falls in, so the
 // results do not depend on the thread count.
 // ---------------------------------------------------------------------------
@@ -545,28 +570,27 @@ pub fn lower_grad(
 const LANES: usize = 4;
 
 /// Batch rows per unit of work. Rows are independent through the whole
-/// time loop, so units need no barrier between steps; a multiple of every
-/// tile height.
+/// time loop, so units need no barrier between steps; also the height of
+/// the register tile (one accumulator per row).
 const ROW_BLOCK: usize = 8;
 
 /// Below this many flops in all, the loop runs in one call on one thread.
 const SPLIT_FLOPS: usize = 1 << 20;
 
-/// Bytes of the stack tile of accumulators (rows × vectors ≤ 8).
-const TILE_BYTES: usize = 8 * 16;
+/// Bytes of the stack tile of accumulators: up to `ROW_BLOCK` rows of
+/// up to four vectors (one per gate).
+const TILE_BYTES: usize = ROW_BLOCK * 4 * 16;
 
-/// Rows of a register tile holding `v` accumulator vectors per row.
-fn tile_rows(v: usize) -> usize {
-    (8 / v).max(1)
-}
-
-/// `w_h` (or its transpose) packed per block of four hidden columns:
-/// `dst[hb][k][v][l] = src[k·rs + (v·vs + 4·hb + l)·cs]`, zero past `h`.
-/// Work units are hidden blocks.
+/// `w_h` (or its transpose, or `w_x`) packed per block of four hidden
+/// columns: `dst[hb][k0 + k][v][l] = src[k·rs + (v·vs + 4·hb + l)·cs]`
+/// for `k < self.k`, zero past `h`; a panel has `kt` rows. Work units are
+/// hidden blocks.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RnnPack {
     pub src: Loc,
     pub k: usize,
+    pub k0: usize,
+    pub kt: usize,
     pub v: usize,
     pub vs: usize,
     pub h: usize,
@@ -581,7 +605,7 @@ impl RnnPack {
     }
 
     fn panel_bytes(&self) -> usize {
-        self.k * self.v * LANES * 4
+        self.kt * self.v * LANES * 4
     }
 
     pub fn bytes(&self) -> usize {
@@ -606,6 +630,9 @@ impl RnnPack {
             let e = k.b.ins().imul_imm_s(hb, LANES as i64 * self.cs);
             let s0 = k.addr(src, e, 4);
             let d0 = k.addr(dst, hb, self.panel_bytes() as i64);
+            let d0 =
+                k.b.ins()
+                    .iadd_imm_s(d0, (self.k0 * self.v * LANES * 4) as i64);
             let body = |k: &mut Kb, lanes: usize| {
                 k.for_const(0, self.k, |k, kk| {
                     let s = k.addr(s0, kk, 4 * self.rs);
@@ -641,30 +668,36 @@ impl RnnPack {
 }
 
 /// The recurrences a fused step runs, with their buffers. `[N, T, ·]`
-/// buffers hold every step; one-slot buffers are updated in place.
+/// buffers hold every step; one-slot buffers are updated in place;
+/// two-slot ones (`st`, `dzs`) hold step `t` in slot `t mod 2`, the
+/// compact copy the next step's matmul reads.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Rec {
-    /// LSTM forward: `xw = x @ w_x`, bias `b`, hidden states `hs`, cell
-    /// state `c`; `save` receives the activated gates and `tanh c` of
+    /// LSTM forward: input `x`, bias `b`, hidden states `hs` (and `st`),
+    /// cell state `c`; `save` receives the activated gates and `tanh c` of
     /// every step for the gradient.
     LstmFwd {
-        xw: Seq,
+        x: Seq,
         b: Loc,
         hs: Seq,
+        st: Seq,
         c: Seq,
         save: Option<(Seq, Seq)>,
     },
     /// GRU forward in two phases per step: `(z, r)` and `r·h_{t-1}`, then
-    /// `h~` and `h_t`. `act` holds `(z, r, h~)`, `rh` holds `r·h_{t-1}`.
+    /// `h~` and `h_t`. `act` holds `(z, r, h~)`, `rh` holds `r·h_{t-1}`,
+    /// `rc` its compact copy (`rh` itself when that has one slot).
     GruFwd {
-        xw: Seq,
+        x: Seq,
         b: Loc,
         hs: Seq,
+        st: Seq,
         act: Seq,
         rh: Seq,
+        rc: Seq,
     },
     /// LSTM backward, steps in reverse: incoming `dh`, the forward's saved
-    /// `act`, `c`, `tanh c`; gate gradients into `dz`; `dc` carries
+    /// `act`, `c`, `tanh c`; gate gradients into `dz` (and `dzs`); `dc` carries
     /// `dc_{t+1}·f_{t+1}`.
     LstmBwd {
         dh: Seq,
@@ -672,6 +705,7 @@ pub enum Rec {
         c: Seq,
         tc: Seq,
         dz: Seq,
+        dzs: Seq,
         dc: Seq,
     },
     /// GRU backward in two phases per step: `dz_z`, `dz_h~` (phase A), then
@@ -682,6 +716,7 @@ pub enum Rec {
         act: Seq,
         hs: Seq,
         dz: Seq,
+        dzs: Seq,
         dhs: Seq,
         dhc: Seq,
     },
@@ -694,6 +729,9 @@ pub struct RnnSeq {
     pub n: usize,
     pub t: usize,
     pub h: usize,
+    /// Input features: the forward step's matmul runs over `h + f` rows
+    /// of its panel (see [`pack_forward`]).
+    pub f: usize,
     /// Recurrent weights packed by [`pack_forward`] (forward recurrences)
     /// or [`pack_backward`] (backward ones).
     pub wp: Loc,
@@ -773,7 +811,9 @@ impl Lanes {
 /// apart, `kdim` contiguous f32s each; the packed panel has `v` vectors per
 /// k, `pstride` bytes apart. Runs only where `run` is set (else the
 /// product is zero: the state before step 0, or the gradient after the
-/// last step).
+/// last step). `x`, when set, continues the sum over a second A (rows
+/// `x.a_rs` bytes apart, `x.kdim` f32s each: the step's input) against
+/// the next `x.kdim` panel rows, whatever `run`.
 #[derive(Clone, Copy)]
 struct Mm {
     run: Value,
@@ -783,6 +823,26 @@ struct Mm {
     pstride: i64,
     kdim: usize,
     v: usize,
+    x: Option<XIn>,
+}
+
+/// The input part of a forward step's matmul (see [`Mm`]).
+#[derive(Clone, Copy)]
+struct XIn {
+    a: Value,
+    a_rs: i64,
+    kdim: usize,
+}
+
+/// One run of k of a tile's matmul: A's first row, row stride in bytes,
+/// the panel at its first k (already offset to the tile's column), and
+/// whether it runs (always when `None`).
+struct Seg {
+    run: Option<Value>,
+    a: Value,
+    a_rs: i64,
+    panel: Value,
+    kdim: usize,
 }
 
 /// Per-unit values shared by the epilogues.
@@ -809,68 +869,73 @@ struct Cx {
 
 type Epi<'a> = dyn Fn(&mut Kb, Value, &[Value], Lanes) + 'a;
 
-/// `tile[r][j] = Σ_k A[r, k] · panel[k][j]` for `rows` rows.
+/// `tile[r][j] = Σ_k A[r, k] · panel[k][j]` for `rows` rows (at most
+/// [`ROW_BLOCK`]), one panel column `j` at a time.
 ///
-/// Cranelift's `fma` overwrites its first operand, so each product gets a
-/// broadcast of its own (one `vbroadcastss` from memory, no register copy)
-/// while the panel vectors stay in registers for every row. The loads of
-/// one A element for the `v` products go through `v` distinct base values
-/// (`a + j·4096`, offset back): otherwise redundant-load elimination would
-/// merge them into one register value, which `fma` would then clobber.
+/// One accumulator per row and four k per loop iteration: the live
+/// registers are the eight accumulators and the four panel vectors, so
+/// nothing spills. Each FMA gets its A element as a broadcast of its own
+/// (one `vbroadcastss` from memory), which Cranelift's `fma` may then
+/// overwrite; the panel vector it reads stays in a register for all rows.
+/// Cranelift emits each accumulator's four FMAs back to back (it places a
+/// value where the loop's back edge first needs it), but the eight
+/// accumulators are independent chains for the out-of-order core.
+/// A is a compact state buffer (rows 1-2 KB apart): with the `[N, T, ·]`
+/// sequence buffers as A, the rows would sit a power-of-two stride apart
+/// and compete for the same L1 sets.
 /// The A loads are marked read-only so they sink into the broadcast: no
 /// store of this function touches A while the loop runs (A is the
 /// previous step's state, written before this step's matmuls), and every
 /// A address depends on the loop's pointer, so no load can be hoisted or
 /// merged across the stores of other steps.
-fn tile_mm(k: &mut Kb, a: Value, mm: &Mm, rows: usize, tile: Value) {
-    const SKEW: i64 = 4096;
-    let zero = k.vconst(0.0);
-    let accs: Vec<Variable> = (0..rows * mm.v).map(|_| k.var(F32X4, zero)).collect();
-    let ap = k.var(I64, a);
-    let bp = k.var(I64, mm.panel);
-    // Two k per iteration when the panel vectors of both fit in registers
-    // next to the accumulators.
-    let unroll = 2;
-    let step = |k: &mut Kb, unroll: usize| {
-        let a = k.b.use_var(ap);
-        let b = k.b.use_var(bp);
-        let skewed: Vec<Value> = (0..mm.v)
-            .map(|j| k.b.ins().iadd_imm_s(a, j as i64 * SKEW))
-            .collect();
-        for u in 0..unroll {
-            let bv: Vec<Value> = (0..mm.v)
-                .map(|j| {
-                    let off = u as i64 * mm.pstride + (j * 16) as i64;
-                    k.b.ins().load(F32X4, ro_flags(), b, off as i32)
-                })
-                .collect();
-            for r in 0..rows {
-                for (j, &bj) in bv.iter().enumerate() {
-                    let off = r as i64 * mm.a_rs + (u * 4) as i64 - j as i64 * SKEW;
-                    let s = k.b.ins().load(F32, ro_flags(), skewed[j], off as i32);
-                    let av = k.b.ins().splat(F32X4, s);
-                    let var = accs[r * mm.v + j];
-                    let old = k.b.use_var(var);
-                    let new = k.b.ins().fma(av, bj, old);
-                    k.b.def_var(var, new);
+fn tile_mm(k: &mut Kb, segs: &[Seg], mm: &Mm, rows: usize, tile: Value) {
+    let unroll = 4;
+    for j in 0..mm.v {
+        let zero = k.vconst(0.0);
+        let accs: Vec<Variable> = (0..rows).map(|_| k.var(F32X4, zero)).collect();
+        for seg in segs {
+            let body = |k: &mut Kb| {
+                let ap = k.var(I64, seg.a);
+                let p0 = k.b.ins().iadd_imm_s(seg.panel, (j * 16) as i64);
+                let bp = k.var(I64, p0);
+                let step = |k: &mut Kb, unroll: usize| {
+                    let a = k.b.use_var(ap);
+                    let b = k.b.use_var(bp);
+                    for (r, &var) in accs.iter().enumerate() {
+                        let mut acc = k.b.use_var(var);
+                        for u in 0..unroll {
+                            let off = u as i64 * mm.pstride;
+                            let bj = k.b.ins().load(F32X4, ro_flags(), b, off as i32);
+                            let off = r as i64 * seg.a_rs + (u * 4) as i64;
+                            let s = k.b.ins().load(F32, ro_flags(), a, off as i32);
+                            let av = k.b.ins().splat(F32X4, s);
+                            acc = k.b.ins().fma(av, bj, acc);
+                        }
+                        k.b.def_var(var, acc);
+                    }
+                    let a2 = k.b.ins().iadd_imm_s(a, (unroll * 4) as i64);
+                    let b2 = k.b.ins().iadd_imm_s(b, unroll as i64 * mm.pstride);
+                    k.b.def_var(ap, a2);
+                    k.b.def_var(bp, b2);
+                };
+                let iters = seg.kdim / unroll;
+                if iters > 0 {
+                    k.for_const(0, iters, |k, _| step(k, unroll));
                 }
+                for _ in 0..seg.kdim % unroll {
+                    step(k, 1);
+                }
+            };
+            match seg.run {
+                Some(c) => k.if_then(c, body),
+                None => body(k),
             }
         }
-        let a2 = k.b.ins().iadd_imm_s(a, (unroll * 4) as i64);
-        let b2 = k.b.ins().iadd_imm_s(b, unroll as i64 * mm.pstride);
-        k.b.def_var(ap, a2);
-        k.b.def_var(bp, b2);
-    };
-    let iters = mm.kdim / unroll;
-    if iters > 0 {
-        k.for_const(0, iters, |k, _| step(k, unroll));
-    }
-    if mm.kdim % unroll == 1 {
-        step(k, 1);
-    }
-    for (i, var) in accs.iter().enumerate() {
-        let v = k.b.use_var(*var);
-        k.b.ins().store(flags(), v, tile, (i * 16) as i32);
+        for (r, var) in accs.iter().enumerate() {
+            let v = k.b.use_var(*var);
+            let off = (r * mm.v + j) * 16;
+            k.b.ins().store(flags(), v, tile, off as i32);
+        }
     }
 }
 
@@ -881,6 +946,7 @@ impl RnnSeq {
             n: d.n,
             t: d.t,
             h: d.h,
+            f: d.f,
             wp,
         }
     }
@@ -913,9 +979,10 @@ impl RnnSeq {
         self.n.div_ceil(ROW_BLOCK)
     }
 
-    /// Flops of one unit: the recurrent matmuls of all its steps.
+    /// Flops of one unit: the matmuls of all its steps.
     pub fn unit_cost(&self) -> usize {
-        2 * ROW_BLOCK.min(self.n) * self.h * self.gates() * self.h * self.t
+        let kx = if self.backward() { 0 } else { self.f };
+        2 * ROW_BLOCK.min(self.n) * (self.h + kx) * self.gates() * self.h * self.t
     }
 
     /// One call for everything when the loop is small (waking a thread
@@ -931,7 +998,8 @@ impl RnnSeq {
     pub fn emit(&self, kb: &mut Kb) {
         let nb = self.nb();
         let tl = self.t as i64 - 1;
-        let panel_bytes = (self.h * self.gates() * LANES * 4) as i64;
+        let kx = if self.backward() { 0 } else { self.f };
+        let panel_bytes = ((self.h + kx) * self.gates() * LANES * 4) as i64;
         let wp = kb.base(self.wp);
         let zeros = kb.stack_buf(16);
         let z = kb.vconst(0.0);
@@ -990,38 +1058,44 @@ impl RnnSeq {
         let mut b = |s: Seq| Bound::new(k, s);
         match &self.rec {
             Rec::LstmFwd {
-                xw,
+                x,
                 b: bias,
                 hs,
+                st,
                 c,
                 save,
             } => BoundRec::LstmFwd {
-                xw: b(*xw),
+                x: b(*x),
                 b: b(Seq {
                     loc: *bias,
                     slots: 1,
                     width: 0,
                 }),
                 hs: b(*hs),
+                st: b(*st),
                 c: b(*c),
                 save: save.map(|(a, t)| (b(a), b(t))),
             },
             Rec::GruFwd {
-                xw,
+                x,
                 b: bias,
                 hs,
+                st,
                 act,
                 rh,
+                rc,
             } => BoundRec::GruFwd {
-                xw: b(*xw),
+                x: b(*x),
                 b: b(Seq {
                     loc: *bias,
                     slots: 1,
                     width: 0,
                 }),
                 hs: b(*hs),
+                st: b(*st),
                 act: b(*act),
                 rh: b(*rh),
+                rc: (rc != rh).then(|| b(*rc)),
             },
             Rec::LstmBwd {
                 dh,
@@ -1029,6 +1103,7 @@ impl RnnSeq {
                 c,
                 tc,
                 dz,
+                dzs,
                 dc,
             } => BoundRec::LstmBwd {
                 dh: b(*dh),
@@ -1036,6 +1111,7 @@ impl RnnSeq {
                 c: b(*c),
                 tc: b(*tc),
                 dz: b(*dz),
+                dzs: b(*dzs),
                 dc: b(*dc),
             },
             Rec::GruBwd {
@@ -1043,6 +1119,7 @@ impl RnnSeq {
                 act,
                 hs,
                 dz,
+                dzs,
                 dhs,
                 dhc,
             } => BoundRec::GruBwd {
@@ -1050,80 +1127,78 @@ impl RnnSeq {
                 act: b(*act),
                 hs: b(*hs),
                 dz: b(*dz),
+                dzs: b(*dzs),
                 dhs: b(*dhs),
                 dhc: b(*dhc),
             },
         }
     }
 
-    /// For every tile of rows of the unit's row block: the matmul into
-    /// the stack tile, then the epilogue row by row. Only the last block
-    /// may be short, and only its last tile may have fewer than `rt` rows.
+    /// The unit's row block as one tile: the matmul into the stack tile,
+    /// then the epilogue row by row. Only the last block may be short.
     fn rows(&self, k: &mut Kb, cx: &Cx, mm: Mm, epi: &Epi) {
-        let rt = tile_rows(mm.v);
         let n_last = self.n - (self.units() - 1) * ROW_BLOCK;
-        let tiles_full = ROW_BLOCK / rt;
-        let tiles_last = n_last.div_ceil(rt);
-        let rem = n_last % rt;
         let h_rem = self.h % LANES;
-        let ntiles = if self.units() == 1 {
-            k.iconst(tiles_last as i64)
+        let r0 = cx.r_lo;
+        let mut segs = vec![Seg {
+            run: Some(mm.run),
+            a: k.addr(mm.a, r0, mm.a_rs),
+            a_rs: mm.a_rs,
+            panel: mm.panel,
+            kdim: mm.kdim,
+        }];
+        if let Some(x) = mm.x {
+            let off = mm.kdim as i64 * mm.pstride;
+            segs.push(Seg {
+                run: None,
+                a: k.addr(x.a, r0, x.a_rs),
+                a_rs: x.a_rs,
+                panel: k.b.ins().iadd_imm_s(mm.panel, off),
+                kdim: x.kdim,
+            });
+        }
+        let short = n_last != ROW_BLOCK;
+        if short && self.units() == 1 {
+            tile_mm(k, &segs, &mm, n_last, cx.tile);
+        } else if short {
+            k.if_else(
+                cx.last_unit,
+                |k| tile_mm(k, &segs, &mm, n_last, cx.tile),
+                |k| tile_mm(k, &segs, &mm, ROW_BLOCK, cx.tile),
+            );
         } else {
-            let f = k.iconst(tiles_full as i64);
-            let l = k.iconst(tiles_last as i64);
-            k.b.ins().select(cx.last_unit, l, f)
+            tile_mm(k, &segs, &mm, ROW_BLOCK, cx.tile);
+        }
+        let full = k.iconst(ROW_BLOCK as i64);
+        let nrows = if short {
+            let l = k.iconst(n_last as i64);
+            k.b.ins().select(cx.last_unit, l, full)
+        } else {
+            full
         };
         let zero = k.iconst(0);
-        k.for_range(zero, ntiles, 1, |k, ti| {
-            let r0 = k.b.ins().imul_imm_s(ti, rt as i64);
-            let r0 = k.b.ins().iadd(cx.r_lo, r0);
-            let a = k.addr(mm.a, r0, mm.a_rs);
-            let is_rem = (rem != 0).then(|| {
-                let lt =
-                    k.b.ins()
-                        .icmp_imm_s(IntCC::Equal, ti, tiles_last as i64 - 1);
-                k.b.ins().band(lt, cx.last_unit)
-            });
-            k.if_else(
-                mm.run,
-                |k| match is_rem {
-                    None => tile_mm(k, a, &mm, rt, cx.tile),
-                    Some(c) => k.if_else(
-                        c,
-                        |k| tile_mm(k, a, &mm, rem, cx.tile),
-                        |k| tile_mm(k, a, &mm, rt, cx.tile),
-                    ),
-                },
-                |k| {
-                    let z = k.vconst(0.0);
-                    for i in 0..rt * mm.v {
-                        k.b.ins().store(flags(), z, cx.tile, (i * 16) as i32);
-                    }
-                },
-            );
-            let full = k.iconst(rt as i64);
-            let nrows = match is_rem {
-                None => full,
-                Some(c) => {
-                    let r = k.iconst(rem as i64);
-                    k.b.ins().select(c, r, full)
-                }
-            };
-            let zero = k.iconst(0);
-            k.for_range(zero, nrows, 1, |k, r| {
-                let row = k.b.ins().iadd(r0, r);
-                let tr = k.addr(cx.tile, r, (mm.v * 16) as i64);
-                let acc: Vec<Value> = (0..mm.v).map(|j| k.load_v(tr, (j * 16) as i32)).collect();
-                match cx.last {
-                    None => epi(k, row, &acc, Lanes(LANES)),
-                    Some(l) => k.if_else(
-                        l,
-                        |k| epi(k, row, &acc, Lanes(h_rem)),
-                        |k| epi(k, row, &acc, Lanes(LANES)),
-                    ),
-                }
-            });
+        k.for_range(zero, nrows, 1, |k, r| {
+            let row = k.b.ins().iadd(r0, r);
+            let tr = k.addr(cx.tile, r, (mm.v * 16) as i64);
+            let acc: Vec<Value> = (0..mm.v).map(|j| k.load_v(tr, (j * 16) as i32)).collect();
+            match cx.last {
+                None => epi(k, row, &acc, Lanes(LANES)),
+                Some(l) => k.if_else(
+                    l,
+                    |k| epi(k, row, &acc, Lanes(h_rem)),
+                    |k| epi(k, row, &acc, Lanes(LANES)),
+                ),
+            }
         });
+    }
+
+    /// The forward step's input `x_t` as the second part of its matmul.
+    fn input(&self, k: &mut Kb, x: &Bound, t: Value) -> XIn {
+        XIn {
+            a: x.row0(k, t, 0),
+            a_rs: x.row_bytes(),
+            kdim: self.f,
+        }
     }
 
     /// One unit of phase `phase`.
@@ -1136,26 +1211,35 @@ impl RnnSeq {
             k.b.ins().select(cond, a, cx.zeros)
         };
         match (rec, phase) {
-            (BoundRec::LstmFwd { xw, b, hs, c, save }, _) => {
+            (
+                BoundRec::LstmFwd {
+                    x,
+                    b,
+                    hs,
+                    st,
+                    c,
+                    save,
+                },
+                _,
+            ) => {
+                let pp = k.b.ins().band_imm_u(cx.tprev, 1);
                 let mm = Mm {
                     run: cx.has_prev,
-                    a: hs.row0(k, cx.tprev, 0),
-                    a_rs: hs.row_bytes(),
+                    a: st.row0(k, pp, 0),
+                    a_rs: st.row_bytes(),
                     panel: cx.panel,
                     pstride: 4 * 16,
                     kdim: h,
                     v: 4,
+                    x: Some(self.input(k, x, t)),
                 };
                 let epi = |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
                     let zero = k.iconst(0);
                     let z: Vec<Value> = (0..4)
                         .map(|gi| {
-                            let xa = xw.at(k, row, t, col, gi * h);
-                            let x = ln.ld(k, xa);
                             let ba = b.at(k, zero, zero, col, gi * h);
                             let bb = ln.ld(k, ba);
-                            let s = k.b.ins().fadd(acc[gi], x);
-                            k.b.ins().fadd(s, bb)
+                            k.b.ins().fadd(acc[gi], bb)
                         })
                         .collect();
                     let i = k.vsigmoid(z[0]);
@@ -1171,6 +1255,9 @@ impl RnnSeq {
                     let hv = k.b.ins().fmul(o, tc);
                     let a = hs.at(k, row, t, col, 0);
                     ln.st(k, hv, a);
+                    let tp = k.b.ins().band_imm_u(t, 1);
+                    let a = st.at(k, row, tp, col, 0);
+                    ln.st(k, hv, a);
                     let a = c.at(k, row, t, col, 0);
                     ln.st(k, cv, a);
                     if let Some((act, tcs)) = save {
@@ -1184,25 +1271,35 @@ impl RnnSeq {
                 };
                 self.rows(k, cx, mm, &epi);
             }
-            (BoundRec::GruFwd { xw, b, hs, act, rh }, 0) => {
+            (
+                BoundRec::GruFwd {
+                    x,
+                    b,
+                    hs,
+                    st,
+                    act,
+                    rh,
+                    rc,
+                },
+                0,
+            ) => {
+                let pp = k.b.ins().band_imm_u(cx.tprev, 1);
                 let mm = Mm {
                     run: cx.has_prev,
-                    a: hs.row0(k, cx.tprev, 0),
-                    a_rs: hs.row_bytes(),
+                    a: st.row0(k, pp, 0),
+                    a_rs: st.row_bytes(),
                     panel: cx.panel,
                     pstride: 3 * 16,
                     kdim: h,
                     v: 2,
+                    x: Some(self.input(k, x, t)),
                 };
                 let epi = |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
                     let zero = k.iconst(0);
                     let gate = |k: &mut Kb, gi: usize| {
-                        let xa = xw.at(k, row, t, col, gi * h);
-                        let x = ln.ld(k, xa);
                         let ba = b.at(k, zero, zero, col, gi * h);
                         let bb = ln.ld(k, ba);
-                        let s = k.b.ins().fadd(acc[gi], x);
-                        let s = k.b.ins().fadd(s, bb);
+                        let s = k.b.ins().fadd(acc[gi], bb);
                         k.vsigmoid(s)
                     };
                     let zz = gate(k, 0);
@@ -1216,27 +1313,41 @@ impl RnnSeq {
                     ln.st(k, rr, a);
                     let a = rh.at(k, row, t, col, 0);
                     ln.st(k, rhv, a);
+                    if let Some(rc) = rc {
+                        let a = rc.at(k, row, t, col, 0);
+                        ln.st(k, rhv, a);
+                    }
                 };
                 self.rows(k, cx, mm, &epi);
             }
-            (BoundRec::GruFwd { xw, b, hs, act, rh }, _) => {
+            (
+                BoundRec::GruFwd {
+                    x,
+                    b,
+                    hs,
+                    st,
+                    act,
+                    rh,
+                    rc,
+                },
+                _,
+            ) => {
+                let rc = rc.as_ref().unwrap_or(rh);
                 let mm = Mm {
                     run: cx.has_prev,
-                    a: rh.row0(k, t, 0),
-                    a_rs: rh.row_bytes(),
+                    a: rc.row0(k, t, 0),
+                    a_rs: rc.row_bytes(),
                     panel: k.b.ins().iadd_imm_s(cx.panel, 2 * 16),
                     pstride: 3 * 16,
                     kdim: h,
                     v: 1,
+                    x: Some(self.input(k, x, t)),
                 };
                 let epi = |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
                     let zero = k.iconst(0);
-                    let xa = xw.at(k, row, t, col, 2 * h);
-                    let x = ln.ld(k, xa);
                     let ba = b.at(k, zero, zero, col, 2 * h);
                     let bb = ln.ld(k, ba);
-                    let s = k.b.ins().fadd(acc[0], x);
-                    let s = k.b.ins().fadd(s, bb);
+                    let s = k.b.ins().fadd(acc[0], bb);
                     let hc = k.vtanh(s);
                     let za = act.at(k, row, t, col, 0);
                     let zz = ln.ld(k, za);
@@ -1251,6 +1362,9 @@ impl RnnSeq {
                     ln.st(k, hc, a);
                     let a = hs.at(k, row, t, col, 0);
                     ln.st(k, hv, a);
+                    let tp = k.b.ins().band_imm_u(t, 1);
+                    let a = st.at(k, row, tp, col, 0);
+                    ln.st(k, hv, a);
                 };
                 self.rows(k, cx, mm, &epi);
             }
@@ -1261,18 +1375,21 @@ impl RnnSeq {
                     c,
                     tc,
                     dz,
+                    dzs,
                     dc,
                 },
                 _,
             ) => {
+                let np = k.b.ins().band_imm_u(cx.tnext, 1);
                 let mm = Mm {
                     run: cx.has_next,
-                    a: dz.row0(k, cx.tnext, 0),
-                    a_rs: dz.row_bytes(),
+                    a: dzs.row0(k, np, 0),
+                    a_rs: dzs.row_bytes(),
                     panel: cx.panel,
                     pstride: 16,
                     kdim: 4 * h,
                     v: 1,
+                    x: None,
                 };
                 let epi = |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
                     let zero = k.iconst(0);
@@ -1320,8 +1437,11 @@ impl RnnSeq {
                     let carry = k.b.ins().fmul(dcv, f);
                     let a = dc.at(k, row, zero, col, 0);
                     ln.st(k, carry, a);
+                    let tp = k.b.ins().band_imm_u(t, 1);
                     for (gi, v) in [dzi, dzf, dzg, dzo].into_iter().enumerate() {
                         let a = dz.at(k, row, t, col, gi * h);
+                        ln.st(k, v, a);
+                        let a = dzs.at(k, row, tp, col, gi * h);
                         ln.st(k, v, a);
                     }
                 };
@@ -1333,20 +1453,23 @@ impl RnnSeq {
                     act,
                     hs,
                     dz,
+                    dzs,
                     dhs,
                     dhc,
                 },
                 0,
             ) => {
                 // Phase A: dh_t, then dz_z and dz_h~.
+                let np = k.b.ins().band_imm_u(cx.tnext, 1);
                 let mm = Mm {
                     run: cx.has_next,
-                    a: dz.row0(k, cx.tnext, 0),
-                    a_rs: dz.row_bytes(),
+                    a: dzs.row0(k, np, 0),
+                    a_rs: dzs.row_bytes(),
                     panel: cx.panel,
                     pstride: 16,
                     kdim: 2 * h,
                     v: 1,
+                    x: None,
                 };
                 let epi = |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
                     let zero = k.iconst(0);
@@ -1372,10 +1495,13 @@ impl RnnSeq {
                     let h2 = k.b.ins().fsub(one, h2);
                     let dzc = k.b.ins().fmul(dhv, zz);
                     let dzc = k.b.ins().fmul(dzc, h2);
-                    let a = dz.at(k, row, t, col, 0);
-                    ln.st(k, dzz, a);
-                    let a = dz.at(k, row, t, col, 2 * h);
-                    ln.st(k, dzc, a);
+                    let tp = k.b.ins().band_imm_u(t, 1);
+                    for (c0, v) in [(0, dzz), (2 * h, dzc)] {
+                        let a = dz.at(k, row, t, col, c0);
+                        ln.st(k, v, a);
+                        let a = dzs.at(k, row, tp, col, c0);
+                        ln.st(k, v, a);
+                    }
                     let a = dhs.at(k, row, zero, col, 0);
                     ln.st(k, dhv, a);
                 };
@@ -1386,6 +1512,7 @@ impl RnnSeq {
                     act,
                     hs,
                     dz,
+                    dzs,
                     dhs,
                     dhc,
                     ..
@@ -1394,14 +1521,16 @@ impl RnnSeq {
             ) => {
                 // Phase B: d(r·h_{t-1}) = dz_h~ w_h[:, 2H:]ᵀ, then dz_r and
                 // the rest of dh_{t-1}.
+                let tp = k.b.ins().band_imm_u(t, 1);
                 let mm = Mm {
                     run: cx.has_prev,
-                    a: dz.row0(k, t, 2 * h),
-                    a_rs: dz.row_bytes(),
+                    a: dzs.row0(k, tp, 2 * h),
+                    a_rs: dzs.row_bytes(),
                     panel: k.b.ins().iadd_imm_s(cx.panel, (2 * h * 16) as i64),
                     pstride: 16,
                     kdim: h,
                     v: 1,
+                    x: None,
                 };
                 let epi = |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
                     let zero = k.iconst(0);
@@ -1427,6 +1556,8 @@ impl RnnSeq {
                     ln.st(k, carry, a);
                     let a = dz.at(k, row, t, col, h);
                     ln.st(k, dzr, a);
+                    let a = dzs.at(k, row, tp, col, h);
+                    ln.st(k, dzr, a);
                 };
                 self.rows(k, cx, mm, &epi);
             }
@@ -1437,18 +1568,22 @@ impl RnnSeq {
 /// [`Rec`] with every buffer's address bound in the kernel.
 enum BoundRec {
     LstmFwd {
-        xw: Bound,
+        x: Bound,
         b: Bound,
         hs: Bound,
+        st: Bound,
         c: Bound,
         save: Option<(Bound, Bound)>,
     },
     GruFwd {
-        xw: Bound,
+        x: Bound,
         b: Bound,
         hs: Bound,
+        st: Bound,
         act: Bound,
         rh: Bound,
+        /// A compact copy of `rh` when `rh` keeps every step.
+        rc: Option<Bound>,
     },
     LstmBwd {
         dh: Bound,
@@ -1456,6 +1591,7 @@ enum BoundRec {
         c: Bound,
         tc: Bound,
         dz: Bound,
+        dzs: Bound,
         dc: Bound,
     },
     GruBwd {
@@ -1463,6 +1599,7 @@ enum BoundRec {
         act: Bound,
         hs: Bound,
         dz: Bound,
+        dzs: Bound,
         dhs: Bound,
         dhc: Bound,
     },
