@@ -937,7 +937,11 @@ fn reshapes_are_views_that_keep_their_buffer_alive() {
     let m = codegen::compile(&c.g, &JitOptions { threads: 1 }).expect("compiles");
     let ops: Vec<&str> = m.kernel_nodes().into_iter().map(|(_, op)| op).collect();
     // Only the reshape of the fed tensor is a kernel (a copy).
-    assert_eq!(ops.iter().filter(|op| **op == "reshape").count(), 1, "{ops:?}");
+    assert_eq!(
+        ops.iter().filter(|op| **op == "reshape").count(),
+        1,
+        "{ops:?}"
+    );
 }
 
 /// Chains of elementwise ops run as one loop: every intermediate result
@@ -1044,5 +1048,9 @@ fn transposes_into_matmuls_are_strided_reads() {
     c.check(1e-5);
     let m = codegen::compile(&c.g, &JitOptions { threads: 1 }).expect("compiles");
     let ops: Vec<&str> = m.kernel_nodes().into_iter().map(|(_, op)| op).collect();
-    assert_eq!(ops.iter().filter(|op| **op == "transpose").count(), 1, "{ops:?}");
+    assert_eq!(
+        ops.iter().filter(|op| **op == "transpose").count(),
+        1,
+        "{ops:?}"
+    );
 }

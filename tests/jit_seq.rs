@@ -5,7 +5,7 @@
 
 use dlc::codegen::{self, JitOptions};
 use dlc::interp;
-use dlc::ir::{Graph, Op, OutputKind, TensorType, Value};
+use dlc::ir::{BinaryOp, Graph, Op, OutputKind, TensorType, Value};
 use dlc::tensor::{numel, Tensor};
 use std::collections::BTreeMap;
 
@@ -414,5 +414,75 @@ fn models_with_gradients_match_interpreter() {
                 );
             }
         }
+    }
+}
+
+/// In a training step the forward kernel of a sequence op saves its
+/// activations and the gradient kernel reads them instead of running the
+/// forward again: fewer steps than the two kernels alone, and gradients
+/// bitwise equal to those of the gradient op alone (which recomputes).
+#[test]
+fn recurrent_gradient_reads_the_activations_its_forward_saved() {
+    let shape = (19, 9, 5, 27);
+    for (gates, fwd, grad) in [
+        (4, Op::LstmSeq, Op::LstmSeqGrad),
+        (3, Op::GruSeq, Op::GruSeqGrad),
+    ] {
+        // h = fwd(x, w…); dh = h · s; grads = grad(x, w…, dh): the
+        // gradient depends on the forward, as in a training step.
+        let mut rng = Rng(23);
+        let mut step = rnn_case(&mut rng, shape, gates, fwd.clone(), false);
+        let h = step.g.output("y0").expect("forward output").value;
+        let ins: Vec<Value> = step.g.inputs(h.node);
+        let (n, t, _, hd) = shape;
+        let s = step.input("s", rng.tensor(&[n, t, hd], 1.0));
+        let dh = step
+            .g
+            .add(Op::Binary(BinaryOp::Mul), &[h, s], None)
+            .expect("mul");
+        let mut gins = ins.clone();
+        gins.push(dh);
+        step.op("g", grad.clone(), &gins);
+        step.check(1e-4, 1e-5);
+        let compile =
+            |g: &Graph| codegen::compile(g, &JitOptions { threads: 2 }).expect("compiles");
+        let m = compile(&step.g);
+        let out = m.run(&step.feeds).expect("runs");
+        // The gradient op alone, fed the same dh (an f32 product, exact to
+        // the bit on both sides).
+        let hv = out["y0"].as_f32().expect("f32");
+        let sv = step.feeds["s"].as_f32().expect("f32");
+        let dhv: Vec<f32> = hv.iter().zip(sv).map(|(a, b)| a * b).collect();
+        let mut alone = Case {
+            g: Graph::new(),
+            feeds: step.feeds.clone(),
+        };
+        let names = ["x", "wx", "wh", "b"];
+        let mut ains: Vec<Value> = names
+            .iter()
+            .map(|nm| alone.input(nm, step.feeds[*nm].clone()))
+            .collect();
+        ains.push(alone.input("dh", Tensor::f32(vec![n, t, hd], dhv)));
+        alone.op("g", grad.clone(), &ains);
+        let reference = compile(&alone.g).run(&alone.feeds).expect("runs");
+        for i in 0..4 {
+            let name = format!("g{i}");
+            let bits = |t: &Tensor| -> Vec<u32> {
+                t.as_f32()
+                    .expect("f32")
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            };
+            assert_eq!(bits(&reference[&name]), bits(&out[&name]), "{fwd:?} {name}");
+        }
+        let mut rng = Rng(23);
+        let fwd_alone = rnn_case(&mut rng, shape, gates, fwd.clone(), false);
+        let separate = compile(&fwd_alone.g).step_count() + compile(&alone.g).step_count() + 1;
+        assert!(
+            m.step_count() < separate,
+            "{fwd:?}: the gradient still runs the forward ({} steps)",
+            m.step_count()
+        );
     }
 }

@@ -36,14 +36,21 @@
 //! forward node.
 
 use super::emit::{flags, ro_flags, Kb, Loc};
-use super::kernel::{ew_scalar, EwOp, Step, View};
+use super::kernel::{Step, View};
 use super::lower::Lowered;
-use super::reduce::{hmax, hsum};
 use super::rnn::Build;
-use crate::ir::{TensorType, UnaryOp};
+use crate::ir::TensorType;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
-use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64, I8X16};
+use cranelift_codegen::ir::{
+    ConstantData, Endianness, Immediate, InstBuilder, MemFlagsData, Value,
+};
+
+/// Key (or query) steps per iteration of the `P·V`-style loops.
+const ROW_UNROLL: i64 = 4;
+
+/// Largest feature count whose score loop is fully unrolled.
+const UNROLL_MAX: usize = 64;
 
 /// Rows per work unit (and per register block).
 const R: usize = 4;
@@ -193,8 +200,10 @@ impl Attn {
             t2: kb.stack_buf((R * TILE * 4) as u32),
             a1: kb.stack_buf(fa as u32),
             a2: kb.stack_buf(fa as u32),
+            sp: kb.stack_buf((2 * R * 16) as u32),
         };
         let iota = iota(kb);
+        let tab = consts_base(kb);
         let nblk = self.rows().div_ceil(R) as i64;
         let (start, end) = (kb.start, kb.end);
         kb.for_range(start, end, 1, |k, u| {
@@ -205,6 +214,7 @@ impl Attn {
                 p: &p,
                 bufs: &bufs,
                 iota,
+                tab,
                 b,
                 r0,
             };
@@ -243,12 +253,14 @@ struct Ptrs {
     out2: Value,
 }
 
-/// Stack buffers: two `R × TILE` tiles, two `R × f` accumulators.
+/// Stack buffers: two `R × TILE` tiles, two `R × f` accumulators, and
+/// `2R` per-row splats (read as folded operands in the exp loops).
 struct Bufs {
     t1: Value,
     t2: Value,
     a1: Value,
     a2: Value,
+    sp: Value,
 }
 
 /// The current unit: problem `b`, first row `r0`.
@@ -256,6 +268,8 @@ struct Cx<'a> {
     p: &'a Ptrs,
     bufs: &'a Bufs,
     iota: Value,
+    /// The address of [`CONSTS`].
+    tab: Value,
     b: Value,
     r0: Value,
 }
@@ -274,56 +288,259 @@ fn store(k: &mut Kb, v: Value, a: Value, off: i32) {
     k.b.ins().store(flags(), v, a, off);
 }
 
-fn exp1(k: &mut Kb, x: Value) -> Value {
-    ew_scalar(k, &EwOp::Unary(UnaryOp::Exp), &[x])
+/// Splatted constants of [`exp2_n`], 16-byte aligned: read by loads that
+/// fold into the instructions using them, so the interleaved chains keep
+/// every register.
+#[repr(align(16))]
+struct Consts([[u32; 4]; 11]);
+
+const fn splat4(x: f32) -> [u32; 4] {
+    let b = x.to_bits();
+    [b; 4]
 }
 
-/// `exp(x)` for lanes `x ≤ 0`, the exponents of softmax weights (`s − m`
-/// with `m` the row max, or `s − lse`). Math.rs's range reduction and
-/// polynomial; below −87 the result is `exp(−87) ≈ 1.6e−38` instead of a
-/// subnormal, far below what a row sum ≥ 1 can resolve. It needs neither
-/// the NaN-propagating clamps nor the split power of two of the general
-/// `vexp`; `n` comes from the round-to-nearest magic-number add, whose bits
-/// also give the integer. NaN stays NaN; callers zero masked (`−∞`) lanes.
-fn exp_le0(k: &mut Kb, x: Value) -> Value {
-    let lo = k.vconst(-87.0);
-    let small = k.vcmp(FloatCC::LessThan, x, lo);
-    let x = k.vsel(small, lo, x);
-    let log2e = k.vconst(std::f32::consts::LOG2_E);
-    let t = k.b.ins().fmul(x, log2e);
-    let magic = k.vconst(12_582_912.0);
-    let j = k.b.ins().fadd(t, magic);
-    let n = k.b.ins().fsub(j, magic);
-    let nn = k.b.ins().fneg(n);
-    let c1 = k.vconst(0.693_359_4);
-    let c2 = k.vconst(-2.121_944_4e-4);
-    let r = k.b.ins().fma(nn, c1, x);
-    let r = k.b.ins().fma(nn, c2, r);
-    let coeffs = [
-        1.987_569_1e-4,
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ];
-    let mut p = k.vconst(coeffs[0]);
-    for c in &coeffs[1..] {
-        let cv = k.vconst(*c);
-        p = k.b.ins().fma(p, r, cv);
+const K_LO: usize = 0;
+const K_MAGIC: usize = 1;
+/// Taylor coefficients of `2^f = e^(f ln 2)`, highest degree (7) first:
+/// `ln2^k / k!`. On `|f| ≤ ½` the truncation error is 5e-9, so rounding
+/// (about 1e-7 relative) dominates.
+const K_POLY: usize = 2;
+const K_BIAS: usize = 10;
+
+static CONSTS: Consts = Consts([
+    splat4(-127.0),
+    splat4(12_582_912.0),
+    splat4(1.525_273_4e-5),
+    splat4(1.540_353e-4),
+    splat4(1.333_355_8e-3),
+    splat4(9.618_129e-3),
+    splat4(5.550_411e-2),
+    splat4(0.240_226_5),
+    splat4(std::f32::consts::LN_2),
+    splat4(1.0),
+    [127; 4],
+]);
+
+/// Where kernels find [`CONSTS`]: loaded once per kernel, since an address
+/// immediate would be rematerialised (a 10-byte `movabs`) at every use.
+static CONSTS_AT: &[[u32; 4]; 11] = &CONSTS.0;
+
+/// The address of [`CONSTS`].
+fn consts_base(k: &mut Kb) -> Value {
+    let at = k.iconst(&CONSTS_AT as *const &[[u32; 4]; 11] as i64);
+    k.b.ins().load(I64, ro_flags(), at, 0)
+}
+
+fn tconst(k: &mut Kb, tab: Value, i: usize, ty: cranelift_codegen::ir::Type) -> Value {
+    let fl = MemFlagsData::trusted().with_readonly().with_aligned();
+    k.b.ins().load(ty, fl, tab, (16 * i) as i32)
+}
+
+/// `2^x` for lanes `x ≤ 0` (softmax exponents in log2 units: scores are
+/// scaled by `log2 e`), each operation emitted for every vector of `xs`
+/// before the next, so the independent chains interleave (attention steps
+/// are compiled without the optimiser, which would undo that).
+///
+/// `x` is clamped to −127, where `n = −127` makes the power-of-two factor's
+/// bits exactly 0: masked (`−∞`) lanes and results below 2^−126.5 become
+/// exactly 0. NaN stays NaN (the clamp keeps it). `n` comes from the
+/// round-to-nearest magic-number add: the low bits of `j = x + 1.5·2²³`
+/// are `n`, and `(bits(j) + 127) << 23` shifts out the magic's own bits,
+/// leaving the exponent field of `2^n`.
+fn exp2_n(k: &mut Kb, tab: Value, xs: &[Value]) -> Vec<Value> {
+    let xc: Vec<Value> = xs
+        .iter()
+        .map(|&x| {
+            let lo = tconst(k, tab, K_LO, F32X4);
+            let below = k.vcmp(FloatCC::LessThan, x, lo);
+            k.vsel(below, lo, x)
+        })
+        .collect();
+    let j: Vec<Value> = xc
+        .iter()
+        .map(|&x| {
+            let m = tconst(k, tab, K_MAGIC, F32X4);
+            k.b.ins().fadd(x, m)
+        })
+        .collect();
+    let f: Vec<Value> = (0..xs.len())
+        .map(|i| {
+            let m = tconst(k, tab, K_MAGIC, F32X4);
+            let n = k.b.ins().fsub(j[i], m);
+            k.b.ins().fsub(xc[i], n)
+        })
+        .collect();
+    let mut p: Vec<Value> = f
+        .iter()
+        .map(|&f| {
+            let c7 = tconst(k, tab, K_POLY, F32X4);
+            let c6 = tconst(k, tab, K_POLY + 1, F32X4);
+            k.b.ins().fma(f, c7, c6)
+        })
+        .collect();
+    for c in K_POLY + 2..K_POLY + 8 {
+        for i in 0..xs.len() {
+            let cv = tconst(k, tab, c, F32X4);
+            p[i] = k.b.ins().fma(p[i], f[i], cv);
+        }
     }
-    let r2 = k.b.ins().fmul(r, r);
-    let one = k.vconst(1.0);
-    let rp1 = k.b.ins().fadd(r, one);
-    let p = k.b.ins().fma(p, r2, rp1);
-    // bits(j) − bits(magic) = n; the exponent field of 2^n is n + 127.
-    let jb = k.b.ins().bitcast(I32X4, MemFlagsData::new(), j);
-    let bias = k.b.ins().iconst(I32, 12_582_912f32.to_bits() as i64 - 127);
-    let bias = k.b.ins().splat(I32X4, bias);
-    let e = k.b.ins().isub(jb, bias);
-    let e = k.b.ins().ishl_imm_u(e, 23);
-    let s = k.b.ins().bitcast(F32X4, MemFlagsData::new(), e);
-    k.b.ins().fmul(p, s)
+    (0..xs.len())
+        .map(|i| {
+            let jb = k.b.ins().bitcast(I32X4, MemFlagsData::new(), j[i]);
+            let bias = tconst(k, tab, K_BIAS, I32X4);
+            let e = k.b.ins().iadd(jb, bias);
+            let e = k.b.ins().ishl_imm_u(e, 23);
+            let s = k.b.ins().bitcast(F32X4, MemFlagsData::new(), e);
+            k.b.ins().fmul(p[i], s)
+        })
+        .collect()
+}
+
+fn lane_mask(k: &mut Kb, bytes: [u8; 16]) -> Immediate {
+    k.b.func.dfg.immediates.push(ConstantData::from(&bytes[..]))
+}
+
+/// A shuffle of the 32-bit lanes of `a` (`0..4`) and `b` (`4..8`).
+fn shuf(k: &mut Kb, a: Value, b: Value, lanes: [u8; 4]) -> Value {
+    let mut bytes = [0u8; 16];
+    for (i, l) in lanes.iter().enumerate() {
+        for j in 0..4 {
+            bytes[4 * i + j] = 4 * l + j as u8;
+        }
+    }
+    let m = lane_mask(k, bytes);
+    let le = MemFlagsData::new().with_endianness(Endianness::Little);
+    let a8 = k.b.ins().bitcast(I8X16, le, a);
+    let b8 = k.b.ins().bitcast(I8X16, le, b);
+    let r = k.b.ins().shuffle(a8, b8, m);
+    k.b.ins().bitcast(F32X4, le, r)
+}
+
+/// Lane `r` of `v` in every lane.
+fn bcast_lane(k: &mut Kb, v: Value, r: usize) -> Value {
+    let l = r as u8;
+    shuf(k, v, v, [l; 4])
+}
+
+/// `[op-reduce v[0], …, op-reduce v[3]]`: the four horizontal reductions
+/// at once, as a 4×4 transpose interleaved with `op` (lane `i` is reduced
+/// as `(x0 ∘ x2) ∘ (x1 ∘ x3)`, the same order for every row).
+fn reduce4(k: &mut Kb, v: [Value; R], op: impl Fn(&mut Kb, Value, Value) -> Value) -> Value {
+    let a = shuf(k, v[0], v[1], [0, 4, 1, 5]);
+    let b = shuf(k, v[0], v[1], [2, 6, 3, 7]);
+    let u = op(k, a, b);
+    let a = shuf(k, v[2], v[3], [0, 4, 1, 5]);
+    let b = shuf(k, v[2], v[3], [2, 6, 3, 7]);
+    let w = op(k, a, b);
+    let a = shuf(k, u, w, [0, 1, 4, 5]);
+    let b = shuf(k, u, w, [2, 3, 6, 7]);
+    op(k, a, b)
+}
+
+/// `max(a, b)` lane-wise as one `maxps` (a NaN in `b` is dropped; scores
+/// are NaN only for NaN inputs, which make every result NaN anyway).
+fn vmax(k: &mut Kb, a: Value, b: Value) -> Value {
+    let lt = k.vcmp(FloatCC::LessThan, a, b);
+    k.vsel(lt, b, a)
+}
+
+fn vadd(k: &mut Kb, a: Value, b: Value) -> Value {
+    k.b.ins().fadd(a, b)
+}
+
+/// `bcast(v, r)` to `buf + 16 (first + r)` for each row `r`: per-row
+/// operands the exp loops read from memory (folded into the instruction)
+/// instead of holding four registers.
+fn store_splats(k: &mut Kb, v: Value, buf: Value, first: usize) {
+    for r in 0..R {
+        let x = bcast_lane(k, v, r);
+        store(k, x, buf, (16 * (first + r)) as i32);
+    }
+}
+
+/// A just-stored exp result, read back: with its store as the result's
+/// only use, Cranelift's lowering can fold the polynomial's constant loads
+/// (a value used twice makes everything it is computed from "used
+/// several times", and such loads are not folded).
+fn reload(k: &mut Kb, a: Value, off: i32) -> Value {
+    k.load_v(a, off)
+}
+
+/// Lane `r`: the max of row `r` over columns `[c0, c1)` (a multiple of 4
+/// apart), the rows' chains side by side.
+fn rows_max(k: &mut Kb, rows: &[Value; R], (c0, c1): (Value, Value)) -> Value {
+    let ninf = k.vconst(f32::NEG_INFINITY);
+    let vars: [_; R] = std::array::from_fn(|_| k.var(F32X4, ninf));
+    k.for_range(c0, c1, 4, |k, j| {
+        for r in 0..R {
+            let a = k.addr(rows[r], j, 4);
+            let x = k.load_v(a, 0);
+            let o = k.b.use_var(vars[r]);
+            let y = vmax(k, o, x);
+            k.b.def_var(vars[r], y);
+        }
+    });
+    let v = std::array::from_fn(|r| k.b.use_var(vars[r]));
+    reduce4(k, v, vmax)
+}
+
+/// `e = 2^(s − m_r)` over columns `[c0, c1)` (a multiple of `G` apart) of
+/// each row's scores (`m_r` splatted at `msp + 16r`), stored in place of
+/// the scores; returns lane-per-row `Σ e` and, given the `dP` rows,
+/// `Σ e·dP`. Two rows and two vectors each make four interleaved chains.
+fn exp_pass(
+    k: &mut Kb,
+    tab: Value,
+    st: &[Value; R],
+    dt: Option<&[Value; R]>,
+    msp: Value,
+    (c0, c1): (Value, Value),
+) -> (Value, Option<Value>) {
+    let z = k.vconst(0.0);
+    let sums: [_; R] = std::array::from_fn(|_| k.var(F32X4, z));
+    let dots: [_; R] = std::array::from_fn(|_| k.var(F32X4, z));
+    for pair in 0..R / 2 {
+        k.for_range(c0, c1, G as i64, |k, j| {
+            let at: Vec<(usize, Value, i32)> = (0..4)
+                .map(|c| {
+                    let r = 2 * pair + c / 2;
+                    (r, k.addr(st[r], j, 4), (16 * (c % 2)) as i32)
+                })
+                .collect();
+            let xs: Vec<Value> = at
+                .iter()
+                .map(|&(r, a, off)| {
+                    let s = k.load_v(a, off);
+                    let mv = k.load_v(msp, (16 * r) as i32);
+                    k.b.ins().fsub(s, mv)
+                })
+                .collect();
+            let es = exp2_n(k, tab, &xs);
+            for (&(_, a, off), e) in at.iter().zip(&es) {
+                store(k, *e, a, off);
+            }
+            for &(r, a, off) in &at {
+                let e = reload(k, a, off);
+                let o = k.b.use_var(sums[r]);
+                let o = k.b.ins().fadd(o, e);
+                k.b.def_var(sums[r], o);
+                if let Some(dt) = dt {
+                    let da = k.addr(dt[r], j, 4);
+                    let dp = k.load_v(da, off);
+                    let o = k.b.use_var(dots[r]);
+                    let o = k.b.ins().fma(e, dp, o);
+                    k.b.def_var(dots[r], o);
+                }
+            }
+        });
+    }
+    let s = std::array::from_fn(|r| k.b.use_var(sums[r]));
+    let s = reduce4(k, s, vadd);
+    let d = dt.map(|_| {
+        let d = std::array::from_fn(|r| k.b.use_var(dots[r]));
+        reduce4(k, d, vadd)
+    });
+    (s, d)
 }
 
 /// `[0, 1, 2, 3]` as i32 lanes.
@@ -385,36 +602,62 @@ fn score_tile(
     let shift = k.b.ins().imul_imm_s(col_base, 4);
     let out: [Value; R] = std::array::from_fn(|r| k.b.ins().isub(out[r], shift));
     let row_bytes = (bt_row * 4) as i64;
+    // One feature: `acc[r][h] += a[r][fi] · bt[fi][c + 4h]`. Each product
+    // loads its own broadcast, so every load has one use and folds into a
+    // `vbroadcastss`, and the product lands in that fresh register.
+    let feature = |k: &mut Kb,
+                   ptr: Value,
+                   boff: i32,
+                   arows: &[Value; R],
+                   aoff: i32,
+                   acc: &mut [[Value; 2]; R],
+                   first: bool| {
+        let b0 = k.b.ins().load(F32X4, ro_flags(), ptr, boff);
+        let b1 = k.b.ins().load(F32X4, ro_flags(), ptr, boff + 16);
+        for r in 0..R {
+            for (h, bv) in [b0, b1].into_iter().enumerate() {
+                let x = k.b.ins().load(F32, ro_flags(), arows[r], aoff);
+                let x = splat(k, x);
+                acc[r][h] = if first {
+                    k.b.ins().fmul(x, bv)
+                } else {
+                    k.b.ins().fma(x, bv, acc[r][h])
+                };
+            }
+        }
+    };
     k.for_range(c0, c1, G as i64, |k, c| {
         let btc = k.addr(bt, c, 4);
         let z = k.vconst(0.0);
-        // A counted loop with the accumulators carried in variables: fully
-        // unrolled, Cranelift's egraph elaborates each accumulator's whole
-        // chain at its store and spills every loaded operand.
-        let vars: Vec<_> = (0..2 * R).map(|_| k.var(F32X4, z)).collect();
-        let bp = k.var(I64, btc);
-        let zero = k.iconst(0);
-        let fv = k.iconst(f as i64);
-        k.for_range(zero, fv, 1, |k, fi| {
-            let ptr = k.b.use_var(bp);
-            let b0 = k.b.ins().load(F32X4, ro_flags(), ptr, 0);
-            let b1 = k.b.ins().load(F32X4, ro_flags(), ptr, 16);
-            for r in 0..R {
-                let xa = k.addr(a[r], fi, 4);
-                let x = k.b.ins().load(F32, ro_flags(), xa, 0);
-                let x = splat(k, x);
-                for (h, bv) in [b0, b1].into_iter().enumerate() {
-                    let var = vars[2 * r + h];
-                    let o = k.b.use_var(var);
-                    let y = k.b.ins().fma(x, bv, o);
-                    k.b.def_var(var, y);
-                }
+        let mut acc: [[Value; 2]; R] = [[z; 2]; R];
+        if f <= UNROLL_MAX {
+            // Straight-line code: the accumulators rotate through registers
+            // instead of being moved back at every loop edge.
+            for fi in 0..f {
+                let boff = (fi * bt_row * 4) as i32;
+                feature(k, btc, boff, a, (4 * fi) as i32, &mut acc, fi == 0);
             }
-            let next = k.b.ins().iadd_imm_s(ptr, row_bytes);
-            k.b.def_var(bp, next);
-        });
-        let mut acc: [[Value; 2]; R] =
-            std::array::from_fn(|r| [k.b.use_var(vars[2 * r]), k.b.use_var(vars[2 * r + 1])]);
+        } else {
+            let vars: Vec<_> = (0..2 * R).map(|_| k.var(F32X4, z)).collect();
+            let bp = k.var(I64, btc);
+            let zero = k.iconst(0);
+            let fv = k.iconst(f as i64);
+            k.for_range(zero, fv, 1, |k, fi| {
+                let ptr = k.b.use_var(bp);
+                let arows: [Value; R] = std::array::from_fn(|r| k.addr(a[r], fi, 4));
+                let mut cur: [[Value; 2]; R] = std::array::from_fn(|r| {
+                    [k.b.use_var(vars[2 * r]), k.b.use_var(vars[2 * r + 1])]
+                });
+                feature(k, ptr, 0, &arows, 0, &mut cur, false);
+                for r in 0..R {
+                    k.b.def_var(vars[2 * r], cur[r][0]);
+                    k.b.def_var(vars[2 * r + 1], cur[r][1]);
+                }
+                let next = k.b.ins().iadd_imm_s(ptr, row_bytes);
+                k.b.def_var(bp, next);
+            });
+            acc = std::array::from_fn(|r| [k.b.use_var(vars[2 * r]), k.b.use_var(vars[2 * r + 1])]);
+        }
         if let Some(s) = scale {
             let sv = k.vconst(s);
             for row in acc.iter_mut() {
@@ -509,29 +752,47 @@ fn row_acc(
                 vars.push(k.var(if vector { F32X4 } else { F32 }, x));
             }
         }
-        k.for_range(j0, j1, 1, |k, j| {
+        // `ju` consecutive `j` from one pair of base addresses; each
+        // vector product loads its own broadcast (one use: it folds into
+        // a `vbroadcastss`), and the accumulators go back into their
+        // variables once per `ju` steps.
+        let steps = |k: &mut Kb, j: Value, ju: i64| {
             let mrow = k.addr(m, j, (f * 4) as i64);
-            let mv: Vec<Value> = (0..lanes)
-                .map(|h| {
-                    if vector {
-                        k.load_v(mrow, coff + 16 * h as i32)
-                    } else {
-                        k.load_f(mrow, coff + 4 * h as i32)
+            let wrows: [Value; R] = std::array::from_fn(|r| k.addr(w[r], j, wstride));
+            let mut cur: Vec<Value> = vars.iter().map(|&v| k.b.use_var(v)).collect();
+            for u in 0..ju {
+                let moff = coff + (u as usize * f * 4) as i32;
+                let woff = (u * wstride) as i32;
+                let mv: Vec<Value> = (0..lanes)
+                    .map(|h| {
+                        if vector {
+                            k.load_v(mrow, moff + 16 * h as i32)
+                        } else {
+                            k.load_f(mrow, moff + 4 * h as i32)
+                        }
+                    })
+                    .collect();
+                for r in 0..R {
+                    let shared = (!vector).then(|| k.load_f(wrows[r], woff));
+                    for h in 0..lanes {
+                        let x = match shared {
+                            Some(x) => x,
+                            None => {
+                                let x = k.load_f(wrows[r], woff);
+                                splat(k, x)
+                            }
+                        };
+                        let c = &mut cur[r * lanes + h];
+                        *c = k.b.ins().fma(x, mv[h], *c);
                     }
-                })
-                .collect();
-            for r in 0..R {
-                let wa = k.addr(w[r], j, wstride);
-                let x = k.load_f(wa, 0);
-                let x = if vector { splat(k, x) } else { x };
-                for h in 0..lanes {
-                    let var = vars[r * lanes + h];
-                    let o = k.b.use_var(var);
-                    let s = k.b.ins().fma(x, mv[h], o);
-                    k.b.def_var(var, s);
                 }
             }
-        });
+            for (&v, &c) in vars.iter().zip(&cur) {
+                k.b.def_var(v, c);
+            }
+        };
+        let from = k.for_blocks(j0, j1, ROW_UNROLL, |k, j| steps(k, j, ROW_UNROLL));
+        k.for_range(from, j1, 1, |k, j| steps(k, j, 1));
         for r in 0..R {
             for h in 0..lanes {
                 let off =
@@ -570,8 +831,8 @@ fn zero_acc(k: &mut Kb, acc: Value, f: usize) {
 }
 
 /// Write accumulator row `r` to row `row` of problem `b` of a
-/// `[batch, n, f]` output, when `row < n`; divided by `div` (the softmax
-/// denominator) when given.
+/// `[batch, n, f]` output, when `row < n`; times `mul` (the reciprocal of
+/// the softmax denominator) when given.
 #[allow(clippy::too_many_arguments)]
 fn write_row(
     k: &mut Kb,
@@ -582,7 +843,7 @@ fn write_row(
     b: Value,
     row: Value,
     n: usize,
-    div: Option<Value>,
+    mul: Option<Value>,
 ) {
     let nv = k.iconst(n as i64);
     let ok = k.b.ins().icmp(IntCC::SignedLessThan, row, nv);
@@ -591,7 +852,7 @@ fn write_row(
         let flat = k.b.ins().iadd(flat, row);
         let dst = k.addr(out, flat, (f * 4) as i64);
         let src = k.b.ins().iadd_imm_s(acc, (r * pad4(f) * 4) as i64);
-        let div_v = div.map(|l| splat(k, l));
+        let mul_v = mul.map(|l| splat(k, l));
         let zero = k.iconst(0);
         let fv = k.iconst(f as i64);
         k.for_vec_tail(
@@ -600,8 +861,8 @@ fn write_row(
             |k, i| {
                 let a = k.addr(src, i, 4);
                 let mut x = k.load_v(a, 0);
-                if let Some(lv) = div_v {
-                    x = k.b.ins().fdiv(x, lv);
+                if let Some(lv) = mul_v {
+                    x = k.b.ins().fmul(x, lv);
                 }
                 let d = k.addr(dst, i, 4);
                 store(k, x, d, 0);
@@ -609,8 +870,8 @@ fn write_row(
             |k, i| {
                 let a = k.addr(src, i, 4);
                 let mut x = k.load_f(a, 0);
-                if let Some(l) = div {
-                    x = k.b.ins().fdiv(x, l);
+                if let Some(l) = mul {
+                    x = k.b.ins().fmul(x, l);
                 }
                 let d = k.addr(dst, i, 4);
                 k.store_f(x, d, 0);
@@ -654,36 +915,21 @@ impl Attn {
         (t1, c1)
     }
 
-    /// Where a query block's score and `dP` tiles live: rows of the saved
-    /// buffers (indexed from column 0), or the stack tiles (indexed from
-    /// the tile start). Saved rows are not clamped, so a repeated last row
-    /// never transforms the same saved row twice in place.
-    fn tiles(&self, k: &mut Kb, cx: &Cx) -> ([Value; R], [Value; R], bool) {
-        match cx.p.saved.filter(|_| self.phase != Phase::Forward) {
-            Some((ps, ds)) => {
-                let own: [Value; R] =
-                    std::array::from_fn(|r| k.b.ins().iadd_imm_s(cx.r0, r as i64));
-                let (n, tkp) = (saved_rows(self.tq), pad(self.tk));
-                let rs = row_addrs(k, ps, cx.b, n, tkp, &own);
-                let rd = row_addrs(k, ds, cx.b, n, tkp, &own);
-                (rs, rd, true)
-            }
-            None => {
-                let (t1, t2) = (cx.bufs.t1, cx.bufs.t2);
-                let a: [Value; R] =
-                    std::array::from_fn(|r| k.b.ins().iadd_imm_s(t1, (r * TILE * 4) as i64));
-                let c: [Value; R] =
-                    std::array::from_fn(|r| k.b.ins().iadd_imm_s(t2, (r * TILE * 4) as i64));
-                (a, c, false)
-            }
-        }
+    /// The unit's two `R × TILE` stack tiles.
+    fn stack_tiles(&self, k: &mut Kb, cx: &Cx) -> ([Value; R], [Value; R]) {
+        let (t1, t2) = (cx.bufs.t1, cx.bufs.t2);
+        let a = std::array::from_fn(|r| k.b.ins().iadd_imm_s(t1, (r * TILE * 4) as i64));
+        let c = std::array::from_fn(|r| k.b.ins().iadd_imm_s(t2, (r * TILE * 4) as i64));
+        (a, c)
     }
 
-    /// Forward (`y`) or `Stats` (`lse`, `D`): the online softmax over key
-    /// tiles.
+    /// Forward (`y`) or `Stats` (`lse`, `D`, when the backward recomputes):
+    /// the online softmax over key tiles, the unit's four rows side by side
+    /// (lane `r` of `m`, `l`, `dacc` belongs to row `r`). Scores are in
+    /// log2 units.
     fn emit_online(&self, k: &mut Kb, cx: &Cx) {
         let stats = self.phase == Phase::Stats;
-        let (p, bufs, b) = (cx.p, cx.bufs, cx.b);
+        let (p, bufs, b, tab) = (cx.p, cx.bufs, cx.b, cx.tab);
         let rows = clamped_rows(k, cx.r0, self.tq);
         let qrows = row_addrs(k, p.q, b, self.tq, self.d, &rows);
         let kt = k.b.ins().imul_imm_s(b, (self.d * pad(self.tk) * 4) as i64);
@@ -696,102 +942,51 @@ impl Attn {
         let vb = k.b.ins().imul_imm_s(b, (self.tk * self.dv * 4) as i64);
         let vb = k.b.ins().iadd(p.v, vb);
         let mask = self.query_mask(k, &rows);
-        let ninf = k.fconst(f32::NEG_INFINITY);
-        let fz = k.fconst(0.0);
-        let m: [_; R] = std::array::from_fn(|_| k.var(F32, ninf));
-        let l: [_; R] = std::array::from_fn(|_| k.var(F32, fz));
-        let dacc: [_; R] = std::array::from_fn(|_| k.var(F32, fz));
+        let ninf = k.vconst(f32::NEG_INFINITY);
+        let vz = k.vconst(0.0);
+        let m = k.var(F32X4, ninf);
+        let l = k.var(F32X4, vz);
+        let dacc = k.var(F32X4, vz);
         if !stats {
             zero_acc(k, bufs.a1, self.dv);
         }
-        // With saved buffers, `Stats` leaves the scores and `dP` there for
-        // `Dq`, so it must not overwrite them with probabilities.
-        let (st, dt, from_zero) = self.tiles(k, cx);
-        let keep_scores = from_zero;
+        let (st, dt) = self.stack_tiles(k, cx);
         let kend = self.key_end(k, cx.r0);
         let zero = k.iconst(0);
         for_tiles(k, zero, kend, |k, t0| {
             let (t1, c1) = self.tile_bounds(k, t0, kend);
-            let base = if from_zero { k.iconst(0) } else { t0 };
             let mk = mask.as_ref().map(|m| (m, cx.iota));
-            let sc = Some(self.scale);
+            let sc = Some(self.scale * std::f32::consts::LOG2_E);
             let tkp = pad(self.tk);
-            score_tile(k, &qrows, self.d, kt, tkp, (t0, c1), &st, base, sc, mk);
+            score_tile(k, &qrows, self.d, kt, tkp, (t0, c1), &st, t0, sc, mk);
             if let Some((dyrows, vt)) = &grad {
-                score_tile(
-                    k,
-                    dyrows,
-                    self.dv,
-                    *vt,
-                    tkp,
-                    (t0, c1),
-                    &dt,
-                    base,
-                    None,
-                    None,
-                );
+                score_tile(k, dyrows, self.dv, *vt, tkp, (t0, c1), &dt, t0, None, None);
             }
-            let shift = k.b.ins().imul_imm_s(base, 4);
-            let st: [Value; R] = std::array::from_fn(|r| k.b.ins().isub(st[r], shift));
-            let dt: [Value; R] = std::array::from_fn(|r| k.b.ins().isub(dt[r], shift));
-            let (zero, n) = (t0, c1);
-            for r in 0..R {
-                // Tile max, then the running max and the rescale factor.
-                let vn = k.vconst(f32::NEG_INFINITY);
-                let vmax = k.var(F32X4, vn);
-                k.for_range(zero, n, 4, |k, j| {
-                    let a = k.addr(st[r], j, 4);
-                    let x = k.load_v(a, 0);
-                    let o = k.b.use_var(vmax);
-                    let y = k.b.ins().fmax(o, x);
-                    k.b.def_var(vmax, y);
-                });
-                let vm = k.b.use_var(vmax);
-                let mt = hmax(k, vm);
-                let mo = k.b.use_var(m[r]);
-                let mn = k.b.ins().fmax(mo, mt);
-                let dm = k.b.ins().fsub(mo, mn);
-                let corr = exp1(k, dm);
-                k.b.def_var(m[r], mn);
-                let mv = splat(k, mn);
-                let vz = k.vconst(0.0);
-                let vsum = k.var(F32X4, vz);
-                let vdot = k.var(F32X4, vz);
-                let vninf = k.vconst(f32::NEG_INFINITY);
-                k.for_range(zero, n, 4, |k, j| {
-                    let a = k.addr(st[r], j, 4);
-                    let s = k.load_v(a, 0);
-                    let masked = k.vcmp(FloatCC::Equal, s, vninf);
-                    let x = k.b.ins().fsub(s, mv);
-                    let e = exp_le0(k, x);
-                    let e = k.vsel(masked, vz, e);
-                    if !keep_scores {
-                        store(k, e, a, 0);
-                    }
-                    let o = k.b.use_var(vsum);
-                    let o = k.b.ins().fadd(o, e);
-                    k.b.def_var(vsum, o);
-                    if stats {
-                        let da = k.addr(dt[r], j, 4);
-                        let dp = k.load_v(da, 0);
-                        let o = k.b.use_var(vdot);
-                        let o = k.b.ins().fma(e, dp, o);
-                        k.b.def_var(vdot, o);
-                    }
-                });
-                let vs = k.b.use_var(vsum);
-                let ts = hsum(k, vs);
-                let lo = k.b.use_var(l[r]);
-                let ln = k.b.ins().fma(lo, corr, ts);
-                k.b.def_var(l[r], ln);
-                if stats {
-                    let vd = k.b.use_var(vdot);
-                    let td = hsum(k, vd);
-                    let o = k.b.use_var(dacc[r]);
-                    let o = k.b.ins().fma(o, corr, td);
-                    k.b.def_var(dacc[r], o);
-                } else {
-                    let cv = splat(k, corr);
+            let shift = k.b.ins().imul_imm_s(t0, 4);
+            let sts: [Value; R] = std::array::from_fn(|r| k.b.ins().isub(st[r], shift));
+            let dts: [Value; R] = std::array::from_fn(|r| k.b.ins().isub(dt[r], shift));
+            // Every row has a valid column in every tile it visits (key 0,
+            // or the tile start ≤ its own index), so `mn` is finite and the
+            // first tile's `corr` is 2^−∞ = 0.
+            let mt = rows_max(k, &sts, (t0, c1));
+            let mo = k.b.use_var(m);
+            let mn = vmax(k, mo, mt);
+            k.b.def_var(m, mn);
+            let dm = k.b.ins().fsub(mo, mn);
+            let corr = exp2_n(k, tab, &[dm])[0];
+            store_splats(k, mn, bufs.sp, 0);
+            let dts = stats.then_some(&dts);
+            let (ts, td) = exp_pass(k, tab, &sts, dts, bufs.sp, (t0, c1));
+            let lo = k.b.use_var(l);
+            let ln = k.b.ins().fma(lo, corr, ts);
+            k.b.def_var(l, ln);
+            if let Some(td) = td {
+                let o = k.b.use_var(dacc);
+                let o = k.b.ins().fma(o, corr, td);
+                k.b.def_var(dacc, o);
+            } else {
+                for r in 0..R {
+                    let cv = bcast_lane(k, corr, r);
                     let row =
                         k.b.ins()
                             .iadd_imm_s(bufs.a1, (r * pad4(self.dv) * 4) as i64);
@@ -801,41 +996,51 @@ impl Attn {
                         store(k, x, row, (16 * i) as i32);
                     }
                 }
-            }
-            if !stats {
-                let zero = k.iconst(0);
-                row_acc(k, &st, 4, zero, vb, self.dv, (t0, t1), bufs.a1);
+                row_acc(k, &st, 4, t0, vb, self.dv, (t0, t1), bufs.a1);
             }
         });
-        for r in 0..R {
-            let i = k.b.ins().iadd_imm_s(cx.r0, r as i64);
-            let lr = k.b.use_var(l[r]);
-            if stats {
-                let tqv = k.iconst(self.tq as i64);
+        let lv = k.b.use_var(l);
+        if stats {
+            // lse = m + log2 l, D = Σ e·dP / l.
+            let mv = k.b.use_var(m);
+            let log = k.vlog(lv);
+            let log2e = k.vconst(std::f32::consts::LOG2_E);
+            let lse = k.b.ins().fma(log, log2e, mv);
+            let dv = k.b.use_var(dacc);
+            let dd = k.b.ins().fdiv(dv, lv);
+            let flat = k.b.ins().imul_imm_s(b, pad(self.tq) as i64);
+            let tqv = k.iconst(self.tq as i64);
+            for r in 0..R {
+                let i = k.b.ins().iadd_imm_s(cx.r0, r as i64);
                 let ok = k.b.ins().icmp(IntCC::SignedLessThan, i, tqv);
-                let mr = k.b.use_var(m[r]);
-                let dr = k.b.use_var(dacc[r]);
                 k.if_then(ok, |k| {
-                    let log = ew_scalar(k, &EwOp::Unary(UnaryOp::Log), &[lr]);
-                    let lse = k.b.ins().fadd(mr, log);
-                    let dd = k.b.ins().fdiv(dr, lr);
-                    let flat = k.b.ins().imul_imm_s(b, pad(self.tq) as i64);
-                    let flat = k.b.ins().iadd(flat, i);
-                    let a = k.addr(p.lse, flat, 4);
-                    k.store_f(lse, a, 0);
-                    let a = k.addr(p.dd, flat, 4);
-                    k.store_f(dd, a, 0);
+                    let f = k.b.ins().iadd(flat, i);
+                    let a = k.addr(p.lse, f, 4);
+                    let x = k.b.ins().extractlane(lse, r as u8);
+                    k.store_f(x, a, 0);
+                    let a = k.addr(p.dd, f, 4);
+                    let x = k.b.ins().extractlane(dd, r as u8);
+                    k.store_f(x, a, 0);
                 });
-            } else {
+            }
+        } else {
+            let one = k.vconst(1.0);
+            let inv = k.b.ins().fdiv(one, lv);
+            for r in 0..R {
+                let i = k.b.ins().iadd_imm_s(cx.r0, r as i64);
+                let lr = k.b.ins().extractlane(inv, r as u8);
                 write_row(k, bufs.a1, r, self.dv, p.out, b, i, self.tq, Some(lr));
             }
         }
     }
 
-    /// `dq` for a query block; `P` and `dS` into the saved buffers or
-    /// stack tiles.
+    /// `dq` for a query block. With saved buffers this is the whole row
+    /// pass: scores and `dP` for every key into the block's own saved
+    /// rows, the row max, `e = 2^(s − m)` with `l = Σ e` and `Σ e·dP`, then
+    /// `P = e / l` and `dS` in place. Otherwise `P` and `dS` are recomputed
+    /// per tile from `lse` and `D`.
     fn emit_dq(&self, k: &mut Kb, cx: &Cx) {
-        let (p, bufs, b) = (cx.p, cx.bufs, cx.b);
+        let (p, bufs, b, tab) = (cx.p, cx.bufs, cx.b, cx.tab);
         let rows = clamped_rows(k, cx.r0, self.tq);
         let qrows = row_addrs(k, p.q, b, self.tq, self.d, &rows);
         let dyrows = row_addrs(k, p.dy, b, self.tq, self.dv, &rows);
@@ -847,69 +1052,123 @@ impl Attn {
         let kb_ = k.b.ins().imul_imm_s(b, (self.tk * self.d * 4) as i64);
         let kb_ = k.b.ins().iadd(p.k, kb_);
         let mask = self.query_mask(k, &rows);
-        let stat = |k: &mut Kb, base: Value| -> [Value; R] {
-            let flat = k.b.ins().imul_imm_s(b, pad(self.tq) as i64);
-            std::array::from_fn(|r| {
-                let f = k.b.ins().iadd(flat, rows[r]);
-                let a = k.addr(base, f, 4);
-                k.load_f(a, 0)
-            })
-        };
-        let lse = stat(k, p.lse);
-        let dd = stat(k, p.dd);
+        let sc2 = Some(self.scale * std::f32::consts::LOG2_E);
         zero_acc(k, bufs.a1, self.d);
-        let (pt, dt, from_zero) = self.tiles(k, cx);
         let kend = self.key_end(k, cx.r0);
         let zero = k.iconst(0);
-        for_tiles(k, zero, kend, |k, t0| {
-            let (t1, c1) = self.tile_bounds(k, t0, kend);
-            // Saved buffers already hold the scores and `dP` from `Stats`.
-            let base = if from_zero { k.iconst(0) } else { t0 };
-            if !from_zero {
-                let mk = mask.as_ref().map(|m| (m, cx.iota));
-                let sc = Some(self.scale);
-                score_tile(k, &qrows, self.d, kt, tkp, (t0, c1), &pt, base, sc, mk);
-                score_tile(
-                    k,
-                    &dyrows,
-                    self.dv,
-                    vt,
-                    tkp,
-                    (t0, c1),
-                    &dt,
-                    base,
-                    None,
-                    None,
-                );
-            }
+        if let Some((ps, ds)) = p.saved {
+            // Saved rows are not clamped, so a repeated last row never
+            // transforms the same saved row twice.
+            let own: [Value; R] = std::array::from_fn(|r| k.b.ins().iadd_imm_s(cx.r0, r as i64));
+            let n = saved_rows(self.tq);
+            let pt = row_addrs(k, ps, b, n, tkp, &own);
+            let dt = row_addrs(k, ds, b, n, tkp, &own);
+            let cend = k.b.ins().iadd_imm_s(kend, G as i64 - 1);
+            let cend = k.b.ins().band_imm_s(cend, !(G as i64 - 1));
+            let mk = mask.as_ref().map(|m| (m, cx.iota));
+            score_tile(k, &qrows, self.d, kt, tkp, (zero, cend), &pt, zero, sc2, mk);
+            score_tile(
+                k,
+                &dyrows,
+                self.dv,
+                vt,
+                tkp,
+                (zero, cend),
+                &dt,
+                zero,
+                None,
+                None,
+            );
+            let mt = rows_max(k, &pt, (zero, cend));
+            store_splats(k, mt, bufs.sp, 0);
+            let (ts, td) = exp_pass(k, tab, &pt, Some(&dt), bufs.sp, (zero, cend));
+            let one = k.vconst(1.0);
+            let inv = k.b.ins().fdiv(one, ts);
+            let td = td.unwrap_or(ts);
+            let dd = k.b.ins().fmul(td, inv);
+            store_splats(k, inv, bufs.sp, 0);
+            store_splats(k, dd, bufs.sp, R);
             let sc = k.vconst(self.scale);
-            let vninf = k.vconst(f32::NEG_INFINITY);
-            let vz = k.vconst(0.0);
             for r in 0..R {
-                let lv = splat(k, lse[r]);
-                let dv = splat(k, dd[r]);
-                let shift = k.b.ins().imul_imm_s(base, 4);
-                let prow = k.b.ins().isub(pt[r], shift);
-                let drow = k.b.ins().isub(dt[r], shift);
-                k.for_range(t0, c1, 4, |k, j| {
-                    let pa = k.addr(prow, j, 4);
-                    let da = k.addr(drow, j, 4);
-                    let s = k.load_v(pa, 0);
+                k.for_range(zero, cend, 4, |k, j| {
+                    let pa = k.addr(pt[r], j, 4);
+                    let da = k.addr(dt[r], j, 4);
+                    let e = k.load_v(pa, 0);
+                    let iv = k.load_v(bufs.sp, (16 * r) as i32);
+                    let pv = k.b.ins().fmul(e, iv);
                     let dp = k.load_v(da, 0);
-                    let masked = k.vcmp(FloatCC::Equal, s, vninf);
-                    let x = k.b.ins().fsub(s, lv);
-                    let e = exp_le0(k, x);
-                    let e = k.vsel(masked, vz, e);
-                    let g = k.b.ins().fsub(dp, dv);
-                    let g = k.b.ins().fmul(g, e);
+                    let dr = k.load_v(bufs.sp, (16 * (R + r)) as i32);
+                    let g = k.b.ins().fsub(dp, dr);
+                    let g = k.b.ins().fmul(g, pv);
                     let g = k.b.ins().fmul(g, sc);
-                    let g = k.vsel(masked, vz, g);
-                    store(k, e, pa, 0);
+                    store(k, pv, pa, 0);
                     store(k, g, da, 0);
                 });
             }
-            row_acc(k, &dt, 4, base, kb_, self.d, (t0, t1), bufs.a1);
-        });
+            row_acc(k, &dt, 4, zero, kb_, self.d, (zero, kend), bufs.a1);
+        } else {
+            let stat = |k: &mut Kb, base: Value| -> Value {
+                let flat = k.b.ins().imul_imm_s(b, pad(self.tq) as i64);
+                let mut v = k.vconst(0.0);
+                for (r, row) in rows.iter().enumerate() {
+                    let f = k.b.ins().iadd(flat, *row);
+                    let a = k.addr(base, f, 4);
+                    let x = k.load_f(a, 0);
+                    v = k.b.ins().insertlane(v, x, r as u8);
+                }
+                v
+            };
+            let lse = stat(k, p.lse);
+            let dd = stat(k, p.dd);
+            store_splats(k, lse, bufs.sp, 0);
+            store_splats(k, dd, bufs.sp, R);
+            let (pt, dt) = self.stack_tiles(k, cx);
+            for_tiles(k, zero, kend, |k, t0| {
+                let (t1, c1) = self.tile_bounds(k, t0, kend);
+                let mk = mask.as_ref().map(|m| (m, cx.iota));
+                score_tile(k, &qrows, self.d, kt, tkp, (t0, c1), &pt, t0, sc2, mk);
+                score_tile(k, &dyrows, self.dv, vt, tkp, (t0, c1), &dt, t0, None, None);
+                let shift = k.b.ins().imul_imm_s(t0, 4);
+                let pts: [Value; R] = std::array::from_fn(|r| k.b.ins().isub(pt[r], shift));
+                let dts: [Value; R] = std::array::from_fn(|r| k.b.ins().isub(dt[r], shift));
+                let sc = self.scale;
+                for pair in 0..R / 2 {
+                    k.for_range(t0, c1, G as i64, |k, j| {
+                        let at: Vec<(usize, Value, Value, i32)> = (0..4)
+                            .map(|c| {
+                                let r = 2 * pair + c / 2;
+                                let pa = k.addr(pts[r], j, 4);
+                                let da = k.addr(dts[r], j, 4);
+                                (r, pa, da, (16 * (c % 2)) as i32)
+                            })
+                            .collect();
+                        let xs: Vec<Value> = at
+                            .iter()
+                            .map(|&(r, pa, _, off)| {
+                                let s = k.load_v(pa, off);
+                                let lv = k.load_v(bufs.sp, (16 * r) as i32);
+                                k.b.ins().fsub(s, lv)
+                            })
+                            .collect();
+                        let es = exp2_n(k, tab, &xs);
+                        for (&(_, pa, _, off), e) in at.iter().zip(&es) {
+                            store(k, *e, pa, off);
+                        }
+                        for &(r, pa, da, off) in &at {
+                            let e = reload(k, pa, off);
+                            let dp = k.load_v(da, off);
+                            let dr = k.load_v(bufs.sp, (16 * (R + r)) as i32);
+                            let g = k.b.ins().fsub(dp, dr);
+                            let g = k.b.ins().fmul(g, e);
+                            let scv = k.vconst(sc);
+                            let g = k.b.ins().fmul(g, scv);
+                            store(k, g, da, off);
+                        }
+                    });
+                }
+                row_acc(k, &dt, 4, t0, kb_, self.d, (t0, t1), bufs.a1);
+            });
+        }
         for r in 0..R {
             let i = k.b.ins().iadd_imm_s(cx.r0, r as i64);
             write_row(k, bufs.a1, r, self.d, p.out, b, i, self.tq, None);
@@ -987,35 +1246,39 @@ impl Attn {
                         (t0, c1),
                         &pt,
                         t0,
-                        Some(self.scale),
+                        Some(self.scale * std::f32::consts::LOG2_E),
                         mk,
                     );
                     score_tile(k, &vrows, self.dv, dyt, tqp, (t0, c1), &dt, t0, None, None);
-                    let sc = k.vconst(self.scale);
-                    let vninf = k.vconst(f32::NEG_INFINITY);
-                    let vz = k.vconst(0.0);
                     let n = k.b.ins().isub(c1, t0);
                     let zero = k.iconst(0);
+                    // Masked scores are −∞, so `e` and with it `dS` are 0.
                     k.for_range(zero, n, 4, |k, j| {
                         let col = k.b.ins().iadd(t0, j);
                         let la = k.addr(lse, col, 4);
                         let lv = k.load_v(la, 0);
+                        let pa: [Value; R] = std::array::from_fn(|r| k.addr(pt[r], j, 4));
+                        let xs: Vec<Value> = pa
+                            .iter()
+                            .map(|&a| {
+                                let s = k.load_v(a, 0);
+                                k.b.ins().fsub(s, lv)
+                            })
+                            .collect();
+                        let es = exp2_n(k, cx.tab, &xs);
+                        for (r, e) in es.into_iter().enumerate() {
+                            store(k, e, pa[r], 0);
+                        }
                         let da = k.addr(ddb, col, 4);
                         let dv = k.load_v(da, 0);
                         for r in 0..R {
-                            let pa = k.addr(pt[r], j, 4);
+                            let e = reload(k, pa[r], 0);
                             let ga = k.addr(dt[r], j, 4);
-                            let s = k.load_v(pa, 0);
                             let dp = k.load_v(ga, 0);
-                            let masked = k.vcmp(FloatCC::Equal, s, vninf);
-                            let x = k.b.ins().fsub(s, lv);
-                            let e = exp_le0(k, x);
-                            let e = k.vsel(masked, vz, e);
                             let g = k.b.ins().fsub(dp, dv);
                             let g = k.b.ins().fmul(g, e);
+                            let sc = k.vconst(self.scale);
                             let g = k.b.ins().fmul(g, sc);
-                            let g = k.vsel(masked, vz, g);
-                            store(k, e, pa, 0);
                             store(k, g, ga, 0);
                         }
                     });
@@ -1118,16 +1381,17 @@ pub fn lower_grad(
     let mut a = base_step(s, Phase::Stats, causal, scale, [q, k, v, dy]);
     a.kt = transposed(&mut bd, k, s.batch, s.tk, s.d);
     a.vt = transposed(&mut bd, v, s.batch, s.tk, s.dv);
-    a.lse = bd.alloc(s.batch * pad(s.tq));
-    a.dd = bd.alloc(s.batch * pad(s.tq));
     if saves_probabilities(s.batch, s.tq, s.tk) {
+        // `Dq` forms whole rows, so it needs no statistics beforehand.
         let n = s.batch * saved_rows(s.tq) * pad(s.tk);
         a.saved = Some((bd.alloc(n), bd.alloc(n)));
     } else {
+        a.lse = bd.alloc(s.batch * pad(s.tq));
+        a.dd = bd.alloc(s.batch * pad(s.tq));
         a.qt = transposed(&mut bd, q, s.batch, s.tq, s.d);
         a.dyt = transposed(&mut bd, dy, s.batch, s.tq, s.dv);
+        bd.steps.push(Step::Attention(a.clone()));
     }
-    bd.steps.push(Step::Attention(a.clone()));
     bd.steps.push(Step::Attention(Attn {
         phase: Phase::Dq,
         out: dq,
@@ -1140,4 +1404,57 @@ pub fn lower_grad(
         ..a
     }));
     Some(bd.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`exp2_n`]'s arithmetic, lane by lane, on the table's constants
+    /// (`mul_add` is the fused multiply-add the kernel emits).
+    fn exp2_model(x: f32) -> f32 {
+        let c = |i: usize| f32::from_bits(CONSTS.0[i][0]);
+        let xc = if x < c(K_LO) { c(K_LO) } else { x };
+        let j = xc + c(K_MAGIC);
+        let f = xc - (j - c(K_MAGIC));
+        let mut p = f.mul_add(c(K_POLY), c(K_POLY + 1));
+        for i in K_POLY + 2..K_POLY + 8 {
+            p = p.mul_add(f, c(i));
+        }
+        let bits = j.to_bits().wrapping_add(CONSTS.0[K_BIAS][0]) << 23;
+        p * f32::from_bits(bits)
+    }
+
+    #[test]
+    fn exp2_is_accurate_on_the_softmax_range() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -126.0 * i as f32 / 200_000.0;
+            let want = 2f64.powf(x as f64);
+            let got = exp2_model(x) as f64;
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 3e-7, "relative error {worst}");
+        assert_eq!(exp2_model(0.0), 1.0);
+        assert_eq!(exp2_model(-1.0), 0.5);
+    }
+
+    #[test]
+    fn exp2_of_masked_scores_is_exactly_zero() {
+        assert_eq!(exp2_model(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp2_model(-127.0), 0.0);
+        assert_eq!(exp2_model(-1e30), 0.0);
+        assert!(exp2_model(f32::NAN).is_nan());
+        // The smallest exponent still represented: 2^-126.
+        assert_eq!(exp2_model(-126.0), f32::MIN_POSITIVE);
+    }
+
+    #[test]
+    fn small_problems_save_probabilities() {
+        // The transformer's 32 heads of 64 × 64 keep P; a 256-long
+        // sequence or a huge batch recomputes it.
+        assert!(saves_probabilities(32, 64, 64));
+        assert!(!saves_probabilities(1, 256, 256));
+        assert!(!saves_probabilities(1024, 64, 64));
+    }
 }

@@ -22,6 +22,7 @@ use std::collections::{HashMap, HashSet};
 enum Holds {
     Value(Value),
     Scratch(NodeIndex),
+    Saved(NodeIndex),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -50,6 +51,10 @@ pub struct Sharing {
     /// Aliases that are the transpose (last two axes swapped) of the value
     /// they map to: only matmuls read them, through swapped strides.
     pub transposed: HashSet<Value>,
+    /// A recurrent forward node whose kernel saves its activations (bytes)
+    /// for the gradient node it maps to, which then reads them and the
+    /// forward's hidden states instead of running the forward again.
+    pub saved: HashMap<NodeIndex, (NodeIndex, usize)>,
 }
 
 impl Sharing {
@@ -73,6 +78,7 @@ pub fn plan(
         aliases,
         merged,
         co_computed,
+        saved,
         ..
     } = sharing;
     let mut position: HashMap<NodeIndex, usize> =
@@ -108,6 +114,13 @@ pub fn plan(
         let owner = aliases.get(v).copied().unwrap_or(*v);
         last_read.insert(owner, usize::MAX);
     }
+    // The gradient kernel reads the forward's hidden states.
+    for (fwd, (grad, _)) in saved {
+        if let Some(&at) = position.get(grad) {
+            let l = last_read.entry(Value::new(*fwd)).or_insert(at);
+            *l = (*l).max(at);
+        }
+    }
     let mut intervals = Vec::new();
     for (i, &k) in kernels.iter().enumerate() {
         let mut written = vec![k];
@@ -134,6 +147,14 @@ pub fn plan(
                 });
             }
         }
+        if let Some(&(grad, bytes)) = saved.get(&k) {
+            intervals.push(Interval {
+                holds: Holds::Saved(k),
+                bytes: align64(bytes),
+                first: i,
+                last: position.get(&grad).copied().unwrap_or(i).max(i),
+            });
+        }
         if let Some(&s) = scratch_bytes.get(&k) {
             if s > 0 {
                 intervals.push(Interval {
@@ -154,6 +175,9 @@ pub fn plan(
             }
             Holds::Scratch(n) => {
                 out.scratch.insert(n, *off);
+            }
+            Holds::Saved(n) => {
+                out.saved.insert(n, *off);
             }
         }
         out.size = out.size.max(off + iv.bytes);

@@ -427,10 +427,10 @@ pub fn lower(
             })])
         }
         Op::LstmSeq | Op::GruSeq => {
-            super::rnn::lower_forward(matches!(op, Op::LstmSeq), ins, outs, scratch)
+            super::rnn::lower_forward(matches!(op, Op::LstmSeq), ins, outs, scratch, None)
         }
         Op::LstmSeqGrad | Op::GruSeqGrad => {
-            super::rnn::lower_grad(matches!(op, Op::LstmSeqGrad), ins, outs, scratch)
+            super::rnn::lower_grad(matches!(op, Op::LstmSeqGrad), ins, outs, scratch, None)
         }
         Op::Attention { causal, scale } => {
             super::attention::lower_forward(ins, outs, *causal, *scale, scratch)

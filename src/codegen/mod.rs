@@ -326,7 +326,12 @@ fn lower_chain(
     let ins: Vec<(Loc, TensorType)> = b
         .inputs
         .iter()
-        .map(|v| (locs.get(v).copied().unwrap_or(Loc::Arena(0)), g.ty(*v).clone()))
+        .map(|v| {
+            (
+                locs.get(v).copied().unwrap_or(Loc::Arena(0)),
+                g.ty(*v).clone(),
+            )
+        })
         .collect();
     let ins_ref: Vec<(Loc, &TensorType)> = ins.iter().map(|(l, t)| (*l, t)).collect();
     let out = results(g, root, locs);
@@ -342,10 +347,35 @@ fn lower_kernel(
     locs: &HashMap<Value, Loc>,
     scratch: usize,
     sharing: &liveness::Sharing,
+    plan: Option<&MemoryPlan>,
 ) -> Option<lower::Lowered> {
     let ins = g.inputs(n);
     let flags = |i: usize| ins.get(i).is_some_and(|v| sharing.transposed.contains(v));
-    if matches!(g.node(n).op, Op::MatMul) && (flags(0) || flags(1)) {
+    let op = &g.node(n).op;
+    let lstm = matches!(op, Op::LstmSeq | Op::LstmSeqGrad);
+    let at =
+        |fwd: NodeIndex| Loc::Arena(plan.and_then(|p| p.saved.get(&fwd)).copied().unwrap_or(0));
+    if matches!(op, Op::LstmSeq | Op::GruSeq) && sharing.saved.contains_key(&n) {
+        let ops = operands(g, n, locs);
+        let ops_ref: Vec<(Loc, &TensorType)> = ops.iter().map(|(l, t)| (*l, t)).collect();
+        let outs = results(g, n, locs);
+        let outs_ref: Vec<(Loc, &TensorType)> = outs.iter().map(|(l, t)| (*l, t)).collect();
+        return rnn::lower_forward(lstm, &ops_ref, &outs_ref, scratch, Some(at(n)));
+    }
+    let fwd = sharing
+        .saved
+        .iter()
+        .find(|(_, (grad, _))| *grad == n)
+        .map(|(f, _)| *f);
+    if let (Some(fwd), Op::LstmSeqGrad | Op::GruSeqGrad) = (fwd, op) {
+        let ops = operands(g, n, locs);
+        let ops_ref: Vec<(Loc, &TensorType)> = ops.iter().map(|(l, t)| (*l, t)).collect();
+        let outs = results(g, n, locs);
+        let outs_ref: Vec<(Loc, &TensorType)> = outs.iter().map(|(l, t)| (*l, t)).collect();
+        let hs = locs.get(&Value::new(fwd)).copied().unwrap_or(Loc::Arena(0));
+        return rnn::lower_grad(lstm, &ops_ref, &outs_ref, scratch, Some((hs, at(fwd))));
+    }
+    if matches!(op, Op::MatMul) && (flags(0) || flags(1)) {
         let ops = operands(g, n, locs);
         let ops_ref: Vec<(Loc, &TensorType)> = ops.iter().map(|(l, t)| (*l, t)).collect();
         let outs = results(g, n, locs);
@@ -379,6 +409,52 @@ fn transposes_into_matmuls(g: &Graph, order: &[NodeIndex]) -> Vec<(Value, Value)
             if let Some(&src) = g.inputs(n).first() {
                 out.push((t, src));
             }
+        }
+    }
+    out
+}
+
+/// LSTM/GRU forward nodes whose gradient node (same `x`, weights and
+/// bias) runs later in the same graph, a training step: the forward
+/// kernel saves its activations for the gradient, which then skips running
+/// the forward again. Maps forward → (gradient, saved bytes).
+fn recurrences_with_gradients(
+    g: &Graph,
+    order: &[NodeIndex],
+    interpret: &[&str],
+) -> HashMap<NodeIndex, (NodeIndex, usize)> {
+    let position: HashMap<NodeIndex, usize> =
+        order.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    let mut out = HashMap::new();
+    for &fwd in order {
+        let lstm = match g.node(fwd).op {
+            Op::LstmSeq => true,
+            Op::GruSeq => false,
+            _ => continue,
+        };
+        let grad_op = if lstm {
+            Op::LstmSeqGrad
+        } else {
+            Op::GruSeqGrad
+        };
+        if interpret.contains(&g.node(fwd).op.name()) || interpret.contains(&grad_op.name()) {
+            continue;
+        }
+        let fins = g.inputs(fwd);
+        let grad = order.iter().copied().find(|&n| {
+            g.node(n).op == grad_op
+                && position[&n] > position[&fwd]
+                && fins.len() >= 4
+                && g.inputs(n).get(..4) == fins.get(..4)
+                && !out.values().any(|(gr, _): &(NodeIndex, usize)| *gr == n)
+        });
+        let Some(grad) = grad else {
+            continue;
+        };
+        let types: Vec<(Loc, &TensorType)> =
+            fins.iter().map(|v| (Loc::Arena(0), g.ty(*v))).collect();
+        if let Some(bytes) = rnn::saved_bytes(lstm, &types) {
+            out.insert(fwd, (grad, bytes));
         }
     }
     out
@@ -483,6 +559,7 @@ fn prepare(
         if !interpret.contains(&"cross_entropy") && !interpret.contains(&"cross_entropy_grad") {
             sharing.co_computed = losses_with_gradients(g, &order);
         }
+        sharing.saved = recurrences_with_gradients(g, &order, interpret);
     }
     // Scratch sizes come from a trial lowering; they do not depend on where
     // buffers are.
@@ -490,7 +567,7 @@ fn prepare(
     let mut scratch_bytes: HashMap<NodeIndex, usize> = HashMap::new();
     for &n in &order {
         if leaf_kind(&g.node(n).op).is_none() {
-            if let Some(l) = lower_kernel(g, n, &empty, 0, &sharing) {
+            if let Some(l) = lower_kernel(g, n, &empty, 0, &sharing, None) {
                 scratch_bytes.insert(n, l.scratch_bytes);
             }
         }
@@ -552,7 +629,7 @@ fn prepare(
             let loss = results(g, loss, &locs);
             lower::cross_entropy_with_loss(&ins_ref, grad[0].0, loss[0].0, scratch)
         } else {
-            lower_kernel(g, n, &locs, scratch, &sharing)
+            lower_kernel(g, n, &locs, scratch, &sharing, Some(&plan))
         };
         let k = match lowered {
             Some(l) if !forced => Planned::Jit(l.steps),
@@ -817,13 +894,13 @@ fn opt_level(step: &Step) -> OptLevel {
     match step {
         Step::Fill(_) | Step::Copy(_) | Step::Gather(_) | Step::ScatterAdd(_) => OptLevel::Move,
         Step::Matmul(_, MatmulPhase::PackA | MatmulPhase::PackB) => OptLevel::Move,
-        Step::Im2col(ConvStep::Im2col(_) | ConvStep::Pad(_) | ConvStep::PackW(_)) => {
-            OptLevel::Move
-        }
+        Step::Im2col(ConvStep::Im2col(_) | ConvStep::Pad(_) | ConvStep::PackW(_)) => OptLevel::Move,
         Step::Reduce(_) | Step::Pool(_) | Step::Col2im(_) => OptLevel::Quick,
         // Their exps are interleaved across vectors, an order Cranelift's
         // optimiser would undo (it places each chain just before its use).
-        Step::Elementwise(_) | Step::Softmax(_) | Step::CrossEntropy(_) => OptLevel::Quick,
+        Step::Elementwise(_) | Step::Softmax(_) | Step::CrossEntropy(_) | Step::Attention(_) => {
+            OptLevel::Quick
+        }
         _ => OptLevel::Speed,
     }
 }

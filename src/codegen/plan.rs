@@ -16,6 +16,9 @@ pub struct MemoryPlan {
     pub values: HashMap<Value, usize>,
     /// Offset of each kernel's scratch region, for nodes that need one.
     pub scratch: HashMap<NodeIndex, usize>,
+    /// Offset of the activations a recurrent forward kernel saves for its
+    /// gradient kernel, by forward node (see `liveness::Sharing`).
+    pub saved: HashMap<NodeIndex, usize>,
     /// Arena size in bytes.
     pub size: usize,
 }

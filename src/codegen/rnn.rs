@@ -355,6 +355,7 @@ pub fn lower_forward(
     ins: &[(Loc, &TensorType)],
     outs: &[(Loc, &TensorType)],
     scratch: usize,
+    save: Option<Loc>,
 ) -> Option<Lowered> {
     let d = Dims::of(ins, if lstm { 4 } else { 3 })?;
     let w = weights(ins)?;
@@ -364,14 +365,73 @@ pub fn lower_forward(
         width: d.h,
     };
     let mut bd = Build::new(scratch);
-    if lstm {
-        lstm_forward(&mut bd, d, &w, hs, None);
-    } else {
-        let act = Seq::new(&mut bd, d.n, 1, d.g());
-        let rh = Seq::new(&mut bd, d.n, 1, d.h);
-        gru_forward(&mut bd, d, &w, hs, act, rh);
+    match (lstm, save) {
+        (true, None) => lstm_forward(&mut bd, d, &w, hs, None),
+        (true, Some(at)) => lstm_forward(&mut bd, d, &w, hs, Some(&LstmSaved::at(d, at))),
+        (false, None) => {
+            let act = Seq::new(&mut bd, d.n, 1, d.g());
+            let rh = Seq::new(&mut bd, d.n, 1, d.h);
+            gru_forward(&mut bd, d, &w, hs, act, rh);
+        }
+        (false, Some(at)) => {
+            let (act, rh) = gru_saved_at(d, at);
+            gru_forward(&mut bd, d, &w, hs, act, rh);
+        }
     }
     Some(bd.finish())
+}
+
+/// Bytes of the activations a training step's forward kernel saves for
+/// the gradient kernel of the same sequence op (which then need not run
+/// the forward again): LSTM gates, cell states and their tanh; GRU gates
+/// and `r·h_{t-1}`, every step.
+pub fn saved_bytes(lstm: bool, ins: &[(Loc, &TensorType)]) -> Option<usize> {
+    let d = Dims::of(ins, if lstm { 4 } else { 3 })?;
+    let per_row = if lstm { d.g() + 2 * d.h } else { d.g() + d.h };
+    Some(d.n * d.t * per_row * 4)
+}
+
+impl LstmSaved {
+    /// The saved activations laid out from `at`.
+    fn at(d: Dims, at: Loc) -> LstmSaved {
+        let (rows, g, h) = (d.n * d.t, d.g(), d.h);
+        let seq = |floats: usize, width: usize| Seq {
+            loc: offset(at, floats),
+            slots: d.t,
+            width,
+        };
+        LstmSaved {
+            act: seq(0, g),
+            c: seq(rows * g, h),
+            tc: seq(rows * (g + h), h),
+        }
+    }
+}
+
+/// The GRU's saved gates and `r·h_{t-1}`, laid out from `at`.
+fn gru_saved_at(d: Dims, at: Loc) -> (Seq, Seq) {
+    let rows = d.n * d.t;
+    let act = Seq {
+        loc: at,
+        slots: d.t,
+        width: d.g(),
+    };
+    let rh = Seq {
+        loc: offset(at, rows * d.g()),
+        slots: d.t,
+        width: d.h,
+    };
+    (act, rh)
+}
+
+/// `floats` f32s past `at`.
+fn offset(at: Loc, floats: usize) -> Loc {
+    match at {
+        Loc::Arena(o) => Loc::Arena(o + floats * 4),
+        // Saved activations live in the arena; an external base has no
+        // byte offset to add.
+        Loc::Extern(_) => at,
+    }
 }
 
 /// The gradient's outputs and the steps shared by LSTM and GRU after the
@@ -421,15 +481,37 @@ fn shifted(bd: &mut Build, d: Dims, s: Seq) -> Loc {
 /// LSTM BPTT: the forward pass again, keeping every step's activations,
 /// then the reverse loop (one fused step per time step) into
 /// `dz [N, T, 4H]`, then the weight gradients as one matmul each.
-fn lstm_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
+/// `from_forward`: where the step's forward kernel left its hidden states
+/// and saved activations; without it, the forward runs again here.
+fn lstm_grad(
+    bd: &mut Build,
+    d: Dims,
+    w: &Weights,
+    dh_in: Loc,
+    outs: [Loc; 4],
+    from_forward: Option<(Loc, Loc)>,
+) {
     let (n, h, g, tt) = (d.n, d.h, d.g(), d.t);
-    let hs = Seq::new(bd, n, tt, h);
-    let saved = LstmSaved {
-        act: Seq::new(bd, n, tt, g),
-        c: Seq::new(bd, n, tt, h),
-        tc: Seq::new(bd, n, tt, h),
+    let (hs, saved) = match from_forward {
+        Some((hs, at)) => (
+            Seq {
+                loc: hs,
+                slots: tt,
+                width: h,
+            },
+            LstmSaved::at(d, at),
+        ),
+        None => {
+            let hs = Seq::new(bd, n, tt, h);
+            let saved = LstmSaved {
+                act: Seq::new(bd, n, tt, g),
+                c: Seq::new(bd, n, tt, h),
+                tc: Seq::new(bd, n, tt, h),
+            };
+            lstm_forward(bd, d, w, hs, Some(&saved));
+            (hs, saved)
+        }
     };
-    lstm_forward(bd, d, w, hs, Some(&saved));
     let wt = pack_backward(bd, d, w);
     let dz = Seq::new(bd, n, tt, g);
     let rec = Rec::LstmBwd {
@@ -459,12 +541,33 @@ fn lstm_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
 }
 
 /// GRU BPTT, as the LSTM's with two fused phases per time step.
-fn gru_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
+fn gru_grad(
+    bd: &mut Build,
+    d: Dims,
+    w: &Weights,
+    dh_in: Loc,
+    outs: [Loc; 4],
+    from_forward: Option<(Loc, Loc)>,
+) {
     let (n, h, g, tt) = (d.n, d.h, d.g(), d.t);
-    let hs = Seq::new(bd, n, tt, h);
-    let act = Seq::new(bd, n, tt, g);
-    let rh = Seq::new(bd, n, tt, h);
-    gru_forward(bd, d, w, hs, act, rh);
+    let (hs, act, rh) = match from_forward {
+        Some((hs, at)) => {
+            let (act, rh) = gru_saved_at(d, at);
+            let hs = Seq {
+                loc: hs,
+                slots: tt,
+                width: h,
+            };
+            (hs, act, rh)
+        }
+        None => {
+            let hs = Seq::new(bd, n, tt, h);
+            let act = Seq::new(bd, n, tt, g);
+            let rh = Seq::new(bd, n, tt, h);
+            gru_forward(bd, d, w, hs, act, rh);
+            (hs, act, rh)
+        }
+    };
     let wt = pack_backward(bd, d, w);
     let dz = Seq::new(bd, n, tt, g);
     let rec = Rec::GruBwd {
@@ -521,11 +624,14 @@ fn gru_grad(bd: &mut Build, d: Dims, w: &Weights, dh_in: Loc, outs: [Loc; 4]) {
 
 /// `lstm_seq_grad` / `gru_seq_grad`: `(x, w_x, w_h, b, dh) -> (dx, dw_x,
 /// dw_h, db)`.
+/// The gradient; `from_forward` (the forward's hidden states, the saved
+/// activations) when the forward kernel saved them (see [`saved_bytes`]).
 pub fn lower_grad(
     lstm: bool,
     ins: &[(Loc, &TensorType)],
     outs: &[(Loc, &TensorType)],
     scratch: usize,
+    from_forward: Option<(Loc, Loc)>,
 ) -> Option<Lowered> {
     let d = Dims::of(ins, if lstm { 4 } else { 3 })?;
     let w = weights(ins)?;
@@ -538,9 +644,9 @@ pub fn lower_grad(
     ];
     let mut bd = Build::new(scratch);
     if lstm {
-        lstm_grad(&mut bd, d, &w, dh, o);
+        lstm_grad(&mut bd, d, &w, dh, o, from_forward);
     } else {
-        gru_grad(&mut bd, d, &w, dh, o);
+        gru_grad(&mut bd, d, &w, dh, o, from_forward);
     }
     Some(bd.finish())
 }
@@ -1624,7 +1730,8 @@ mod tests {
             .enumerate()
             .map(|(i, t)| (Loc::Extern(i), t))
             .collect();
-        let lowered = lower_forward(true, &ins, &[(Loc::Arena(0), &out)], 4096).expect("lowers");
+        let lowered =
+            lower_forward(true, &ins, &[(Loc::Arena(0), &out)], 4096, None).expect("lowers");
         lowered
             .steps
             .into_iter()

@@ -188,6 +188,17 @@ impl JitModel {
         self.kernels.len()
     }
 
+    /// Number of compiled steps (functions) a run calls.
+    pub fn step_count(&self) -> usize {
+        self.kernels
+            .iter()
+            .map(|k| match &k.exec {
+                Exec::Jit(steps) => steps.len(),
+                Exec::Host { .. } => 0,
+            })
+            .sum()
+    }
+
     /// Bytes of the arena.
     pub fn arena_bytes(&self) -> usize {
         self.arena
