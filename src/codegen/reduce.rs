@@ -614,19 +614,12 @@ impl CrossEntropy {
         let labels = kb.base(self.labels);
         let out = kb.base(self.out);
         let (start, end) = (kb.start, kb.end);
-        let log = EwOp::Unary(UnaryOp::Log);
         match self.grad {
             None => {
                 kb.for_range(start, end, 1, |k, r| {
                     let (xp, label, m) = self.row(k, logits, labels, r);
                     let s = line_sum_exp(k, xp, self.c, 1, m, None);
-                    let ls = ew_scalar(k, &log, &[s]);
-                    let lse = k.b.ins().fadd(m, ls);
-                    let xa = k.addr(xp, label, 4);
-                    let xl = k.load_f(xa, 0);
-                    let l = k.b.ins().fsub(lse, xl);
-                    let oa = k.addr(out, r, 4);
-                    k.store_f(l, oa, 0);
+                    store_row_loss(k, (xp, label, m, s), out, r);
                 });
             }
             Some(g) => {
@@ -640,14 +633,7 @@ impl CrossEntropy {
                     let dp = k.addr(out, r, (self.c * 4) as i64);
                     let s = line_sum_exp(k, xp, self.c, 1, m, Some(dp));
                     if let Some(rl) = row_loss {
-                        // As the loss kernel: m + log(s) - x[label].
-                        let ls = ew_scalar(k, &log, &[s]);
-                        let lse = k.b.ins().fadd(m, ls);
-                        let xa = k.addr(xp, label, 4);
-                        let xl = k.load_f(xa, 0);
-                        let l = k.b.ins().fsub(lse, xl);
-                        let oa = k.addr(rl, r, 4);
-                        k.store_f(l, oa, 0);
+                        store_row_loss(k, (xp, label, m, s), rl, r);
                     }
                     // (p - onehot) · scale: the label's entry is computed
                     // before the vector pass overwrites its exp.
@@ -663,6 +649,23 @@ impl CrossEntropy {
             }
         }
     }
+}
+
+/// `out[r] = m + log(s) - x[label]`, row `r`'s loss from its max `m` and
+/// `s = Σ exp(x - m)`.
+fn store_row_loss(
+    k: &mut Kb,
+    (xp, label, m, s): (Value, Value, Value, Value),
+    out: Value,
+    r: Value,
+) {
+    let ls = ew_scalar(k, &EwOp::Unary(UnaryOp::Log), &[s]);
+    let lse = k.b.ins().fadd(m, ls);
+    let xa = k.addr(xp, label, 4);
+    let xl = k.load_f(xa, 0);
+    let l = k.b.ins().fsub(lse, xl);
+    let oa = k.addr(out, r, 4);
+    k.store_f(l, oa, 0);
 }
 
 /// Multi-class hinge loss `mean_n Σ_{j≠y} max(0, 1 + s_j - s_y)`; with
