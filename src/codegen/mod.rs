@@ -197,17 +197,9 @@ fn results(g: &Graph, n: NodeIndex, locs: &HashMap<Value, Loc>) -> Vec<(Loc, Ten
         .collect()
 }
 
-fn lower_node(
-    g: &Graph,
-    n: NodeIndex,
-    locs: &HashMap<Value, Loc>,
-    scratch: usize,
-) -> Option<lower::Lowered> {
-    let ins = operands(g, n, locs);
-    let outs = results(g, n, locs);
-    let ins_ref: Vec<(Loc, &TensorType)> = ins.iter().map(|(l, t)| (*l, t)).collect();
-    let outs_ref: Vec<(Loc, &TensorType)> = outs.iter().map(|(l, t)| (*l, t)).collect();
-    lower::lower(&g.node(n).op, &ins_ref, &outs_ref, scratch)
+/// `(location, type)` pairs as the lowering functions take them.
+fn refs(v: &[(Loc, TensorType)]) -> Vec<(Loc, &TensorType)> {
+    v.iter().map(|(l, t)| (*l, t)).collect()
 }
 
 /// Elementwise ops fused into the op that consumes them: an elementwise
@@ -333,14 +325,19 @@ fn lower_chain(
             )
         })
         .collect();
-    let ins_ref: Vec<(Loc, &TensorType)> = ins.iter().map(|(l, t)| (*l, t)).collect();
     let out = results(g, root, locs);
     let out = out.first()?;
-    Some(lower::fused_elementwise(b.prog, &ins_ref, &(out.0, &out.1)))
+    Some(lower::fused_elementwise(
+        b.prog,
+        &refs(&ins),
+        &(out.0, &out.1),
+    ))
 }
 
-/// [`lower_node`], reading the operands of a matmul that are absorbed
-/// transposes through swapped strides.
+/// The steps of node `n`'s kernel: its op's lowering, or what `sharing`
+/// makes of it (a fused elementwise chain, a loss with its gradient, a
+/// recurrence that saves or reads saved activations, a matmul reading
+/// absorbed transposes through swapped strides).
 fn lower_kernel(
     g: &Graph,
     n: NodeIndex,
@@ -349,40 +346,46 @@ fn lower_kernel(
     sharing: &liveness::Sharing,
     plan: Option<&MemoryPlan>,
 ) -> Option<lower::Lowered> {
-    let ins = g.inputs(n);
-    let flags = |i: usize| ins.get(i).is_some_and(|v| sharing.transposed.contains(v));
+    if let Some(step) = lower_chain(g, n, &sharing.merged, locs) {
+        return Some(lower::Lowered {
+            steps: vec![step],
+            scratch_bytes: 0,
+        });
+    }
+    let (ins, outs) = (operands(g, n, locs), results(g, n, locs));
+    let (ins_ref, outs_ref) = (refs(&ins), refs(&outs));
     let op = &g.node(n).op;
+    let inputs = g.inputs(n);
+    let transposed = |i: usize| {
+        inputs
+            .get(i)
+            .is_some_and(|v| sharing.transposed.contains(v))
+    };
     let lstm = matches!(op, Op::LstmSeq | Op::LstmSeqGrad);
-    let at =
+    let saved_at =
         |fwd: NodeIndex| Loc::Arena(plan.and_then(|p| p.saved.get(&fwd)).copied().unwrap_or(0));
-    if matches!(op, Op::LstmSeq | Op::GruSeq) && sharing.saved.contains_key(&n) {
-        let ops = operands(g, n, locs);
-        let ops_ref: Vec<(Loc, &TensorType)> = ops.iter().map(|(l, t)| (*l, t)).collect();
-        let outs = results(g, n, locs);
-        let outs_ref: Vec<(Loc, &TensorType)> = outs.iter().map(|(l, t)| (*l, t)).collect();
-        return rnn::lower_forward(lstm, &ops_ref, &outs_ref, scratch, Some(at(n)));
+    let loss = sharing.co_computed.iter().find(|(_, r)| **r == n);
+    let fwd = sharing.saved.iter().find(|(_, (grad, _))| *grad == n);
+    match op {
+        Op::CrossEntropyGrad if loss.is_some() => {
+            let loss = results(g, *loss?.0, locs);
+            lower::cross_entropy_with_loss(&ins_ref, outs_ref.first()?.0, loss.first()?.0, scratch)
+        }
+        Op::LstmSeq | Op::GruSeq if sharing.saved.contains_key(&n) => {
+            rnn::lower_forward(lstm, &ins_ref, &outs_ref, scratch, Some(saved_at(n)))
+        }
+        Op::LstmSeqGrad | Op::GruSeqGrad if fwd.is_some() => {
+            let fwd = *fwd?.0;
+            let hs = locs.get(&Value::new(fwd)).copied().unwrap_or(Loc::Arena(0));
+            let saved = Some((hs, saved_at(fwd)));
+            rnn::lower_grad(lstm, &ins_ref, &outs_ref, scratch, saved)
+        }
+        Op::MatMul if transposed(0) || transposed(1) => {
+            let flags = [transposed(0), transposed(1)];
+            lower::matmul(&ins_ref, outs_ref.first()?, scratch, flags)
+        }
+        _ => lower::lower(op, &ins_ref, &outs_ref, scratch),
     }
-    let fwd = sharing
-        .saved
-        .iter()
-        .find(|(_, (grad, _))| *grad == n)
-        .map(|(f, _)| *f);
-    if let (Some(fwd), Op::LstmSeqGrad | Op::GruSeqGrad) = (fwd, op) {
-        let ops = operands(g, n, locs);
-        let ops_ref: Vec<(Loc, &TensorType)> = ops.iter().map(|(l, t)| (*l, t)).collect();
-        let outs = results(g, n, locs);
-        let outs_ref: Vec<(Loc, &TensorType)> = outs.iter().map(|(l, t)| (*l, t)).collect();
-        let hs = locs.get(&Value::new(fwd)).copied().unwrap_or(Loc::Arena(0));
-        return rnn::lower_grad(lstm, &ops_ref, &outs_ref, scratch, Some((hs, at(fwd))));
-    }
-    if matches!(op, Op::MatMul) && (flags(0) || flags(1)) {
-        let ops = operands(g, n, locs);
-        let ops_ref: Vec<(Loc, &TensorType)> = ops.iter().map(|(l, t)| (*l, t)).collect();
-        let outs = results(g, n, locs);
-        let out = outs.first()?;
-        return lower::matmul(&ops_ref, &(out.0, &out.1), scratch, [flags(0), flags(1)]);
-    }
-    lower_node(g, n, locs, scratch)
 }
 
 /// Transposes of the last two axes whose every reader is a matmul, which
@@ -572,11 +575,6 @@ fn prepare(
             }
         }
     }
-    for (loss, grad) in &sharing.co_computed {
-        if let Some(s) = scratch_bytes.remove(loss) {
-            scratch_bytes.insert(*grad, s);
-        }
-    }
     let plan = match plan {
         Some(p) => {
             p.check(g, &scratch_bytes).map_err(CodegenError::Plan)?;
@@ -612,25 +610,7 @@ fn prepare(
         }
         let scratch = plan.scratch.get(&n).copied().unwrap_or(0);
         let forced = interpret.contains(&g.node(n).op.name());
-        let loss = sharing
-            .co_computed
-            .iter()
-            .find(|(_, r)| **r == n)
-            .map(|(l, _)| *l);
-        let lowered = if let Some(step) = lower_chain(g, n, &sharing.merged, &locs) {
-            Some(lower::Lowered {
-                steps: vec![step],
-                scratch_bytes: 0,
-            })
-        } else if let Some(loss) = loss {
-            let ins = operands(g, n, &locs);
-            let ins_ref: Vec<(Loc, &TensorType)> = ins.iter().map(|(l, t)| (*l, t)).collect();
-            let grad = results(g, n, &locs);
-            let loss = results(g, loss, &locs);
-            lower::cross_entropy_with_loss(&ins_ref, grad[0].0, loss[0].0, scratch)
-        } else {
-            lower_kernel(g, n, &locs, scratch, &sharing, Some(&plan))
-        };
+        let lowered = lower_kernel(g, n, &locs, scratch, &sharing, Some(&plan));
         let k = match lowered {
             Some(l) if !forced => Planned::Jit(l.steps),
             _ => Planned::Host,
