@@ -516,6 +516,31 @@ fn matmul_kernel_uses_fused_multiply_add() {
     assert!(!asm.contains("fmaf"), "FMA lowered to a libcall");
 }
 
+/// The unrolled loop of the 5 × 8 micro-kernel: two k steps of ten FMAs,
+/// one broadcast per row and step, one register copy per broadcast (the
+/// FMA overwrites a multiplicand), and nothing else moved: no
+/// accumulator shuffled on the loop edge, nothing spilled to the stack.
+#[test]
+fn matmul_micro_kernel_loop_keeps_accumulators_in_place() {
+    let mut c = Case::new();
+    let mut rng = Rng(12);
+    let a = c.input("a", rand_f32(&mut rng, &[10, 64], 1.0));
+    let b = c.input("b", rand_f32(&mut rng, &[64, 8], 1.0));
+    let y = c.op(Op::MatMul, &[a, b]);
+    c.out("y", y);
+    let asm = codegen::emit_asm(&c.g).expect("disassembles");
+    // Blocks of the disassembly, by their FMA count.
+    let blocks: Vec<&str> = asm.split("\nblock").collect();
+    let fmas = |b: &str| b.matches("vfmadd").count();
+    let body = blocks.iter().max_by_key(|b| fmas(b)).expect("has blocks");
+    assert_eq!(fmas(body), 20, "unrolled loop body:\n{body}");
+    let moves = body.matches("movdqa").count() + body.matches("movaps").count();
+    let broadcasts = body.matches("vbroadcastss").count();
+    assert_eq!(broadcasts, 10, "one broadcast per row and step:\n{body}");
+    assert_eq!(moves, 10, "one copy per broadcast, no edge moves:\n{body}");
+    assert!(!body.contains("rsp"), "spills in the loop:\n{body}");
+}
+
 #[test]
 fn conv_and_its_gradients_match_interpreter() {
     use dlc::ir::Conv2d;
