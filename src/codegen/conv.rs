@@ -505,7 +505,7 @@ impl ConvStep {
         match self {
             ConvStep::Im2col(s) => s.unit_cost(),
             ConvStep::Pad(s) => s.hp * s.wp,
-            ConvStep::PackW(s) => s.mr * s.r() * DIRECT_NV,
+            ConvStep::PackW(s) => s.mr * s.r(),
             ConvStep::Direct(s) => 2 * s.m * s.ow * s.r(),
             ConvStep::GradFilter(s) => 2 * GF_MR * s.kw * s.n * s.oh * s.ow,
         }
@@ -626,13 +626,13 @@ fn ro_unaligned() -> cranelift_codegen::ir::MemFlagsData {
 /// f32x4 columns of the direct kernel's register tile.
 pub const DIRECT_NV: usize = 2;
 /// Output-channel rows of the direct kernel's register tile.
-pub const DIRECT_MR: usize = 6;
+pub const DIRECT_MR: usize = 5;
 
 /// Packs the effective weights `w'[o, c, kh, kw]` (element at
 /// `off + o·so + c·sc + kh·skh + kw·skw`, strides may be negative to flip)
-/// into panels of `mr` rows: `((p·R + r)·mr + i)·DIRECT_NV + rep`, each value
-/// stored `DIRECT_NV` times so every FMA gets its own broadcast load. Work
-/// units are panels.
+/// into panels of `mr` rows: `(p·R + r)·mr + i`, with the taps `r` in
+/// `(kh, kw, c)` order, the order [`DirectConv`] visits them. Work units
+/// are panels.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PackW {
     pub src: Loc,
@@ -654,7 +654,7 @@ impl PackW {
         self.c * self.kh * self.kw
     }
     pub fn bytes(&self) -> usize {
-        self.m.div_ceil(self.mr) * self.mr * self.r() * DIRECT_NV * 4
+        self.m.div_ceil(self.mr) * self.mr * self.r() * 4
     }
     fn emit(&self, kb: &mut Kb) {
         let src = kb.base(self.src);
@@ -663,7 +663,7 @@ impl PackW {
         let (mr, r) = (self.mr, self.r());
         let s = self.clone();
         kb.for_range(start, end, 1, |k, p| {
-            let dp = k.addr(dst, p, (r * mr * DIRECT_NV * 4) as i64);
+            let dp = k.addr(dst, p, (r * mr * 4) as i64);
             let o0 = k.b.ins().imul_imm_s(p, mr as i64);
             let m = k.iconst(s.m as i64);
             let sp = k.addr(src, o0, s.so * 4);
@@ -675,18 +675,19 @@ impl PackW {
                     k.b.ins().icmp(IntCC::SignedLessThan, o, m)
                 })
                 .collect();
-            let tap_bytes = (mr * DIRECT_NV * 4) as i64;
+            let tap_bytes = (mr * 4) as i64;
+            let c_taps = s.c as i64 * tap_bytes;
             // Loops rather than unrolled taps: a 5×5 filter unrolled was
             // ~1700 instructions of compile time for a copy.
             k.for_const(0, s.c, |k, c| {
                 let sc = k.addr(sp, c, s.sc * 4);
-                let dc = k.addr(dp, c, s.kh as i64 * s.kw as i64 * tap_bytes);
+                let dc = k.addr(dp, c, tap_bytes);
                 k.for_const(0, s.kh, |k, kh| {
                     let sh = k.addr(sc, kh, s.skh * 4);
-                    let dh = k.addr(dc, kh, s.kw as i64 * tap_bytes);
+                    let dh = k.addr(dc, kh, s.kw as i64 * c_taps);
                     k.for_const(0, s.kw, |k, kw| {
                         let st = k.addr(sh, kw, s.skw * 4);
-                        let dt = k.addr(dh, kw, tap_bytes);
+                        let dt = k.addr(dh, kw, c_taps);
                         for (i, &inside) in inside.iter().enumerate() {
                             let zero = k.fconst(0.0);
                             let v = k.var(F32, zero);
@@ -695,9 +696,7 @@ impl PackW {
                                 k.b.def_var(v, x);
                             });
                             let x = k.b.use_var(v);
-                            for rep in 0..DIRECT_NV {
-                                k.store_f(x, dt, ((i * DIRECT_NV + rep) * 4) as i32);
-                            }
+                            k.store_f(x, dt, (i * 4) as i32);
                         }
                     });
                 });
@@ -750,7 +749,7 @@ impl DirectConv {
         let nr = 4 * DIRECT_NV;
         let plane = (s.hp * s.wp) as i64;
         let oplane = (s.oh * s.ow) as i64;
-        let panel_bytes = (s.r() * s.mr * DIRECT_NV * 4) as i64;
+        let panel_bytes = (s.r() * s.mr * 4) as i64;
         kb.for_range(start, end, 1, |k, u| {
             let n = k.b.ins().udiv_imm_u(u, s.oh as i64);
             let oh = k.b.ins().urem_imm_u(u, s.oh as i64);
@@ -806,50 +805,75 @@ fn direct_tile(
         .map(|_| (0..nvec).map(|_| k.var(F32X4, zero_v)).collect())
         .collect();
     let plane = (s.hp * s.wp * 4) as i64;
-    let tap_bytes = (s.mr * DIRECT_NV * 4) as i64;
+    let tap_bytes = (s.mr * 4) as i64;
     let row_bytes = (s.wp * s.dilation * 4) as i64;
-    // One tap: input pixels at `px`, its packed weights at `pw`.
-    let tap = |k: &mut Kb, px: Value, pw: Value| {
+    // One tap: input pixels at `px + x_off`, its packed weights at
+    // `pw + w_off`. As in the matmul micro-kernel, each row's weight is
+    // broadcast once and shared by the row's FMAs through register copies,
+    // and every second tap visits rows and columns in reverse, so that a
+    // pair of taps leaves every accumulator in the register it started in
+    // (see `matmul::micro_kernel`; the kernel is compiled without the
+    // optimiser, which would reorder the taps).
+    let tap = |k: &mut Kb, px: Value, pw: Value, (x_off, w_off): (i64, i64), reverse: bool| {
         let bv: Vec<Value> = (0..nvec)
-            .map(|j| k.b.ins().load(F32X4, ro_unaligned(), px, (j * 16) as i32))
+            .map(|j| {
+                let off = (x_off + (j * 16) as i64) as i32;
+                k.b.ins().load(F32X4, ro_unaligned(), px, off)
+            })
             .collect();
-        for (i, acc) in accs.iter().enumerate() {
-            for (j, var) in acc.iter().enumerate() {
-                let off = ((i * DIRECT_NV + j) * 4) as i32;
-                let a = k.b.ins().load(F32, ro_flags(), pw, off);
-                let a = k.b.ins().splat(F32X4, a);
-                let old = k.b.use_var(*var);
+        let mut rows_order: Vec<usize> = (0..rows).collect();
+        let mut cols_order: Vec<usize> = (0..nvec).collect();
+        if reverse {
+            rows_order.reverse();
+            cols_order.reverse();
+        }
+        for &i in &rows_order {
+            let a =
+                k.b.ins()
+                    .load(F32, ro_flags(), pw, (w_off + (i * 4) as i64) as i32);
+            let a = k.b.ins().splat(F32X4, a);
+            for &j in &cols_order {
+                let var = accs[i][j];
+                let old = k.b.use_var(var);
                 let new = k.b.ins().fma(a, bv[j], old);
-                k.b.def_var(*var, new);
+                k.b.def_var(var, new);
             }
         }
     };
-    // One tap per loop iteration: Cranelift elaborates the pure loads and
-    // FMAs of a block in dependency order, so unrolled taps would keep every
-    // tap's input vectors live at once and spill the accumulators. The tap
-    // pointers are loop-carried (bumped, not recomputed from the loop
+    // Taps in `(kh, kw, c)` order, two input channels per iteration. The
+    // tap pointers are loop-carried (bumped, not recomputed from the loop
     // counters), since address arithmetic is not hoisted out of the loops.
     let px_v = k.var(I64, xq);
     let pw_v = k.var(I64, wp);
     let kw_bytes = (s.dilation * 4) as i64;
-    k.for_const(0, s.c, |k, _| {
-        k.for_const(0, s.kh, |k, _| {
-            k.for_const(0, s.kw, |k, _| {
+    let bump = |k: &mut Kb, v: Variable, by: i64| {
+        let p = k.b.use_var(v);
+        let p = k.b.ins().iadd_imm_s(p, by);
+        k.b.def_var(v, p);
+    };
+    let pairs = s.c / 2;
+    k.for_const(0, s.kh, |k, _| {
+        k.for_const(0, s.kw, |k, _| {
+            if pairs > 0 {
+                k.for_const(0, pairs, |k, _| {
+                    let px = k.b.use_var(px_v);
+                    let pw = k.b.use_var(pw_v);
+                    tap(k, px, pw, (0, 0), false);
+                    tap(k, px, pw, (plane, tap_bytes), true);
+                    bump(k, px_v, 2 * plane);
+                    bump(k, pw_v, 2 * tap_bytes);
+                });
+            }
+            if s.c % 2 == 1 {
                 let px = k.b.use_var(px_v);
                 let pw = k.b.use_var(pw_v);
-                tap(k, px, pw);
-                let px = k.b.ins().iadd_imm_s(px, kw_bytes);
-                let pw = k.b.ins().iadd_imm_s(pw, tap_bytes);
-                k.b.def_var(px_v, px);
-                k.b.def_var(pw_v, pw);
-            });
-            let px = k.b.use_var(px_v);
-            let px = k.b.ins().iadd_imm_s(px, row_bytes - s.kw as i64 * kw_bytes);
-            k.b.def_var(px_v, px);
+                tap(k, px, pw, (0, 0), false);
+                bump(k, px_v, plane);
+                bump(k, pw_v, tap_bytes);
+            }
+            bump(k, px_v, kw_bytes - s.c as i64 * plane);
         });
-        let px = k.b.use_var(px_v);
-        let px = k.b.ins().iadd_imm_s(px, plane - s.kh as i64 * row_bytes);
-        k.b.def_var(px_v, px);
+        bump(k, px_v, row_bytes - s.kw as i64 * kw_bytes);
     });
     let ob = (s.oh * s.ow * 4) as i64;
     for (i, acc) in accs.iter().enumerate() {
@@ -957,8 +981,13 @@ fn gf_tile(
     let dy_plane = (s.oh * s.ow * 4) as i64;
     let full = s.ow / 4;
     let tail = s.ow % 4;
-    // One group of 4 output columns at `dyr` / `xr` (+ `v·16` bytes).
-    let step = |k: &mut Kb, dyr: Value, xr: Value, lanes: usize| {
+    // One group of 4 output columns at `dyr + off` / `xr + off`. As in the
+    // matmul micro-kernel, every second group visits the accumulators in
+    // reverse, so that a pair of groups leaves each in the register it
+    // started in (see `matmul::micro_kernel`); `dy` is loaded row by row,
+    // just before its FMAs, to keep the live vectors within the 16 xmm
+    // registers.
+    let step = |k: &mut Kb, dyr: Value, xr: Value, off: i64, lanes: usize, reverse: bool| {
         let load = |k: &mut Kb, p: Value, off: i64| -> Value {
             if lanes == 4 {
                 k.b.ins().load(F32X4, ro_unaligned(), p, off as i32)
@@ -973,44 +1002,55 @@ fn gf_tile(
                 v
             }
         };
-        let dv: Vec<Value> = (0..rows)
-            .map(|i| load(k, dyr, i as i64 * dy_plane))
-            .collect();
         let xv: Vec<Value> = (0..cols)
-            .map(|j| load(k, xr, ((kw0 + j) * s.dilation * 4) as i64))
+            .map(|j| load(k, xr, off + ((kw0 + j) * s.dilation * 4) as i64))
             .collect();
-        for (i, acc) in accs.iter().enumerate() {
-            for (j, var) in acc.iter().enumerate() {
-                let old = k.b.use_var(*var);
-                let new = k.b.ins().fma(dv[i], xv[j], old);
-                k.b.def_var(*var, new);
+        let mut rows_order: Vec<usize> = (0..rows).collect();
+        let mut cols_order: Vec<usize> = (0..cols).collect();
+        if reverse {
+            rows_order.reverse();
+            cols_order.reverse();
+        }
+        for &i in &rows_order {
+            let dv = load(k, dyr, off + i as i64 * dy_plane);
+            for &j in &cols_order {
+                let var = accs[i][j];
+                let old = k.b.use_var(var);
+                let new = k.b.ins().fma(dv, xv[j], old);
+                k.b.def_var(var, new);
             }
         }
     };
+    let (pairs, odd) = (full / 2, full % 2 == 1);
     k.for_const(0, s.n, |k, n| {
         let xn = k.addr(xc, n, (s.c * s.hp * s.wp * 4) as i64);
         let dyn_ = k.addr(dyo, n, (s.o * s.oh * s.ow * 4) as i64);
         k.for_const(0, s.oh, |k, i| {
             let xr = k.addr(xn, i, (s.wp * 4) as i64);
             let dyr = k.addr(dyn_, i, (s.ow * 4) as i64);
-            // One column group per iteration (see `direct_tile`).
-            if full > 0 {
-                let d_v = k.var(I64, dyr);
-                let x_v = k.var(I64, xr);
-                k.for_const(0, full, |k, _| {
+            // Two column groups per iteration, with loop-carried pointers.
+            let d_v = k.var(I64, dyr);
+            let x_v = k.var(I64, xr);
+            if pairs > 0 {
+                k.for_const(0, pairs, |k, _| {
                     let d = k.b.use_var(d_v);
                     let x = k.b.use_var(x_v);
-                    step(k, d, x, 4);
-                    let d = k.b.ins().iadd_imm_s(d, 16);
-                    let x = k.b.ins().iadd_imm_s(x, 16);
+                    step(k, d, x, 0, 4, false);
+                    step(k, d, x, 16, 4, true);
+                    let d = k.b.ins().iadd_imm_s(d, 32);
+                    let x = k.b.ins().iadd_imm_s(x, 32);
                     k.b.def_var(d_v, d);
                     k.b.def_var(x_v, x);
                 });
             }
+            let d = k.b.use_var(d_v);
+            let x = k.b.use_var(x_v);
+            if odd {
+                step(k, d, x, 0, 4, false);
+            }
             if tail > 0 {
-                let d = k.b.ins().iadd_imm_s(dyr, (full * 16) as i64);
-                let x = k.b.ins().iadd_imm_s(xr, (full * 16) as i64);
-                step(k, d, x, tail);
+                let off = if odd { 16 } else { 0 };
+                step(k, d, x, off, tail, false);
             }
         });
     });

@@ -876,9 +876,10 @@ fn opt_level(step: &Step) -> OptLevel {
         Step::Matmul(_, MatmulPhase::PackA | MatmulPhase::PackB) => OptLevel::Move,
         Step::Im2col(ConvStep::Im2col(_) | ConvStep::Pad(_) | ConvStep::PackW(_)) => OptLevel::Move,
         Step::Reduce(_) | Step::Pool(_) | Step::Col2im(_) => OptLevel::Quick,
-        // The micro-kernel's steps are emitted in the order that keeps its
+        // The micro-kernels' steps are emitted in the order that keeps their
         // accumulators in place (see `matmul::micro_kernel`).
-        Step::Matmul(_, MatmulPhase::Compute) => OptLevel::Quick,
+        Step::Matmul(_, MatmulPhase::Compute)
+        | Step::Im2col(ConvStep::Direct(_) | ConvStep::GradFilter(_)) => OptLevel::Quick,
         // Their exps are interleaved across vectors, an order Cranelift's
         // optimiser would undo (it places each chain just before its use).
         Step::Elementwise(_) | Step::Softmax(_) | Step::CrossEntropy(_) | Step::Attention(_) => {
