@@ -529,16 +529,62 @@ fn matmul_micro_kernel_loop_keeps_accumulators_in_place() {
     let y = c.op(Op::MatMul, &[a, b]);
     c.out("y", y);
     let asm = codegen::emit_asm(&c.g).expect("disassembles");
-    // Blocks of the disassembly, by their FMA count.
-    let blocks: Vec<&str> = asm.split("\nblock").collect();
-    let fmas = |b: &str| b.matches("vfmadd").count();
-    let body = blocks.iter().max_by_key(|b| fmas(b)).expect("has blocks");
-    assert_eq!(fmas(body), 20, "unrolled loop body:\n{body}");
-    let moves = body.matches("movdqa").count() + body.matches("movaps").count();
-    let broadcasts = body.matches("vbroadcastss").count();
-    assert_eq!(broadcasts, 10, "one broadcast per row and step:\n{body}");
-    assert_eq!(moves, 10, "one copy per broadcast, no edge moves:\n{body}");
+    check_fma_loop(&asm, 20, 10, 10);
+}
+
+/// Finds the block of `asm` with `fmas` FMAs (a micro-kernel's unrolled
+/// loop body) and checks its broadcasts and register moves: the copies
+/// the FMA form needs and no more (no accumulator moved on the loop edge),
+/// and no stack access (no spills).
+fn check_fma_loop(asm: &str, fmas: usize, broadcasts: usize, moves: usize) {
+    let body = asm
+        .split("\nblock")
+        .find(|b| b.matches("vfmadd").count() == fmas)
+        .unwrap_or_else(|| panic!("no block with {fmas} FMAs in:\n{asm}"));
+    // The disassembly of the next function follows the last block.
+    let body = body.split("\n;").next().unwrap_or(body);
+    let moved = body.matches("movdqa").count() + body.matches("movaps").count();
+    assert_eq!(
+        body.matches("vbroadcastss").count(),
+        broadcasts,
+        "broadcasts:\n{body}"
+    );
+    assert_eq!(moved, moves, "register moves:\n{body}");
     assert!(!body.contains("rsp"), "spills in the loop:\n{body}");
+}
+
+/// The direct convolution's loop (two taps of a 5 × 8 tile) and the
+/// filter gradient's (two column groups of a 3 × 3 tile) keep their
+/// accumulators in place like the matmul micro-kernel.
+#[test]
+fn conv_micro_kernel_loops_keep_accumulators_in_place() {
+    use dlc::ir::Conv2d;
+    let mut rng = Rng(13);
+    let conv = Conv2d {
+        stride: 1,
+        dilation: 1,
+        pad: [1, 1, 1, 1],
+    };
+    let mut c = Case::new();
+    let x = c.input("x", rand_f32(&mut rng, &[1, 4, 6, 16], 1.0));
+    let w = c.input("w", rand_f32(&mut rng, &[10, 4, 3, 3], 1.0));
+    let y = c.op(Op::Conv(conv), &[x, w]);
+    c.out("y", y);
+    check_fma_loop(&codegen::emit_asm(&c.g).expect("disassembles"), 20, 10, 10);
+
+    let mut c = Case::new();
+    let x = c.input("x", rand_f32(&mut rng, &[1, 4, 6, 16], 1.0));
+    let dy = c.input("dy", rand_f32(&mut rng, &[1, 6, 6, 16], 1.0));
+    let dw = c.op(
+        Op::ConvGradFilter {
+            conv,
+            kernel_hw: [3, 3],
+        },
+        &[x, dy],
+    );
+    c.out("dw", dw);
+    // Each dy vector feeds three FMAs: two copies per row and group.
+    check_fma_loop(&codegen::emit_asm(&c.g).expect("disassembles"), 18, 0, 12);
 }
 
 #[test]
@@ -583,7 +629,8 @@ fn conv_and_its_gradients_match_interpreter() {
             },
         ),
         // Stride 1 runs the direct kernels: dilation with asymmetric pads,
-        // 13 output channels (two full row panels of 6 and a remainder),
+        // 13 output channels (two full row panels of 5 and a remainder),
+        // three input channels (a pair of taps per iteration and one left),
         // and a width that leaves a 5-lane tail tile.
         (
             &[2, 3, 9, 21],
@@ -615,10 +662,10 @@ fn conv_and_its_gradients_match_interpreter() {
                 pad: [2, 3, 2, 3],
             },
         ),
-        // Whole tiles only: 12 channels, 16 columns.
+        // Whole tiles only: 10 channels, 16 columns.
         (
             &[1, 4, 6, 16],
-            &[12, 4, 3, 3],
+            &[10, 4, 3, 3],
             Conv2d {
                 stride: 1,
                 dilation: 1,
