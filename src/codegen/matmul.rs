@@ -343,6 +343,10 @@ impl Matmul {
         let c_base = kb.base(self.c);
         let (start, end) = (kb.start, kb.end);
         let nkb = kdim.div_ceil(t.kc);
+        // Blocks of equal depth (rounded up to whole unrolled iterations):
+        // K = 784 runs as 4 × 196 rather than 3 × 256 + 16, whose short last
+        // block would pay a full pass of C loads and stores for 16 steps.
+        let kc_even = kdim.div_ceil(nkb).next_multiple_of(t.unroll.max(1));
         let njc = np.div_ceil(t.ncp);
         // Per output batch: A's offset (elements in place, packed panels
         // otherwise), B's packed batch, C's offset.
@@ -379,10 +383,10 @@ impl Matmul {
             (4, (mr * 4) as i64)
         };
         kb.for_const(0, nkb, |k, kbi| {
-            let k0 = k.b.ins().imul_imm_s(kbi, t.kc as i64);
+            let k0 = k.b.ins().imul_imm_s(kbi, kc_even as i64);
             let kdv = k.iconst(kdim as i64);
             let kleft = k.b.ins().isub(kdv, k0);
-            let kcap = k.iconst(t.kc as i64);
+            let kcap = k.iconst(kc_even as i64);
             let kc = k.b.ins().smin(kleft, kcap);
             let first = k.b.ins().icmp_imm_s(IntCC::Equal, kbi, 0);
             k.for_const(0, njc, |k, jc| {
