@@ -43,7 +43,8 @@ use crate::ir::TensorType;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64, I8X16};
 use cranelift_codegen::ir::{
-    ConstantData, Endianness, Immediate, InstBuilder, MemFlagsData, Value,
+    ConstantData, Endianness, Immediate, InstBuilder, MemFlagsData, StackSlot, StackSlotData,
+    StackSlotKind, Value,
 };
 
 /// Key (or query) steps per iteration of the `P·V`-style loops.
@@ -195,13 +196,15 @@ impl Attn {
             out2: kb.base(self.out2),
         };
         let fa = R * pad4(self.d.max(self.dv)) * 4;
-        let bufs = Bufs {
-            t1: kb.stack_buf((R * TILE * 4) as u32),
-            t2: kb.stack_buf((R * TILE * 4) as u32),
-            a1: kb.stack_buf(fa as u32),
-            a2: kb.stack_buf(fa as u32),
-            sp: kb.stack_buf((2 * R * 16) as u32),
-        };
+        let fr = R * self.d.max(self.dv) * 4;
+        let tile = R * TILE * 4;
+        let bufs = Bufs([tile, tile, fa, fa, 2 * R * 16, fr, fr].map(|n| {
+            kb.b.create_sized_stack_slot(StackSlotData::new(
+                StackSlotKind::ExplicitSlot,
+                n as u32,
+                4,
+            ))
+        }));
         let iota = iota(kb);
         let tab = consts_base(kb);
         let nblk = self.rows().div_ceil(R) as i64;
@@ -253,14 +256,34 @@ struct Ptrs {
     out2: Value,
 }
 
-/// Stack buffers: two `R × TILE` tiles, two `R × f` accumulators, and
-/// `2R` per-row splats (read as folded operands in the exp loops).
-struct Bufs {
-    t1: Value,
-    t2: Value,
-    a1: Value,
-    a2: Value,
-    sp: Value,
+/// Stack buffers: two `R × TILE` tiles, two `R × f` accumulators,
+/// `2R` per-row splats (read as folded operands in the exp loops), and
+/// two `R × f` copies of a last block's rows ([`unit_rows`]).
+#[derive(Clone, Copy)]
+enum Buf {
+    T1,
+    T2,
+    A1,
+    A2,
+    Sp,
+    Ra,
+    Rb,
+}
+
+struct Bufs([StackSlot; 7]);
+
+impl Bufs {
+    /// The address of `buf`, formed where it is used: an address made
+    /// once per kernel would be one more long-lived integer register, and
+    /// the register-blocked loops need theirs.
+    fn at(&self, k: &mut Kb, buf: Buf) -> Value {
+        k.b.ins().stack_addr(I64, self.0[buf as usize], 0)
+    }
+
+    /// A stack tile's first row and its row stride in bytes.
+    fn tile(&self, k: &mut Kb, buf: Buf) -> (Value, usize) {
+        (self.at(k, buf), TILE * 4)
+    }
 }
 
 /// The current unit: problem `b`, first row `r0`.
@@ -274,10 +297,33 @@ struct Cx<'a> {
     r0: Value,
 }
 
-/// Valid columns per row: `lo[r] ≤ c ≤ hi[r]`, as i64 scalars.
+/// Valid columns per row: `lo(r) ≤ c ≤ hi(r)`.
 struct Mask {
-    lo: [Value; R],
-    hi: [Value; R],
+    lo: Bound,
+    hi: Bound,
+}
+
+/// One side of a [`Mask`], formed where it is tested (from `r0`, which is
+/// live anyway) rather than held as four long-lived row indices.
+#[derive(Clone, Copy)]
+enum Bound {
+    /// The same column for every row.
+    Fixed(i64),
+    /// The diagonal: row `r`'s own index `min(r0 + r, last)`.
+    Diagonal { r0: Value, last: i64 },
+}
+
+impl Bound {
+    fn at(self, k: &mut Kb, r: usize) -> Value {
+        match self {
+            Bound::Fixed(c) => k.iconst(c),
+            Bound::Diagonal { r0, last } => {
+                let i = k.b.ins().iadd_imm_s(r0, r as i64);
+                let last = k.iconst(last);
+                k.b.ins().smin(i, last)
+            }
+        }
+    }
 }
 
 fn splat(k: &mut Kb, x: Value) -> Value {
@@ -467,17 +513,18 @@ fn reload(k: &mut Kb, a: Value, off: i32) -> Value {
 }
 
 /// Lane `r`: the max of row `r` over columns `[c0, c1)` (a multiple of 4
-/// apart), the rows' chains side by side.
-fn rows_max(k: &mut Kb, rows: &[Value; R], (c0, c1): (Value, Value)) -> Value {
+/// apart), the rows' chains side by side. `rows` is the first row's
+/// address and the bytes between rows (one base register for the loop).
+fn rows_max(k: &mut Kb, (rows, row_bytes): (Value, usize), (c0, c1): (Value, Value)) -> Value {
     let ninf = k.vconst(f32::NEG_INFINITY);
     let vars: [_; R] = std::array::from_fn(|_| k.var(F32X4, ninf));
     k.for_range(c0, c1, 4, |k, j| {
-        for r in 0..R {
-            let a = k.addr(rows[r], j, 4);
-            let x = k.load_v(a, 0);
-            let o = k.b.use_var(vars[r]);
+        let a = k.addr(rows, j, 4);
+        for (r, &var) in vars.iter().enumerate() {
+            let x = k.load_v(a, (r * row_bytes) as i32);
+            let o = k.b.use_var(var);
             let y = vmax(k, o, x);
-            k.b.def_var(vars[r], y);
+            k.b.def_var(var, y);
         }
     });
     let v = std::array::from_fn(|r| k.b.use_var(vars[r]));
@@ -485,15 +532,16 @@ fn rows_max(k: &mut Kb, rows: &[Value; R], (c0, c1): (Value, Value)) -> Value {
 }
 
 /// `e = 2^(s − m_r)` over columns `[c0, c1)` (a multiple of `G` apart) of
-/// each row's scores (`m_r` splatted at `msp + 16r`), stored in place of
+/// each row's scores (`m_r` splatted in `sp` at `16r`), stored in place of
 /// the scores; returns lane-per-row `Σ e` and, given the `dP` rows,
 /// `Σ e·dP`. Two rows and two vectors each make four interleaved chains.
+/// Rows are given as in [`rows_max`].
 fn exp_pass(
     k: &mut Kb,
     tab: Value,
-    st: &[Value; R],
-    dt: Option<&[Value; R]>,
-    msp: Value,
+    (st, st_row): (Value, usize),
+    dt: Option<(Value, usize)>,
+    (bufs, sp): (&Bufs, Buf),
     (c0, c1): (Value, Value),
 ) -> (Value, Option<Value>) {
     let z = k.vconst(0.0);
@@ -501,32 +549,32 @@ fn exp_pass(
     let dots: [_; R] = std::array::from_fn(|_| k.var(F32X4, z));
     for pair in 0..R / 2 {
         k.for_range(c0, c1, G as i64, |k, j| {
-            let at: Vec<(usize, Value, i32)> = (0..4)
-                .map(|c| {
-                    let r = 2 * pair + c / 2;
-                    (r, k.addr(st[r], j, 4), (16 * (c % 2)) as i32)
-                })
-                .collect();
+            let sj = k.addr(st, j, 4);
+            let dj = dt.map(|(d, row)| (k.addr(d, j, 4), row));
+            let msp = bufs.at(k, sp);
+            // (row, byte offset of the vector within the row)
+            let at: Vec<(usize, usize)> =
+                (0..4).map(|c| (2 * pair + c / 2, 16 * (c % 2))).collect();
+            let s_off = |r: usize, h: usize| (r * st_row + h) as i32;
             let xs: Vec<Value> = at
                 .iter()
-                .map(|&(r, a, off)| {
-                    let s = k.load_v(a, off);
+                .map(|&(r, h)| {
+                    let s = k.load_v(sj, s_off(r, h));
                     let mv = k.load_v(msp, (16 * r) as i32);
                     k.b.ins().fsub(s, mv)
                 })
                 .collect();
             let es = exp2_n(k, tab, &xs);
-            for (&(_, a, off), e) in at.iter().zip(&es) {
-                store(k, *e, a, off);
+            for (&(r, h), e) in at.iter().zip(&es) {
+                store(k, *e, sj, s_off(r, h));
             }
-            for &(r, a, off) in &at {
-                let e = reload(k, a, off);
+            for &(r, h) in &at {
+                let e = reload(k, sj, s_off(r, h));
                 let o = k.b.use_var(sums[r]);
                 let o = k.b.ins().fadd(o, e);
                 k.b.def_var(sums[r], o);
-                if let Some(dt) = dt {
-                    let da = k.addr(dt[r], j, 4);
-                    let dp = k.load_v(da, off);
+                if let Some((da, row)) = dj {
+                    let dp = k.load_v(da, (r * row + h) as i32);
                     let o = k.b.use_var(dots[r]);
                     let o = k.b.ins().fma(e, dp, o);
                     k.b.def_var(dots[r], o);
@@ -569,94 +617,193 @@ fn clamped_rows(k: &mut Kb, r0: Value, n: usize) -> [Value; R] {
     })
 }
 
-/// Byte address of row `rows[r]` of problem `b` in a `[batch, n, f]` tensor.
-fn row_addrs(
+/// The unit's `R` rows (from `r0`) of problem `b` of a `[batch, n, f]`
+/// tensor, as one address with rows `f` floats apart, so the register
+/// blocked loops reach every row from one base register instead of
+/// holding (and spilling) one pointer per row. A block running past `n`
+/// gets a copy in `buf` (`R · f` floats) repeating the last row, which
+/// keeps every load in bounds; its extra rows are never stored.
+fn unit_rows(
     k: &mut Kb,
     base: Value,
     b: Value,
     n: usize,
     f: usize,
-    rows: &[Value; R],
-) -> [Value; R] {
+    r0: Value,
+    (bufs, buf): (&Bufs, Buf),
+) -> Value {
     let pb = k.b.ins().imul_imm_s(b, (n * f * 4) as i64);
     let pb = k.b.ins().iadd(base, pb);
-    std::array::from_fn(|r| k.addr(pb, rows[r], (f * 4) as i64))
+    let first = k.addr(pb, r0, (f * 4) as i64);
+    if n.is_multiple_of(R) {
+        return first;
+    }
+    let end = k.b.ins().iadd_imm_s(r0, R as i64);
+    let nv = k.iconst(n as i64);
+    let partial = k.b.ins().icmp(IntCC::SignedGreaterThan, end, nv);
+    k.if_then(partial, |k| {
+        let rows = clamped_rows(k, r0, n);
+        let buf = bufs.at(k, buf);
+        let zero = k.iconst(0);
+        let fv = k.iconst(f as i64);
+        for (r, row) in rows.into_iter().enumerate() {
+            let src = k.addr(pb, row, (f * 4) as i64);
+            let dst = k.b.ins().iadd_imm_s(buf, (r * f * 4) as i64);
+            k.for_range(zero, fv, 1, |k, i| {
+                let s = k.addr(src, i, 4);
+                let x = k.load_f(s, 0);
+                let d = k.addr(dst, i, 4);
+                k.store_f(x, d, 0);
+            });
+        }
+    });
+    let copy = bufs.at(k, buf);
+    k.b.ins().select(partial, copy, first)
+}
+
+/// `R` row addresses `row_bytes` apart from `first`.
+fn row_ptrs(k: &mut Kb, first: Value, row_bytes: usize) -> [Value; R] {
+    std::array::from_fn(|r| k.b.ins().iadd_imm_s(first, (r * row_bytes) as i64))
+}
+
+/// One reduction step of a register block: `acc[r][h] += x_r · bv[h]`
+/// with one broadcast per row shared by the row's products (`x_r` a
+/// scalar load at `rows + r · row_bytes + off`). Cranelift's FMA form
+/// overwrites a multiplicand, so the row's first products take a register
+/// copy of the broadcast (renamed, not executed) and each result lands in
+/// the register its broadcast or copy held: the step moves every
+/// accumulator into the register the previous one freed. A `reverse` step
+/// visits rows and columns backwards and moves them back, so a loop of
+/// step pairs needs no moves on its back edge (see
+/// `matmul::micro_kernel`; attention steps are compiled without the
+/// optimiser, which keeps this order). `first` starts the sums with a
+/// product instead.
+#[allow(clippy::too_many_arguments)]
+fn block_step(
+    k: &mut Kb,
+    bv: &[Value],
+    (rows, row_bytes, off): (Value, i64, i64),
+    acc: &mut [Vec<Value>],
+    reverse: bool,
+    first: bool,
+) {
+    let mut order: Vec<usize> = (0..acc.len()).collect();
+    let mut cols: Vec<usize> = (0..bv.len()).collect();
+    if reverse {
+        order.reverse();
+        cols.reverse();
+    }
+    for r in order {
+        let x =
+            k.b.ins()
+                .load(F32, ro_flags(), rows, (r as i64 * row_bytes + off) as i32);
+        let x = splat(k, x);
+        for &h in &cols {
+            acc[r][h] = if first {
+                k.b.ins().fmul(x, bv[h])
+            } else {
+                k.b.ins().fma(x, bv[h], acc[r][h])
+            };
+        }
+    }
 }
 
 /// `out[r][c − col_base] = Σ_f a[r][f] · bt[f][c]` (times `scale`), for
-/// `c` in `[c0, c1)` stepping by `G`; masked columns get `−∞`. `bt` rows
-/// are `bt_row` floats apart; `out` rows are given by address.
+/// `c` in `[c0, c1)` stepping by `G`; masked columns get `−∞`. `a` is the
+/// first of `R` rows `a_row` bytes apart, `bt` rows are `bt_row` floats
+/// apart, `out` the first of `R` rows `out_row` bytes apart.
 #[allow(clippy::too_many_arguments)]
 fn score_tile(
     k: &mut Kb,
-    a: &[Value; R],
+    (a, a_row): (Value, usize),
     f: usize,
     bt: Value,
     bt_row: usize,
     (c0, c1): (Value, Value),
-    out: &[Value; R],
+    (out, out_row): (Value, usize),
     col_base: Value,
     scale: Option<f32>,
     mask: Option<(&Mask, Value)>,
 ) {
     let shift = k.b.ins().imul_imm_s(col_base, 4);
-    let out: [Value; R] = std::array::from_fn(|r| k.b.ins().isub(out[r], shift));
+    let out = k.b.ins().isub(out, shift);
     let row_bytes = (bt_row * 4) as i64;
-    // One feature: `acc[r][h] += a[r][fi] · bt[fi][c + 4h]`. Each product
-    // loads its own broadcast, so every load has one use and folds into a
-    // `vbroadcastss`, and the product lands in that fresh register.
-    let feature = |k: &mut Kb,
-                   ptr: Value,
-                   boff: i32,
-                   arows: &[Value; R],
-                   aoff: i32,
-                   acc: &mut [[Value; 2]; R],
-                   first: bool| {
-        let b0 = k.b.ins().load(F32X4, ro_flags(), ptr, boff);
-        let b1 = k.b.ins().load(F32X4, ro_flags(), ptr, boff + 16);
-        for r in 0..R {
-            for (h, bv) in [b0, b1].into_iter().enumerate() {
-                let x = k.b.ins().load(F32, ro_flags(), arows[r], aoff);
-                let x = splat(k, x);
-                acc[r][h] = if first {
-                    k.b.ins().fmul(x, bv)
-                } else {
-                    k.b.ins().fma(x, bv, acc[r][h])
-                };
-            }
-        }
+    let a_row = a_row as i64;
+    let load_b = |k: &mut Kb, ptr: Value, boff: i64| -> Vec<Value> {
+        (0..G / 4)
+            .map(|h| {
+                k.b.ins()
+                    .load(F32X4, ro_flags(), ptr, (boff + 16 * h as i64) as i32)
+            })
+            .collect()
     };
+    // The loop's pointers are its own short-lived values: the kernels'
+    // long-lived integers outnumber the registers, and a spilled pointer
+    // is reloaded at every use (four times per feature).
+    let bt0 = k.addr(bt, c0, 4);
+    let out0 = k.addr(out, c0, 4);
+    let (bp_col, op_col) = (k.var(I64, bt0), k.var(I64, out0));
     k.for_range(c0, c1, G as i64, |k, c| {
-        let btc = k.addr(bt, c, 4);
+        let btc = k.b.use_var(bp_col);
+        let at = k.b.use_var(op_col);
+        let next = k.b.ins().iadd_imm_s(btc, 4 * G as i64);
+        k.b.def_var(bp_col, next);
+        let next = k.b.ins().iadd_imm_s(at, 4 * G as i64);
+        k.b.def_var(op_col, next);
+        // An opaque copy (`a & !0`): used directly, `a` would stay a
+        // spilled long-lived value.
+        let a = k.b.ins().band_imm_s(a, -1);
         let z = k.vconst(0.0);
-        let mut acc: [[Value; 2]; R] = [[z; 2]; R];
+        let mut acc: Vec<Vec<Value>> = vec![vec![z; G / 4]; R];
         if f <= UNROLL_MAX {
-            // Straight-line code: the accumulators rotate through registers
-            // instead of being moved back at every loop edge.
+            // Straight-line code: even and odd features alternate
+            // direction, so the accumulators rotate in place.
             for fi in 0..f {
-                let boff = (fi * bt_row * 4) as i32;
-                feature(k, btc, boff, a, (4 * fi) as i32, &mut acc, fi == 0);
+                let bv = load_b(k, btc, fi as i64 * row_bytes);
+                let at = (a, a_row, 4 * fi as i64);
+                block_step(k, &bv, at, &mut acc, fi % 2 == 1, fi == 0);
             }
         } else {
-            let vars: Vec<_> = (0..2 * R).map(|_| k.var(F32X4, z)).collect();
-            let bp = k.var(I64, btc);
+            let vars: Vec<Vec<_>> = (0..R)
+                .map(|_| (0..G / 4).map(|_| k.var(F32X4, z)).collect())
+                .collect();
+            // From `c`, not the column pointer: a value of its own, which
+            // regalloc does not tie to the (spilled) column pointer.
+            let bt_first = k.addr(bt, c, 4);
+            let bp = k.var(I64, bt_first);
+            let ap = k.var(I64, a);
             let zero = k.iconst(0);
             let fv = k.iconst(f as i64);
-            k.for_range(zero, fv, 1, |k, fi| {
+            // Two features per iteration, the second in reverse.
+            let pair = |k: &mut Kb, n: usize| {
                 let ptr = k.b.use_var(bp);
-                let arows: [Value; R] = std::array::from_fn(|r| k.addr(a[r], fi, 4));
-                let mut cur: [[Value; 2]; R] = std::array::from_fn(|r| {
-                    [k.b.use_var(vars[2 * r]), k.b.use_var(vars[2 * r + 1])]
-                });
-                feature(k, ptr, 0, &arows, 0, &mut cur, false);
-                for r in 0..R {
-                    k.b.def_var(vars[2 * r], cur[r][0]);
-                    k.b.def_var(vars[2 * r + 1], cur[r][1]);
+                let aptr = k.b.use_var(ap);
+                let mut cur: Vec<Vec<Value>> = vars
+                    .iter()
+                    .map(|row| row.iter().map(|&v| k.b.use_var(v)).collect())
+                    .collect();
+                for u in 0..n {
+                    let bv = load_b(k, ptr, u as i64 * row_bytes);
+                    block_step(k, &bv, (aptr, a_row, 4 * u as i64), &mut cur, u == 1, false);
                 }
-                let next = k.b.ins().iadd_imm_s(ptr, row_bytes);
+                for (row, vals) in vars.iter().zip(&cur) {
+                    for (&v, &x) in row.iter().zip(vals) {
+                        k.b.def_var(v, x);
+                    }
+                }
+                let next = k.b.ins().iadd_imm_s(ptr, n as i64 * row_bytes);
                 k.b.def_var(bp, next);
-            });
-            acc = std::array::from_fn(|r| [k.b.use_var(vars[2 * r]), k.b.use_var(vars[2 * r + 1])]);
+                let next = k.b.ins().iadd_imm_s(aptr, 4 * n as i64);
+                k.b.def_var(ap, next);
+            };
+            k.for_blocks(zero, fv, 2, |k, _| pair(k, 2));
+            if f % 2 == 1 {
+                pair(k, 1);
+            }
+            acc = vars
+                .iter()
+                .map(|row| row.iter().map(|&v| k.b.use_var(v)).collect())
+                .collect();
         }
         if let Some(s) = scale {
             let sv = k.vconst(s);
@@ -666,19 +813,20 @@ fn score_tile(
                 }
             }
         }
-        let addrs: [Value; R] = std::array::from_fn(|r| k.addr(out[r], c, 4));
+        let oat = |r: usize, h: usize| (r * out_row + 16 * h) as i32;
         let plain = |k: &mut Kb| {
-            for r in 0..R {
-                store(k, acc[r][0], addrs[r], 0);
-                store(k, acc[r][1], addrs[r], 16);
+            for (r, row) in acc.iter().enumerate() {
+                for (h, &x) in row.iter().enumerate() {
+                    store(k, x, at, oat(r, h));
+                }
             }
         };
         match mask {
             None => plain(k),
             Some((m, iota)) => {
                 // Only blocks that cross a boundary pay for the mask.
-                let lo_max = m.lo[R - 1];
-                let hi_min = m.hi[0];
+                let lo_max = m.lo.at(k, R - 1);
+                let hi_min = m.hi.at(k, 0);
                 let below = k.b.ins().icmp(IntCC::SignedLessThan, c, lo_max);
                 let cend = k.b.ins().iadd_imm_s(c, G as i64 - 1);
                 let above = k.b.ins().icmp(IntCC::SignedGreaterThan, cend, hi_min);
@@ -692,16 +840,18 @@ fn score_tile(
                         let four = k.b.ins().splat(I32X4, four);
                         let c1v = k.b.ins().iadd(c0v, four);
                         let ninf = k.vconst(f32::NEG_INFINITY);
-                        for r in 0..R {
-                            let lo = splat_i(k, m.lo[r]);
-                            let hi = splat_i(k, m.hi[r]);
+                        for (r, row) in acc.iter().enumerate() {
+                            let lo = m.lo.at(k, r);
+                            let lo = splat_i(k, lo);
+                            let hi = m.hi.at(k, r);
+                            let hi = splat_i(k, hi);
                             for (h, col) in [c0v, c1v].into_iter().enumerate() {
                                 let a = k.b.ins().icmp(IntCC::SignedLessThan, col, lo);
                                 let bb = k.b.ins().icmp(IntCC::SignedGreaterThan, col, hi);
                                 let bad = k.b.ins().bor(a, bb);
                                 let bad = k.b.ins().bitcast(F32X4, MemFlagsData::new(), bad);
-                                let x = k.b.ins().bitselect(bad, ninf, acc[r][h]);
-                                store(k, x, addrs[r], (16 * h) as i32);
+                                let x = k.b.ins().bitselect(bad, ninf, row[h]);
+                                store(k, x, at, oat(r, h));
                             }
                         }
                     },
@@ -713,12 +863,13 @@ fn score_tile(
 }
 
 /// `acc[r][:] += Σ_j w[r](j) · m[j][:]` for `j` in `[j0, j1)`, where the
-/// weight of row `r`, column `j` is at `w[r] + (j − col_base) · wstride`
-/// bytes, `m` is row-major `[·, f]` and `acc` is `R` rows of `pad4(f)`.
+/// weight of row `r`, column `j` is at `w + r · w_row + (j − col_base) ·
+/// wstride` bytes, `m` is row-major `[·, f]` and `acc` is `R` rows of
+/// `pad4(f)`.
 #[allow(clippy::too_many_arguments)]
 fn row_acc(
     k: &mut Kb,
-    w: &[Value; R],
+    (w, w_row): (Value, usize),
     wstride: i64,
     col_base: Value,
     m: Value,
@@ -726,8 +877,10 @@ fn row_acc(
     (j0, j1): (Value, Value),
     acc: Value,
 ) {
-    let shift = k.b.ins().imul_imm_s(col_base, wstride);
-    let w: [Value; R] = std::array::from_fn(|r| k.b.ins().isub(w[r], shift));
+    let skip = k.b.ins().isub(j0, col_base);
+    let w0 = k.addr(w, skip, wstride);
+    let m0 = k.addr(m, j0, (f * 4) as i64);
+    let w_row = w_row as i64;
     let arow = (pad4(f) * 4) as i32;
     let mut ch = 0;
     while ch < f {
@@ -739,69 +892,74 @@ fn row_acc(
         let vector = width >= 4;
         let lanes = if vector { width / 4 } else { width };
         let coff = (ch * 4) as i32;
+        let at = |r: usize, h: usize| {
+            r as i32 * arow + coff + if vector { 16 * h as i32 } else { 4 * h as i32 }
+        };
         let mut vars = Vec::new();
         for r in 0..R {
-            for h in 0..lanes {
-                let off =
-                    r as i32 * arow + coff + if vector { 16 * h as i32 } else { 4 * h as i32 };
-                let x = if vector {
-                    k.load_v(acc, off)
-                } else {
-                    k.load_f(acc, off)
-                };
-                vars.push(k.var(if vector { F32X4 } else { F32 }, x));
-            }
+            let row: Vec<_> = (0..lanes)
+                .map(|h| {
+                    let (ty, x) = if vector {
+                        (F32X4, k.load_v(acc, at(r, h)))
+                    } else {
+                        (F32, k.load_f(acc, at(r, h)))
+                    };
+                    k.var(ty, x)
+                })
+                .collect();
+            vars.push(row);
         }
-        // `ju` consecutive `j` from one pair of base addresses; each
-        // vector product loads its own broadcast (one use: it folds into
-        // a `vbroadcastss`), and the accumulators go back into their
-        // variables once per `ju` steps.
-        let steps = |k: &mut Kb, j: Value, ju: i64| {
-            let mrow = k.addr(m, j, (f * 4) as i64);
-            let wrows: [Value; R] = std::array::from_fn(|r| k.addr(w[r], j, wstride));
-            let mut cur: Vec<Value> = vars.iter().map(|&v| k.b.use_var(v)).collect();
+        // Pointers advanced per iteration keep the loop at two integer
+        // registers besides its counter.
+        let wp = k.var(I64, w0);
+        let mp = k.var(I64, m0);
+        let steps = |k: &mut Kb, ju: i64| {
+            let wrow = k.b.use_var(wp);
+            let mrow = k.b.use_var(mp);
+            let mut cur: Vec<Vec<Value>> = vars
+                .iter()
+                .map(|row| row.iter().map(|&v| k.b.use_var(v)).collect())
+                .collect();
             for u in 0..ju {
-                let moff = coff + (u as usize * f * 4) as i32;
-                let woff = (u * wstride) as i32;
-                let mv: Vec<Value> = (0..lanes)
-                    .map(|h| {
-                        if vector {
-                            k.load_v(mrow, moff + 16 * h as i32)
-                        } else {
-                            k.load_f(mrow, moff + 4 * h as i32)
+                let moff = coff as i64 + u * (f * 4) as i64;
+                let woff = u * wstride;
+                if vector {
+                    let mv: Vec<Value> = (0..lanes)
+                        .map(|h| k.load_v(mrow, (moff + 16 * h as i64) as i32))
+                        .collect();
+                    block_step(k, &mv, (wrow, w_row, woff), &mut cur, u % 2 == 1, false);
+                } else {
+                    let mv: Vec<Value> = (0..lanes)
+                        .map(|h| k.load_f(mrow, (moff + 4 * h as i64) as i32))
+                        .collect();
+                    for (r, row) in cur.iter_mut().enumerate() {
+                        let x = k.load_f(wrow, (r as i64 * w_row + woff) as i32);
+                        for (c, &mh) in row.iter_mut().zip(&mv) {
+                            *c = k.b.ins().fma(x, mh, *c);
                         }
-                    })
-                    .collect();
-                for r in 0..R {
-                    let shared = (!vector).then(|| k.load_f(wrows[r], woff));
-                    for h in 0..lanes {
-                        let x = match shared {
-                            Some(x) => x,
-                            None => {
-                                let x = k.load_f(wrows[r], woff);
-                                splat(k, x)
-                            }
-                        };
-                        let c = &mut cur[r * lanes + h];
-                        *c = k.b.ins().fma(x, mv[h], *c);
                     }
                 }
             }
-            for (&v, &c) in vars.iter().zip(&cur) {
-                k.b.def_var(v, c);
+            for (row, vals) in vars.iter().zip(&cur) {
+                for (&v, &x) in row.iter().zip(vals) {
+                    k.b.def_var(v, x);
+                }
             }
+            let next = k.b.ins().iadd_imm_s(wrow, ju * wstride);
+            k.b.def_var(wp, next);
+            let next = k.b.ins().iadd_imm_s(mrow, ju * (f * 4) as i64);
+            k.b.def_var(mp, next);
         };
-        let from = k.for_blocks(j0, j1, ROW_UNROLL, |k, j| steps(k, j, ROW_UNROLL));
-        k.for_range(from, j1, 1, |k, j| steps(k, j, 1));
-        for r in 0..R {
-            for h in 0..lanes {
-                let off =
-                    r as i32 * arow + coff + if vector { 16 * h as i32 } else { 4 * h as i32 };
-                let x = k.b.use_var(vars[r * lanes + h]);
+        // An even unroll: the reversed steps bring the accumulators back.
+        let from = k.for_blocks(j0, j1, ROW_UNROLL, |k, _| steps(k, ROW_UNROLL));
+        k.for_range(from, j1, 1, |k, _| steps(k, 1));
+        for (r, row) in vars.iter().enumerate() {
+            for (h, &v) in row.iter().enumerate() {
+                let x = k.b.use_var(v);
                 if vector {
-                    store(k, x, acc, off);
+                    store(k, x, acc, at(r, h));
                 } else {
-                    k.store_f(x, acc, off);
+                    k.store_f(x, acc, at(r, h));
                 }
             }
         }
@@ -882,15 +1040,21 @@ fn write_row(
 
 impl Attn {
     /// Query-side mask: keys `0 ≤ j ≤ i` when causal, else `j < Tk`.
-    fn query_mask(&self, k: &mut Kb, rows: &[Value; R]) -> Option<Mask> {
+    fn query_mask(&self, r0: Value) -> Option<Mask> {
         if !self.causal && self.tk.is_multiple_of(G) {
             return None;
         }
-        let zero = k.iconst(0);
-        let last = k.iconst(self.tk as i64 - 1);
+        let hi = if self.causal {
+            Bound::Diagonal {
+                r0,
+                last: self.tq as i64 - 1,
+            }
+        } else {
+            Bound::Fixed(self.tk as i64 - 1)
+        };
         Some(Mask {
-            lo: [zero; R],
-            hi: std::array::from_fn(|r| if self.causal { rows[r] } else { last }),
+            lo: Bound::Fixed(0),
+            hi,
         })
     }
 
@@ -917,7 +1081,8 @@ impl Attn {
 
     /// The unit's two `R × TILE` stack tiles.
     fn stack_tiles(&self, k: &mut Kb, cx: &Cx) -> ([Value; R], [Value; R]) {
-        let (t1, t2) = (cx.bufs.t1, cx.bufs.t2);
+        let t1 = cx.bufs.at(k, Buf::T1);
+        let t2 = cx.bufs.at(k, Buf::T2);
         let a = std::array::from_fn(|r| k.b.ins().iadd_imm_s(t1, (r * TILE * 4) as i64));
         let c = std::array::from_fn(|r| k.b.ins().iadd_imm_s(t2, (r * TILE * 4) as i64));
         (a, c)
@@ -930,27 +1095,26 @@ impl Attn {
     fn emit_online(&self, k: &mut Kb, cx: &Cx) {
         let stats = self.phase == Phase::Stats;
         let (p, bufs, b, tab) = (cx.p, cx.bufs, cx.b, cx.tab);
-        let rows = clamped_rows(k, cx.r0, self.tq);
-        let qrows = row_addrs(k, p.q, b, self.tq, self.d, &rows);
+        let qrows = unit_rows(k, p.q, b, self.tq, self.d, cx.r0, (bufs, Buf::Ra));
         let kt = k.b.ins().imul_imm_s(b, (self.d * pad(self.tk) * 4) as i64);
         let kt = k.b.ins().iadd(p.kt, kt);
         let grad = stats.then(|| {
-            let dyrows = row_addrs(k, p.dy, b, self.tq, self.dv, &rows);
+            let dyrows = unit_rows(k, p.dy, b, self.tq, self.dv, cx.r0, (bufs, Buf::Rb));
             let vt = k.b.ins().imul_imm_s(b, (self.dv * pad(self.tk) * 4) as i64);
             (dyrows, k.b.ins().iadd(p.vt, vt))
         });
         let vb = k.b.ins().imul_imm_s(b, (self.tk * self.dv * 4) as i64);
         let vb = k.b.ins().iadd(p.v, vb);
-        let mask = self.query_mask(k, &rows);
+        let mask = self.query_mask(cx.r0);
         let ninf = k.vconst(f32::NEG_INFINITY);
         let vz = k.vconst(0.0);
         let m = k.var(F32X4, ninf);
         let l = k.var(F32X4, vz);
         let dacc = k.var(F32X4, vz);
         if !stats {
-            zero_acc(k, bufs.a1, self.dv);
+            let a1_at = bufs.at(k, Buf::A1);
+            zero_acc(k, a1_at, self.dv);
         }
-        let (st, dt) = self.stack_tiles(k, cx);
         let kend = self.key_end(k, cx.r0);
         let zero = k.iconst(0);
         for_tiles(k, zero, kend, |k, t0| {
@@ -958,25 +1122,33 @@ impl Attn {
             let mk = mask.as_ref().map(|m| (m, cx.iota));
             let sc = Some(self.scale * std::f32::consts::LOG2_E);
             let tkp = pad(self.tk);
-            score_tile(k, &qrows, self.d, kt, tkp, (t0, c1), &st, t0, sc, mk);
-            if let Some((dyrows, vt)) = &grad {
-                score_tile(k, dyrows, self.dv, *vt, tkp, (t0, c1), &dt, t0, None, None);
+            let qa = (qrows, self.d * 4);
+            let tile0 = bufs.tile(k, Buf::T1);
+            score_tile(k, qa, self.d, kt, tkp, (t0, c1), tile0, t0, sc, mk);
+            if let Some((dyrows, vt)) = grad {
+                let dya = (dyrows, self.dv * 4);
+                let tile1 = bufs.tile(k, Buf::T2);
+                score_tile(k, dya, self.dv, vt, tkp, (t0, c1), tile1, t0, None, None);
             }
             let shift = k.b.ins().imul_imm_s(t0, 4);
-            let sts: [Value; R] = std::array::from_fn(|r| k.b.ins().isub(st[r], shift));
-            let dts: [Value; R] = std::array::from_fn(|r| k.b.ins().isub(dt[r], shift));
+            let tile = |k: &mut Kb, buf: Buf| {
+                let (t, row) = bufs.tile(k, buf);
+                (k.b.ins().isub(t, shift), row)
+            };
+            let sts = tile(k, Buf::T1);
             // Every row has a valid column in every tile it visits (key 0,
             // or the tile start ≤ its own index), so `mn` is finite and the
             // first tile's `corr` is 2^−∞ = 0.
-            let mt = rows_max(k, &sts, (t0, c1));
+            let mt = rows_max(k, sts, (t0, c1));
             let mo = k.b.use_var(m);
             let mn = vmax(k, mo, mt);
             k.b.def_var(m, mn);
             let dm = k.b.ins().fsub(mo, mn);
             let corr = exp2_n(k, tab, &[dm])[0];
-            store_splats(k, mn, bufs.sp, 0);
-            let dts = stats.then_some(&dts);
-            let (ts, td) = exp_pass(k, tab, &sts, dts, bufs.sp, (t0, c1));
+            let sp_at = bufs.at(k, Buf::Sp);
+            store_splats(k, mn, sp_at, 0);
+            let dts = stats.then(|| tile(k, Buf::T2));
+            let (ts, td) = exp_pass(k, tab, sts, dts, (bufs, Buf::Sp), (t0, c1));
             let lo = k.b.use_var(l);
             let ln = k.b.ins().fma(lo, corr, ts);
             k.b.def_var(l, ln);
@@ -985,18 +1157,19 @@ impl Attn {
                 let o = k.b.ins().fma(o, corr, td);
                 k.b.def_var(dacc, o);
             } else {
+                let a1_at = bufs.at(k, Buf::A1);
                 for r in 0..R {
                     let cv = bcast_lane(k, corr, r);
-                    let row =
-                        k.b.ins()
-                            .iadd_imm_s(bufs.a1, (r * pad4(self.dv) * 4) as i64);
+                    let row = k.b.ins().iadd_imm_s(a1_at, (r * pad4(self.dv) * 4) as i64);
                     for i in 0..pad4(self.dv) / 4 {
                         let x = k.load_v(row, (16 * i) as i32);
                         let x = k.b.ins().fmul(x, cv);
                         store(k, x, row, (16 * i) as i32);
                     }
                 }
-                row_acc(k, &st, 4, t0, vb, self.dv, (t0, t1), bufs.a1);
+                let a1_at = bufs.at(k, Buf::A1);
+                let tile0 = bufs.tile(k, Buf::T1);
+                row_acc(k, tile0, 4, t0, vb, self.dv, (t0, t1), a1_at);
             }
         });
         let lv = k.b.use_var(l);
@@ -1029,7 +1202,8 @@ impl Attn {
             for r in 0..R {
                 let i = k.b.ins().iadd_imm_s(cx.r0, r as i64);
                 let lr = k.b.ins().extractlane(inv, r as u8);
-                write_row(k, bufs.a1, r, self.dv, p.out, b, i, self.tq, Some(lr));
+                let a1_at = bufs.at(k, Buf::A1);
+                write_row(k, a1_at, r, self.dv, p.out, b, i, self.tq, Some(lr));
             }
         }
     }
@@ -1041,9 +1215,14 @@ impl Attn {
     /// per tile from `lse` and `D`.
     fn emit_dq(&self, k: &mut Kb, cx: &Cx) {
         let (p, bufs, b, tab) = (cx.p, cx.bufs, cx.b, cx.tab);
-        let rows = clamped_rows(k, cx.r0, self.tq);
-        let qrows = row_addrs(k, p.q, b, self.tq, self.d, &rows);
-        let dyrows = row_addrs(k, p.dy, b, self.tq, self.dv, &rows);
+        let qrows = (
+            unit_rows(k, p.q, b, self.tq, self.d, cx.r0, (bufs, Buf::Ra)),
+            self.d * 4,
+        );
+        let dyrows = (
+            unit_rows(k, p.dy, b, self.tq, self.dv, cx.r0, (bufs, Buf::Rb)),
+            self.dv * 4,
+        );
         let tkp = pad(self.tk);
         let kt = k.b.ins().imul_imm_s(b, (self.d * tkp * 4) as i64);
         let kt = k.b.ins().iadd(p.kt, kt);
@@ -1051,53 +1230,55 @@ impl Attn {
         let vt = k.b.ins().iadd(p.vt, vt);
         let kb_ = k.b.ins().imul_imm_s(b, (self.tk * self.d * 4) as i64);
         let kb_ = k.b.ins().iadd(p.k, kb_);
-        let mask = self.query_mask(k, &rows);
+        let mask = self.query_mask(cx.r0);
         let sc2 = Some(self.scale * std::f32::consts::LOG2_E);
-        zero_acc(k, bufs.a1, self.d);
+        let a1_at = bufs.at(k, Buf::A1);
+        zero_acc(k, a1_at, self.d);
         let kend = self.key_end(k, cx.r0);
         let zero = k.iconst(0);
         if let Some((ps, ds)) = p.saved {
             // Saved rows are not clamped, so a repeated last row never
             // transforms the same saved row twice.
-            let own: [Value; R] = std::array::from_fn(|r| k.b.ins().iadd_imm_s(cx.r0, r as i64));
             let n = saved_rows(self.tq);
-            let pt = row_addrs(k, ps, b, n, tkp, &own);
-            let dt = row_addrs(k, ds, b, n, tkp, &own);
+            let own = |k: &mut Kb, base: Value| {
+                let pb = k.b.ins().imul_imm_s(b, (n * tkp * 4) as i64);
+                let pb = k.b.ins().iadd(base, pb);
+                (k.addr(pb, cx.r0, (tkp * 4) as i64), tkp * 4)
+            };
+            let (pown, down) = (own(k, ps), own(k, ds));
+
             let cend = k.b.ins().iadd_imm_s(kend, G as i64 - 1);
             let cend = k.b.ins().band_imm_s(cend, !(G as i64 - 1));
             let mk = mask.as_ref().map(|m| (m, cx.iota));
-            score_tile(k, &qrows, self.d, kt, tkp, (zero, cend), &pt, zero, sc2, mk);
-            score_tile(
-                k,
-                &dyrows,
-                self.dv,
-                vt,
-                tkp,
-                (zero, cend),
-                &dt,
-                zero,
-                None,
-                None,
-            );
-            let mt = rows_max(k, &pt, (zero, cend));
-            store_splats(k, mt, bufs.sp, 0);
-            let (ts, td) = exp_pass(k, tab, &pt, Some(&dt), bufs.sp, (zero, cend));
+            score_tile(k, qrows, self.d, kt, tkp, (zero, cend), pown, zero, sc2, mk);
+            let cols = (zero, cend);
+            score_tile(k, dyrows, self.dv, vt, tkp, cols, down, zero, None, None);
+            let mt = rows_max(k, pown, (zero, cend));
+            let sp_at = bufs.at(k, Buf::Sp);
+            store_splats(k, mt, sp_at, 0);
+            let (ts, td) = exp_pass(k, tab, pown, Some(down), (bufs, Buf::Sp), (zero, cend));
+            let pt = row_ptrs(k, pown.0, pown.1);
+            let dt = row_ptrs(k, down.0, down.1);
             let one = k.vconst(1.0);
             let inv = k.b.ins().fdiv(one, ts);
             let td = td.unwrap_or(ts);
             let dd = k.b.ins().fmul(td, inv);
-            store_splats(k, inv, bufs.sp, 0);
-            store_splats(k, dd, bufs.sp, R);
+            let sp_at = bufs.at(k, Buf::Sp);
+            store_splats(k, inv, sp_at, 0);
+            let sp_at = bufs.at(k, Buf::Sp);
+            store_splats(k, dd, sp_at, R);
             let sc = k.vconst(self.scale);
             for r in 0..R {
                 k.for_range(zero, cend, 4, |k, j| {
                     let pa = k.addr(pt[r], j, 4);
                     let da = k.addr(dt[r], j, 4);
                     let e = k.load_v(pa, 0);
-                    let iv = k.load_v(bufs.sp, (16 * r) as i32);
+                    let sp_at = bufs.at(k, Buf::Sp);
+                    let iv = k.load_v(sp_at, (16 * r) as i32);
                     let pv = k.b.ins().fmul(e, iv);
                     let dp = k.load_v(da, 0);
-                    let dr = k.load_v(bufs.sp, (16 * (R + r)) as i32);
+                    let sp_at = bufs.at(k, Buf::Sp);
+                    let dr = k.load_v(sp_at, (16 * (R + r)) as i32);
                     let g = k.b.ins().fsub(dp, dr);
                     let g = k.b.ins().fmul(g, pv);
                     let g = k.b.ins().fmul(g, sc);
@@ -1105,8 +1286,10 @@ impl Attn {
                     store(k, g, da, 0);
                 });
             }
-            row_acc(k, &dt, 4, zero, kb_, self.d, (zero, kend), bufs.a1);
+            let a1_at = bufs.at(k, Buf::A1);
+            row_acc(k, down, 4, zero, kb_, self.d, (zero, kend), a1_at);
         } else {
+            let rows = clamped_rows(k, cx.r0, self.tq);
             let stat = |k: &mut Kb, base: Value| -> Value {
                 let flat = k.b.ins().imul_imm_s(b, pad(self.tq) as i64);
                 let mut v = k.vconst(0.0);
@@ -1120,14 +1303,18 @@ impl Attn {
             };
             let lse = stat(k, p.lse);
             let dd = stat(k, p.dd);
-            store_splats(k, lse, bufs.sp, 0);
-            store_splats(k, dd, bufs.sp, R);
-            let (pt, dt) = self.stack_tiles(k, cx);
+            let sp_at = bufs.at(k, Buf::Sp);
+            store_splats(k, lse, sp_at, 0);
+            let sp_at = bufs.at(k, Buf::Sp);
+            store_splats(k, dd, sp_at, R);
             for_tiles(k, zero, kend, |k, t0| {
                 let (t1, c1) = self.tile_bounds(k, t0, kend);
                 let mk = mask.as_ref().map(|m| (m, cx.iota));
-                score_tile(k, &qrows, self.d, kt, tkp, (t0, c1), &pt, t0, sc2, mk);
-                score_tile(k, &dyrows, self.dv, vt, tkp, (t0, c1), &dt, t0, None, None);
+                let tile0 = bufs.tile(k, Buf::T1);
+                score_tile(k, qrows, self.d, kt, tkp, (t0, c1), tile0, t0, sc2, mk);
+                let tile1 = bufs.tile(k, Buf::T2);
+                score_tile(k, dyrows, self.dv, vt, tkp, (t0, c1), tile1, t0, None, None);
+                let (pt, dt) = self.stack_tiles(k, cx);
                 let shift = k.b.ins().imul_imm_s(t0, 4);
                 let pts: [Value; R] = std::array::from_fn(|r| k.b.ins().isub(pt[r], shift));
                 let dts: [Value; R] = std::array::from_fn(|r| k.b.ins().isub(dt[r], shift));
@@ -1146,7 +1333,8 @@ impl Attn {
                             .iter()
                             .map(|&(r, pa, _, off)| {
                                 let s = k.load_v(pa, off);
-                                let lv = k.load_v(bufs.sp, (16 * r) as i32);
+                                let sp_at = bufs.at(k, Buf::Sp);
+                                let lv = k.load_v(sp_at, (16 * r) as i32);
                                 k.b.ins().fsub(s, lv)
                             })
                             .collect();
@@ -1157,7 +1345,8 @@ impl Attn {
                         for &(r, pa, da, off) in &at {
                             let e = reload(k, pa, off);
                             let dp = k.load_v(da, off);
-                            let dr = k.load_v(bufs.sp, (16 * (R + r)) as i32);
+                            let sp_at = bufs.at(k, Buf::Sp);
+                            let dr = k.load_v(sp_at, (16 * (R + r)) as i32);
                             let g = k.b.ins().fsub(dp, dr);
                             let g = k.b.ins().fmul(g, e);
                             let scv = k.vconst(sc);
@@ -1166,26 +1355,30 @@ impl Attn {
                         }
                     });
                 }
-                row_acc(k, &dt, 4, t0, kb_, self.d, (t0, t1), bufs.a1);
+                let a1_at = bufs.at(k, Buf::A1);
+                let tile1 = bufs.tile(k, Buf::T2);
+                row_acc(k, tile1, 4, t0, kb_, self.d, (t0, t1), a1_at);
             });
         }
         for r in 0..R {
             let i = k.b.ins().iadd_imm_s(cx.r0, r as i64);
-            write_row(k, bufs.a1, r, self.d, p.out, b, i, self.tq, None);
+            let a1_at = bufs.at(k, Buf::A1);
+            write_row(k, a1_at, r, self.d, p.out, b, i, self.tq, None);
         }
     }
 
     /// `dk` and `dv` for a key block.
     fn emit_dkv(&self, k: &mut Kb, cx: &Cx) {
         let (p, bufs, b) = (cx.p, cx.bufs, cx.b);
-        let rows = clamped_rows(k, cx.r0, self.tk);
         let tqp = pad(self.tq);
         let qb = k.b.ins().imul_imm_s(b, (self.tq * self.d * 4) as i64);
         let qb = k.b.ins().iadd(p.q, qb);
         let dyb = k.b.ins().imul_imm_s(b, (self.tq * self.dv * 4) as i64);
         let dyb = k.b.ins().iadd(p.dy, dyb);
-        zero_acc(k, bufs.a1, self.d);
-        zero_acc(k, bufs.a2, self.dv);
+        let a1_at = bufs.at(k, Buf::A1);
+        zero_acc(k, a1_at, self.d);
+        let a2_at = bufs.at(k, Buf::A2);
+        zero_acc(k, a2_at, self.dv);
         let tq = k.iconst(self.tq as i64);
         // Causal: queries before the block's first key see none of it.
         let istart = if self.causal {
@@ -1199,23 +1392,31 @@ impl Attn {
                 let pb =
                     k.b.ins()
                         .imul_imm_s(b, (saved_rows(self.tq) * tkp * 4) as i64);
-                let wp: [Value; R] = std::array::from_fn(|r| {
-                    let a = k.b.ins().iadd(ps, pb);
-                    k.addr(a, rows[r], 4)
-                });
-                let wd: [Value; R] = std::array::from_fn(|r| {
-                    let a = k.b.ins().iadd(ds, pb);
-                    k.addr(a, rows[r], 4)
-                });
+                // The block's key columns, unclamped: they stay below
+                // `Tk'`, and past `Tk` the saved `P` and `dS` are 0 (masked
+                // scores) and feed rows that are never stored.
+                let col = |k: &mut Kb, base: Value| {
+                    let a = k.b.ins().iadd(base, pb);
+                    (k.addr(a, cx.r0, 4), 4)
+                };
+                let (wp, wd) = (col(k, ps), col(k, ds));
                 let zero = k.iconst(0);
                 let ws = (tkp * 4) as i64;
                 let i0 = if self.causal { cx.r0 } else { zero };
-                row_acc(k, &wp, ws, zero, dyb, self.dv, (i0, tq), bufs.a2);
-                row_acc(k, &wd, ws, zero, qb, self.d, (i0, tq), bufs.a1);
+                let a2_at = bufs.at(k, Buf::A2);
+                row_acc(k, wp, ws, zero, dyb, self.dv, (i0, tq), a2_at);
+                let a1_at = bufs.at(k, Buf::A1);
+                row_acc(k, wd, ws, zero, qb, self.d, (i0, tq), a1_at);
             }
             None => {
-                let krows = row_addrs(k, p.k, b, self.tk, self.d, &rows);
-                let vrows = row_addrs(k, p.v, b, self.tk, self.dv, &rows);
+                let krows = (
+                    unit_rows(k, p.k, b, self.tk, self.d, cx.r0, (bufs, Buf::Ra)),
+                    self.d * 4,
+                );
+                let vrows = (
+                    unit_rows(k, p.v, b, self.tk, self.dv, cx.r0, (bufs, Buf::Rb)),
+                    self.dv * 4,
+                );
                 let qt = k.b.ins().imul_imm_s(b, (self.d * tqp * 4) as i64);
                 let qt = k.b.ins().iadd(p.qt, qt);
                 let dyt = k.b.ins().imul_imm_s(b, (self.dv * tqp * 4) as i64);
@@ -1223,33 +1424,38 @@ impl Attn {
                 let sb = k.b.ins().imul_imm_s(b, (tqp * 4) as i64);
                 let lse = k.b.ins().iadd(p.lse, sb);
                 let ddb = k.b.ins().iadd(p.dd, sb);
-                let zero = k.iconst(0);
-                let last = k.iconst(self.tq as i64 - 1);
+                let lo = if self.causal {
+                    Bound::Diagonal {
+                        r0: cx.r0,
+                        last: self.tk as i64 - 1,
+                    }
+                } else {
+                    Bound::Fixed(0)
+                };
                 let mask = Mask {
-                    lo: std::array::from_fn(|r| if self.causal { rows[r] } else { zero }),
-                    hi: [last; R],
+                    lo,
+                    hi: Bound::Fixed(self.tq as i64 - 1),
                 };
                 let use_mask = self.causal || !self.tq.is_multiple_of(G);
-                let pt: [Value; R] =
-                    std::array::from_fn(|r| k.b.ins().iadd_imm_s(bufs.t1, (r * TILE * 4) as i64));
-                let dt: [Value; R] =
-                    std::array::from_fn(|r| k.b.ins().iadd_imm_s(bufs.t2, (r * TILE * 4) as i64));
                 for_tiles(k, istart, tq, |k, t0| {
                     let (t1, c1) = self.tile_bounds(k, t0, tq);
                     let mk = use_mask.then_some((&mask, cx.iota));
+                    let tile0 = bufs.tile(k, Buf::T1);
                     score_tile(
                         k,
-                        &krows,
+                        krows,
                         self.d,
                         qt,
                         tqp,
                         (t0, c1),
-                        &pt,
+                        tile0,
                         t0,
                         Some(self.scale * std::f32::consts::LOG2_E),
                         mk,
                     );
-                    score_tile(k, &vrows, self.dv, dyt, tqp, (t0, c1), &dt, t0, None, None);
+                    let tile1 = bufs.tile(k, Buf::T2);
+                    score_tile(k, vrows, self.dv, dyt, tqp, (t0, c1), tile1, t0, None, None);
+                    let (pt, dt) = self.stack_tiles(k, cx);
                     let n = k.b.ins().isub(c1, t0);
                     let zero = k.iconst(0);
                     // Masked scores are −∞, so `e` and with it `dS` are 0.
@@ -1282,15 +1488,21 @@ impl Attn {
                             store(k, g, ga, 0);
                         }
                     });
-                    row_acc(k, &pt, 4, t0, dyb, self.dv, (t0, t1), bufs.a2);
-                    row_acc(k, &dt, 4, t0, qb, self.d, (t0, t1), bufs.a1);
+                    let a2_at = bufs.at(k, Buf::A2);
+                    let tile0 = bufs.tile(k, Buf::T1);
+                    row_acc(k, tile0, 4, t0, dyb, self.dv, (t0, t1), a2_at);
+                    let a1_at = bufs.at(k, Buf::A1);
+                    let tile1 = bufs.tile(k, Buf::T2);
+                    row_acc(k, tile1, 4, t0, qb, self.d, (t0, t1), a1_at);
                 });
             }
         }
         for r in 0..R {
             let j = k.b.ins().iadd_imm_s(cx.r0, r as i64);
-            write_row(k, bufs.a1, r, self.d, p.out, b, j, self.tk, None);
-            write_row(k, bufs.a2, r, self.dv, p.out2, b, j, self.tk, None);
+            let a1_at = bufs.at(k, Buf::A1);
+            write_row(k, a1_at, r, self.d, p.out, b, j, self.tk, None);
+            let a2_at = bufs.at(k, Buf::A2);
+            write_row(k, a2_at, r, self.dv, p.out2, b, j, self.tk, None);
         }
     }
 }
