@@ -486,3 +486,56 @@ fn recurrent_gradient_reads_the_activations_its_forward_saved() {
         );
     }
 }
+
+/// Finds the block of `asm` with `fmas` FMAs (a micro-kernel's unrolled
+/// loop body) and checks its broadcasts and register moves: the copies
+/// the FMA form needs and no more (no accumulator moved on the loop edge),
+/// and no stack access (no spills). A copy of the helper in tests/jit.rs.
+fn check_fma_loop(asm: &str, fmas: usize, broadcasts: usize, moves: usize) {
+    let body = asm
+        .split("\nblock")
+        .find(|b| b.matches("vfmadd").count() == fmas)
+        .unwrap_or_else(|| panic!("no block with {fmas} FMAs in:\n{asm}"));
+    // The disassembly of the next function follows the last block.
+    let body = body.split("\n;").next().unwrap_or(body);
+    let moved = body.matches("movdqa").count() + body.matches("movaps").count();
+    assert_eq!(
+        body.matches("vbroadcastss").count(),
+        broadcasts,
+        "broadcasts:\n{body}"
+    );
+    assert_eq!(moved, moves, "register moves:\n{body}");
+    assert!(!body.contains("rsp"), "spills in the loop:\n{body}");
+}
+
+/// The disassembly of the recurrent time loop: of the compiled steps
+/// (packing, the loop, the gradient's matmuls), the one with the most
+/// FMAs, its tiles' loops unrolled over row groups and k chunks.
+fn time_loop_asm(c: &Case) -> String {
+    let asm = codegen::emit_asm(&c.g).expect("disassembles");
+    asm.split("\n; ")
+        .max_by_key(|f| f.matches("vfmadd").count())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The recurrent matmuls take the matmul micro-kernel's form: per k, one
+/// broadcast per row shared by the row's four FMAs (three register copies),
+/// two k per loop iteration with the second reversed, so a 2 × 4 tile's
+/// loop body has 16 FMAs, 4 broadcasts, 12 copies and no edge moves or
+/// spills. The LSTM forward's four vectors are its gates; the gradient's
+/// and the GRU's are four (or two pairs of) hidden blocks.
+#[test]
+fn recurrent_loops_keep_accumulators_in_place() {
+    let mut rng = Rng(21);
+    // H = 16: four hidden blocks, one tile for the single-vector phases.
+    let shape = (8, 3, 6, 16);
+    let lstm = rnn_case(&mut rng, shape, 4, Op::LstmSeq, false);
+    check_fma_loop(&time_loop_asm(&lstm), 16, 4, 12);
+    let lstm_grad = rnn_case(&mut rng, shape, 4, Op::LstmSeqGrad, true);
+    check_fma_loop(&time_loop_asm(&lstm_grad), 16, 4, 12);
+    let gru = rnn_case(&mut rng, shape, 3, Op::GruSeq, false);
+    check_fma_loop(&time_loop_asm(&gru), 16, 4, 12);
+    let gru_grad = rnn_case(&mut rng, shape, 3, Op::GruSeqGrad, true);
+    check_fma_loop(&time_loop_asm(&gru_grad), 16, 4, 12);
+}

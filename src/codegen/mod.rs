@@ -885,6 +885,7 @@ fn opt_level(step: &Step) -> OptLevel {
         Step::Elementwise(_) | Step::Softmax(_) | Step::CrossEntropy(_) | Step::Attention(_) => {
             OptLevel::Quick
         }
+        Step::Rnn(_) => OptLevel::Quick, // its tiles keep accumulators in place (rnn::chunk)
         _ => OptLevel::Speed,
     }
 }

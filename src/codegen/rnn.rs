@@ -21,7 +21,7 @@ use super::reduce::Reduce;
 use crate::ir::{ReduceOp, TensorType};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I64};
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::{InstBuilder, StackSlot, StackSlotData, StackSlotKind, Value};
 use cranelift_frontend::Variable;
 
 /// Steps of one node under construction, with a bump allocator over the
@@ -677,15 +677,15 @@ const LANES: usize = 4;
 
 /// Batch rows per unit of work. Rows are independent through the whole
 /// time loop, so units need no barrier between steps; also the height of
-/// the register tile (one accumulator per row).
+/// the stack tile (see [`tile_mm`]).
 const ROW_BLOCK: usize = 8;
 
 /// Below this many flops in all, the loop runs in one call on one thread.
 const SPLIT_FLOPS: usize = 1 << 20;
 
 /// Bytes of the stack tile of accumulators: up to `ROW_BLOCK` rows of
-/// up to four vectors (one per gate).
-const TILE_BYTES: usize = ROW_BLOCK * 4 * 16;
+/// `EPI_BLOCKS` hidden blocks of up to four vectors (one per gate).
+const TILE_BYTES: usize = ROW_BLOCK * EPI_BLOCKS * 4 * 16;
 
 /// `w_h` (or its transpose, or `w_x`) packed per block of four hidden
 /// columns: `dst[hb][k0 + k][v][l] = src[k·rs + (v·vs + 4·hb + l)·cs]`
@@ -914,7 +914,7 @@ impl Lanes {
 }
 
 /// One unit's recurrent matmul: rows of A start at `a`, `a_rs` bytes
-/// apart, `kdim` contiguous f32s each; the packed panel has `v` vectors per
+/// apart, `kdim` contiguous f32s each; the packed panel has [`RnnSeq::vectors`] per
 /// k, `pstride` bytes apart. Runs only where `run` is set (else the
 /// product is zero: the state before step 0, or the gradient after the
 /// last step). `x`, when set, continues the sum over a second A (rows
@@ -928,7 +928,6 @@ struct Mm {
     panel: Value,
     pstride: i64,
     kdim: usize,
-    v: usize,
     x: Option<XIn>,
 }
 
@@ -966,7 +965,9 @@ struct Cx {
     last: Option<Value>,
     panel: Value,
     zeros: Value,
-    tile: Value,
+    /// The stack tile: its address is formed where it is used, since a
+    /// value live across the k loops gets reloaded inside them.
+    tile: StackSlot,
     /// First row of the unit's row block, and whether it is the last
     /// block.
     r_lo: Value,
@@ -975,72 +976,188 @@ struct Cx {
 
 type Epi<'a> = dyn Fn(&mut Kb, Value, &[Value], Lanes) + 'a;
 
-/// `tile[r][j] = Σ_k A[r, k] · panel[k][j]` for `rows` rows (at most
-/// [`ROW_BLOCK`]), one panel column `j` at a time.
-///
-/// One accumulator per row and four k per loop iteration: the live
-/// registers are the eight accumulators and the four panel vectors, so
-/// nothing spills. Each FMA gets its A element as a broadcast of its own
-/// (one `vbroadcastss` from memory), which Cranelift's `fma` may then
-/// overwrite; the panel vector it reads stays in a register for all rows.
-/// Cranelift emits each accumulator's four FMAs back to back (it places a
-/// value where the loop's back edge first needs it), but the eight
-/// accumulators are independent chains for the out-of-order core.
-/// A is a compact state buffer (rows 1-2 KB apart): with the `[N, T, ·]`
-/// sequence buffers as A, the rows would sit a power-of-two stride apart
-/// and compete for the same L1 sets.
-/// The A loads are marked read-only so they sink into the broadcast: no
-/// store of this function touches A while the loop runs (A is the
-/// previous step's state, written before this step's matmuls), and every
-/// A address depends on the loop's pointer, so no load can be hoisted or
-/// merged across the stores of other steps.
-fn tile_mm(k: &mut Kb, segs: &[Seg], mm: &Mm, rows: usize, tile: Value) {
-    let unroll = 4;
-    for j in 0..mm.v {
-        let zero = k.vconst(0.0);
-        let accs: Vec<Variable> = (0..rows).map(|_| k.var(F32X4, zero)).collect();
-        for seg in segs {
-            let body = |k: &mut Kb| {
-                let ap = k.var(I64, seg.a);
-                let p0 = k.b.ins().iadd_imm_s(seg.panel, (j * 16) as i64);
-                let bp = k.var(I64, p0);
-                let step = |k: &mut Kb, unroll: usize| {
-                    let a = k.b.use_var(ap);
-                    let b = k.b.use_var(bp);
-                    for (r, &var) in accs.iter().enumerate() {
-                        let mut acc = k.b.use_var(var);
-                        for u in 0..unroll {
-                            let off = u as i64 * mm.pstride;
-                            let bj = k.b.ins().load(F32X4, ro_flags(), b, off as i32);
-                            let off = r as i64 * seg.a_rs + (u * 4) as i64;
-                            let s = k.b.ins().load(F32, ro_flags(), a, off as i32);
-                            let av = k.b.ins().splat(F32X4, s);
-                            acc = k.b.ins().fma(av, bj, acc);
-                        }
-                        k.b.def_var(var, acc);
-                    }
-                    let a2 = k.b.ins().iadd_imm_s(a, (unroll * 4) as i64);
-                    let b2 = k.b.ins().iadd_imm_s(b, unroll as i64 * mm.pstride);
-                    k.b.def_var(ap, a2);
-                    k.b.def_var(bp, b2);
-                };
-                let iters = seg.kdim / unroll;
-                if iters > 0 {
-                    k.for_const(0, iters, |k, _| step(k, unroll));
-                }
-                for _ in 0..seg.kdim % unroll {
-                    step(k, 1);
+/// A hidden block's context and epilogue, given the block.
+type UnitAt<'a, 'r> = dyn Fn(&mut Kb, Value) -> (Cx, Box<Epi<'r>>) + 'a;
+
+/// Vectors of a tile row: the hidden blocks of a group times the vectors
+/// each block's matmul has (4 gates for the LSTM forward, 2 or 1 for the
+/// others), so that every broadcast of an A element feeds four FMAs.
+const TILE_VECS: usize = 4;
+
+/// Hidden blocks per tile: their epilogues run together, row by row (see
+/// [`RnnSeq::epilogues`]).
+const EPI_BLOCKS: usize = 4;
+
+/// k per chunk of [`tile_mm`]: a chunk's panel rows (up to 4 vectors
+/// each, 8 KB) and A columns stay in L1 while every row group of the tile
+/// runs over them.
+const KC: usize = 128;
+
+/// `tile[r][i] = Σ_k A[r, k] · panel[k] at byte offset vecs[i]` for
+/// `rows` rows (at most [`ROW_BLOCK`]). The rows are taken a few at a
+/// time, as many as keep all accumulators, the B vectors of one k, a
+/// broadcast and its copy within the 16 vector registers (2 rows × 4
+/// vectors, 4 × 2, 3 × 3), over chunks of [`KC`] k: each row group adds
+/// a chunk to its part of the tile, so the panel is read from L2 once per
+/// step, not once per row group. Each element sums its k terms in order,
+/// whatever tile or chunk it falls in (its partial sum goes through the
+/// tile exactly), so the results do not depend on the row split.
+fn tile_mm(
+    k: &mut Kb,
+    segs: &[Seg],
+    pstride: i64,
+    rows: usize,
+    tile: (StackSlot, (usize, usize)),
+    vecs: &[i64],
+) {
+    let height = match vecs.len() {
+        1 => ROW_BLOCK,
+        2 => 4,
+        3 => 3,
+        _ => 2,
+    };
+    let groups: Vec<(usize, usize)> = (0..rows)
+        .step_by(height)
+        .map(|r0| (r0, height.min(rows - r0)))
+        .collect();
+    let (slot, (row_vecs, col0)) = tile;
+    let at = k.b.ins().stack_addr(I64, slot, 0);
+    let zero = k.vconst(0.0);
+    for r in 0..rows {
+        for i in 0..vecs.len() {
+            let off = (r * row_vecs + col0 + i) * 16;
+            k.b.ins().store(flags(), zero, at, off as i32);
+        }
+    }
+    for seg in segs {
+        let body = |k: &mut Kb| {
+            let chunks = |k: &mut Kb, c0: Value, kc: usize| {
+                let a = k.addr(seg.a, c0, (KC * 4) as i64);
+                let b = k.addr(seg.panel, c0, KC as i64 * pstride);
+                for &g in &groups {
+                    let a = k.b.ins().iadd_imm_s(a, g.0 as i64 * seg.a_rs);
+                    chunk(k, (a, seg.a_rs, b, pstride), kc, g, tile, vecs);
                 }
             };
-            match seg.run {
-                Some(c) => k.if_then(c, body),
-                None => body(k),
+            let full = seg.kdim / KC;
+            if full > 0 {
+                k.for_const(0, full, |k, c| chunks(k, c, KC));
+            }
+            if !seg.kdim.is_multiple_of(KC) {
+                let c = k.iconst(full as i64);
+                chunks(k, c, seg.kdim % KC);
+            }
+        };
+        match seg.run {
+            Some(c) => k.if_then(c, body),
+            None => body(k),
+        }
+    }
+}
+
+/// `kc` k of rows `r0..r0 + rn` of [`tile_mm`] added to the tile, in the
+/// matmul micro-kernel's form (see `matmul::micro_kernel`): per k, the B
+/// vectors, then per row one broadcast of its A element shared by the
+/// row's FMAs through register copies (Cranelift's `fma` overwrites a
+/// multiplicand); two k per loop iteration, the second visiting rows and
+/// vectors in reverse, so each accumulator returns to its register by the
+/// end of the iteration and the loop edge moves nothing. The step is
+/// compiled without the optimiser, which would hoist the second k's loads
+/// above the first's FMAs and break the rotation.
+///
+/// A (`a`, rows `a_rs` bytes apart) is a compact state buffer (rows 1-4
+/// KB apart) or the input; B (`b`) has its k `pstride` bytes apart. The A
+/// and B loads are marked read-only: no store of this function touches
+/// them while the loop runs (A is the previous step's state, written
+/// before this step's matmuls), and every address depends on the loop's
+/// pointers, so no load can be hoisted or merged across the stores of
+/// other steps.
+fn chunk(
+    k: &mut Kb,
+    (a, a_rs, b, pstride): (Value, i64, Value, i64),
+    kc: usize,
+    (r0, rn): (usize, usize),
+    (tile, (row_vecs, col0)): (StackSlot, (usize, usize)),
+    vecs: &[i64],
+) {
+    let nv = vecs.len();
+    let at = k.b.ins().stack_addr(I64, tile, 0);
+    let off = |r: usize, i: usize| (((r0 + r) * row_vecs + col0 + i) * 16) as i32;
+    let accs: Vec<Vec<Variable>> = (0..rn)
+        .map(|r| {
+            (0..nv)
+                .map(|i| {
+                    let v = k.load_v(at, off(r, i));
+                    k.var(F32X4, v)
+                })
+                .collect()
+        })
+        .collect();
+    let ap = k.var(I64, a);
+    let bp = k.var(I64, b);
+    let step = |k: &mut Kb, ks: usize| {
+        let a = k.b.use_var(ap);
+        let b = k.b.use_var(bp);
+        for u in 0..ks {
+            let rev = u % 2 == 1;
+            let bv: Vec<Value> = vecs
+                .iter()
+                .map(|&off| {
+                    let off = (off + u as i64 * pstride) as i32;
+                    k.b.ins().load(F32X4, ro_flags(), b, off)
+                })
+                .collect();
+            let mut order: Vec<usize> = (0..rn).collect();
+            let mut cols: Vec<usize> = (0..nv).collect();
+            if rev {
+                order.reverse();
+                cols.reverse();
+            }
+            for &r in &order {
+                let off = (r as i64 * a_rs + (u * 4) as i64) as i32;
+                let s = k.b.ins().load(F32, ro_flags(), a, off);
+                let x = k.b.ins().splat(F32X4, s);
+                for &i in &cols {
+                    let old = k.b.use_var(accs[r][i]);
+                    let new = k.b.ins().fma(x, bv[i], old);
+                    k.b.def_var(accs[r][i], new);
+                }
             }
         }
-        for (r, var) in accs.iter().enumerate() {
+        let a2 = k.b.ins().iadd_imm_s(a, (ks * 4) as i64);
+        let b2 = k.b.ins().iadd_imm_s(b, ks as i64 * pstride);
+        k.b.def_var(ap, a2);
+        k.b.def_var(bp, b2);
+    };
+    if kc >= 2 {
+        // Tested at the bottom: one block that branches to itself and is
+        // laid out before what follows. A top-tested loop's body is placed
+        // after the rest of the function, where the register allocator
+        // reloads values live across it.
+        let body = k.b.create_block();
+        let exit = k.b.create_block();
+        let zero = k.iconst(0);
+        let i = k.var(I64, zero);
+        k.b.ins().jump(body, &[]);
+        k.b.switch_to_block(body);
+        step(k, 2);
+        let iv = k.b.use_var(i);
+        let next = k.b.ins().iadd_imm_s(iv, 1);
+        k.b.def_var(i, next);
+        let more =
+            k.b.ins()
+                .icmp_imm_s(IntCC::SignedLessThan, next, (kc / 2) as i64);
+        k.b.ins().brif(more, body, &[], exit, &[]);
+        k.b.switch_to_block(exit);
+    }
+    if kc % 2 == 1 {
+        step(k, 1);
+    }
+    let at = k.b.ins().stack_addr(I64, tile, 0);
+    for (r, row) in accs.iter().enumerate() {
+        for (i, var) in row.iter().enumerate() {
             let v = k.b.use_var(*var);
-            let off = (r * mm.v + j) * 16;
-            k.b.ins().store(flags(), v, tile, off as i32);
+            k.b.ins().store(flags(), v, at, off(r, i));
         }
     }
 }
@@ -1110,13 +1227,23 @@ impl RnnSeq {
         let zeros = kb.stack_buf(16);
         let z = kb.vconst(0.0);
         kb.b.ins().store(flags(), z, zeros, 0);
-        let tile = kb.stack_buf(TILE_BYTES as u32);
+        let tile = kb.b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            TILE_BYTES as u32,
+            4,
+        ));
         let partial = !self.h.is_multiple_of(LANES);
         let units = self.units() as i64;
         let (start, end) = (kb.start, kb.end);
         let rec = self.bind(kb);
+        // The unit's first row, kept on the stack and loaded where used:
+        // held in a register across the matmul loops, the register
+        // allocator reloads it inside them.
+        let r_lo_at =
+            kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 8, 3));
         kb.for_range(start, end, 1, |k, u| {
             let r_lo = k.b.ins().imul_imm_s(u, ROW_BLOCK as i64);
+            k.b.ins().stack_store(I64, r_lo, r_lo_at, 0);
             let last_unit = k.b.ins().icmp_imm_s(IntCC::Equal, u, units - 1);
             k.for_const(0, self.t, |k, step| {
                 let t = if self.backward() {
@@ -1133,27 +1260,63 @@ impl RnnSeq {
                 let has_next = k.b.ins().icmp_imm_s(IntCC::SignedLessThan, t, tl);
                 let tprev = k.b.ins().smax(tm1, zero);
                 let tnext = k.b.ins().smin(tp1, tlv);
+                let cx_of = |k: &mut Kb, hb: Value| Cx {
+                    t,
+                    has_prev,
+                    has_next,
+                    tprev,
+                    tnext,
+                    col: k.b.ins().imul_imm_s(hb, LANES as i64),
+                    last: partial.then(|| k.b.ins().icmp_imm_s(IntCC::Equal, hb, nb as i64 - 1)),
+                    panel: k.addr(wp, hb, panel_bytes),
+                    zeros,
+                    tile,
+                    r_lo: k.b.ins().stack_load(I64, I64, r_lo_at, 0),
+                    last_unit,
+                };
                 // Phases run one after the other over all hidden blocks:
-                // a phase reads every column the one before wrote.
+                // a phase reads every column the one before wrote. Within
+                // a phase, groups of `EPI_BLOCKS` blocks share one tile:
+                // their matmuls fill it (each matmul covering blocks worth
+                // `TILE_VECS` vectors), then their epilogues run row by
+                // row. A group's epilogues write only the state slot the
+                // matmuls of this step do not read.
                 for phase in 0..self.phases() {
-                    k.for_const(0, nb, |k, hb| {
-                        let cx = Cx {
-                            t,
-                            has_prev,
-                            has_next,
-                            tprev,
-                            tnext,
-                            col: k.b.ins().imul_imm_s(hb, LANES as i64),
-                            last: partial
-                                .then(|| k.b.ins().icmp_imm_s(IntCC::Equal, hb, nb as i64 - 1)),
-                            panel: k.addr(wp, hb, panel_bytes),
-                            zeros,
-                            tile,
-                            r_lo,
-                            last_unit,
+                    let v = self.vectors(phase);
+                    let g = (TILE_VECS / v).max(1);
+                    let group = |k: &mut Kb, hb0: Value, en: usize| {
+                        let mut b0 = 0;
+                        while b0 < en {
+                            let gn = g.min(en - b0);
+                            let hb = k.b.ins().iadd_imm_s(hb0, b0 as i64);
+                            let cx = cx_of(k, hb);
+                            let (mm, _) = self.unit(k, &rec, &cx, phase);
+                            let vecs: Vec<i64> = (0..gn)
+                                .flat_map(|gi| {
+                                    (0..v).map(move |j| gi as i64 * panel_bytes + (j * 16) as i64)
+                                })
+                                .collect();
+                            self.product(k, &cx, &mm, &vecs, (en * v, b0 * v));
+                            b0 += gn;
+                        }
+                        let at = |k: &mut Kb, hb: Value| {
+                            let cx = cx_of(k, hb);
+                            let (_, epi) = self.unit(k, &rec, &cx, phase);
+                            (cx, epi)
                         };
-                        self.unit(k, &rec, &cx, phase);
-                    });
+                        self.epilogues(k, hb0, (v, en), &at);
+                    };
+                    let full = nb / EPI_BLOCKS;
+                    if full > 0 {
+                        k.for_const(0, full, |k, gi| {
+                            let hb0 = k.b.ins().imul_imm_s(gi, EPI_BLOCKS as i64);
+                            group(k, hb0, EPI_BLOCKS);
+                        });
+                    }
+                    if !nb.is_multiple_of(EPI_BLOCKS) {
+                        let hb0 = k.iconst((full * EPI_BLOCKS) as i64);
+                        group(k, hb0, nb % EPI_BLOCKS);
+                    }
                 }
             });
         });
@@ -1240,11 +1403,20 @@ impl RnnSeq {
         }
     }
 
-    /// The unit's row block as one tile: the matmul into the stack tile,
-    /// then the epilogue row by row. Only the last block may be short.
-    fn rows(&self, k: &mut Kb, cx: &Cx, mm: Mm, epi: &Epi) {
+    /// Vectors of phase `phase`'s matmul per hidden block.
+    fn vectors(&self, phase: usize) -> usize {
+        match (&self.rec, phase) {
+            (Rec::LstmFwd { .. }, _) => 4,
+            (Rec::GruFwd { .. }, 0) => 2,
+            _ => 1,
+        }
+    }
+
+    /// The matmul of the unit's row block for a group of hidden blocks
+    /// (panel vectors at byte offsets `vecs` from the first block's) into
+    /// the stack tile. Only the last row block may be short.
+    fn product(&self, k: &mut Kb, cx: &Cx, mm: &Mm, vecs: &[i64], place: (usize, usize)) {
         let n_last = self.n - (self.units() - 1) * ROW_BLOCK;
-        let h_rem = self.h % LANES;
         let r0 = cx.r_lo;
         let mut segs = vec![Seg {
             run: Some(mm.run),
@@ -1263,38 +1435,55 @@ impl RnnSeq {
                 kdim: x.kdim,
             });
         }
-        let short = n_last != ROW_BLOCK;
-        if short && self.units() == 1 {
-            tile_mm(k, &segs, &mm, n_last, cx.tile);
-        } else if short {
+        let ps = mm.pstride;
+        if n_last == ROW_BLOCK {
+            tile_mm(k, &segs, ps, ROW_BLOCK, (cx.tile, place), vecs);
+        } else if self.units() == 1 {
+            tile_mm(k, &segs, ps, n_last, (cx.tile, place), vecs);
+        } else {
             k.if_else(
                 cx.last_unit,
-                |k| tile_mm(k, &segs, &mm, n_last, cx.tile),
-                |k| tile_mm(k, &segs, &mm, ROW_BLOCK, cx.tile),
+                |k| tile_mm(k, &segs, ps, n_last, (cx.tile, place), vecs),
+                |k| tile_mm(k, &segs, ps, ROW_BLOCK, (cx.tile, place), vecs),
             );
-        } else {
-            tile_mm(k, &segs, &mm, ROW_BLOCK, cx.tile);
         }
+    }
+
+    /// The epilogues of blocks `hb0..hb0 + en` (`v` vectors each) over the
+    /// tile their matmuls filled; `at` gives a block's context and
+    /// epilogue. Rows outer: one row's blocks are adjacent columns of the
+    /// `[N, T, ·]` buffers (four blocks fill a cache line), which sit a
+    /// power of two apart from row to row, in the same few L1 sets.
+    fn epilogues<'r>(&self, k: &mut Kb, hb0: Value, (v, en): (usize, usize), at: &UnitAt<'_, 'r>) {
+        let n_last = self.n - (self.units() - 1) * ROW_BLOCK;
+        let h_rem = self.h % LANES;
+        let (cx0, _) = at(k, hb0);
         let full = k.iconst(ROW_BLOCK as i64);
-        let nrows = if short {
+        let nrows = if n_last != ROW_BLOCK {
             let l = k.iconst(n_last as i64);
-            k.b.ins().select(cx.last_unit, l, full)
+            k.b.ins().select(cx0.last_unit, l, full)
         } else {
             full
         };
         let zero = k.iconst(0);
         k.for_range(zero, nrows, 1, |k, r| {
-            let row = k.b.ins().iadd(r0, r);
-            let tr = k.addr(cx.tile, r, (mm.v * 16) as i64);
-            let acc: Vec<Value> = (0..mm.v).map(|j| k.load_v(tr, (j * 16) as i32)).collect();
-            match cx.last {
-                None => epi(k, row, &acc, Lanes(LANES)),
-                Some(l) => k.if_else(
-                    l,
-                    |k| epi(k, row, &acc, Lanes(h_rem)),
-                    |k| epi(k, row, &acc, Lanes(LANES)),
-                ),
-            }
+            k.for_const(0, en, |k, gi| {
+                let hb = k.b.ins().iadd(hb0, gi);
+                let (cx, epi) = at(k, hb);
+                let row = k.b.ins().iadd(cx.r_lo, r);
+                let tile = k.b.ins().stack_addr(I64, cx.tile, 0);
+                let tr = k.addr(tile, r, (en * v * 16) as i64);
+                let tr = k.addr(tr, gi, (v * 16) as i64);
+                let acc: Vec<Value> = (0..v).map(|j| k.load_v(tr, (j * 16) as i32)).collect();
+                match cx.last {
+                    None => epi(k, row, &acc, Lanes(LANES)),
+                    Some(l) => k.if_else(
+                        l,
+                        |k| epi(k, row, &acc, Lanes(h_rem)),
+                        |k| epi(k, row, &acc, Lanes(LANES)),
+                    ),
+                }
+            });
         });
     }
 
@@ -1307,12 +1496,14 @@ impl RnnSeq {
         }
     }
 
-    /// One unit of phase `phase`.
-    fn unit(&self, k: &mut Kb, rec: &BoundRec, cx: &Cx, phase: usize) {
+    /// The matmul and the epilogue of phase `phase` for the hidden block
+    /// of `cx`.
+    fn unit<'a>(&self, k: &mut Kb, rec: &'a BoundRec, cx: &Cx, phase: usize) -> (Mm, Box<Epi<'a>>) {
         let h = self.h;
+        let cx = *cx;
         let (t, col) = (cx.t, cx.col);
         // `[row, t', col + c0]` of `b`, or zeros where `cond` is unset.
-        let at_or_zero = |k: &mut Kb, b: &Bound, row, t2, c0, cond| {
+        let at_or_zero = move |k: &mut Kb, b: &Bound, row, t2, c0, cond| {
             let a = b.at(k, row, t2, col, c0);
             k.b.ins().select(cond, a, cx.zeros)
         };
@@ -1336,10 +1527,9 @@ impl RnnSeq {
                     panel: cx.panel,
                     pstride: 4 * 16,
                     kdim: h,
-                    v: 4,
                     x: Some(self.input(k, x, t)),
                 };
-                let epi = |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
+                let epi = move |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
                     let zero = k.iconst(0);
                     let z: Vec<Value> = (0..4)
                         .map(|gi| {
@@ -1348,10 +1538,11 @@ impl RnnSeq {
                             k.b.ins().fadd(acc[gi], bb)
                         })
                         .collect();
-                    let i = k.vsigmoid(z[0]);
-                    let f = k.vsigmoid(z[1]);
+                    // The three sigmoids' chains interleaved (same
+                    // values as one at a time).
+                    let s = k.vsigmoid_n(&[z[0], z[1], z[3]]);
+                    let (i, f, o) = (s[0], s[1], s[2]);
                     let gg = k.vtanh(z[2]);
-                    let o = k.vsigmoid(z[3]);
                     let cpa = at_or_zero(k, c, row, cx.tprev, 0, cx.has_prev);
                     let cp = ln.ld(k, cpa);
                     let fc = k.b.ins().fmul(f, cp);
@@ -1375,7 +1566,7 @@ impl RnnSeq {
                         ln.st(k, tc, a);
                     }
                 };
-                self.rows(k, cx, mm, &epi);
+                (mm, Box::new(epi))
             }
             (
                 BoundRec::GruFwd {
@@ -1397,19 +1588,18 @@ impl RnnSeq {
                     panel: cx.panel,
                     pstride: 3 * 16,
                     kdim: h,
-                    v: 2,
                     x: Some(self.input(k, x, t)),
                 };
-                let epi = |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
+                let epi = move |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
                     let zero = k.iconst(0);
-                    let gate = |k: &mut Kb, gi: usize| {
+                    let pre = |k: &mut Kb, gi: usize| {
                         let ba = b.at(k, zero, zero, col, gi * h);
                         let bb = ln.ld(k, ba);
-                        let s = k.b.ins().fadd(acc[gi], bb);
-                        k.vsigmoid(s)
+                        k.b.ins().fadd(acc[gi], bb)
                     };
-                    let zz = gate(k, 0);
-                    let rr = gate(k, 1);
+                    let (pz, pr) = (pre(k, 0), pre(k, 1));
+                    let s = k.vsigmoid_n(&[pz, pr]);
+                    let (zz, rr) = (s[0], s[1]);
                     let hpa = at_or_zero(k, hs, row, cx.tprev, 0, cx.has_prev);
                     let hp = ln.ld(k, hpa);
                     let rhv = k.b.ins().fmul(rr, hp);
@@ -1424,7 +1614,7 @@ impl RnnSeq {
                         ln.st(k, rhv, a);
                     }
                 };
-                self.rows(k, cx, mm, &epi);
+                (mm, Box::new(epi))
             }
             (
                 BoundRec::GruFwd {
@@ -1446,10 +1636,9 @@ impl RnnSeq {
                     panel: k.b.ins().iadd_imm_s(cx.panel, 2 * 16),
                     pstride: 3 * 16,
                     kdim: h,
-                    v: 1,
                     x: Some(self.input(k, x, t)),
                 };
-                let epi = |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
+                let epi = move |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
                     let zero = k.iconst(0);
                     let ba = b.at(k, zero, zero, col, 2 * h);
                     let bb = ln.ld(k, ba);
@@ -1472,7 +1661,7 @@ impl RnnSeq {
                     let a = st.at(k, row, tp, col, 0);
                     ln.st(k, hv, a);
                 };
-                self.rows(k, cx, mm, &epi);
+                (mm, Box::new(epi))
             }
             (
                 BoundRec::LstmBwd {
@@ -1494,10 +1683,9 @@ impl RnnSeq {
                     panel: cx.panel,
                     pstride: 16,
                     kdim: 4 * h,
-                    v: 1,
                     x: None,
                 };
-                let epi = |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
+                let epi = move |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
                     let zero = k.iconst(0);
                     let one = k.vconst(1.0);
                     let a = dh.at(k, row, t, col, 0);
@@ -1551,7 +1739,7 @@ impl RnnSeq {
                         ln.st(k, v, a);
                     }
                 };
-                self.rows(k, cx, mm, &epi);
+                (mm, Box::new(epi))
             }
             (
                 BoundRec::GruBwd {
@@ -1574,10 +1762,9 @@ impl RnnSeq {
                     panel: cx.panel,
                     pstride: 16,
                     kdim: 2 * h,
-                    v: 1,
                     x: None,
                 };
-                let epi = |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
+                let epi = move |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
                     let zero = k.iconst(0);
                     let one = k.vconst(1.0);
                     let a = dh.at(k, row, t, col, 0);
@@ -1611,7 +1798,7 @@ impl RnnSeq {
                     let a = dhs.at(k, row, zero, col, 0);
                     ln.st(k, dhv, a);
                 };
-                self.rows(k, cx, mm, &epi);
+                (mm, Box::new(epi))
             }
             (
                 BoundRec::GruBwd {
@@ -1635,10 +1822,9 @@ impl RnnSeq {
                     panel: k.b.ins().iadd_imm_s(cx.panel, (2 * h * 16) as i64),
                     pstride: 16,
                     kdim: h,
-                    v: 1,
                     x: None,
                 };
-                let epi = |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
+                let epi = move |k: &mut Kb, row: Value, acc: &[Value], ln: Lanes| {
                     let zero = k.iconst(0);
                     let one = k.vconst(1.0);
                     let drh = acc[0];
@@ -1665,7 +1851,7 @@ impl RnnSeq {
                     let a = dzs.at(k, row, tp, col, h);
                     ln.st(k, dzr, a);
                 };
-                self.rows(k, cx, mm, &epi);
+                (mm, Box::new(epi))
             }
         }
     }
