@@ -9,6 +9,9 @@ use dlc::ir::{BinaryOp, Graph, Op, OutputKind, ReduceOp, TensorType, UnaryOp, Va
 use dlc::tensor::{numel, DType, Tensor};
 use std::collections::BTreeMap;
 
+mod common;
+use common::check_fma_loop;
+
 /// xorshift64*: deterministic test data without a dependency.
 struct Rng(u64);
 
@@ -530,27 +533,6 @@ fn matmul_micro_kernel_loop_keeps_accumulators_in_place() {
     c.out("y", y);
     let asm = codegen::emit_asm(&c.g).expect("disassembles");
     check_fma_loop(&asm, 20, 10, 10);
-}
-
-/// Finds the block of `asm` with `fmas` FMAs (a micro-kernel's unrolled
-/// loop body) and checks its broadcasts and register moves: the copies
-/// the FMA form needs and no more (no accumulator moved on the loop edge),
-/// and no stack access (no spills).
-fn check_fma_loop(asm: &str, fmas: usize, broadcasts: usize, moves: usize) {
-    let body = asm
-        .split("\nblock")
-        .find(|b| b.matches("vfmadd").count() == fmas)
-        .unwrap_or_else(|| panic!("no block with {fmas} FMAs in:\n{asm}"));
-    // The disassembly of the next function follows the last block.
-    let body = body.split("\n;").next().unwrap_or(body);
-    let moved = body.matches("movdqa").count() + body.matches("movaps").count();
-    assert_eq!(
-        body.matches("vbroadcastss").count(),
-        broadcasts,
-        "broadcasts:\n{body}"
-    );
-    assert_eq!(moved, moves, "register moves:\n{body}");
-    assert!(!body.contains("rsp"), "spills in the loop:\n{body}");
 }
 
 /// The direct convolution's loop (two taps of a 5 × 8 tile) and the

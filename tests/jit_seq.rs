@@ -1,13 +1,17 @@
 //! Differential tests for the compiled sequence ops (LSTM, GRU, attention
 //! and their gradients): the JIT against the reference interpreter on
 //! random shape sets, bitwise-equal results for 1, 2 and 3 threads, and no
-//! op left to the interpreter.
+//! op left to the interpreter; and the shape of the recurrent and attention
+//! kernels' register-blocked loops in the generated code.
 
 use dlc::codegen::{self, JitOptions};
 use dlc::interp;
 use dlc::ir::{BinaryOp, Graph, Op, OutputKind, TensorType, Value};
 use dlc::tensor::{numel, Tensor};
 use std::collections::BTreeMap;
+
+mod common;
+use common::check_fma_loop;
 
 /// xorshift64*: deterministic test data without a dependency.
 struct Rng(u64);
@@ -224,12 +228,20 @@ fn attention_grad_matches_interpreter() {
 /// blocks, 64-column tiles, accumulators of 8, 4 and 1 lanes): T past one
 /// tile and not a multiple of 8, dv not a multiple of 4; the first
 /// two are small enough for the backward to save the probabilities, the
-/// last two make it recompute them tile by tile.
-const ATTN_TILE_SHAPES: [AttnShape; 4] = [
+/// next two make it recompute them tile by tile. The last four reach the
+/// looped score tile: features past the unrolled count (odd, with a last
+/// single feature after the pairs; even), value widths that leave 4-lane
+/// and scalar accumulator chunks, sequences that end inside a 4-row block
+/// (its rows read from a padded copy), both backward paths.
+const ATTN_TILE_SHAPES: [AttnShape; 8] = [
     (&[2], 70, 70, 6, 15, true),
     (&[1, 2], 67, 75, 37, 5, false),
     (&[1], 129, 129, 5, 6, true),
     (&[2], 130, 131, 7, 3, false),
+    (&[2], 10, 10, 67, 5, true),
+    (&[1, 2], 7, 9, 66, 14, false),
+    (&[1], 13, 13, 3, 70, true),
+    (&[1], 130, 130, 65, 6, true),
 ];
 
 #[test]
@@ -250,7 +262,7 @@ fn attention_grad_both_paths_match_interpreter() {
         .collect();
     assert_eq!(
         saved,
-        [true, true, false, false],
+        [true, true, false, false, true, true, true, false],
         "both backward paths covered"
     );
     let mut rng = Rng(24);
@@ -487,27 +499,6 @@ fn recurrent_gradient_reads_the_activations_its_forward_saved() {
     }
 }
 
-/// Finds the block of `asm` with `fmas` FMAs (a micro-kernel's unrolled
-/// loop body) and checks its broadcasts and register moves: the copies
-/// the FMA form needs and no more (no accumulator moved on the loop edge),
-/// and no stack access (no spills). A copy of the helper in tests/jit.rs.
-fn check_fma_loop(asm: &str, fmas: usize, broadcasts: usize, moves: usize) {
-    let body = asm
-        .split("\nblock")
-        .find(|b| b.matches("vfmadd").count() == fmas)
-        .unwrap_or_else(|| panic!("no block with {fmas} FMAs in:\n{asm}"));
-    // The disassembly of the next function follows the last block.
-    let body = body.split("\n;").next().unwrap_or(body);
-    let moved = body.matches("movdqa").count() + body.matches("movaps").count();
-    assert_eq!(
-        body.matches("vbroadcastss").count(),
-        broadcasts,
-        "broadcasts:\n{body}"
-    );
-    assert_eq!(moved, moves, "register moves:\n{body}");
-    assert!(!body.contains("rsp"), "spills in the loop:\n{body}");
-}
-
 /// The disassembly of the recurrent time loop: of the compiled steps
 /// (packing, the loop, the gradient's matmuls), the one with the most
 /// FMAs, its tiles' loops unrolled over row groups and k chunks.
@@ -538,4 +529,30 @@ fn recurrent_loops_keep_accumulators_in_place() {
     check_fma_loop(&time_loop_asm(&gru), 16, 4, 12);
     let gru_grad = rnn_case(&mut rng, shape, 3, Op::GruSeqGrad, true);
     check_fma_loop(&time_loop_asm(&gru_grad), 16, 4, 12);
+}
+
+/// The `P·V`-style accumulation (forward `O += P v`, and the backward's
+/// `dq`, `dk`, `dv`): four key steps of four rows × two vectors per
+/// iteration, one broadcast per row and step and one copy of it.
+#[test]
+fn attention_row_accumulation_keeps_accumulators_in_place() {
+    let mut rng = Rng(31);
+    let shape: AttnShape = (&[2], 64, 64, 16, 16, true);
+    for grad in [false, true] {
+        let c = attn_case(&mut rng, shape, grad);
+        let asm = codegen::emit_asm(&c.g).expect("disassembles");
+        check_fma_loop(&asm, 32, 16, 16);
+    }
+}
+
+/// Past the fully unrolled feature count, the score tile loops over
+/// features two at a time: 4 rows × 2 vectors per feature, the second
+/// feature in reverse.
+#[test]
+fn attention_score_loop_keeps_accumulators_in_place() {
+    let mut rng = Rng(32);
+    let shape: AttnShape = (&[1], 64, 64, 128, 16, false);
+    let c = attn_case(&mut rng, shape, false);
+    let asm = codegen::emit_asm(&c.g).expect("disassembles");
+    check_fma_loop(&asm, 16, 8, 8);
 }

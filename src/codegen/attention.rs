@@ -35,7 +35,7 @@
 //! statistics are recomputed by the gradient node rather than kept from the
 //! forward node.
 
-use super::emit::{flags, ro_flags, Kb, Loc};
+use super::emit::{flags, ro_flags, step_order, Kb, Loc};
 use super::kernel::{Step, View};
 use super::lower::Lowered;
 use super::rnn::Build;
@@ -687,12 +687,8 @@ fn block_step(
     reverse: bool,
     first: bool,
 ) {
-    let mut order: Vec<usize> = (0..acc.len()).collect();
-    let mut cols: Vec<usize> = (0..bv.len()).collect();
-    if reverse {
-        order.reverse();
-        cols.reverse();
-    }
+    let order = step_order(acc.len(), reverse);
+    let cols = step_order(bv.len(), reverse);
     for r in order {
         let x =
             k.b.ins()

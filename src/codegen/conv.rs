@@ -9,7 +9,7 @@
 //! `im2col` + the matmul kernel (and `col2im` for the input gradient);
 //! pooling runs directly, one (n, c) plane per work unit.
 
-use super::emit::{flags, ro_flags, Kb, Loc};
+use super::emit::{flags, ro_flags, step_order, Kb, Loc};
 use crate::ir::Conv2d;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I64};
@@ -821,12 +821,8 @@ fn direct_tile(
                 k.b.ins().load(F32X4, ro_unaligned(), px, off)
             })
             .collect();
-        let mut rows_order: Vec<usize> = (0..rows).collect();
-        let mut cols_order: Vec<usize> = (0..nvec).collect();
-        if reverse {
-            rows_order.reverse();
-            cols_order.reverse();
-        }
+        let rows_order = step_order(rows, reverse);
+        let cols_order = step_order(nvec, reverse);
         for &i in &rows_order {
             let a =
                 k.b.ins()
@@ -1005,12 +1001,8 @@ fn gf_tile(
         let xv: Vec<Value> = (0..cols)
             .map(|j| load(k, xr, off + ((kw0 + j) * s.dilation * 4) as i64))
             .collect();
-        let mut rows_order: Vec<usize> = (0..rows).collect();
-        let mut cols_order: Vec<usize> = (0..cols).collect();
-        if reverse {
-            rows_order.reverse();
-            cols_order.reverse();
-        }
+        let rows_order = step_order(rows, reverse);
+        let cols_order = step_order(cols, reverse);
         for &i in &rows_order {
             let dv = load(k, dyr, off + i as i64 * dy_plane);
             for &j in &cols_order {

@@ -403,3 +403,15 @@ impl Kb<'_> {
         offs
     }
 }
+
+/// `0..n`, backwards when `reverse`: the order in which a micro-kernel
+/// step visits its rows and columns. Steps alternate direction so that
+/// each accumulator returns to its register every two steps (see
+/// `matmul::micro_kernel`).
+pub fn step_order(n: usize, reverse: bool) -> Vec<usize> {
+    if reverse {
+        (0..n).rev().collect()
+    } else {
+        (0..n).collect()
+    }
+}

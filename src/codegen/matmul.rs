@@ -9,7 +9,7 @@
 //! accumulated in the same k order whatever the chunking, so results do
 //! not depend on the thread count.
 
-use super::emit::{flags, ro_flags, Kb, Loc};
+use super::emit::{flags, ro_flags, step_order, Kb, Loc};
 use super::kernel::MatmulPhase;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I64};
@@ -587,19 +587,11 @@ fn micro_kernel(
                     v
                 })
                 .collect();
-            let mut rows: Vec<usize> = (0..accs.len()).collect();
-            if u % 2 == 1 {
-                rows.reverse();
-            }
-            for r in rows {
+            for r in step_order(accs.len(), u % 2 == 1) {
                 let off = (r as i64 * a.row_bytes + u as i64 * a.k_bytes) as i32;
                 let s = k.b.ins().load(F32, ro_flags(), ap, off);
                 let x = k.b.ins().splat(F32X4, s);
-                let mut cols: Vec<usize> = (0..vcols.len()).collect();
-                if u % 2 == 1 {
-                    cols.reverse();
-                }
-                for i in cols {
+                for i in step_order(vcols.len(), u % 2 == 1) {
                     let var = accs[r][i];
                     let old = k.b.use_var(var);
                     let new = k.b.ins().fma(x, bv[i], old);

@@ -13,7 +13,7 @@
 //! matmul (or reduction) each over all steps. Nothing allocates: every
 //! intermediate sits in the kernel's scratch region.
 
-use super::emit::{flags, ro_flags, Kb, Loc};
+use super::emit::{flags, ro_flags, step_order, Kb, Loc};
 use super::kernel::{Copy, Fill, MatmulPhase, Step, View};
 use super::lower::{align64, Lowered};
 use super::matmul::{Matmul, MmOperand};
@@ -1107,12 +1107,8 @@ fn chunk(
                     k.b.ins().load(F32X4, ro_flags(), b, off)
                 })
                 .collect();
-            let mut order: Vec<usize> = (0..rn).collect();
-            let mut cols: Vec<usize> = (0..nv).collect();
-            if rev {
-                order.reverse();
-                cols.reverse();
-            }
+            let order = step_order(rn, rev);
+            let cols = step_order(nv, rev);
             for &r in &order {
                 let off = (r as i64 * a_rs + (u * 4) as i64) as i32;
                 let s = k.b.ins().load(F32, ro_flags(), a, off);
