@@ -774,19 +774,12 @@ fn score_tile(
             let pair = |k: &mut Kb, n: usize| {
                 let ptr = k.b.use_var(bp);
                 let aptr = k.b.use_var(ap);
-                let mut cur: Vec<Vec<Value>> = vars
-                    .iter()
-                    .map(|row| row.iter().map(|&v| k.b.use_var(v)).collect())
-                    .collect();
+                let mut cur = k.use_vars(&vars);
                 for u in 0..n {
                     let bv = load_b(k, ptr, u as i64 * row_bytes);
                     block_step(k, &bv, (aptr, a_row, 4 * u as i64), &mut cur, u == 1, false);
                 }
-                for (row, vals) in vars.iter().zip(&cur) {
-                    for (&v, &x) in row.iter().zip(vals) {
-                        k.b.def_var(v, x);
-                    }
-                }
+                k.def_vars(&vars, &cur);
                 let next = k.b.ins().iadd_imm_s(ptr, n as i64 * row_bytes);
                 k.b.def_var(bp, next);
                 let next = k.b.ins().iadd_imm_s(aptr, 4 * n as i64);
@@ -796,10 +789,7 @@ fn score_tile(
             if f % 2 == 1 {
                 pair(k, 1);
             }
-            acc = vars
-                .iter()
-                .map(|row| row.iter().map(|&v| k.b.use_var(v)).collect())
-                .collect();
+            acc = k.use_vars(&vars);
         }
         if let Some(s) = scale {
             let sv = k.vconst(s);
@@ -912,10 +902,7 @@ fn row_acc(
         let steps = |k: &mut Kb, ju: i64| {
             let wrow = k.b.use_var(wp);
             let mrow = k.b.use_var(mp);
-            let mut cur: Vec<Vec<Value>> = vars
-                .iter()
-                .map(|row| row.iter().map(|&v| k.b.use_var(v)).collect())
-                .collect();
+            let mut cur = k.use_vars(&vars);
             for u in 0..ju {
                 let moff = coff as i64 + u * (f * 4) as i64;
                 let woff = u * wstride;
@@ -936,11 +923,7 @@ fn row_acc(
                     }
                 }
             }
-            for (row, vals) in vars.iter().zip(&cur) {
-                for (&v, &x) in row.iter().zip(vals) {
-                    k.b.def_var(v, x);
-                }
-            }
+            k.def_vars(&vars, &cur);
             let next = k.b.ins().iadd_imm_s(wrow, ju * wstride);
             k.b.def_var(wp, next);
             let next = k.b.ins().iadd_imm_s(mrow, ju * (f * 4) as i64);

@@ -253,6 +253,22 @@ impl Kb<'_> {
         v
     }
 
+    /// The current values of a grid of variables (a tile's accumulators).
+    pub fn use_vars(&mut self, vars: &[Vec<Variable>]) -> Vec<Vec<Value>> {
+        vars.iter()
+            .map(|row| row.iter().map(|&v| self.b.use_var(v)).collect())
+            .collect()
+    }
+
+    /// Defines a grid of variables from values of the same shape.
+    pub fn def_vars(&mut self, vars: &[Vec<Variable>], vals: &[Vec<Value>]) {
+        for (row, vals) in vars.iter().zip(vals) {
+            for (&v, &x) in row.iter().zip(vals) {
+                self.b.def_var(v, x);
+            }
+        }
+    }
+
     /// `for i in (lo..hi).step_by(step)`; `body` gets `i`.
     pub fn for_range(
         &mut self,
