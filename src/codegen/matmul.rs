@@ -5,9 +5,11 @@
 //!
 //! Cache blocking: a KC × (NCP·nr) block of packed B (256 KiB) stays in L2
 //! while every row panel of a work chunk keeps its `mr × KC` sliver of A in
-//! L1. Work units are row panels of the output; each output element is
-//! accumulated in the same k order whatever the chunking, so results do
-//! not depend on the thread count.
+//! L1. A work unit is one row panel of the output across one chunk of
+//! column panels (narrower chunks where there are few row panels, so that
+//! threads get equal shares); each output element is accumulated in the
+//! same k order whatever the chunking, so results do not depend on the
+//! thread count.
 
 use super::emit::{flags, ro_flags, step_order, Kb, Loc};
 use super::kernel::MatmulPhase;
@@ -40,6 +42,17 @@ impl Tile {
 /// k rows of B per packing work unit: short enough that the source lines
 /// a unit reads stay in L1 while it writes every column panel.
 const PACK_KB: usize = 32;
+
+/// Row panels up to which contiguous B is read in place. The loop runs as
+/// fast over B rows in place as over packed panels (measured with B in L1,
+/// L2 and at 1 KiB row strides), so packing only pays where many row
+/// panels amortise its pass over memory; mlp's 64-row products no longer
+/// copy their 784 × 256 weight each call.
+const B_DIRECT_MAX_PANELS: usize = 16;
+
+/// Compute units a product is cut into at least (where it has enough
+/// column panels), so that two or three threads finish close together.
+const MIN_COMPUTE_UNITS: usize = 32;
 
 /// 5 × 8 keeps 10 accumulators, 2 B vectors, a broadcast and its copy in
 /// the 16 xmm registers (spills start beyond 13 accumulators); k is
@@ -124,14 +137,34 @@ impl Matmul {
         self.a.cs == 1 && span < i32::MAX as i64
     }
     /// B is read in place when its rows are contiguous and few row panels
-    /// reuse it: packing would cost about as much as the product itself.
+    /// reuse it (see B_DIRECT_MAX_PANELS).
     /// Row strides that are multiples of 4 KiB are packed anyway, since
     /// rows that far apart compete for the same L1 sets.
     fn b_direct(&self) -> bool {
         let t = self.tile();
         let row = self.b.rs * 4;
         let reach = (panels_per_tile(1, t.nv) * t.nr() * 4) as i64 + row.abs() * t.unroll as i64;
-        self.b.cs == 1 && self.mp() <= 4 && row % 4096 != 0 && reach < i32::MAX as i64
+        self.b.cs == 1
+            && self.mp() <= B_DIRECT_MAX_PANELS
+            && row % 4096 != 0
+            && reach < i32::MAX as i64
+    }
+    /// Column panels per compute unit: the L2 block width, narrowed when
+    /// the product has few row panels so that there are enough units to
+    /// share among threads (a 64-row product has 13 row panels, which two
+    /// threads would split 7:6). A multiple of 4, so the tiles of edge
+    /// rows, which span up to 4 panels, stay whole.
+    fn chunk_panels(&self) -> usize {
+        let t = self.tile();
+        let row_units = self.out_batches() * self.mp();
+        let want_chunks = MIN_COMPUTE_UNITS.div_ceil(row_units);
+        self.np()
+            .div_ceil(want_chunks)
+            .next_multiple_of(4)
+            .clamp(4, t.ncp)
+    }
+    fn col_chunks(&self) -> usize {
+        self.np().div_ceil(self.chunk_panels())
     }
     fn mp(&self) -> usize {
         self.m.div_ceil(self.tile().mr)
@@ -175,7 +208,7 @@ impl Matmul {
             MatmulPhase::PackA => self.a_batches() * self.mp(),
             MatmulPhase::PackB if self.b_direct() => 0,
             MatmulPhase::PackB => self.b_batches() * self.nkp(),
-            MatmulPhase::Compute => self.out_batches() * self.mp(),
+            MatmulPhase::Compute => self.out_batches() * self.col_chunks() * self.mp(),
         }
     }
 
@@ -184,19 +217,20 @@ impl Matmul {
         match p {
             MatmulPhase::PackA => self.k * t.mr,
             MatmulPhase::PackB => PACK_KB * self.np() * t.nr(),
-            MatmulPhase::Compute => 2 * t.mr * self.n * self.k,
+            MatmulPhase::Compute => 2 * t.mr * (self.chunk_panels() * t.nr()).min(self.n) * self.k,
         }
     }
 
-    /// Row panels per chunk: enough rows to reuse each B block, and about
-    /// sixteen chunks on large products so two or three threads balance.
+    /// Units per chunk: consecutive units share a column chunk and so its
+    /// block of B in L2; about 32 chunks on large products so two or three
+    /// threads balance.
     pub fn compute_grain(&self) -> usize {
         let units = self.units(MatmulPhase::Compute);
         let flops = units * self.unit_cost(MatmulPhase::Compute);
         if flops < (1 << 20) {
             return units.max(1);
         }
-        units.div_ceil(16).clamp(1, 24)
+        units.div_ceil(32).clamp(1, 24)
     }
 
     pub fn emit(&self, kb: &mut Kb, p: MatmulPhase) {
@@ -347,7 +381,7 @@ impl Matmul {
         // K = 784 runs as 4 × 196 rather than 3 × 256 + 16, whose short last
         // block would pay a full pass of C loads and stores for 16 steps.
         let kc_even = kdim.div_ceil(nkb).next_multiple_of(t.unroll.max(1));
-        let njc = np.div_ceil(t.ncp);
+        let (ncp, njc) = (self.chunk_panels(), self.col_chunks());
         // Per output batch: A's offset (elements in place, packed panels
         // otherwise), B's packed batch, C's offset.
         let a_bs = if direct {
@@ -389,99 +423,101 @@ impl Matmul {
             let kcap = k.iconst(kc_even as i64);
             let kc = k.b.ins().smin(kleft, kcap);
             let first = k.b.ins().icmp_imm_s(IntCC::Equal, kbi, 0);
-            k.for_const(0, njc, |k, jc| {
-                let j0 = k.b.ins().imul_imm_s(jc, t.ncp as i64);
-                let j1 = k.b.ins().iadd_imm_s(j0, t.ncp as i64);
+            // Unit u = (output batch, column chunk, row panel), row panel
+            // fastest: a chunk of consecutive units shares its B block.
+            k.for_range(start, end, 1, |k, u| {
+                let bj_u = k.b.ins().udiv_imm_u(u, mp as i64);
+                let ip = k.b.ins().urem_imm_u(u, mp as i64);
+                let bi = k.b.ins().udiv_imm_u(bj_u, njc as i64);
+                let jc = k.b.ins().urem_imm_u(bj_u, njc as i64);
+                let j0 = k.b.ins().imul_imm_s(jc, ncp as i64);
+                let j1 = k.b.ins().iadd_imm_s(j0, ncp as i64);
                 let npv = k.iconst(np as i64);
                 let j1 = k.b.ins().smin(j1, npv);
                 let npf = k.iconst(np_full as i64);
                 let j1f = k.b.ins().smin(j1, npf);
-                k.for_range(start, end, 1, |k, u| {
-                    let bi = k.b.ins().udiv_imm_u(u, mp as i64);
-                    let ip = k.b.ins().urem_imm_u(u, mp as i64);
-                    let offs = k.unflatten_offsets(
-                        bi,
-                        &self.batch,
-                        &[a_bs.clone(), b_ps.clone(), c_bs.clone()],
-                    );
-                    let (ao, bj, coff) = (offs[0], offs[1], offs[2]);
-                    let pa = if direct {
-                        // a + (off + ao + ip·mr·rs + k0·cs)·4
-                        let x = k.b.ins().iadd_imm_s(ao, self.a.off as i64);
-                        let r0 = k.b.ins().imul_imm_s(ip, mr as i64 * self.a.rs);
-                        let x = k.b.ins().iadd(x, r0);
-                        let k0s = k.b.ins().imul_imm_s(k0, self.a.cs);
-                        let x = k.b.ins().iadd(x, k0s);
-                        k.addr(a_base, x, 4)
-                    } else {
-                        // pack_a + ((ao·mp + ip)·K + k0)·mr·4
-                        let x = k.b.ins().imul_imm_s(ao, mp as i64);
-                        let x = k.b.ins().iadd(x, ip);
-                        let x = k.b.ins().imul_imm_s(x, kdim as i64);
-                        let x = k.b.ins().iadd(x, k0);
-                        k.addr(a_base, x, (mr * 4) as i64)
-                    };
-                    let a = ASrc {
-                        ptr: pa,
-                        row_bytes,
-                        k_bytes,
-                    };
-                    let row0 = k.b.ins().imul_imm_s(ip, (mr * n) as i64);
-                    let crow = k.b.ins().iadd(coff, row0);
-                    let crow = k.b.ins().iadd_imm_s(crow, self.c_off as i64);
-                    let crow = k.addr(c_base, crow, 4);
-                    let pb0 = if b_in_place {
-                        // b + (off + bj + k0·rs)·4
-                        let x = k.b.ins().iadd_imm_s(bj, self.b.off as i64);
-                        let k0s = k.b.ins().imul_imm_s(k0, self.b.rs);
-                        let x = k.b.ins().iadd(x, k0s);
-                        k.addr(pb_base, x, 4)
-                    } else {
-                        // Panel 0 at k0: pack_b + (bj·np·K + k0)·nr·4
-                        let x = k.b.ins().imul_imm_s(bj, (np * kdim) as i64);
-                        let x = k.b.ins().iadd(x, k0);
-                        k.addr(pb_base, x, (nr * 4) as i64)
-                    };
-                    let row_block = |k: &mut Kb, rows: usize| {
-                        // Few rows leave too few accumulators to hide the FMA
-                        // latency: such tiles take several column panels.
-                        let group = panels_per_tile(rows, t.nv);
-                        let mut single_from = j0;
-                        if group > 1 {
-                            k.for_range(j0, j1f, group as i64, |k, jp| {
-                                let pb = k.addr(pb0, jp, pbytes);
-                                let cptr = k.addr(crow, jp, (nr * 4) as i64);
-                                let c = (cptr, ldc, first, rows, nr);
-                                micro_kernel(k, &t, a, (pb, pbytes, bk, group, packed), kc, c);
-                            });
-                            let span = k.b.ins().isub(j1f, j0);
-                            let whole = k.b.ins().udiv_imm_u(span, group as i64);
-                            let done = k.b.ins().imul_imm_s(whole, group as i64);
-                            single_from = k.b.ins().iadd(j0, done);
-                        }
-                        k.for_range(single_from, j1f, 1, |k, jp| {
+                let offs = k.unflatten_offsets(
+                    bi,
+                    &self.batch,
+                    &[a_bs.clone(), b_ps.clone(), c_bs.clone()],
+                );
+                let (ao, bj, coff) = (offs[0], offs[1], offs[2]);
+                let pa = if direct {
+                    // a + (off + ao + ip·mr·rs + k0·cs)·4
+                    let x = k.b.ins().iadd_imm_s(ao, self.a.off as i64);
+                    let r0 = k.b.ins().imul_imm_s(ip, mr as i64 * self.a.rs);
+                    let x = k.b.ins().iadd(x, r0);
+                    let k0s = k.b.ins().imul_imm_s(k0, self.a.cs);
+                    let x = k.b.ins().iadd(x, k0s);
+                    k.addr(a_base, x, 4)
+                } else {
+                    // pack_a + ((ao·mp + ip)·K + k0)·mr·4
+                    let x = k.b.ins().imul_imm_s(ao, mp as i64);
+                    let x = k.b.ins().iadd(x, ip);
+                    let x = k.b.ins().imul_imm_s(x, kdim as i64);
+                    let x = k.b.ins().iadd(x, k0);
+                    k.addr(a_base, x, (mr * 4) as i64)
+                };
+                let a = ASrc {
+                    ptr: pa,
+                    row_bytes,
+                    k_bytes,
+                };
+                let row0 = k.b.ins().imul_imm_s(ip, (mr * n) as i64);
+                let crow = k.b.ins().iadd(coff, row0);
+                let crow = k.b.ins().iadd_imm_s(crow, self.c_off as i64);
+                let crow = k.addr(c_base, crow, 4);
+                let pb0 = if b_in_place {
+                    // b + (off + bj + k0·rs)·4
+                    let x = k.b.ins().iadd_imm_s(bj, self.b.off as i64);
+                    let k0s = k.b.ins().imul_imm_s(k0, self.b.rs);
+                    let x = k.b.ins().iadd(x, k0s);
+                    k.addr(pb_base, x, 4)
+                } else {
+                    // Panel 0 at k0: pack_b + (bj·np·K + k0)·nr·4
+                    let x = k.b.ins().imul_imm_s(bj, (np * kdim) as i64);
+                    let x = k.b.ins().iadd(x, k0);
+                    k.addr(pb_base, x, (nr * 4) as i64)
+                };
+                let row_block = |k: &mut Kb, rows: usize| {
+                    // Few rows leave too few accumulators to hide the FMA
+                    // latency: such tiles take several column panels.
+                    let group = panels_per_tile(rows, t.nv);
+                    let mut single_from = j0;
+                    if group > 1 {
+                        k.for_range(j0, j1f, group as i64, |k, jp| {
                             let pb = k.addr(pb0, jp, pbytes);
                             let cptr = k.addr(crow, jp, (nr * 4) as i64);
                             let c = (cptr, ldc, first, rows, nr);
+                            micro_kernel(k, &t, a, (pb, pbytes, bk, group, packed), kc, c);
+                        });
+                        let span = k.b.ins().isub(j1f, j0);
+                        let whole = k.b.ins().udiv_imm_u(span, group as i64);
+                        let done = k.b.ins().imul_imm_s(whole, group as i64);
+                        single_from = k.b.ins().iadd(j0, done);
+                    }
+                    k.for_range(single_from, j1f, 1, |k, jp| {
+                        let pb = k.addr(pb0, jp, pbytes);
+                        let cptr = k.addr(crow, jp, (nr * 4) as i64);
+                        let c = (cptr, ldc, first, rows, nr);
+                        micro_kernel(k, &t, a, (pb, pbytes, bk, 1, packed), kc, c);
+                    });
+                    if np_full < np {
+                        let edge = k.b.ins().icmp_imm_s(IntCC::Equal, j1, np as i64);
+                        k.if_then(edge, |k| {
+                            let pb = k.b.ins().iadd_imm_s(pb0, np_full as i64 * pbytes);
+                            let cptr = k.b.ins().iadd_imm_s(crow, (np_full * nr * 4) as i64);
+                            let c = (cptr, ldc, first, rows, n_rem);
                             micro_kernel(k, &t, a, (pb, pbytes, bk, 1, packed), kc, c);
                         });
-                        if np_full < np {
-                            let edge = k.b.ins().icmp_imm_s(IntCC::Equal, j1, np as i64);
-                            k.if_then(edge, |k| {
-                                let pb = k.b.ins().iadd_imm_s(pb0, np_full as i64 * pbytes);
-                                let cptr = k.b.ins().iadd_imm_s(crow, (np_full * nr * 4) as i64);
-                                let c = (cptr, ldc, first, rows, n_rem);
-                                micro_kernel(k, &t, a, (pb, pbytes, bk, 1, packed), kc, c);
-                            });
-                        }
-                    };
-                    if m_rem < mr {
-                        let last_row = k.b.ins().icmp_imm_s(IntCC::Equal, ip, mp as i64 - 1);
-                        k.if_else(last_row, |k| row_block(k, m_rem), |k| row_block(k, mr));
-                    } else {
-                        row_block(k, mr);
                     }
-                });
+                };
+                if m_rem < mr {
+                    let last_row = k.b.ins().icmp_imm_s(IntCC::Equal, ip, mp as i64 - 1);
+                    k.if_else(last_row, |k| row_block(k, m_rem), |k| row_block(k, mr));
+                } else {
+                    row_block(k, mr);
+                }
             });
         });
     }
@@ -609,7 +645,11 @@ fn micro_kernel(
     k.for_range(zero, kc, un as i64, |k, _| step(k, un));
     if un > 1 {
         // The loop above ran kc rounded down to a multiple of `un`.
-        let tail = k.b.ins().urem_imm_u(kc, un as i64);
+        let tail = if un.is_power_of_two() {
+            k.b.ins().band_imm_s(kc, un as i64 - 1)
+        } else {
+            k.b.ins().urem_imm_u(kc, un as i64)
+        };
         k.for_range(zero, tail, 1, |k, _| step(k, 1));
     }
     for (r, acc) in accs.iter().enumerate() {
@@ -725,7 +765,7 @@ mod tests {
         // Row and column edges of every width, k over several KC blocks
         // with a remainder (and odd, for the unrolled loop's tail), n over
         // several NCP blocks; few row panels read B in place, many pack it.
-        for m0 in [0, 6 * t.mr] {
+        for m0 in [0, B_DIRECT_MAX_PANELS * t.mr] {
             check(None, None, m0 + 1, 1, 1);
             check(None, None, m0 + t.mr + 1, 3, t.nr() + 1);
             check(None, None, m0 + 2 * t.mr - 1, t.kc + 3, 3);
