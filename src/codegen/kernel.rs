@@ -133,10 +133,6 @@ pub struct Elementwise {
 }
 
 impl Elementwise {
-    fn has_heavy(&self) -> bool {
-        self.prog.iter().any(|i| is_heavy(&i.op))
-    }
-
     /// Evaluate the program on one group of independent vectors (or
     /// scalars): `ins[j][g]` is input `j` of member `g`. Heavy operations
     /// go through the math functions for the whole group at once.
@@ -572,20 +568,19 @@ fn emit_elementwise(kb: &mut Kb, e: &Elementwise) {
         };
         let zero = k.iconst(0);
         let n = k.iconst(inner as i64);
-        // Transcendental programs go MATH_GROUP vectors at a time, so the
-        // math functions can interleave independent chains.
-        let from = if e.has_heavy() {
-            k.for_blocks(zero, n, (4 * MATH_GROUP) as i64, |k, i| {
-                let args = load(k, i, MATH_GROUP, false);
-                let rs = e.eval(k, &args, false);
-                let a = k.addr(o0, i, 4);
-                for (g, r) in rs.into_iter().enumerate() {
-                    k.b.ins().store(super::emit::flags(), r, a, (16 * g) as i32);
-                }
-            })
-        } else {
-            zero
-        };
+        // MATH_GROUP vectors at a time: the math functions of transcendental
+        // programs interleave independent chains, and every program forms
+        // each operand's address once per group rather than per vector
+        // (these steps are compiled without the optimiser, which would
+        // otherwise strength-reduce the per-vector address arithmetic).
+        let from = k.for_blocks(zero, n, (4 * MATH_GROUP) as i64, |k, i| {
+            let args = load(k, i, MATH_GROUP, false);
+            let rs = e.eval(k, &args, false);
+            let a = k.addr(o0, i, 4);
+            for (g, r) in rs.into_iter().enumerate() {
+                k.b.ins().store(super::emit::flags(), r, a, (16 * g) as i32);
+            }
+        });
         k.for_vec_tail(
             from,
             n,
