@@ -650,15 +650,25 @@ fn emit_scatter_add(kb: &mut Kb, s: &ScatterAdd) {
     let dy = kb.base(s.dy);
     let out = kb.base(s.out);
     let (start, end) = (kb.start, kb.end);
-    // Zero this call's columns, then add the rows in id order.
+    // Zero this call's columns, then add the rows in id order, four
+    // columns per vector (each column still sums its rows in id order).
     kb.for_const(0, s.rows, |k, r| {
         let row = k.b.ins().imul_imm_s(r, (s.width * 4) as i64);
         let row = k.b.ins().iadd(out, row);
-        k.for_range(start, end, 1, |k, c| {
-            let a = k.addr(row, c, 4);
-            let z = k.fconst(0.0);
-            k.store_f(z, a, 0);
-        });
+        k.for_vec_tail(
+            start,
+            end,
+            |k, c| {
+                let a = k.addr(row, c, 4);
+                let z = k.vconst(0.0);
+                k.b.ins().store(super::emit::flags(), z, a, 0);
+            },
+            |k, c| {
+                let a = k.addr(row, c, 4);
+                let z = k.fconst(0.0);
+                k.store_f(z, a, 0);
+            },
+        );
     });
     kb.for_const(0, s.count, |k, i| {
         let ia = k.addr(ids, i, 4);
@@ -678,13 +688,25 @@ fn emit_scatter_add(kb: &mut Kb, s: &ScatterAdd) {
         let drow = k.b.ins().iadd(dy, drow);
         let orow = k.b.ins().imul_imm_s(id, (s.width * 4) as i64);
         let orow = k.b.ins().iadd(out, orow);
-        k.for_range(start, end, 1, |k, c| {
-            let da = k.addr(drow, c, 4);
-            let oa = k.addr(orow, c, 4);
-            let x = k.load_f(da, 0);
-            let y = k.load_f(oa, 0);
-            let z = k.b.ins().fadd(y, x);
-            k.store_f(z, oa, 0);
-        });
+        k.for_vec_tail(
+            start,
+            end,
+            |k, c| {
+                let da = k.addr(drow, c, 4);
+                let oa = k.addr(orow, c, 4);
+                let x = k.load_v(da, 0);
+                let y = k.load_v(oa, 0);
+                let z = k.b.ins().fadd(y, x);
+                k.b.ins().store(super::emit::flags(), z, oa, 0);
+            },
+            |k, c| {
+                let da = k.addr(drow, c, 4);
+                let oa = k.addr(orow, c, 4);
+                let x = k.load_f(da, 0);
+                let y = k.load_f(oa, 0);
+                let z = k.b.ins().fadd(y, x);
+                k.store_f(z, oa, 0);
+            },
+        );
     });
 }
