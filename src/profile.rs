@@ -10,7 +10,7 @@ use crate::ir::{fmt_shape, Graph, TensorType};
 use crate::runtime::{JitModel, RuntimeError};
 use crate::tensor::Tensor;
 use petgraph::stable_graph::NodeIndex;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write;
 
 /// Which compiled graph to profile.
@@ -72,12 +72,13 @@ pub fn collect(
         per_run.push(ns);
     }
     let mut totals: Vec<u64> = per_run.iter().map(|r| r.iter().sum()).collect();
+    let kernel_set: HashSet<usize> = nodes.iter().map(|&(n, _)| n).collect();
     let mut kernels: Vec<KernelProfile> = nodes
         .iter()
         .enumerate()
         .map(|(k, &(node, op))| {
             let mut times: Vec<u64> = per_run.iter().map(|r| r[k]).collect();
-            let (result, count) = describe(graph, node);
+            let (result, count) = describe(graph, node, &kernel_set);
             KernelProfile {
                 node,
                 op,
@@ -102,19 +103,39 @@ fn median(v: &mut [u64]) -> u64 {
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
-/// The first result's type and the FLOP count of a node, if it exists.
-fn describe(g: &Graph, node: usize) -> (String, Option<u64>) {
+/// The first result's type and the FLOP count of a kernel, if it exists:
+/// its node's, plus those of the nodes it computes inside (an elementwise
+/// chain's members, a matmul with its bias add), which have no kernel.
+fn describe(g: &Graph, node: usize, kernels: &HashSet<usize>) -> (String, Option<u64>) {
     let n = NodeIndex::new(node);
     let Some(nd) = g.graph.node_weight(n) else {
         return (String::from("?"), None);
     };
-    let ins: Vec<&TensorType> = g.inputs(n).into_iter().map(|v| g.ty(v)).collect();
-    let outs: Vec<&TensorType> = nd.outputs.iter().collect();
-    let result = outs
+    let result = nd
+        .outputs
         .first()
         .map(|t| format!("{}{}", t.dtype, fmt_shape(&t.shape)))
         .unwrap_or_default();
-    (result, flops(&nd.op, &ins, &outs))
+    let count = |n: NodeIndex| {
+        let ins: Vec<&TensorType> = g.inputs(n).into_iter().map(|v| g.ty(v)).collect();
+        let outs: Vec<&TensorType> = g.node(n).outputs.iter().collect();
+        flops(&g.node(n).op, &ins, &outs)
+    };
+    let mut total = count(n);
+    let mut stack: Vec<NodeIndex> = g.inputs(n).into_iter().map(|v| v.node).collect();
+    let mut seen: HashSet<NodeIndex> = HashSet::new();
+    while let Some(m) = stack.pop() {
+        if kernels.contains(&m.index()) || !seen.insert(m) {
+            continue;
+        }
+        if let Some(f) = count(m) {
+            if f > 0 {
+                total = Some(total.unwrap_or(0) + f);
+                stack.extend(g.inputs(m).into_iter().map(|v| v.node));
+            }
+        }
+    }
+    (result, total)
 }
 
 impl Profile {

@@ -279,12 +279,13 @@ fn bench_and_run_profile_every_kernel() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     for what in ["profile_forward", "profile_train_step"] {
         let kernels = v[what]["kernels"].as_array().unwrap();
-        // dense(2) on [8, 2]: 8·2 outputs of 2 multiply-adds = 64 FLOPs.
+        // dense(2) on [8, 2]: 8·2 outputs of 2 multiply-adds = 64 FLOPs,
+        // and 16 for the bias, added in the same kernel.
         let mm = kernels
             .iter()
-            .find(|k| k["op"] == "matmul" && k["result"] == "f32[8, 2]")
-            .unwrap_or_else(|| panic!("no forward matmul in {what}: {out}"));
-        assert_eq!(mm["flops"], 64);
+            .find(|k| k["op"] == "matmul+bias" && k["result"] == "f32[8, 2]")
+            .unwrap_or_else(|| panic!("no forward dense kernel in {what}: {out}"));
+        assert_eq!(mm["flops"], 80);
         assert!(mm["median_us"].is_number());
     }
     let forward = v["profile_forward"]["kernels"].as_array().unwrap().len();

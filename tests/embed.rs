@@ -312,12 +312,11 @@ fn profile_times_every_kernel_and_counts_matmul_flops() {
     assert_eq!(profile.threads, 2);
     assert!(profile.total_ns > 0);
     // [4, 2] @ [2, 1]: 4 outputs of 2 multiply-adds each = 16 FLOPs; the
-    // bias add one per element = 4.
-    let matmul = profile.kernels.iter().find(|k| k.op == "matmul").unwrap();
-    assert_eq!(matmul.flops, Some(16));
-    assert_eq!(matmul.result, "f32[4, 1]");
-    let add = profile.kernels.iter().find(|k| k.op == "add").unwrap();
-    assert_eq!(add.flops, Some(4));
+    // bias add, computed in the matmul's kernel, one per element = 4.
+    let dense = profile.kernels.iter().find(|k| k.op == "matmul+bias").unwrap();
+    assert_eq!(dense.flops, Some(20));
+    assert_eq!(dense.result, "f32[4, 1]");
+    assert!(!profile.kernels.iter().any(|k| k.op == "add"));
     let times: Vec<u64> = profile.kernels.iter().map(|k| k.median_ns).collect();
     assert!(times.windows(2).all(|w| w[0] >= w[1]), "{times:?}");
     // The step is not applied: a profiled training step leaves w alone.

@@ -1118,3 +1118,53 @@ fn transposes_into_matmuls_are_strided_reads() {
         "{ops:?}"
     );
 }
+
+/// A dense layer's bias add runs in its matmul's epilogue: one kernel,
+/// labelled `matmul+bias`, with the interpreter's values and the same bits
+/// as the separate add that a second reader of the product forces. Shapes
+/// cover edge rows and columns, two k blocks, a batch, a bias given first,
+/// and a product cut into several column chunks.
+#[test]
+fn dense_bias_add_runs_in_the_matmul_epilogue() {
+    let mut rng = Rng(31);
+    let cases: &[(&[usize], &[usize], bool)] = &[
+        (&[7, 5], &[5, 13], false),
+        (&[3, 11, 300], &[300, 21], true),
+        (&[64, 100], &[100, 300], false),
+        (&[1, 1], &[1, 1], true),
+    ];
+    for &(a_shape, w_shape, bias_first) in cases {
+        let (ta, tw) = (rand_f32(&mut rng, a_shape, 1.0), rand_f32(&mut rng, w_shape, 1.0));
+        let tb = rand_f32(&mut rng, &w_shape[1..], 1.0);
+        let build = |keep_product: bool| {
+            let mut c = Case::new();
+            let a = c.input("a", ta.clone());
+            let w = c.input("w", tw.clone());
+            let b = c.input("b", tb.clone());
+            let mm = c.op(Op::MatMul, &[a, w]);
+            let ins = if bias_first { [b, mm] } else { [mm, b] };
+            let y = c.op(Op::Binary(BinaryOp::Add), &ins);
+            c.out("y", y);
+            if keep_product {
+                c.out("mm", mm);
+            }
+            c
+        };
+        let fused = build(false);
+        fused.check_tol(1e-5, 1e-5);
+        let labels = |c: &Case| -> Vec<&'static str> {
+            let m = codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
+            m.kernel_nodes().into_iter().map(|(_, op)| op).collect()
+        };
+        assert_eq!(labels(&fused), ["matmul+bias"], "{a_shape:?} @ {w_shape:?}");
+        let split = build(true);
+        assert_eq!(labels(&split), ["matmul", "add"], "{a_shape:?} @ {w_shape:?}");
+        let run = |c: &Case| {
+            let m = codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
+            let out = m.run(&c.feeds).expect("runs");
+            let y = out["y"].as_f32().expect("f32").to_vec();
+            y.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+        };
+        assert_eq!(run(&fused), run(&split), "{a_shape:?} @ {w_shape:?}: bits");
+    }
+}

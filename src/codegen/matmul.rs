@@ -92,6 +92,10 @@ pub struct Matmul {
     /// Scratch for the packed panels (see `pack_a_bytes`/`pack_b_bytes`).
     pub pack_a: Loc,
     pub pack_b: Loc,
+    /// A bias `[n]` added to every row of C after the last k block (the
+    /// `add` of a dense layer, fused into its matmul's epilogue: C is
+    /// written once, and the sum rounds as the separate add did).
+    pub bias: Option<Loc>,
 }
 
 fn pack_dims(batch: &[usize], strides: &[i64]) -> Vec<usize> {
@@ -375,6 +379,7 @@ impl Matmul {
             kb.base(self.pack_b)
         };
         let c_base = kb.base(self.c);
+        let bias_base = self.bias.map(|b| kb.base(b));
         let (start, end) = (kb.start, kb.end);
         let nkb = kdim.div_ceil(t.kc);
         // Blocks of equal depth (rounded up to whole unrolled iterations):
@@ -423,6 +428,16 @@ impl Matmul {
             let kcap = k.iconst(kc_even as i64);
             let kc = k.b.ins().smin(kleft, kcap);
             let first = k.b.ins().icmp_imm_s(IntCC::Equal, kbi, 0);
+            let last = k.b.ins().icmp_imm_s(IntCC::Equal, kbi, nkb as i64 - 1);
+            // The C tile at `cptr` of column panel `jp`.
+            let c_tile = |k: &mut Kb, ptr: Value, rows: usize, cols: usize, jp: Value| CTile {
+                ptr,
+                ldc,
+                first,
+                rows,
+                cols,
+                bias: bias_base.map(|b| (k.addr(b, jp, (nr * 4) as i64), last)),
+            };
             // Unit u = (output batch, column chunk, row panel), row panel
             // fastest: a chunk of consecutive units shares its B block.
             k.for_range(start, end, 1, |k, u| {
@@ -488,7 +503,7 @@ impl Matmul {
                         k.for_range(j0, j1f, group as i64, |k, jp| {
                             let pb = k.addr(pb0, jp, pbytes);
                             let cptr = k.addr(crow, jp, (nr * 4) as i64);
-                            let c = (cptr, ldc, first, rows, nr);
+                            let c = c_tile(k, cptr, rows, nr, jp);
                             micro_kernel(k, &t, a, (pb, pbytes, bk, group, packed), kc, c);
                         });
                         let span = k.b.ins().isub(j1f, j0);
@@ -499,7 +514,7 @@ impl Matmul {
                     k.for_range(single_from, j1f, 1, |k, jp| {
                         let pb = k.addr(pb0, jp, pbytes);
                         let cptr = k.addr(crow, jp, (nr * 4) as i64);
-                        let c = (cptr, ldc, first, rows, nr);
+                        let c = c_tile(k, cptr, rows, nr, jp);
                         micro_kernel(k, &t, a, (pb, pbytes, bk, 1, packed), kc, c);
                     });
                     if np_full < np {
@@ -507,7 +522,8 @@ impl Matmul {
                         k.if_then(edge, |k| {
                             let pb = k.b.ins().iadd_imm_s(pb0, np_full as i64 * pbytes);
                             let cptr = k.b.ins().iadd_imm_s(crow, (np_full * nr * 4) as i64);
-                            let c = (cptr, ldc, first, rows, n_rem);
+                            let jp = k.iconst(np_full as i64);
+                            let c = c_tile(k, cptr, rows, n_rem, jp);
                             micro_kernel(k, &t, a, (pb, pbytes, bk, 1, packed), kc, c);
                         });
                     }
@@ -534,10 +550,25 @@ fn panels_per_tile(rows: usize, nv: usize) -> usize {
     }
 }
 
+/// Where a register tile's results go.
+#[derive(Clone, Copy)]
+struct CTile {
+    ptr: Value,
+    /// Bytes between rows of C.
+    ldc: i64,
+    /// Whether this is the first k block: C is overwritten, not added to.
+    first: Value,
+    rows: usize,
+    /// Valid columns of the tile's last panel.
+    cols: usize,
+    /// The bias at the tile's first column, and whether this is the last
+    /// k block (after which the bias is added).
+    bias: Option<(Value, Value)>,
+}
+
 /// `C[rows × panels·nr] (=|+=) A[rows, 0..kc] · B[0..kc, panels]` over
 /// `panels` consecutive B panels (`b` = first panel, bytes between panels,
-/// bytes between k steps, panels, packed); `c` is (C pointer, row stride in bytes, `first` =
-/// overwrite, rows, cols of the last panel). Edge tiles (`rows < mr`,
+/// bytes between k steps, panels, packed). Edge tiles (`rows < mr`,
 /// `cols < nr`) compute full vectors (B is zero-padded) but load and store
 /// only the valid part of C. Each element sums its k terms in order.
 fn micro_kernel(
@@ -546,8 +577,16 @@ fn micro_kernel(
     a: ASrc,
     (pb, pbytes, bk, panels, packed): (Value, i64, i64, usize, bool),
     kc: Value,
-    (c, ldc, first, rows, cols): (Value, i64, Value, usize, usize),
+    ct: CTile,
 ) {
+    let CTile {
+        ptr: c,
+        ldc,
+        first,
+        rows,
+        cols,
+        bias,
+    } = ct;
     let nr = t.nr();
     // Accumulator columns: (panel, f32x4 within the panel).
     let vcols: Vec<(usize, usize)> = (0..panels)
@@ -651,6 +690,28 @@ fn micro_kernel(
             k.b.ins().urem_imm_u(kc, un as i64)
         };
         k.for_range(zero, tail, 1, |k, _| step(k, 1));
+    }
+    if let Some((bp, last)) = bias {
+        k.if_then(last, |k| {
+            for (i, vc) in vcols.iter().enumerate() {
+                let off = ((vc.0 * nr + vc.1 * 4) * 4) as i32;
+                let bv = if lanes(*vc) == 4 {
+                    k.load_v(bp, off)
+                } else {
+                    let mut v = k.vconst(0.0);
+                    for l in 0..lanes(*vc) {
+                        let s = k.load_f(bp, off + (l * 4) as i32);
+                        v = k.b.ins().insertlane(v, s, l as u8);
+                    }
+                    v
+                };
+                for acc in &accs {
+                    let x = k.b.use_var(acc[i]);
+                    let y = k.b.ins().fadd(x, bv);
+                    k.b.def_var(acc[i], y);
+                }
+            }
+        });
     }
     for (r, acc) in accs.iter().enumerate() {
         for (vc, var) in vcols.iter().zip(acc) {
@@ -819,6 +880,7 @@ mod tests {
             c_off: 0,
             pack_a: Loc::Arena(0),
             pack_b: Loc::Arena(0),
+            bias: None,
         };
         assert_eq!(mm.pack_a_bytes(), 0);
         assert_eq!(mm.units(MatmulPhase::PackA), 0);

@@ -334,6 +334,97 @@ fn lower_chain(
     ))
 }
 
+/// Dense layers' bias adds computed in their matmul's epilogue: an `add`
+/// of a matmul result and a bias `[n]` along its last axis, where the
+/// product has no other reader, is no named output and has k > 0, and the
+/// add is in no elementwise chain. Maps each such matmul to its add, whose
+/// kernel then computes both and writes C once.
+fn bias_epilogues(
+    g: &Graph,
+    order: &[NodeIndex],
+    chains: &HashMap<NodeIndex, NodeIndex>,
+) -> HashMap<NodeIndex, NodeIndex> {
+    let named: std::collections::HashSet<NodeIndex> =
+        g.outputs.iter().map(|o| o.value.node).collect();
+    let in_chain = |n: NodeIndex| chains.contains_key(&n) || chains.values().any(|r| *r == n);
+    let mut out = HashMap::new();
+    for &add in order {
+        let node = g.node(add);
+        let is_add = matches!(node.op, Op::Binary(crate::ir::BinaryOp::Add))
+            && node.outputs.len() == 1
+            && node.outputs[0].dtype == crate::tensor::DType::F32;
+        if !is_add || in_chain(add) {
+            continue;
+        }
+        let ins = g.inputs(add);
+        let shape = &node.outputs[0].shape;
+        let Some(&n) = shape.last() else {
+            continue;
+        };
+        for (mm, bias) in [(0, 1), (1, 0)] {
+            let (Some(&p), Some(&b)) = (ins.get(mm), ins.get(bias)) else {
+                continue;
+            };
+            let prod = g.node(p.node);
+            let k = g
+                .inputs(p.node)
+                .first()
+                .and_then(|a| g.ty(*a).shape.last().copied());
+            let sole_reader = g
+                .graph
+                .edges_directed(p.node, petgraph::Direction::Outgoing)
+                .count()
+                == 1;
+            if matches!(prod.op, Op::MatMul)
+                && p.port == 0
+                && sole_reader
+                && !named.contains(&p.node)
+                && k.is_some_and(|k| k > 0)
+                && &g.ty(p).shape == shape
+                && g.ty(b).shape == [n]
+            {
+                out.insert(p.node, add);
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// The kernel of an `add` whose matmul operand `bias_epilogues` merged
+/// into it: the matmul writing the add's result, the bias in its epilogue.
+fn lower_bias_epilogue(
+    g: &Graph,
+    add: NodeIndex,
+    locs: &HashMap<Value, Loc>,
+    scratch: usize,
+    sharing: &liveness::Sharing,
+) -> Option<lower::Lowered> {
+    let ins = g.inputs(add);
+    let (pos, prod) = ins.iter().enumerate().find(|(_, v)| {
+        sharing.merged.get(&v.node) == Some(&add) && matches!(g.node(v.node).op, Op::MatMul)
+    })?;
+    let bias = ins.get(1 - pos)?;
+    let bias_loc = locs.get(bias).copied().unwrap_or(Loc::Arena(0));
+    let mm_ins = operands(g, prod.node, locs);
+    let mm_inputs = g.inputs(prod.node);
+    let flags = [0, 1].map(|i| {
+        mm_inputs
+            .get(i)
+            .is_some_and(|v| sharing.transposed.contains(v))
+    });
+    let outs = results(g, add, locs);
+    let mut l = lower::matmul(&refs(&mm_ins), refs(&outs).first()?, scratch, flags)?;
+    for step in &mut l.steps {
+        match step {
+            Step::Matmul(mm, _) => mm.bias = Some(bias_loc),
+            // k > 0 (checked by bias_epilogues) leaves no other step.
+            _ => return None,
+        }
+    }
+    Some(l)
+}
+
 /// The steps of node `n`'s kernel: its op's lowering, or what `sharing`
 /// makes of it (a fused elementwise chain, a loss with its gradient, a
 /// recurrence that saves or reads saved activations, a matmul reading
@@ -346,6 +437,9 @@ fn lower_kernel(
     sharing: &liveness::Sharing,
     plan: Option<&MemoryPlan>,
 ) -> Option<lower::Lowered> {
+    if let Some(l) = lower_bias_epilogue(g, n, locs, scratch, sharing) {
+        return Some(l);
+    }
     if let Some(step) = lower_chain(g, n, &sharing.merged, locs) {
         return Some(lower::Lowered {
             steps: vec![step],
@@ -559,6 +653,10 @@ fn prepare(
             }
         }
         sharing.merged = elementwise_chains(g, &order, interpret);
+        if !interpret.contains(&"matmul") && !interpret.contains(&"add") {
+            let epilogues = bias_epilogues(g, &order, &sharing.merged);
+            sharing.merged.extend(epilogues);
+        }
         if !interpret.contains(&"cross_entropy") && !interpret.contains(&"cross_entropy_grad") {
             sharing.co_computed = losses_with_gradients(g, &order);
         }
@@ -695,9 +793,16 @@ fn compile_inner(
                 Exec::Jit(js)
             }
         };
+        // An add whose kernel is its matmul with the bias in the epilogue.
+        let fused_dense = matches!(k, Planned::Jit(steps)
+            if steps.iter().any(|s| matches!(s, Step::Matmul(m, _) if m.bias.is_some())));
         execs.push(ExecKernel {
             node: n.index(),
-            op: node.op.name(),
+            op: if fused_dense {
+                "matmul+bias"
+            } else {
+                node.op.name()
+            },
             exec,
         });
     }
