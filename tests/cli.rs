@@ -283,7 +283,7 @@ fn bench_and_run_profile_every_kernel() {
         // and 16 for the bias, added in the same kernel.
         let mm = kernels
             .iter()
-            .find(|k| k["op"] == "matmul+bias" && k["result"] == "f32[8, 2]")
+            .find(|k| k["op"] == "matmul+epilogue" && k["result"] == "f32[8, 2]")
             .unwrap_or_else(|| panic!("no forward dense kernel in {what}: {out}"));
         assert_eq!(mm["flops"], 80);
         assert!(mm["median_us"].is_number());

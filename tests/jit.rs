@@ -1119,52 +1119,106 @@ fn transposes_into_matmuls_are_strided_reads() {
     );
 }
 
-/// A dense layer's bias add runs in its matmul's epilogue: one kernel,
-/// labelled `matmul+bias`, with the interpreter's values and the same bits
-/// as the separate add that a second reader of the product forces. Shapes
-/// cover edge rows and columns, two k blocks, a batch, a bias given first,
-/// and a product cut into several column chunks.
+/// Elementwise chains that read a matmul run in its epilogue: one kernel,
+/// labelled `matmul+epilogue`, with the interpreter's values and the same
+/// bits as the separate kernels that a second reader of the product
+/// forces. Chains: a dense layer's bias (given first or second) and its
+/// relu or tanh, a momentum update reading a tensor of C's shape and
+/// scalars. Shapes cover edge rows and columns, two k blocks, a batch and a
+/// product cut into several column chunks.
 #[test]
-fn dense_bias_add_runs_in_the_matmul_epilogue() {
+fn elementwise_chains_run_in_the_matmul_epilogue() {
+    #[derive(Clone, Copy, Debug)]
+    enum Chain {
+        BiasFirst,
+        BiasRelu,
+        BiasTanh,
+        Momentum,
+    }
     let mut rng = Rng(31);
-    let cases: &[(&[usize], &[usize], bool)] = &[
-        (&[7, 5], &[5, 13], false),
-        (&[3, 11, 300], &[300, 21], true),
-        (&[64, 100], &[100, 300], false),
-        (&[1, 1], &[1, 1], true),
+    let cases: &[(&[usize], &[usize], Chain)] = &[
+        (&[7, 5], &[5, 13], Chain::BiasRelu),
+        (&[3, 11, 300], &[300, 21], Chain::BiasFirst),
+        (&[64, 100], &[100, 300], Chain::Momentum),
+        (&[1, 1], &[1, 1], Chain::BiasTanh),
+        (&[9, 3], &[3, 6], Chain::Momentum),
     ];
-    for &(a_shape, w_shape, bias_first) in cases {
+    for &(a_shape, w_shape, chain) in cases {
         let (ta, tw) = (rand_f32(&mut rng, a_shape, 1.0), rand_f32(&mut rng, w_shape, 1.0));
         let tb = rand_f32(&mut rng, &w_shape[1..], 1.0);
+        let mut c_shape = a_shape[..a_shape.len() - 1].to_vec();
+        c_shape.push(w_shape[1]);
+        let tv = rand_f32(&mut rng, &c_shape, 1.0);
         let build = |keep_product: bool| {
             let mut c = Case::new();
             let a = c.input("a", ta.clone());
             let w = c.input("w", tw.clone());
             let b = c.input("b", tb.clone());
             let mm = c.op(Op::MatMul, &[a, w]);
-            let ins = if bias_first { [b, mm] } else { [mm, b] };
-            let y = c.op(Op::Binary(BinaryOp::Add), &ins);
+            let add = |c: &mut Case, x: Value, y: Value| c.op(Op::Binary(BinaryOp::Add), &[x, y]);
+            let y = match chain {
+                Chain::BiasFirst => add(&mut c, b, mm),
+                Chain::BiasRelu => {
+                    let z = add(&mut c, mm, b);
+                    c.op(Op::Unary(UnaryOp::Relu), &[z])
+                }
+                Chain::BiasTanh => {
+                    let z = add(&mut c, mm, b);
+                    c.op(Op::Unary(UnaryOp::Tanh), &[z])
+                }
+                Chain::Momentum => {
+                    // v' = 0.9·v + g, the product being the gradient g.
+                    let v = c.input("v", tv.clone());
+                    let mu = c.input("mu", Tensor::f32(vec![], vec![0.9]));
+                    let mv = c.op(Op::Binary(BinaryOp::Mul), &[mu, v]);
+                    add(&mut c, mv, mm)
+                }
+            };
             c.out("y", y);
             if keep_product {
                 c.out("mm", mm);
             }
             c
         };
+        let what = format!("{a_shape:?} @ {w_shape:?}, {chain:?}");
         let fused = build(false);
         fused.check_tol(1e-5, 1e-5);
         let labels = |c: &Case| -> Vec<&'static str> {
             let m = codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
             m.kernel_nodes().into_iter().map(|(_, op)| op).collect()
         };
-        assert_eq!(labels(&fused), ["matmul+bias"], "{a_shape:?} @ {w_shape:?}");
+        assert_eq!(labels(&fused), ["matmul+epilogue"], "{what}");
         let split = build(true);
-        assert_eq!(labels(&split), ["matmul", "add"], "{a_shape:?} @ {w_shape:?}");
+        assert_eq!(labels(&split).first(), Some(&"matmul"), "{what}");
+        assert_eq!(labels(&split).len(), 2, "{what}");
         let run = |c: &Case| {
             let m = codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
             let out = m.run(&c.feeds).expect("runs");
             let y = out["y"].as_f32().expect("f32").to_vec();
             y.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
         };
-        assert_eq!(run(&fused), run(&split), "{a_shape:?} @ {w_shape:?}: bits");
+        assert_eq!(run(&fused), run(&split), "{what}: bits");
     }
+}
+
+/// A chain reading two products computes one in its epilogue and reads the
+/// other from that matmul's own kernel (a weight used twice sums two
+/// gradient products).
+#[test]
+fn a_chain_over_two_products_fuses_one() {
+    let mut rng = Rng(32);
+    let mut c = Case::new();
+    let a = c.input("a", rand_f32(&mut rng, &[6, 9], 1.0));
+    let w = c.input("w", rand_f32(&mut rng, &[9, 11], 1.0));
+    let x = c.input("x", rand_f32(&mut rng, &[6, 3], 1.0));
+    let u = c.input("u", rand_f32(&mut rng, &[3, 11], 1.0));
+    let p = c.op(Op::MatMul, &[a, w]);
+    let q = c.op(Op::MatMul, &[x, u]);
+    let y = c.op(Op::Binary(BinaryOp::Add), &[p, q]);
+    c.out("y", y);
+    c.check_tol(1e-5, 1e-5);
+    let m = codegen::compile(&c.g, &JitOptions { threads: 1 }).expect("compiles");
+    let mut ops: Vec<&str> = m.kernel_nodes().into_iter().map(|(_, op)| op).collect();
+    ops.sort();
+    assert_eq!(ops, ["matmul", "matmul+epilogue"]);
 }

@@ -133,34 +133,40 @@ pub struct Elementwise {
 }
 
 impl Elementwise {
-    /// Evaluate the program on one group of independent vectors (or
-    /// scalars): `ins[j][g]` is input `j` of member `g`. Heavy operations
-    /// go through the math functions for the whole group at once.
+    /// [`eval_program`] of this program.
     fn eval(&self, k: &mut Kb, ins: &[Vec<Value>], scalar: bool) -> Vec<Value> {
-        let mut tmps: Vec<Vec<Value>> = Vec::with_capacity(self.prog.len());
-        for instr in &self.prog {
-            let args: Vec<Vec<Value>> = instr
-                .args
-                .iter()
-                .map(|a| match *a {
-                    EwArg::In(j) => ins[j].clone(),
-                    EwArg::Tmp(t) => tmps[t].clone(),
-                })
-                .collect();
-            let r = if scalar {
-                (0..args.first().map_or(1, |a| a.len()))
-                    .map(|g| {
-                        let a: Vec<Value> = args.iter().map(|v| v[g]).collect();
-                        ew_scalar(k, &instr.op, &a)
-                    })
-                    .collect()
-            } else {
-                ew_vec_n(k, &instr.op, &args)
-            };
-            tmps.push(r);
-        }
-        tmps.pop().unwrap_or_default()
+        eval_program(k, &self.prog, ins, scalar)
     }
+}
+
+/// Evaluate an elementwise program on one group of independent vectors
+/// (or scalars): `ins[j][g]` is input `j` of member `g`. Heavy operations
+/// go through the math functions for the whole group at once. Returns the
+/// last operation's result per member.
+pub fn eval_program(k: &mut Kb, prog: &[EwInstr], ins: &[Vec<Value>], scalar: bool) -> Vec<Value> {
+    let mut tmps: Vec<Vec<Value>> = Vec::with_capacity(prog.len());
+    for instr in prog {
+        let args: Vec<Vec<Value>> = instr
+            .args
+            .iter()
+            .map(|a| match *a {
+                EwArg::In(j) => ins[j].clone(),
+                EwArg::Tmp(t) => tmps[t].clone(),
+            })
+            .collect();
+        let r = if scalar {
+            (0..args.first().map_or(1, |a| a.len()))
+                .map(|g| {
+                    let a: Vec<Value> = args.iter().map(|v| v[g]).collect();
+                    ew_scalar(k, &instr.op, &a)
+                })
+                .collect()
+        } else {
+            ew_vec_n(k, &instr.op, &args)
+        };
+        tmps.push(r);
+    }
+    tmps.pop().unwrap_or_default()
 }
 
 /// Copy 4-byte elements from a strided view into another (layout ops,

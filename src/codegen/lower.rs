@@ -750,7 +750,7 @@ fn matmul_steps(
         c_off: 0,
         pack_a: Loc::Arena(scratch),
         pack_b: Loc::Arena(scratch),
-        bias: None,
+        epilogue: None,
     };
     let pa = align64(mm.pack_a_bytes());
     mm.pack_b = Loc::Arena(scratch + pa);

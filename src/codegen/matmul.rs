@@ -12,7 +12,7 @@
 //! thread count.
 
 use super::emit::{flags, ro_flags, step_order, Kb, Loc};
-use super::kernel::MatmulPhase;
+use super::kernel::{eval_program, EwInstr, MatmulPhase};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I64};
 use cranelift_codegen::ir::{InstBuilder, Value};
@@ -92,10 +92,32 @@ pub struct Matmul {
     /// Scratch for the packed panels (see `pack_a_bytes`/`pack_b_bytes`).
     pub pack_a: Loc,
     pub pack_b: Loc,
-    /// A bias `[n]` added to every row of C after the last k block (the
-    /// `add` of a dense layer, fused into its matmul's epilogue: C is
-    /// written once, and the sum rounds as the separate add did).
-    pub bias: Option<Loc>,
+    /// Elementwise ops applied to every tile after the last k block,
+    /// before its one store (a dense layer's bias and activation, a
+    /// gradient's optimizer update): C is written once, and each value
+    /// rounds as in the separate elementwise kernel.
+    pub epilogue: Option<Epilogue>,
+}
+
+/// An elementwise program over the product and other operands, indexed
+/// like C.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Epilogue {
+    pub prog: Vec<EwInstr>,
+    pub ins: Vec<EpilogueInput>,
+}
+
+/// How an epilogue operand is indexed at C's element `(batch…, i, j)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum EpilogueInput {
+    /// The matmul's result itself.
+    Product,
+    /// A contiguous tensor of C's shape, at the same index.
+    Full(Loc),
+    /// A `[n]` vector, at `j` (a bias).
+    Row(Loc),
+    /// One value for every element.
+    Scalar(Loc),
 }
 
 fn pack_dims(batch: &[usize], strides: &[i64]) -> Vec<usize> {
@@ -379,7 +401,20 @@ impl Matmul {
             kb.base(self.pack_b)
         };
         let c_base = kb.base(self.c);
-        let bias_base = self.bias.map(|b| kb.base(b));
+        // Each epilogue operand's base; C's own base for the product.
+        let ep_bases: Vec<Value> = match &self.epilogue {
+            Some(ep) => ep
+                .ins
+                .iter()
+                .map(|i| match *i {
+                    EpilogueInput::Product => c_base,
+                    EpilogueInput::Full(l) | EpilogueInput::Row(l) | EpilogueInput::Scalar(l) => {
+                        kb.base(l)
+                    }
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         let (start, end) = (kb.start, kb.end);
         let nkb = kdim.div_ceil(t.kc);
         // Blocks of equal depth (rounded up to whole unrolled iterations):
@@ -429,14 +464,33 @@ impl Matmul {
             let kc = k.b.ins().smin(kleft, kcap);
             let first = k.b.ins().icmp_imm_s(IntCC::Equal, kbi, 0);
             let last = k.b.ins().icmp_imm_s(IntCC::Equal, kbi, nkb as i64 - 1);
-            // The C tile at `cptr` of column panel `jp`.
-            let c_tile = |k: &mut Kb, ptr: Value, rows: usize, cols: usize, jp: Value| CTile {
-                ptr,
-                ldc,
-                first,
-                rows,
-                cols,
-                bias: bias_base.map(|b| (k.addr(b, jp, (nr * 4) as i64), last)),
+            // The C tile at `cptr` of column panel `jp`, with each epilogue
+            // operand's address at the tile's first element.
+            let c_tile = |k: &mut Kb, ptr: Value, rows: usize, cols: usize, jp: Value| {
+                let epilogue = self.epilogue.as_ref().map(|ep| {
+                    let c_index = k.b.ins().isub(ptr, c_base);
+                    let c_index = k.b.ins().iadd_imm_s(c_index, -(self.c_off as i64) * 4);
+                    let ptrs = ep
+                        .ins
+                        .iter()
+                        .zip(&ep_bases)
+                        .map(|(i, &base)| match i {
+                            EpilogueInput::Product => ptr,
+                            EpilogueInput::Full(_) => k.b.ins().iadd(base, c_index),
+                            EpilogueInput::Row(_) => k.addr(base, jp, (nr * 4) as i64),
+                            EpilogueInput::Scalar(_) => base,
+                        })
+                        .collect();
+                    (ep, ptrs, last)
+                });
+                CTile {
+                    ptr,
+                    ldc,
+                    first,
+                    rows,
+                    cols,
+                    epilogue,
+                }
             };
             // Unit u = (output batch, column chunk, row panel), row panel
             // fastest: a chunk of consecutive units shares its B block.
@@ -551,8 +605,7 @@ fn panels_per_tile(rows: usize, nv: usize) -> usize {
 }
 
 /// Where a register tile's results go.
-#[derive(Clone, Copy)]
-struct CTile {
+struct CTile<'a> {
     ptr: Value,
     /// Bytes between rows of C.
     ldc: i64,
@@ -561,9 +614,9 @@ struct CTile {
     rows: usize,
     /// Valid columns of the tile's last panel.
     cols: usize,
-    /// The bias at the tile's first column, and whether this is the last
-    /// k block (after which the bias is added).
-    bias: Option<(Value, Value)>,
+    /// The epilogue, its operands' addresses at the tile's first element,
+    /// and whether this is the last k block (after which it runs).
+    epilogue: Option<(&'a Epilogue, Vec<Value>, Value)>,
 }
 
 /// `C[rows × panels·nr] (=|+=) A[rows, 0..kc] · B[0..kc, panels]` over
@@ -585,7 +638,7 @@ fn micro_kernel(
         first,
         rows,
         cols,
-        bias,
+        epilogue,
     } = ct;
     let nr = t.nr();
     // Accumulator columns: (panel, f32x4 within the panel).
@@ -691,24 +744,55 @@ fn micro_kernel(
         };
         k.for_range(zero, tail, 1, |k, _| step(k, 1));
     }
-    if let Some((bp, last)) = bias {
+    if let Some((ep, ptrs, last)) = epilogue {
         k.if_then(last, |k| {
+            // A vector at byte offset `off` of `p`, lane by lane at C's
+            // narrow right edge (operands are not padded).
+            let load = |k: &mut Kb, p: Value, off: i32, vc: (usize, usize)| {
+                if lanes(vc) == 4 {
+                    return k.load_v(p, off);
+                }
+                let mut v = k.vconst(0.0);
+                for l in 0..lanes(vc) {
+                    let s = k.load_f(p, off + (l * 4) as i32);
+                    v = k.b.ins().insertlane(v, s, l as u8);
+                }
+                v
+            };
             for (i, vc) in vcols.iter().enumerate() {
-                let off = ((vc.0 * nr + vc.1 * 4) * 4) as i32;
-                let bv = if lanes(*vc) == 4 {
-                    k.load_v(bp, off)
-                } else {
-                    let mut v = k.vconst(0.0);
-                    for l in 0..lanes(*vc) {
-                        let s = k.load_f(bp, off + (l * 4) as i32);
-                        v = k.b.ins().insertlane(v, s, l as u8);
+                let col = ((vc.0 * nr + vc.1 * 4) * 4) as i32;
+                // Operands that do not vary along the tile's rows.
+                let fixed: Vec<Option<Value>> = ep
+                    .ins
+                    .iter()
+                    .zip(&ptrs)
+                    .map(|(inp, &p)| match inp {
+                        EpilogueInput::Row(_) => Some(load(k, p, col, *vc)),
+                        EpilogueInput::Scalar(_) => {
+                            let s = k.load_f(p, 0);
+                            Some(k.b.ins().splat(F32X4, s))
+                        }
+                        EpilogueInput::Product | EpilogueInput::Full(_) => None,
+                    })
+                    .collect();
+                for (r, acc) in accs.iter().enumerate() {
+                    let args: Vec<Vec<Value>> = ep
+                        .ins
+                        .iter()
+                        .zip(&ptrs)
+                        .zip(&fixed)
+                        .map(|((inp, &p), f)| {
+                            let v = match (inp, f) {
+                                (_, Some(v)) => *v,
+                                (EpilogueInput::Product, _) => k.b.use_var(acc[i]),
+                                _ => load(k, p, c_off(r, *vc), *vc),
+                            };
+                            vec![v]
+                        })
+                        .collect();
+                    if let Some(&y) = eval_program(k, &ep.prog, &args, false).first() {
+                        k.b.def_var(acc[i], y);
                     }
-                    v
-                };
-                for acc in &accs {
-                    let x = k.b.use_var(acc[i]);
-                    let y = k.b.ins().fadd(x, bv);
-                    k.b.def_var(acc[i], y);
                 }
             }
         });
@@ -880,7 +964,7 @@ mod tests {
             c_off: 0,
             pack_a: Loc::Arena(0),
             pack_b: Loc::Arena(0),
-            bias: None,
+            epilogue: None,
         };
         assert_eq!(mm.pack_a_bytes(), 0);
         assert_eq!(mm.units(MatmulPhase::PackA), 0);

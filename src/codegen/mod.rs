@@ -253,13 +253,14 @@ fn elementwise_chains(
     root
 }
 
-/// The fused loop of a chain's root, or `None` when the node is no root.
-fn lower_chain(
+/// The program of a chain's root and the values it reads, or `None` when
+/// the node is no root. Merged members that are no elementwise op (a
+/// matmul computed with the chain as its epilogue) are read as inputs.
+fn chain_program(
     g: &Graph,
     root: NodeIndex,
     merged: &HashMap<NodeIndex, NodeIndex>,
-    locs: &HashMap<Value, Loc>,
-) -> Option<Step> {
+) -> Option<(Vec<kernel::EwInstr>, Vec<Value>)> {
     use kernel::{EwArg, EwInstr, EwOp};
     if !merged.values().any(|r| *r == root) {
         return None;
@@ -274,7 +275,8 @@ fn lower_chain(
     }
     impl Build<'_> {
         fn arg(&mut self, v: Value) -> Option<EwArg> {
-            if self.merged.get(&v.node) == Some(&self.root) {
+            let elementwise = matches!(self.g.node(v.node).op, Op::Unary(_) | Op::Binary(_));
+            if elementwise && self.merged.get(&v.node) == Some(&self.root) {
                 return self.node(v.node).map(EwArg::Tmp);
             }
             let j = match self.inputs.iter().position(|x| *x == v) {
@@ -315,8 +317,18 @@ fn lower_chain(
         inputs: Vec::new(),
     };
     b.node(root)?;
-    let ins: Vec<(Loc, TensorType)> = b
-        .inputs
+    Some((b.prog, b.inputs))
+}
+
+/// The fused loop of a chain's root over the values `inputs` it reads.
+fn chain_step(
+    g: &Graph,
+    root: NodeIndex,
+    prog: Vec<kernel::EwInstr>,
+    inputs: &[Value],
+    locs: &HashMap<Value, Loc>,
+) -> Option<Step> {
+    let ins: Vec<(Loc, TensorType)> = inputs
         .iter()
         .map(|v| {
             (
@@ -328,97 +340,126 @@ fn lower_chain(
     let out = results(g, root, locs);
     let out = out.first()?;
     Some(lower::fused_elementwise(
-        b.prog,
+        prog,
         &refs(&ins),
         &(out.0, &out.1),
     ))
 }
 
-/// Dense layers' bias adds computed in their matmul's epilogue: an `add`
-/// of a matmul result and a bias `[n]` along its last axis, where the
-/// product has no other reader, is no named output and has k > 0, and the
-/// add is in no elementwise chain. Maps each such matmul to its add, whose
-/// kernel then computes both and writes C once.
-fn bias_epilogues(
+/// Elementwise chains computed in a matmul's epilogue: a matmul result
+/// with no other reader, no named output and k > 0, read by an elementwise
+/// op of its shape, is computed by the kernel of that op's chain (a dense
+/// layer's bias and activation, a weight gradient's optimizer update),
+/// provided every other operand of the chain has C's shape, is a `[n]`
+/// row or is a single value, and no other product is already computed
+/// there. Maps each such matmul to the chain's root.
+fn matmul_epilogues(
     g: &Graph,
     order: &[NodeIndex],
     chains: &HashMap<NodeIndex, NodeIndex>,
+    interpret: &[&str],
 ) -> HashMap<NodeIndex, NodeIndex> {
     let named: std::collections::HashSet<NodeIndex> =
         g.outputs.iter().map(|o| o.value.node).collect();
-    let in_chain = |n: NodeIndex| chains.contains_key(&n) || chains.values().any(|r| *r == n);
-    let mut out = HashMap::new();
-    for &add in order {
-        let node = g.node(add);
-        let is_add = matches!(node.op, Op::Binary(crate::ir::BinaryOp::Add))
+    let elementwise = |n: NodeIndex| {
+        let node = g.node(n);
+        matches!(node.op, Op::Unary(_) | Op::Binary(_))
             && node.outputs.len() == 1
-            && node.outputs[0].dtype == crate::tensor::DType::F32;
-        if !is_add || in_chain(add) {
+            && node.outputs[0].dtype == crate::tensor::DType::F32
+            && !interpret.contains(&node.op.name())
+    };
+    let mut out = HashMap::new();
+    for &mm in order {
+        if !matches!(g.node(mm).op, Op::MatMul) || named.contains(&mm) {
             continue;
         }
-        let ins = g.inputs(add);
-        let shape = &node.outputs[0].shape;
-        let Some(&n) = shape.last() else {
+        let product = Value::new(mm);
+        let shape = &g.ty(product).shape;
+        let k = g
+            .inputs(mm)
+            .first()
+            .and_then(|a| g.ty(*a).shape.last().copied());
+        let readers: Vec<NodeIndex> = g
+            .graph
+            .edges_directed(mm, petgraph::Direction::Outgoing)
+            .map(|e| petgraph::visit::EdgeRef::target(&e))
+            .collect();
+        let [reader] = readers[..] else {
             continue;
         };
-        for (mm, bias) in [(0, 1), (1, 0)] {
-            let (Some(&p), Some(&b)) = (ins.get(mm), ins.get(bias)) else {
-                continue;
-            };
-            let prod = g.node(p.node);
-            let k = g
-                .inputs(p.node)
-                .first()
-                .and_then(|a| g.ty(*a).shape.last().copied());
-            let sole_reader = g
-                .graph
-                .edges_directed(p.node, petgraph::Direction::Outgoing)
-                .count()
-                == 1;
-            if matches!(prod.op, Op::MatMul)
-                && p.port == 0
-                && sole_reader
-                && !named.contains(&p.node)
-                && k.is_some_and(|k| k > 0)
-                && &g.ty(p).shape == shape
-                && g.ty(b).shape == [n]
-            {
-                out.insert(p.node, add);
-                break;
-            }
+        if !k.is_some_and(|k| k > 0) || !elementwise(reader) || &g.node(reader).outputs[0].shape != shape {
+            continue;
+        }
+        let root = chains.get(&reader).copied().unwrap_or(reader);
+        let members: Vec<NodeIndex> = std::iter::once(root)
+            .chain(chains.iter().filter(|(_, r)| **r == root).map(|(m, _)| *m))
+            .collect();
+        let n = shape.last().copied().unwrap_or(1);
+        let operands_fit = members.iter().all(|&m| {
+            g.inputs(m).iter().all(|v| {
+                let s = &g.ty(*v).shape;
+                members.contains(&v.node)
+                    || *v == product
+                    || s == shape
+                    || *s == [n]
+                    || crate::tensor::numel(s) == 1
+            })
+        });
+        // One product per chain: a second (the sum of two matmuls, say)
+        // keeps its own kernel and is read from its buffer.
+        if operands_fit && !out.values().any(|r| *r == root) {
+            out.insert(mm, root);
         }
     }
     out
 }
 
-/// The kernel of an `add` whose matmul operand `bias_epilogues` merged
-/// into it: the matmul writing the add's result, the bias in its epilogue.
-fn lower_bias_epilogue(
+/// The kernel of a chain root whose chain reads the matmul `product`
+/// merged into it (see `matmul_epilogues`): the matmul writing the root's
+/// result, with the chain program over `inputs` as its epilogue.
+fn lower_matmul_epilogue(
     g: &Graph,
-    add: NodeIndex,
+    root: NodeIndex,
+    (prog, inputs, product): (Vec<kernel::EwInstr>, &[Value], Value),
     locs: &HashMap<Value, Loc>,
     scratch: usize,
     sharing: &liveness::Sharing,
 ) -> Option<lower::Lowered> {
-    let ins = g.inputs(add);
-    let (pos, prod) = ins.iter().enumerate().find(|(_, v)| {
-        sharing.merged.get(&v.node) == Some(&add) && matches!(g.node(v.node).op, Op::MatMul)
-    })?;
-    let bias = ins.get(1 - pos)?;
-    let bias_loc = locs.get(bias).copied().unwrap_or(Loc::Arena(0));
-    let mm_ins = operands(g, prod.node, locs);
-    let mm_inputs = g.inputs(prod.node);
+    use matmul::EpilogueInput;
+    let outs = results(g, root, locs);
+    let out = outs.first()?;
+    let n = out.1.shape.last().copied().unwrap_or(1);
+    let ins = inputs
+        .iter()
+        .map(|v| {
+            let loc = locs.get(v).copied().unwrap_or(Loc::Arena(0));
+            let s = &g.ty(*v).shape;
+            if *v == product {
+                Some(EpilogueInput::Product)
+            } else if *s == out.1.shape {
+                Some(EpilogueInput::Full(loc))
+            } else if *s == [n] {
+                Some(EpilogueInput::Row(loc))
+            } else if crate::tensor::numel(s) == 1 {
+                Some(EpilogueInput::Scalar(loc))
+            } else {
+                None
+            }
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let mm_ins = operands(g, product.node, locs);
+    let mm_inputs = g.inputs(product.node);
     let flags = [0, 1].map(|i| {
         mm_inputs
             .get(i)
             .is_some_and(|v| sharing.transposed.contains(v))
     });
-    let outs = results(g, add, locs);
-    let mut l = lower::matmul(&refs(&mm_ins), refs(&outs).first()?, scratch, flags)?;
+    let mut l = lower::matmul(&refs(&mm_ins), &(out.0, &out.1), scratch, flags)?;
+    let epilogue = matmul::Epilogue { prog, ins };
     for step in &mut l.steps {
         match step {
-            Step::Matmul(mm, _) => mm.bias = Some(bias_loc),
-            // k > 0 (checked by bias_epilogues) leaves no other step.
+            Step::Matmul(mm, _) => mm.epilogue = Some(epilogue.clone()),
+            // k > 0 (checked by matmul_epilogues) leaves no other step.
             _ => return None,
         }
     }
@@ -437,12 +478,15 @@ fn lower_kernel(
     sharing: &liveness::Sharing,
     plan: Option<&MemoryPlan>,
 ) -> Option<lower::Lowered> {
-    if let Some(l) = lower_bias_epilogue(g, n, locs, scratch, sharing) {
-        return Some(l);
-    }
-    if let Some(step) = lower_chain(g, n, &sharing.merged, locs) {
+    if let Some((prog, inputs)) = chain_program(g, n, &sharing.merged) {
+        let product = inputs
+            .iter()
+            .find(|v| sharing.merged.get(&v.node) == Some(&n));
+        if let Some(&product) = product {
+            return lower_matmul_epilogue(g, n, (prog, &inputs, product), locs, scratch, sharing);
+        }
         return Some(lower::Lowered {
-            steps: vec![step],
+            steps: vec![chain_step(g, n, prog, &inputs, locs)?],
             scratch_bytes: 0,
         });
     }
@@ -653,8 +697,8 @@ fn prepare(
             }
         }
         sharing.merged = elementwise_chains(g, &order, interpret);
-        if !interpret.contains(&"matmul") && !interpret.contains(&"add") {
-            let epilogues = bias_epilogues(g, &order, &sharing.merged);
+        if !interpret.contains(&"matmul") {
+            let epilogues = matmul_epilogues(g, &order, &sharing.merged, interpret);
             sharing.merged.extend(epilogues);
         }
         if !interpret.contains(&"cross_entropy") && !interpret.contains(&"cross_entropy_grad") {
@@ -793,13 +837,13 @@ fn compile_inner(
                 Exec::Jit(js)
             }
         };
-        // An add whose kernel is its matmul with the bias in the epilogue.
-        let fused_dense = matches!(k, Planned::Jit(steps)
-            if steps.iter().any(|s| matches!(s, Step::Matmul(m, _) if m.bias.is_some())));
+        // An elementwise chain computed in its matmul's epilogue.
+        let epilogue = matches!(k, Planned::Jit(steps)
+            if steps.iter().any(|s| matches!(s, Step::Matmul(m, _) if m.epilogue.is_some())));
         execs.push(ExecKernel {
             node: n.index(),
-            op: if fused_dense {
-                "matmul+bias"
+            op: if epilogue {
+                "matmul+epilogue"
             } else {
                 node.op.name()
             },

@@ -98,7 +98,7 @@ impl Build {
             c_off: 0,
             pack_a: Loc::Arena(0),
             pack_b: Loc::Arena(0),
-            bias: None,
+            epilogue: None,
         };
         mm.pack_a = self.alloc_bytes(mm.pack_a_bytes());
         mm.pack_b = self.alloc_bytes(mm.pack_b_bytes());
