@@ -556,3 +556,80 @@ fn attention_score_loop_keeps_accumulators_in_place() {
     let asm = codegen::emit_asm(&c.g).expect("disassembles");
     check_fma_loop(&asm, 16, 8, 8);
 }
+
+/// H a multiple of 4 takes the row epilogues (every block of a group at
+/// once): one and several groups of four hidden blocks, a short last
+/// group, two row blocks with a short second one; forward and gradient of
+/// both recurrences.
+#[test]
+fn recurrences_with_whole_blocks_match_interpreter() {
+    let mut rng = Rng(41);
+    for s in [(11, 4, 6, 20), (3, 5, 4, 32), (9, 3, 7, 16), (2, 2, 3, 4)] {
+        rnn_case(&mut rng, s, 3, Op::GruSeq, false).check(1e-5, 1e-6);
+        rnn_case(&mut rng, s, 3, Op::GruSeqGrad, true).check(1e-4, 1e-5);
+        rnn_case(&mut rng, s, 4, Op::LstmSeq, false).check(1e-5, 1e-6);
+        rnn_case(&mut rng, s, 4, Op::LstmSeqGrad, true).check(1e-4, 1e-5);
+    }
+}
+
+/// A training step reads the recurrent gradient's weight gradients but
+/// not `dx` (x is a model input): the kernel leaves out dx's matmul, and
+/// the weight gradients are bitwise those of the step that also reads dx.
+#[test]
+fn recurrent_gradient_skips_unread_dx() {
+    let shape = (19, 9, 5, 27);
+    for (gates, fwd, grad) in [
+        (4, Op::LstmSeq, Op::LstmSeqGrad),
+        (3, Op::GruSeq, Op::GruSeqGrad),
+    ] {
+        let build = |with_dx: bool| {
+            let mut rng = Rng(29);
+            let mut step = rnn_case(&mut rng, shape, gates, fwd.clone(), false);
+            let h = step.g.output("y0").expect("forward output").value;
+            let mut ins: Vec<Value> = step.g.inputs(h.node);
+            let (n, t, _, hd) = shape;
+            let s = step.input("s", rng.tensor(&[n, t, hd], 1.0));
+            let dh = step
+                .g
+                .add(Op::Binary(BinaryOp::Mul), &[h, s], None)
+                .expect("mul");
+            ins.push(dh);
+            let gs = step
+                .g
+                .add_multi(grad.clone(), &ins, None)
+                .expect("well-typed");
+            let first = if with_dx { 0 } else { 1 };
+            for (i, v) in gs.into_iter().enumerate().skip(first) {
+                step.g.push_output(format!("g{i}"), OutputKind::Output, v);
+            }
+            step
+        };
+        let (without, with) = (build(false), build(true));
+        without.check(1e-4, 1e-5);
+        let compile =
+            |c: &Case| codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
+        let (mw, mo) = (compile(&with), compile(&without));
+        // dx's matmul: packing each operand, then the product.
+        assert!(
+            mo.step_count() + 3 <= mw.step_count(),
+            "{grad:?}: {} steps without dx, {} with",
+            mo.step_count(),
+            mw.step_count()
+        );
+        let (a, b) = (
+            mw.run(&with.feeds).expect("runs"),
+            mo.run(&without.feeds).expect("runs"),
+        );
+        for name in ["g1", "g2", "g3"] {
+            let bits = |t: &Tensor| -> Vec<u32> {
+                t.as_f32()
+                    .expect("f32")
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            };
+            assert_eq!(bits(&a[name]), bits(&b[name]), "{grad:?} {name}");
+        }
+        assert!(!b.contains_key("g0"));
+    }
+}

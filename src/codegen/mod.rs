@@ -516,7 +516,13 @@ fn lower_kernel(
             let fwd = *fwd?.0;
             let hs = locs.get(&Value::new(fwd)).copied().unwrap_or(Loc::Arena(0));
             let saved = Some((hs, saved_at(fwd)));
-            rnn::lower_grad(lstm, &ins_ref, &outs_ref, scratch, saved)
+            // dx (result 0) is read by nothing when x is a model input.
+            let dx = Value::new(n);
+            let want_dx = g.outputs.iter().any(|o| o.value == dx)
+                || g.graph
+                    .edges_directed(n, petgraph::Direction::Outgoing)
+                    .any(|e| e.weight().port == 0);
+            rnn::lower_grad_for(lstm, &ins_ref, &outs_ref, scratch, saved, want_dx)
         }
         Op::MatMul if transposed(0) || transposed(1) => {
             let flags = [transposed(0), transposed(1)];

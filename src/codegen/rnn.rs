@@ -436,16 +436,19 @@ fn offset(at: Loc, floats: usize) -> Loc {
 }
 
 /// The gradient's outputs and the steps shared by LSTM and GRU after the
-/// reverse loop: `dx = dz w_xᵀ`, `dw_x = xᵀ dz`, `db = Σ dz`.
-fn input_grads(bd: &mut Build, d: Dims, w: &Weights, dz: Seq, dx: Loc, dwx: Loc, db: Loc) {
+/// reverse loop: `dx = dz w_xᵀ` (where `dx` is wanted), `dw_x = xᵀ dz`,
+/// `db = Σ dz`.
+fn input_grads(bd: &mut Build, d: Dims, w: &Weights, dz: Seq, dx: Option<Loc>, dwx: Loc, db: Loc) {
     let (rows, g) = (d.n * d.t, d.g());
-    bd.matmul(
-        vec![],
-        (rows, g, d.f),
-        operand(dz.loc, 0, g, false),
-        operand(w.wx, 0, g, true),
-        dx,
-    );
+    if let Some(dx) = dx {
+        bd.matmul(
+            vec![],
+            (rows, g, d.f),
+            operand(dz.loc, 0, g, false),
+            operand(w.wx, 0, g, true),
+            dx,
+        );
+    }
     bd.matmul(
         vec![],
         (d.f, rows, g),
@@ -491,6 +494,7 @@ fn lstm_grad(
     dh_in: Loc,
     outs: [Loc; 4],
     from_forward: Option<(Loc, Loc)>,
+    want_dx: bool,
 ) {
     let (n, h, g, tt) = (d.n, d.h, d.g(), d.t);
     let (hs, saved) = match from_forward {
@@ -530,7 +534,7 @@ fn lstm_grad(
     };
     bd.steps.push(Step::Rnn(RnnSeq::new(rec, d, wt)));
     let [dx, dwx, dwh, db] = outs;
-    input_grads(bd, d, w, dz, dx, dwx, db);
+    input_grads(bd, d, w, dz, want_dx.then_some(dx), dwx, db);
     let hp = shifted(bd, d, hs);
     bd.matmul(
         vec![],
@@ -549,6 +553,7 @@ fn gru_grad(
     dh_in: Loc,
     outs: [Loc; 4],
     from_forward: Option<(Loc, Loc)>,
+    want_dx: bool,
 ) {
     let (n, h, g, tt) = (d.n, d.h, d.g(), d.t);
     let (hs, act, rh) = match from_forward {
@@ -586,7 +591,7 @@ fn gru_grad(
     };
     bd.steps.push(Step::Rnn(RnnSeq::new(rec, d, wt)));
     let [dx, dwx, dwh, db] = outs;
-    input_grads(bd, d, w, dz, dx, dwx, db);
+    input_grads(bd, d, w, dz, want_dx.then_some(dx), dwx, db);
     // dw_h[:, :2H] = hpᵀ dz_{z,r}, dw_h[:, 2H:] = (r·h_{t-1})ᵀ dz_h~, each
     // computed contiguously, then placed in its column block.
     let hp_all = shifted(bd, d, hs);
@@ -634,6 +639,20 @@ pub fn lower_grad(
     scratch: usize,
     from_forward: Option<(Loc, Loc)>,
 ) -> Option<Lowered> {
+    lower_grad_for(lstm, ins, outs, scratch, from_forward, true)
+}
+
+/// [`lower_grad`], leaving `dx` unwritten unless `want_dx`: nothing reads
+/// it where `x` is a model input (every training step), and its matmul is
+/// a sixth of the gradient's flops.
+pub fn lower_grad_for(
+    lstm: bool,
+    ins: &[(Loc, &TensorType)],
+    outs: &[(Loc, &TensorType)],
+    scratch: usize,
+    from_forward: Option<(Loc, Loc)>,
+    want_dx: bool,
+) -> Option<Lowered> {
     let d = Dims::of(ins, if lstm { 4 } else { 3 })?;
     let w = weights(ins)?;
     let dh = ins.get(4)?.0;
@@ -645,9 +664,9 @@ pub fn lower_grad(
     ];
     let mut bd = Build::new(scratch);
     if lstm {
-        lstm_grad(&mut bd, d, &w, dh, o, from_forward);
+        lstm_grad(&mut bd, d, &w, dh, o, from_forward, want_dx);
     } else {
-        gru_grad(&mut bd, d, &w, dh, o, from_forward);
+        gru_grad(&mut bd, d, &w, dh, o, from_forward, want_dx);
     }
     Some(bd.finish())
 }
@@ -977,6 +996,32 @@ struct Cx {
 
 type Epi<'a> = dyn Fn(&mut Kb, Value, &[Value], Lanes) + 'a;
 
+/// Activations computed together in a row epilogue: more chains spill.
+const ACT_CHAINS: usize = 4;
+
+/// One row's epilogues over a whole group of hidden blocks (all four lanes
+/// real), given the first block's context, the row of the tile and the
+/// number of blocks. Block `i` sits `16·i` bytes past the first in every
+/// buffer, so each buffer's address is formed once per row (per block,
+/// the address arithmetic took more instructions than the gate math), and
+/// the activations of several blocks interleave their dependency chains.
+type RowEpi<'a> = dyn Fn(&mut Kb, Value, &Cx, Acc, usize) + 'a;
+
+/// A row of the stack tile: vector `j` of block `i` at `(i·v + j)·16`
+/// bytes from `row`. Epilogues load each accumulator where they use it:
+/// loaded up front, a group's would not fit the registers.
+#[derive(Clone, Copy)]
+struct Acc {
+    row: Value,
+    v: usize,
+}
+
+impl Acc {
+    fn get(self, k: &mut Kb, i: usize, j: usize) -> Value {
+        k.load_v(self.row, ((i * self.v + j) * 16) as i32)
+    }
+}
+
 /// A hidden block's context and epilogue, given the block.
 type UnitAt<'a, 'r> = dyn Fn(&mut Kb, Value) -> (Cx, Box<Epi<'r>>) + 'a;
 
@@ -1159,6 +1204,12 @@ fn chunk(
     }
 }
 
+/// Address of `[row, t − 1, cx.col]` of `b`, or of zeros at `t = 0`.
+fn prev_or_zero(k: &mut Kb, b: &Bound, row: Value, cx: &Cx) -> Value {
+    let a = b.at(k, row, cx.tprev, cx.col, 0);
+    k.b.ins().select(cx.has_prev, a, cx.zeros)
+}
+
 impl RnnSeq {
     fn new(rec: Rec, d: Dims, wp: Loc) -> RnnSeq {
         RnnSeq {
@@ -1221,9 +1272,12 @@ impl RnnSeq {
         let kx = if self.backward() { 0 } else { self.f };
         let panel_bytes = ((self.h + kx) * self.gates() * LANES * 4) as i64;
         let wp = kb.base(self.wp);
-        let zeros = kb.stack_buf(16);
+        // Zeros for a row epilogue's whole group of blocks at `t = 0`.
+        let zeros = kb.stack_buf((16 * EPI_BLOCKS) as u32);
         let z = kb.vconst(0.0);
-        kb.b.ins().store(flags(), z, zeros, 0);
+        for i in 0..EPI_BLOCKS {
+            kb.b.ins().store(flags(), z, zeros, (16 * i) as i32);
+        }
         let tile = kb.b.create_sized_stack_slot(StackSlotData::new(
             StackSlotKind::ExplicitSlot,
             TILE_BYTES as u32,
@@ -1301,7 +1355,12 @@ impl RnnSeq {
                             let (_, epi) = self.unit(k, &rec, &cx, phase);
                             (cx, epi)
                         };
-                        self.epilogues(k, hb0, (v, en), &at);
+                        let row_epi = if partial {
+                            None
+                        } else {
+                            self.row_epilogue(&rec, phase)
+                        };
+                        self.epilogues(k, hb0, (v, en), &at, row_epi.as_deref());
                     };
                     let full = nb / EPI_BLOCKS;
                     if full > 0 {
@@ -1451,7 +1510,14 @@ impl RnnSeq {
     /// epilogue. Rows outer: one row's blocks are adjacent columns of the
     /// `[N, T, ·]` buffers (four blocks fill a cache line), which sit a
     /// power of two apart from row to row, in the same few L1 sets.
-    fn epilogues<'r>(&self, k: &mut Kb, hb0: Value, (v, en): (usize, usize), at: &UnitAt<'_, 'r>) {
+    fn epilogues<'r>(
+        &self,
+        k: &mut Kb,
+        hb0: Value,
+        (v, en): (usize, usize),
+        at: &UnitAt<'_, 'r>,
+        row_epi: Option<&RowEpi<'r>>,
+    ) {
         let n_last = self.n - (self.units() - 1) * ROW_BLOCK;
         let h_rem = self.h % LANES;
         let (cx0, _) = at(k, hb0);
@@ -1463,6 +1529,16 @@ impl RnnSeq {
             full
         };
         let zero = k.iconst(0);
+        if let Some(row_epi) = row_epi {
+            k.for_range(zero, nrows, 1, |k, r| {
+                let (cx, _) = at(k, hb0);
+                let tile = k.b.ins().stack_addr(I64, cx.tile, 0);
+                let tr = k.addr(tile, r, (en * v * 16) as i64);
+                let row = k.b.ins().iadd(cx.r_lo, r);
+                row_epi(k, row, &cx, Acc { row: tr, v }, en);
+            });
+            return;
+        }
         k.for_range(zero, nrows, 1, |k, r| {
             k.for_const(0, en, |k, gi| {
                 let hb = k.b.ins().iadd(hb0, gi);
@@ -1482,6 +1558,277 @@ impl RnnSeq {
                 }
             });
         });
+    }
+
+    /// The epilogue of phase `phase` over a row of a group of blocks at
+    /// once ([`RowEpi`]) where it pays, for hidden sizes with no partial
+    /// block. Each
+    /// value is computed as by [`RnnSeq::unit`]'s per-block epilogue (which
+    /// handles the partial block), in the same order of operations.
+    fn row_epilogue<'a>(&self, rec: &'a BoundRec, phase: usize) -> Option<Box<RowEpi<'a>>> {
+        let h = self.h;
+        // Block `i` of the group sits `16·i` bytes past the first block's
+        // column in every buffer: one address per buffer and row.
+        let ld = |k: &mut Kb, p: Value, i: usize| k.load_v(p, (i * 16) as i32);
+        let st = |k: &mut Kb, v: Value, p: Value, i: usize| {
+            k.b.ins().store(flags(), v, p, (i * 16) as i32);
+        };
+        match (rec, phase) {
+            (
+                BoundRec::GruFwd {
+                    b, hs, act, rh, rc, ..
+                },
+                0,
+            ) => Some(Box::new(
+                move |k: &mut Kb, row: Value, cx: &Cx, acc: Acc, en: usize| {
+                    let zero = k.iconst(0);
+                    let bz = b.at(k, zero, zero, cx.col, 0);
+                    let br = b.at(k, zero, zero, cx.col, h);
+                    let hp = prev_or_zero(k, hs, row, cx);
+                    let az = act.at(k, row, cx.t, cx.col, 0);
+                    let ar = act.at(k, row, cx.t, cx.col, h);
+                    let arh = rh.at(k, row, cx.t, cx.col, 0);
+                    let arc = rc.as_ref().map(|rc| rc.at(k, row, cx.t, cx.col, 0));
+                    // Two gates per block: blocks in pairs, each pair's
+                    // values consumed before the next pair's are formed.
+                    let pair = ACT_CHAINS / 2;
+                    for i0 in (0..en).step_by(pair) {
+                        let blocks = i0..(i0 + pair).min(en);
+                        let mut pre = Vec::with_capacity(ACT_CHAINS);
+                        for i in blocks.clone() {
+                            for (j, bp) in [bz, br].into_iter().enumerate() {
+                                let a = acc.get(k, i, j);
+                                let bb = ld(k, bp, i);
+                                pre.push(k.b.ins().fadd(a, bb));
+                            }
+                        }
+                        let s = k.vsigmoid_n(&pre);
+                        for (i, zr) in blocks.zip(s.chunks(2)) {
+                            let (zz, rr) = (zr[0], zr[1]);
+                            let hpv = ld(k, hp, i);
+                            let rhv = k.b.ins().fmul(rr, hpv);
+                            st(k, zz, az, i);
+                            st(k, rr, ar, i);
+                            st(k, rhv, arh, i);
+                            if let Some(arc) = arc {
+                                st(k, rhv, arc, i);
+                            }
+                        }
+                    }
+                },
+            )),
+            (
+                BoundRec::GruFwd {
+                    b, hs, st: sb, act, ..
+                },
+                _,
+            ) => Some(Box::new(
+                move |k: &mut Kb, row: Value, cx: &Cx, acc: Acc, en: usize| {
+                    let zero = k.iconst(0);
+                    let bh = b.at(k, zero, zero, cx.col, 2 * h);
+                    let pre: Vec<Value> = (0..en)
+                        .map(|i| {
+                            let a = acc.get(k, i, 0);
+                            let bb = ld(k, bh, i);
+                            k.b.ins().fadd(a, bb)
+                        })
+                        .collect();
+                    let hcs: Vec<Value> =
+                        pre.chunks(ACT_CHAINS).flat_map(|c| k.vtanh_n(c)).collect();
+                    let hp = prev_or_zero(k, hs, row, cx);
+                    let az = act.at(k, row, cx.t, cx.col, 0);
+                    let ah = act.at(k, row, cx.t, cx.col, 2 * h);
+                    let ahs = hs.at(k, row, cx.t, cx.col, 0);
+                    let tp = k.b.ins().band_imm_u(cx.t, 1);
+                    let ast = sb.at(k, row, tp, cx.col, 0);
+                    for (i, &hc) in hcs.iter().enumerate() {
+                        let zz = ld(k, az, i);
+                        let hpv = ld(k, hp, i);
+                        let one = k.vconst(1.0);
+                        let keep = k.b.ins().fsub(one, zz);
+                        let kh = k.b.ins().fmul(keep, hpv);
+                        let zh = k.b.ins().fmul(zz, hc);
+                        let hv = k.b.ins().fadd(kh, zh);
+                        st(k, hc, ah, i);
+                        st(k, hv, ahs, i);
+                        st(k, hv, ast, i);
+                    }
+                },
+            )),
+            (
+                BoundRec::GruBwd {
+                    dh,
+                    act,
+                    hs,
+                    dz,
+                    dzs,
+                    dhs,
+                    dhc,
+                },
+                0,
+            ) => Some(Box::new(
+                move |k: &mut Kb, row: Value, cx: &Cx, acc: Acc, en: usize| {
+                    let zero = k.iconst(0);
+                    let one = k.vconst(1.0);
+                    let adh = dh.at(k, row, cx.t, cx.col, 0);
+                    let a = dhc.at(k, row, zero, cx.col, 0);
+                    let acarry = k.b.ins().select(cx.has_next, a, cx.zeros);
+                    let az = act.at(k, row, cx.t, cx.col, 0);
+                    let ahc = act.at(k, row, cx.t, cx.col, 2 * h);
+                    let hp = prev_or_zero(k, hs, row, cx);
+                    let tp = k.b.ins().band_imm_u(cx.t, 1);
+                    let outs = [
+                        dz.at(k, row, cx.t, cx.col, 0),
+                        dzs.at(k, row, tp, cx.col, 0),
+                        dz.at(k, row, cx.t, cx.col, 2 * h),
+                        dzs.at(k, row, tp, cx.col, 2 * h),
+                    ];
+                    let adhs = dhs.at(k, row, zero, cx.col, 0);
+                    for i in 0..en {
+                        let dhv = ld(k, adh, i);
+                        let carry = ld(k, acarry, i);
+                        let a = acc.get(k, i, 0);
+                        let dhv = k.b.ins().fadd(dhv, a);
+                        let dhv = k.b.ins().fadd(dhv, carry);
+                        let zz = ld(k, az, i);
+                        let hc = ld(k, ahc, i);
+                        let hpv = ld(k, hp, i);
+                        let m = k.b.ins().fsub(one, zz);
+                        let sz = k.b.ins().fmul(zz, m);
+                        let diff = k.b.ins().fsub(hc, hpv);
+                        let dzz = k.b.ins().fmul(dhv, diff);
+                        let dzz = k.b.ins().fmul(dzz, sz);
+                        let h2 = k.b.ins().fmul(hc, hc);
+                        let h2 = k.b.ins().fsub(one, h2);
+                        let dzc = k.b.ins().fmul(dhv, zz);
+                        let dzc = k.b.ins().fmul(dzc, h2);
+                        for (v, p) in [dzz, dzz, dzc, dzc].into_iter().zip(outs) {
+                            st(k, v, p, i);
+                        }
+                        st(k, dhv, adhs, i);
+                    }
+                },
+            )),
+            (
+                BoundRec::GruBwd {
+                    act,
+                    hs,
+                    dz,
+                    dzs,
+                    dhs,
+                    dhc,
+                    ..
+                },
+                _,
+            ) => Some(Box::new(
+                move |k: &mut Kb, row: Value, cx: &Cx, acc: Acc, en: usize| {
+                    let zero = k.iconst(0);
+                    let one = k.vconst(1.0);
+                    let az = act.at(k, row, cx.t, cx.col, 0);
+                    let ar = act.at(k, row, cx.t, cx.col, h);
+                    let hp = prev_or_zero(k, hs, row, cx);
+                    let adhs = dhs.at(k, row, zero, cx.col, 0);
+                    let adhc = dhc.at(k, row, zero, cx.col, 0);
+                    let tp = k.b.ins().band_imm_u(cx.t, 1);
+                    let adz = dz.at(k, row, cx.t, cx.col, h);
+                    let adzs = dzs.at(k, row, tp, cx.col, h);
+                    for i in 0..en {
+                        let drh = acc.get(k, i, 0);
+                        let zz = ld(k, az, i);
+                        let rr = ld(k, ar, i);
+                        let hpv = ld(k, hp, i);
+                        let m = k.b.ins().fsub(one, rr);
+                        let sr = k.b.ins().fmul(rr, m);
+                        let dzr = k.b.ins().fmul(drh, hpv);
+                        let dzr = k.b.ins().fmul(dzr, sr);
+                        let dhv = ld(k, adhs, i);
+                        let keep = k.b.ins().fsub(one, zz);
+                        let d1 = k.b.ins().fmul(dhv, keep);
+                        let d2 = k.b.ins().fmul(drh, rr);
+                        let carry = k.b.ins().fadd(d1, d2);
+                        st(k, carry, adhc, i);
+                        st(k, dzr, adz, i);
+                        st(k, dzr, adzs, i);
+                    }
+                },
+            )),
+            (
+                BoundRec::LstmBwd {
+                    dh,
+                    act,
+                    c,
+                    tc,
+                    dz,
+                    dzs,
+                    dc,
+                },
+                _,
+            ) => Some(Box::new(
+                move |k: &mut Kb, row: Value, cx: &Cx, acc: Acc, en: usize| {
+                    let zero = k.iconst(0);
+                    let one = k.vconst(1.0);
+                    let adh = dh.at(k, row, cx.t, cx.col, 0);
+                    let gates: Vec<Value> = (0..4)
+                        .map(|gi| act.at(k, row, cx.t, cx.col, gi * h))
+                        .collect();
+                    let atc = tc.at(k, row, cx.t, cx.col, 0);
+                    let a = dc.at(k, row, zero, cx.col, 0);
+                    let adcn = k.b.ins().select(cx.has_next, a, cx.zeros);
+                    let cp = prev_or_zero(k, c, row, cx);
+                    let adc = dc.at(k, row, zero, cx.col, 0);
+                    let tp = k.b.ins().band_imm_u(cx.t, 1);
+                    let outs: Vec<(Value, Value)> = (0..4)
+                        .map(|gi| {
+                            let a = dz.at(k, row, cx.t, cx.col, gi * h);
+                            let b = dzs.at(k, row, tp, cx.col, gi * h);
+                            (a, b)
+                        })
+                        .collect();
+                    for i in 0..en {
+                        let dhv = ld(k, adh, i);
+                        let a = acc.get(k, i, 0);
+                        let dhv = k.b.ins().fadd(dhv, a);
+                        let g: Vec<Value> = gates.iter().map(|&p| ld(k, p, i)).collect();
+                        let (ig, fg, gg, og) = (g[0], g[1], g[2], g[3]);
+                        let tcv = ld(k, atc, i);
+                        let dcn = ld(k, adcn, i);
+                        let t2 = k.b.ins().fmul(tcv, tcv);
+                        let t2 = k.b.ins().fsub(one, t2);
+                        let dho = k.b.ins().fmul(dhv, og);
+                        let dcv = k.b.ins().fmul(dho, t2);
+                        let dcv = k.b.ins().fadd(dcv, dcn);
+                        let dsig = |k: &mut Kb, s: Value| {
+                            let m = k.b.ins().fsub(one, s);
+                            k.b.ins().fmul(s, m)
+                        };
+                        let so = dsig(k, og);
+                        let dzo = k.b.ins().fmul(dhv, tcv);
+                        let dzo = k.b.ins().fmul(dzo, so);
+                        let si = dsig(k, ig);
+                        let dzi = k.b.ins().fmul(dcv, gg);
+                        let dzi = k.b.ins().fmul(dzi, si);
+                        let cpv = ld(k, cp, i);
+                        let sf = dsig(k, fg);
+                        let dzf = k.b.ins().fmul(dcv, cpv);
+                        let dzf = k.b.ins().fmul(dzf, sf);
+                        let g2 = k.b.ins().fmul(gg, gg);
+                        let g2 = k.b.ins().fsub(one, g2);
+                        let dzg = k.b.ins().fmul(dcv, ig);
+                        let dzg = k.b.ins().fmul(dzg, g2);
+                        let carry = k.b.ins().fmul(dcv, fg);
+                        st(k, carry, adc, i);
+                        for (v, &(a, b)) in [dzi, dzf, dzg, dzo].into_iter().zip(&outs) {
+                            st(k, v, a, i);
+                            st(k, v, b, i);
+                        }
+                    }
+                },
+            )),
+            // Its four gates per block already interleave five activation
+            // chains; a group's gates and addresses at once spill (slower
+            // when the forward saves its activations).
+            (BoundRec::LstmFwd { .. }, _) => None,
+        }
     }
 
     /// The forward step's input `x_t` as the second part of its matmul.
