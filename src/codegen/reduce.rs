@@ -3,11 +3,11 @@
 //! accumulates in a fixed order, so chunking never changes a result.
 
 use super::emit::{Kb, Loc};
-use super::kernel::{ew_scalar, EwOp, MATH_GROUP};
+use super::kernel::{ew_scalar, EwOp};
 use crate::ir::{ReduceOp, UnaryOp};
-use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I64};
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::types::{Type, F32, F32X4, I32, I32X4, I64};
+use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
 
 /// Reduce a strided source over `red_dims` for every output element
 /// (contiguous over `kept_dims`). Work units are output elements.
@@ -23,7 +23,7 @@ pub struct Reduce {
 }
 
 /// Output elements per work unit when reducing over outer axes.
-const COLS: usize = 16;
+const COLS: usize = 64;
 
 impl Reduce {
     /// When the kept axes end in the source's contiguous axis and the
@@ -85,11 +85,7 @@ impl Reduce {
                     let zero = k.iconst(0);
                     let nv = k.iconst(n as i64);
                     if inner_contig && stride == 1 && n >= 8 && op != ReduceOp::Max {
-                        // Four partial sums, combined at the end of the line.
-                        let add = |k: &mut Kb, a: Value, x: Value, _| k.b.ins().fadd(a, x);
-                        let h = fold_contiguous(k, ptr, n, 0.0, add, add, hsum, |k, h, t| {
-                            k.b.ins().fadd(h, t)
-                        });
+                        let h = line_sum_contiguous(k, ptr, n);
                         let o = k.b.use_var(acc);
                         let s = k.b.ins().fadd(o, h);
                         k.b.def_var(acc, s);
@@ -122,7 +118,10 @@ impl Reduce {
     /// Column mode (see [`Reduce::column_blocks`]): every output element is
     /// accumulated over the reduced axes in row-major order, one element
     /// per lane, so a block's result does not depend on its width or on
-    /// which unit computes it.
+    /// which unit computes it. A unit's outputs live in their place in
+    /// `dst` while it runs; each pass over them adds `PASS_ROWS` rows, so
+    /// the block's rows are read front to back and each output is loaded
+    /// and stored once per pass rather than once per row.
     fn emit_columns(&self, kb: &mut Kb, blocks: usize) {
         let src = kb.base(self.src);
         let dst = kb.base(self.dst);
@@ -131,17 +130,7 @@ impl Reduce {
         let inner = self.kept_dims[nk - 1];
         let outer_dims = self.kept_dims[..nk - 1].to_vec();
         let outer_strides = self.kept_strides[..nk - 1].to_vec();
-        let count: usize = self.red_dims.iter().product();
-        let op = self.op;
         let full = inner / COLS;
-        let init_val = match op {
-            ReduceOp::Max => f32::NEG_INFINITY,
-            _ => 0.0,
-        };
-        let combine = move |k: &mut Kb, acc: Value, x: Value| match op {
-            ReduceOp::Max => k.b.ins().fmax(acc, x),
-            _ => k.b.ins().fadd(acc, x),
-        };
         kb.for_range(start, end, 1, |k, u| {
             let o = k.b.ins().udiv_imm_u(u, blocks as i64);
             let b = k.b.ins().urem_imm_u(u, blocks as i64);
@@ -156,79 +145,124 @@ impl Reduce {
             let dst_off = k.b.ins().imul_imm_s(o, inner as i64);
             let dst_off = k.b.ins().iadd(dst_off, col);
             let d = k.addr(dst, dst_off, 4);
-            let full_block = |k: &mut Kb| {
-                let init = k.vconst(init_val);
-                let accs: Vec<_> = (0..COLS / 4).map(|_| k.var(F32X4, init)).collect();
-                nest(
-                    k,
-                    p,
-                    &self.red_dims,
-                    &self.red_strides,
-                    &mut |k, ptr, n, stride| {
-                        let zero = k.iconst(0);
-                        let nv = k.iconst(n as i64);
-                        k.for_range(zero, nv, 1, |k, i| {
-                            let a = k.addr(ptr, i, 4 * stride);
-                            for (j, acc) in accs.iter().enumerate() {
-                                let x = k.load_v(a, (16 * j) as i32);
-                                let o = k.b.use_var(*acc);
-                                let r = combine(k, o, x);
-                                k.b.def_var(*acc, r);
-                            }
-                        });
-                    },
-                );
-                for (j, acc) in accs.iter().enumerate() {
-                    let mut r = k.b.use_var(*acc);
-                    if op == ReduceOp::Mean {
-                        let c = k.vconst(count as f32);
-                        r = k.b.ins().fdiv(r, c);
-                    }
-                    k.b.ins().store(super::emit::flags(), r, d, (16 * j) as i32);
-                }
-            };
-            let partial_block = |k: &mut Kb| {
-                // The last, narrower block: one lane at a time.
-                let zero = k.iconst(0);
-                let width = k.iconst((inner - full * COLS) as i64);
-                k.for_range(zero, width, 1, |k, c| {
-                    let init = k.fconst(init_val);
-                    let acc = k.var(F32, init);
-                    let pc = k.addr(p, c, 4);
-                    nest(
-                        k,
-                        pc,
-                        &self.red_dims,
-                        &self.red_strides,
-                        &mut |k, ptr, n, stride| {
-                            let zero = k.iconst(0);
-                            let nv = k.iconst(n as i64);
-                            k.for_range(zero, nv, 1, |k, i| {
-                                let a = k.addr(ptr, i, 4 * stride);
-                                let x = k.load_f(a, 0);
-                                let o = k.b.use_var(acc);
-                                let r = combine(k, o, x);
-                                k.b.def_var(acc, r);
-                            });
-                        },
-                    );
-                    let mut r = k.b.use_var(acc);
-                    if op == ReduceOp::Mean {
-                        let cf = k.fconst(count as f32);
-                        r = k.b.ins().fdiv(r, cf);
-                    }
-                    let da = k.addr(d, c, 4);
-                    k.store_f(r, da, 0);
-                });
-            };
             if inner.is_multiple_of(COLS) {
-                full_block(k);
+                self.column_block(k, p, d, COLS);
             } else {
                 let fullv = k.iconst(full as i64);
                 let is_full = k.b.ins().icmp(IntCC::UnsignedLessThan, b, fullv);
-                k.if_else(is_full, full_block, partial_block);
+                k.if_else(
+                    is_full,
+                    |k| self.column_block(k, p, d, COLS),
+                    |k| self.column_block(k, p, d, inner - full * COLS),
+                );
             }
         });
+    }
+
+    /// The `width` outputs at `d` from the columns at `p`.
+    fn column_block(&self, k: &mut Kb, p: Value, d: Value, width: usize) {
+        let op = self.op;
+        let init = match op {
+            ReduceOp::Max => f32::NEG_INFINITY,
+            _ => 0.0,
+        };
+        let (iv, is) = (k.vconst(init), k.fconst(init));
+        for v in 0..width / 4 {
+            k.b.ins()
+                .store(super::emit::flags(), iv, d, (16 * v) as i32);
+        }
+        for j in width / 4 * 4..width {
+            k.store_f(is, d, (4 * j) as i32);
+        }
+        nest(
+            k,
+            p,
+            &self.red_dims,
+            &self.red_strides,
+            &mut |k, line, n, stride| {
+                let row_bytes = 4 * stride;
+                for_count(k, n / PASS_ROWS, |k, pass| {
+                    let q = k.addr(line, pass, PASS_ROWS as i64 * row_bytes);
+                    add_rows(k, op, (q, PASS_ROWS, row_bytes), d, width);
+                });
+                let rest = n % PASS_ROWS;
+                if rest > 0 {
+                    let q = k.b.ins().iadd_imm_s(line, (n - rest) as i64 * row_bytes);
+                    add_rows(k, op, (q, rest, row_bytes), d, width);
+                }
+            },
+        );
+        if op == ReduceOp::Mean {
+            let count: usize = self.red_dims.iter().product();
+            let (cv, cs) = (k.vconst(count as f32), k.fconst(count as f32));
+            for v in 0..width / 4 {
+                let x = k.load_v(d, (16 * v) as i32);
+                let y = k.b.ins().fdiv(x, cv);
+                k.b.ins().store(super::emit::flags(), y, d, (16 * v) as i32);
+            }
+            for j in width / 4 * 4..width {
+                let x = k.load_f(d, (4 * j) as i32);
+                let y = k.b.ins().fdiv(x, cs);
+                k.store_f(y, d, (4 * j) as i32);
+            }
+        }
+    }
+}
+
+/// Rows per pass of [`Reduce::column_block`] over its outputs.
+const PASS_ROWS: usize = 8;
+
+/// Fold `rows` rows (`row_bytes` apart, from `q`) of `width` columns into
+/// the outputs at `d`, row after row for each output: four vectors at a
+/// time, as independent chains, then single vectors, then single lanes.
+fn add_rows(
+    k: &mut Kb,
+    op: ReduceOp,
+    (q, rows, row_bytes): (Value, usize, i64),
+    d: Value,
+    width: usize,
+) {
+    let combine = |k: &mut Kb, acc: Value, x: Value| match op {
+        ReduceOp::Max => k.b.ins().fmax(acc, x),
+        _ => k.b.ins().fadd(acc, x),
+    };
+    let row_ptrs = |k: &mut Kb, q: Value| -> Vec<Value> {
+        (0..rows)
+            .map(|j| k.b.ins().iadd_imm_s(q, j as i64 * row_bytes))
+            .collect()
+    };
+    let vectors = |k: &mut Kb, q: Value, d: Value, count: usize| {
+        let mut accs: Vec<Value> = (0..count).map(|v| k.load_v(d, (16 * v) as i32)).collect();
+        for r in row_ptrs(k, q) {
+            for (v, acc) in accs.iter_mut().enumerate() {
+                let x = k.load_v(r, (16 * v) as i32);
+                *acc = combine(k, *acc, x);
+            }
+        }
+        for (v, acc) in accs.into_iter().enumerate() {
+            k.b.ins()
+                .store(super::emit::flags(), acc, d, (16 * v) as i32);
+        }
+    };
+    let nvec = width / 4;
+    for_count(k, nvec / 4, |k, g| {
+        let qg = k.addr(q, g, 64);
+        let dg = k.addr(d, g, 64);
+        vectors(k, qg, dg, 4);
+    });
+    let done = nvec / 4 * 4;
+    if nvec > done {
+        let qg = k.b.ins().iadd_imm_s(q, (16 * done) as i64);
+        let dg = k.b.ins().iadd_imm_s(d, (16 * done) as i64);
+        vectors(k, qg, dg, nvec - done);
+    }
+    for j in nvec * 4..width {
+        let mut acc = k.load_f(d, (4 * j) as i32);
+        for r in row_ptrs(k, q) {
+            let x = k.load_f(r, (4 * j) as i32);
+            acc = combine(k, acc, x);
+        }
+        k.store_f(acc, d, (4 * j) as i32);
     }
 }
 
@@ -276,19 +310,7 @@ pub(crate) fn hmax(k: &mut Kb, v: Value) -> Value {
 /// a NaN element makes `Σ exp(x - max)`, and so every result, NaN anyway.
 fn line_max(k: &mut Kb, p: Value, n: usize, stride: i64) -> Value {
     if stride == 1 {
-        return fold_contiguous(
-            k,
-            p,
-            n,
-            f32::NEG_INFINITY,
-            |k, acc, x, _| {
-                let lt = k.vcmp(cranelift_codegen::ir::condcodes::FloatCC::LessThan, acc, x);
-                k.vsel(lt, x, acc)
-            },
-            |k, acc, x, _| k.b.ins().fmax(acc, x),
-            hmax,
-            |k, h, t| k.b.ins().fmax(h, t),
-        );
+        return line_max_contiguous(k, p, n);
     }
     let ninf = k.fconst(f32::NEG_INFINITY);
     let acc = k.var(F32, ninf);
@@ -304,62 +326,278 @@ fn line_max(k: &mut Kb, p: Value, n: usize, stride: i64) -> Value {
     k.b.use_var(acc)
 }
 
-/// Fold a contiguous line of `n` elements at `p`: whole f32x4 groups into
-/// a vector accumulator (`vec_step(acc, x, i)`), the last `n % 4` elements
-/// into a scalar one (`tail_step`), then the lanes by `horizontal` and the
-/// two results by `join`. Both accumulators start at `init`.
-#[allow(clippy::too_many_arguments)]
-fn fold_contiguous(
-    k: &mut Kb,
-    p: Value,
-    n: usize,
-    init: f32,
-    vec_step: impl Fn(&mut Kb, Value, Value, Value) -> Value,
-    tail_step: impl Fn(&mut Kb, Value, Value, Value) -> Value,
-    horizontal: fn(&mut Kb, Value) -> Value,
-    join: impl Fn(&mut Kb, Value, Value) -> Value,
-) -> Value {
-    let s0 = k.fconst(init);
-    let acc = k.var(F32, s0);
-    let zero = k.iconst(0);
-    let nv = k.iconst(n as i64);
-    let v0 = k.vconst(init);
-    let vacc = k.var(F32X4, v0);
-    fold_line_from(k, p, (zero, nv), (vacc, acc), vec_step, tail_step);
-    let v = k.b.use_var(vacc);
-    let h = horizontal(k, v);
-    let t = k.b.use_var(acc);
-    join(k, h, t)
+/// Vectors per block of the contiguous line loops: their chains are
+/// independent, and the loop runs `LINE_GROUP` times fewer iterations.
+const LINE_GROUP: usize = 4;
+
+/// `max` that skips a NaN in `x` (see [`line_max`]): one `maxps`.
+fn vmax_skip_nan(k: &mut Kb, acc: Value, x: Value) -> Value {
+    let lt = k.vcmp(FloatCC::LessThan, acc, x);
+    k.vsel(lt, x, acc)
 }
 
-/// The loops of [`fold_contiguous`] over elements `from..n` of the line at
-/// `p`, into the vector and scalar accumulators `vacc`, `acc`.
-fn fold_line_from(
-    k: &mut Kb,
-    p: Value,
-    (from, n): (Value, Value),
-    (vacc, acc): (cranelift_frontend::Variable, cranelift_frontend::Variable),
-    vec_step: impl Fn(&mut Kb, Value, Value, Value) -> Value,
-    tail_step: impl Fn(&mut Kb, Value, Value, Value) -> Value,
-) {
-    k.for_vec_tail(
-        from,
-        n,
-        |k, i| {
-            let a = k.addr(p, i, 4);
-            let x = k.load_v(a, 0);
-            let o = k.b.use_var(vacc);
-            let r = vec_step(k, o, x, i);
-            k.b.def_var(vacc, r);
-        },
-        |k, i| {
-            let a = k.addr(p, i, 4);
-            let x = k.load_f(a, 0);
+/// [`line_max`] of a contiguous line: each block of `LINE_GROUP` vectors
+/// reduced pairwise, then into one running max (the order
+/// [`line_sum_exp_and_max`] also follows for the next line), then the
+/// remaining whole vectors, the lanes, and the last `n % 4` elements by
+/// IEEE `fmax`.
+fn line_max_contiguous(k: &mut Kb, p: Value, n: usize) -> Value {
+    let width = 4 * LINE_GROUP;
+    let ninf = k.vconst(f32::NEG_INFINITY);
+    let acc = k.var(F32X4, ninf);
+    for_count(k, n / width, |k, b| {
+        let a = k.addr(p, b, (4 * width) as i64);
+        let o = k.b.use_var(acc);
+        let m = max_block(k, o, a, LINE_GROUP);
+        k.b.def_var(acc, m);
+    });
+    let acc = k.b.use_var(acc);
+    finish_max(k, acc, p, n)
+}
+
+/// `Σ x` over a contiguous line: blocks of `LINE_GROUP` vectors into as
+/// many partial sums, the remaining whole vectors into the first ones,
+/// then `(s0 + s1) + (s2 + s3)`, its lanes, and the last `n % 4` elements
+/// in order.
+fn line_sum_contiguous(k: &mut Kb, p: Value, n: usize) -> Value {
+    let width = 4 * LINE_GROUP;
+    let zero = k.vconst(0.0);
+    let accs: Vec<_> = (0..LINE_GROUP).map(|_| k.var(F32X4, zero)).collect();
+    let add = |k: &mut Kb, a: Value, count: usize| {
+        for (g, &acc) in accs[..count].iter().enumerate() {
+            let x = k.load_v(a, (16 * g) as i32);
             let o = k.b.use_var(acc);
-            let r = tail_step(k, o, x, i);
-            k.b.def_var(acc, r);
-        },
-    );
+            let s = k.b.ins().fadd(o, x);
+            k.b.def_var(acc, s);
+        }
+    };
+    for_count(k, n / width, |k, b| {
+        let a = k.addr(p, b, (4 * width) as i64);
+        add(k, a, LINE_GROUP);
+    });
+    let done = n / width * width;
+    let a = k.b.ins().iadd_imm_s(p, (4 * done) as i64);
+    add(k, a, (n - done) / 4);
+    let v: Vec<Value> = accs.iter().map(|a| k.b.use_var(*a)).collect();
+    let v = tree_sum(k, &v);
+    let mut s = hsum(k, v);
+    for j in n / 4 * 4..n {
+        let x = k.load_f(p, (4 * j) as i32);
+        s = k.b.ins().fadd(s, x);
+    }
+    s
+}
+
+/// The running max `acc` after the `count` vectors at `a`, reduced
+/// pairwise first.
+fn max_block(k: &mut Kb, acc: Value, a: Value, count: usize) -> Value {
+    let xs: Vec<Value> = (0..count).map(|g| k.load_v(a, (16 * g) as i32)).collect();
+    let m = tree_max(k, &xs);
+    vmax_skip_nan(k, acc, m)
+}
+
+/// `max(max(v0, v1), max(v2, v3))` by [`vmax_skip_nan`], for any count ≥ 1.
+fn tree_max(k: &mut Kb, vs: &[Value]) -> Value {
+    if vs.len() == 1 {
+        return vs[0];
+    }
+    let (a, b) = vs.split_at(vs.len().div_ceil(2));
+    let a = tree_max(k, a);
+    let b = tree_max(k, b);
+    vmax_skip_nan(k, a, b)
+}
+
+/// The max of a contiguous line of `n` at `p` from `acc`, the running max
+/// of its whole blocks of `LINE_GROUP` vectors.
+fn finish_max(k: &mut Kb, acc: Value, p: Value, n: usize) -> Value {
+    let width = 4 * LINE_GROUP;
+    let done = n / width * width;
+    let rest = (n - done) / 4;
+    let acc = if rest > 0 {
+        let a = k.b.ins().iadd_imm_s(p, (4 * done) as i64);
+        max_block(k, acc, a, rest)
+    } else {
+        acc
+    };
+    let mut m = hmax(k, acc);
+    for j in n / 4 * 4..n {
+        let x = k.load_f(p, (4 * j) as i32);
+        m = k.b.ins().fmax(m, x);
+    }
+    m
+}
+
+/// `for b in 0..count` with `count` known when emitting, tested at the
+/// bottom: one branch per iteration, none when `count` is 0.
+fn for_count(k: &mut Kb, count: usize, body: impl FnOnce(&mut Kb, Value)) {
+    if count == 0 {
+        return;
+    }
+    let zero = k.iconst(0);
+    let iv = k.var(I64, zero);
+    let bb = k.b.create_block();
+    let exit = k.b.create_block();
+    k.b.ins().jump(bb, &[]);
+    k.b.switch_to_block(bb);
+    let i = k.b.use_var(iv);
+    body(k, i);
+    let i = k.b.use_var(iv);
+    let next = k.b.ins().iadd_imm_s(i, 1);
+    k.b.def_var(iv, next);
+    let more =
+        k.b.ins()
+            .icmp_imm_s(IntCC::SignedLessThan, next, count as i64);
+    k.b.ins().brif(more, bb, &[], exit, &[]);
+    k.b.switch_to_block(exit);
+}
+
+/// A splat of the f32 or i32 lane `bits` from the process-lifetime math
+/// constant table ([`super::math::consts`]), which folds into the
+/// instruction that uses it; a lane the table lacks is built in registers.
+fn table_splat(k: &mut Kb, ty: Type, bits: u32) -> Value {
+    let table = super::math::consts();
+    match table.iter().position(|c| c.0[0] == bits) {
+        Some(i) => {
+            let base = k.static_table(table.as_ptr() as usize);
+            let flags = MemFlagsData::trusted().with_readonly().with_aligned();
+            k.b.ins().load(ty, flags, base, (16 * i) as i32)
+        }
+        None => {
+            let s = k.b.ins().iconst(I32, bits as i64);
+            let v = k.b.ins().splat(I32X4, s);
+            if ty == I32X4 {
+                v
+            } else {
+                k.b.ins().bitcast(ty, MemFlagsData::new(), v)
+            }
+        }
+    }
+}
+
+/// Cephes' single-precision exp polynomial, highest degree first (the one
+/// `math.rs` evaluates; its coefficients are table constants).
+const EXP_P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
+/// The 1.5·2²³ round-to-nearest shift (as in `math.rs`).
+const MAGIC: f32 = 12_582_912.0;
+
+/// The clamp below which `exp` is 0: it rounds to n = -127, whose `2^n`
+/// built from the exponent field (below) is exactly 0.
+const EXP_FLUSH: f32 = -88.0;
+
+/// `exp(d)` of each of `ds`, for lanes `d ≤ 0` or NaN: `x - max` along a
+/// line, whose exps meet a sum of at least 1 (the max's own). Each
+/// operation is emitted for all vectors before the next, interleaving
+/// their chains (see `math.rs`). Cheaper than the general `vexp_n`: no
+/// upper clamp, the rounding shift fused into the scaling `fma`, and
+/// `2^n` one factor made from the shift's bits. Lanes whose n rounds to
+/// -127 or below (d < -87.68) give 0 rather than a subnormal, an absolute
+/// error below 1.2e-38; elsewhere the same polynomial and range reduction
+/// as `vexp_n`, so the same relative error bound where the result is
+/// normal.
+fn exp_nonpos_n(k: &mut Kb, ds: &[Value]) -> Vec<Value> {
+    let f = |k: &mut Kb, v: f32| table_splat(k, F32X4, v.to_bits());
+    // The clamp keeps NaN lanes (the compare-and-select shape is one
+    // `maxps`, which returns `d` when it is NaN).
+    let xc: Vec<Value> = ds
+        .iter()
+        .map(|&d| {
+            let lo = k.vconst(EXP_FLUSH);
+            let below = k.vcmp(FloatCC::LessThan, d, lo);
+            k.vsel(below, lo, d)
+        })
+        .collect();
+    // n = round(x·log2 e) by the 1.5·2²³ shift: the sum's low mantissa bits
+    // hold n (in [-127, 0] after the clamp).
+    let shifted: Vec<Value> = xc
+        .iter()
+        .map(|&x| {
+            let log2e = f(k, std::f32::consts::LOG2_E);
+            let magic = f(k, MAGIC);
+            k.b.ins().fma(x, log2e, magic)
+        })
+        .collect();
+    let nn: Vec<Value> = shifted
+        .iter()
+        .map(|&s| {
+            let magic = f(k, MAGIC);
+            let n = k.b.ins().fsub(s, magic);
+            k.b.ins().fneg(n)
+        })
+        .collect();
+    // 2^n: the shift's bits moved into the exponent field (MAGIC's own
+    // low bits are zero) plus the bias, as 1.0's bits; for n = -127 the
+    // field wraps to 0, so 2^n is +0. A NaN lane's bits give 1.0, and the
+    // NaN polynomial makes the product NaN.
+    let scale: Vec<Value> = shifted
+        .iter()
+        .map(|&s| {
+            let bits = k.b.ins().bitcast(I32X4, MemFlagsData::new(), s);
+            let e = k.b.ins().ishl_imm_u(bits, 23);
+            let one = table_splat(k, I32X4, 1f32.to_bits());
+            let e = k.b.ins().iadd(e, one);
+            k.b.ins().bitcast(F32X4, MemFlagsData::new(), e)
+        })
+        .collect();
+    let r: Vec<Value> = nn
+        .iter()
+        .zip(&xc)
+        .map(|(&nn, &x)| {
+            let c1 = f(k, 0.693_359_4);
+            k.b.ins().fma(nn, c1, x)
+        })
+        .collect();
+    let r: Vec<Value> = nn
+        .iter()
+        .zip(&r)
+        .map(|(&nn, &r)| {
+            let c2 = f(k, -2.121_944_4e-4);
+            k.b.ins().fma(nn, c2, r)
+        })
+        .collect();
+    let mut p: Vec<Value> = r.iter().map(|_| f(k, EXP_P[0])).collect();
+    for &c in &EXP_P[1..] {
+        p = p
+            .iter()
+            .zip(&r)
+            .map(|(&p, &r)| {
+                let cv = f(k, c);
+                k.b.ins().fma(p, r, cv)
+            })
+            .collect();
+    }
+    let r2: Vec<Value> = r.iter().map(|&r| k.b.ins().fmul(r, r)).collect();
+    let rp1: Vec<Value> = r
+        .iter()
+        .map(|&r| {
+            let one = f(k, 1.0);
+            k.b.ins().fadd(r, one)
+        })
+        .collect();
+    (0..ds.len())
+        .map(|i| {
+            let e = k.b.ins().fma(p[i], r2[i], rp1[i]);
+            k.b.ins().fmul(e, scale[i])
+        })
+        .collect()
+}
+
+/// `(v0 + v1) + (v2 + v3)`, pairwise for any count ≥ 1.
+fn tree_sum(k: &mut Kb, vs: &[Value]) -> Value {
+    if vs.len() == 1 {
+        return vs[0];
+    }
+    let (a, b) = vs.split_at(vs.len().div_ceil(2));
+    let a = tree_sum(k, a);
+    let b = tree_sum(k, b);
+    k.b.ins().fadd(a, b)
 }
 
 /// `Σ exp(x - m)` over a line; with `store`, also writes each `exp(x - m)`
@@ -372,69 +610,8 @@ fn line_sum_exp(
     m: Value,
     store: Option<Value>,
 ) -> Value {
-    let exp = EwOp::Unary(UnaryOp::Exp);
     if stride == 1 {
-        // Blocks of MATH_GROUP vectors, one accumulator each, so the
-        // interleaved exps are independent; then single vectors into the
-        // first accumulator, then scalars.
-        let mv = k.b.ins().splat(F32X4, m);
-        let v0 = k.vconst(0.0);
-        let accs: Vec<_> = (0..MATH_GROUP).map(|_| k.var(F32X4, v0)).collect();
-        let zero = k.iconst(0);
-        let nv = k.iconst(n as i64);
-        let from = k.for_blocks(zero, nv, (4 * MATH_GROUP) as i64, |k, i| {
-            let a = k.addr(p, i, 4);
-            let ds: Vec<Value> = (0..MATH_GROUP)
-                .map(|g| {
-                    let x = k.load_v(a, (16 * g) as i32);
-                    k.b.ins().fsub(x, mv)
-                })
-                .collect();
-            let es = k.vexp_n(&ds);
-            for (g, e) in es.into_iter().enumerate() {
-                if let Some(s) = store {
-                    let sa = k.addr(s, i, 4);
-                    k.b.ins()
-                        .store(super::emit::flags(), e, sa, (16 * g) as i32);
-                }
-                let o = k.b.use_var(accs[g]);
-                let r = k.b.ins().fadd(o, e);
-                k.b.def_var(accs[g], r);
-            }
-        });
-        let z = k.fconst(0.0);
-        let acc = k.var(F32, z);
-        fold_line_from(
-            k,
-            p,
-            (from, nv),
-            (accs[0], acc),
-            |k, acc, x, i| {
-                let d = k.b.ins().fsub(x, mv);
-                let e = k.vexp(d);
-                if let Some(s) = store {
-                    let sa = k.addr(s, i, 4);
-                    k.b.ins().store(super::emit::flags(), e, sa, 0);
-                }
-                k.b.ins().fadd(acc, e)
-            },
-            |k, acc, x, i| {
-                let d = k.b.ins().fsub(x, m);
-                let e = ew_scalar(k, &exp, &[d]);
-                if let Some(s) = store {
-                    let sa = k.addr(s, i, 4);
-                    k.store_f(e, sa, 0);
-                }
-                k.b.ins().fadd(acc, e)
-            },
-        );
-        let v: Vec<Value> = accs.iter().map(|a| k.b.use_var(*a)).collect();
-        let lo = k.b.ins().fadd(v[0], v[1]);
-        let hi = k.b.ins().fadd(v[2], v[3]);
-        let v = k.b.ins().fadd(lo, hi);
-        let h = hsum(k, v);
-        let t = k.b.use_var(acc);
-        return k.b.ins().fadd(h, t);
+        return line_sum_exp_contiguous(k, p, n, m, store);
     }
     let z = k.fconst(0.0);
     let acc = k.var(F32, z);
@@ -444,7 +621,9 @@ fn line_sum_exp(
         let a = k.addr(p, i, 4 * stride);
         let x = k.load_f(a, 0);
         let d = k.b.ins().fsub(x, m);
-        let e = ew_scalar(k, &exp, &[d]);
+        let dv = k.b.ins().splat(F32X4, d);
+        let ev = exp_nonpos_n(k, &[dv])[0];
+        let e = k.b.ins().extractlane(ev, 0);
         if let Some(s) = store {
             let sa = k.addr(s, i, 4 * stride);
             k.store_f(e, sa, 0);
@@ -454,6 +633,119 @@ fn line_sum_exp(
         k.b.def_var(acc, t);
     });
     k.b.use_var(acc)
+}
+
+/// [`line_sum_exp`] of a contiguous line: blocks of `LINE_GROUP` vectors
+/// (their exps interleaved, summed pairwise into one accumulator), then
+/// the remaining whole vectors as one smaller group, then the last
+/// `n % 4` elements as the lanes of one vector.
+fn line_sum_exp_contiguous(
+    k: &mut Kb,
+    p: Value,
+    n: usize,
+    m: Value,
+    store: Option<Value>,
+) -> Value {
+    line_sum_exp_and_max(k, p, n, m, store, None).0
+}
+
+/// [`line_sum_exp_contiguous`], and with `next`, the [`line_max`] of the
+/// contiguous line of `n` there, read in the same loop: the next line's
+/// first reads (from memory beyond the cache, where a line is read first)
+/// overlap this line's arithmetic.
+fn line_sum_exp_and_max(
+    k: &mut Kb,
+    p: Value,
+    n: usize,
+    m: Value,
+    store: Option<Value>,
+    next: Option<Value>,
+) -> (Value, Option<Value>) {
+    let width = 4 * LINE_GROUP;
+    let mv = k.b.ins().splat(F32X4, m);
+    // Cranelift folds a constant's load into its use only where no value
+    // of the constant's expression tree has two uses: so the loop is
+    // tested at the top (the accumulator reaches the next iteration
+    // through one use), and a stored exp is summed as loaded back rather
+    // than used twice.
+    let group = |k: &mut Kb, src: Value, dst: Option<Value>, count: usize| -> Value {
+        let ds: Vec<Value> = (0..count)
+            .map(|g| {
+                let x = k.load_v(src, (16 * g) as i32);
+                k.b.ins().fsub(x, mv)
+            })
+            .collect();
+        let es = exp_nonpos_n(k, &ds);
+        match dst {
+            Some(d) => {
+                for (g, &e) in es.iter().enumerate() {
+                    k.b.ins().store(super::emit::flags(), e, d, (16 * g) as i32);
+                }
+                let back: Vec<Value> = (0..count).map(|g| k.load_v(d, (16 * g) as i32)).collect();
+                tree_sum(k, &back)
+            }
+            None => tree_sum(k, &es),
+        }
+    };
+    let v0 = k.vconst(0.0);
+    let acc = k.var(F32X4, v0);
+    let ninf = k.vconst(f32::NEG_INFINITY);
+    let next_max = k.var(F32X4, ninf);
+    let zero = k.iconst(0);
+    let nv = k.iconst(n as i64);
+    k.for_blocks(zero, nv, width as i64, |k, i| {
+        if let Some(q) = next {
+            let a = k.addr(q, i, 4);
+            let o = k.b.use_var(next_max);
+            let nm = max_block(k, o, a, LINE_GROUP);
+            k.b.def_var(next_max, nm);
+        }
+        let a = k.addr(p, i, 4);
+        let d = store.map(|s| k.addr(s, i, 4));
+        let t = group(k, a, d, LINE_GROUP);
+        let o = k.b.use_var(acc);
+        let s = k.b.ins().fadd(o, t);
+        k.b.def_var(acc, s);
+    });
+    let done = n / width * width;
+    let rest = (n - done) / 4;
+    if rest > 0 {
+        let a = k.b.ins().iadd_imm_s(p, (4 * done) as i64);
+        let d = store.map(|s| k.b.ins().iadd_imm_s(s, (4 * done) as i64));
+        let t = group(k, a, d, rest);
+        let o = k.b.use_var(acc);
+        let s = k.b.ins().fadd(o, t);
+        k.b.def_var(acc, s);
+    }
+    let total = k.b.use_var(acc);
+    let mut total = hsum(k, total);
+    let tail = n / 4 * 4..n;
+    if !tail.is_empty() {
+        // The last elements as lanes of one vector; unused lanes repeat
+        // the first and are ignored.
+        let mut dv = None;
+        for (lane, j) in tail.clone().enumerate() {
+            let x = k.load_f(p, (4 * j) as i32);
+            let d = k.b.ins().fsub(x, m);
+            dv = Some(match dv {
+                None => k.b.ins().splat(F32X4, d),
+                Some(v) => k.b.ins().insertlane(v, d, lane as u8),
+            });
+        }
+        let ev = exp_nonpos_n(k, &[dv.unwrap_or(mv)])[0];
+        for (lane, j) in tail.enumerate() {
+            let e = k.b.ins().extractlane(ev, lane as u8);
+            if let Some(s) = store {
+                k.store_f(e, s, (4 * j) as i32);
+            }
+            total = k.b.ins().fadd(total, e);
+        }
+    }
+    let next_max = next.map(|q| {
+        let acc = k.b.use_var(next_max);
+        finish_max(k, acc, q, n)
+    });
+    (total, next_max)
 }
 
 /// `softmax`/`log_softmax` along an axis of length `len` with `inner`
@@ -529,7 +821,9 @@ impl Softmax {
                 });
             } else if stride == 1 {
                 let s = line_sum_exp(k, sp, n, stride, m, Some(dp));
-                divide_line(k, dp, n, s, None);
+                let one = k.fconst(1.0);
+                let q = k.b.ins().fdiv(one, s);
+                scale_line(k, dp, n, q);
             } else {
                 let s = line_sum_exp(k, sp, n, stride, m, Some(dp));
                 k.for_range(zero, nv, 1, |k, j| {
@@ -543,35 +837,29 @@ impl Softmax {
     }
 }
 
-/// `d[j] = d[j] / s` (then `· scale`) over a contiguous line, with the same
-/// rounding as the scalar division.
-fn divide_line(k: &mut Kb, d: Value, n: usize, s: Value, scale: Option<Value>) {
-    let zero = k.iconst(0);
-    let nv = k.iconst(n as i64);
-    let sv = k.b.ins().splat(F32X4, s);
-    let scale_v = scale.map(|c| k.b.ins().splat(F32X4, c));
-    k.for_vec_tail(
-        zero,
-        nv,
-        |k, j| {
-            let a = k.addr(d, j, 4);
-            let e = k.load_v(a, 0);
-            let mut y = k.b.ins().fdiv(e, sv);
-            if let Some(c) = scale_v {
-                y = k.b.ins().fmul(y, c);
-            }
-            k.b.ins().store(super::emit::flags(), y, a, 0);
-        },
-        |k, j| {
-            let a = k.addr(d, j, 4);
-            let e = k.load_f(a, 0);
-            let mut y = k.b.ins().fdiv(e, s);
-            if let Some(c) = scale {
-                y = k.b.ins().fmul(y, c);
-            }
-            k.store_f(y, a, 0);
-        },
-    );
+/// `d[j] = d[j] · q` over a contiguous line of `n`.
+fn scale_line(k: &mut Kb, d: Value, n: usize, q: Value) {
+    let width = 4 * LINE_GROUP;
+    let qv = k.b.ins().splat(F32X4, q);
+    let scale = |k: &mut Kb, a: Value, count: usize| {
+        for g in 0..count {
+            let x = k.load_v(a, (16 * g) as i32);
+            let y = k.b.ins().fmul(x, qv);
+            k.b.ins().store(super::emit::flags(), y, a, (16 * g) as i32);
+        }
+    };
+    for_count(k, n / width, |k, b| {
+        let a = k.addr(d, b, (4 * width) as i64);
+        scale(k, a, LINE_GROUP);
+    });
+    let done = n / width * width;
+    let a = k.b.ins().iadd_imm_s(d, (4 * done) as i64);
+    scale(k, a, (n - done) / 4);
+    for j in n / 4 * 4..n {
+        let x = k.load_f(d, (4 * j) as i32);
+        let y = k.b.ins().fmul(x, q);
+        k.store_f(y, d, (4 * j) as i32);
+    }
 }
 
 /// Per-row `cross_entropy(logits [n, c], labels)` losses; with `grad`, instead
@@ -596,29 +884,57 @@ impl CrossEntropy {
     pub fn units(&self) -> usize {
         self.n
     }
+    /// Per row, in units that make a chunk about ten rows of a wide
+    /// matrix: a chunk's first row takes a max pass of its own (the others'
+    /// come with the previous row's exp pass).
     pub fn unit_cost(&self) -> usize {
-        if self.grad.is_some() {
-            self.c * 24
-        } else {
-            self.c * 12
-        }
+        self.c * 3
     }
 
-    fn row(&self, k: &mut Kb, logits: Value, labels: Value, r: Value) -> (Value, Value, Value) {
-        let (xp, label) = labelled_row(k, logits, labels, r, self.c);
-        (xp, label, line_max(k, xp, self.c, 1))
+    /// Rows `[start, end)`: `row(k, r, xp, label, m, s)` finishes row `r`
+    /// (at `xp`, with its label, max and `Σ exp(x - m)`). Each row's exp
+    /// pass also finds the next row's max (the last row's re-reads
+    /// itself), so a row is read from memory once, by arithmetic-heavy
+    /// code; with `grad`, the exps go to the row of `out`.
+    fn rows(
+        &self,
+        k: &mut Kb,
+        (logits, labels, out): (Value, Value, Value),
+        grad: bool,
+        mut row: impl FnMut(&mut Kb, Value, Value, Value, Value, Value),
+    ) {
+        let (start, end) = (k.start, k.end);
+        let row_bytes = (self.c * 4) as i64;
+        let ninf = k.fconst(f32::NEG_INFINITY);
+        let max = k.var(F32, ninf);
+        let any = k.b.ins().icmp(IntCC::SignedLessThan, start, end);
+        k.if_then(any, |k| {
+            let first = k.addr(logits, start, row_bytes);
+            let m0 = line_max(k, first, self.c, 1);
+            k.b.def_var(max, m0);
+        });
+        k.for_range(start, end, 1, |k, r| {
+            let (xp, label) = labelled_row(k, logits, labels, r, self.c);
+            let m = k.b.use_var(max);
+            let after = k.b.ins().iadd_imm_s(r, 1);
+            let more = k.b.ins().icmp(IntCC::SignedLessThan, after, end);
+            let following = k.b.ins().iadd_imm_s(xp, row_bytes);
+            let next = k.b.ins().select(more, following, xp);
+            let dp = grad.then(|| k.addr(out, r, row_bytes));
+            let (s, next_m) = line_sum_exp_and_max(k, xp, self.c, m, dp, Some(next));
+            k.b.def_var(max, next_m.unwrap_or(m));
+            row(k, r, xp, label, m, s);
+        });
     }
 
     pub fn emit(&self, kb: &mut Kb) {
         let logits = kb.base(self.logits);
         let labels = kb.base(self.labels);
         let out = kb.base(self.out);
-        let (start, end) = (kb.start, kb.end);
+        let bases = (logits, labels, out);
         match self.grad {
             None => {
-                kb.for_range(start, end, 1, |k, r| {
-                    let (xp, label, m) = self.row(k, logits, labels, r);
-                    let s = line_sum_exp(k, xp, self.c, 1, m, None);
+                self.rows(kb, bases, false, |k, r, xp, label, m, s| {
                     store_row_loss(k, (xp, label, m, s), out, r);
                 });
             }
@@ -628,22 +944,21 @@ impl CrossEntropy {
                 let nf = kb.fconst(self.n as f32);
                 let scale = kb.b.ins().fdiv(dl, nf);
                 let row_loss = self.row_loss.map(|l| kb.base(l));
-                kb.for_range(start, end, 1, |k, r| {
-                    let (xp, label, m) = self.row(k, logits, labels, r);
-                    let dp = k.addr(out, r, (self.c * 4) as i64);
-                    let s = line_sum_exp(k, xp, self.c, 1, m, Some(dp));
+                let c = self.c;
+                self.rows(kb, bases, true, |k, r, xp, label, m, s| {
                     if let Some(rl) = row_loss {
                         store_row_loss(k, (xp, label, m, s), rl, r);
                     }
-                    // (p - onehot) · scale: the label's entry is computed
-                    // before the vector pass overwrites its exp.
+                    // (p - onehot) · scale as exp · (scale / Σ exp), less
+                    // scale at the label, whose exp is read before the
+                    // vector pass overwrites it.
+                    let dp = k.addr(out, r, (c * 4) as i64);
+                    let q = k.b.ins().fdiv(scale, s);
                     let la = k.addr(dp, label, 4);
                     let el = k.load_f(la, 0);
-                    let pl = k.b.ins().fdiv(el, s);
-                    let one = k.fconst(1.0);
-                    let pl = k.b.ins().fsub(pl, one);
-                    let yl = k.b.ins().fmul(pl, scale);
-                    divide_line(k, dp, self.c, s, Some(scale));
+                    let yl = k.b.ins().fmul(el, q);
+                    let yl = k.b.ins().fsub(yl, scale);
+                    scale_line(k, dp, c, q);
                     k.store_f(yl, la, 0);
                 });
             }
