@@ -313,7 +313,11 @@ fn profile_times_every_kernel_and_counts_matmul_flops() {
     assert!(profile.total_ns > 0);
     // [4, 2] @ [2, 1]: 4 outputs of 2 multiply-adds each = 16 FLOPs; the
     // bias add, computed in the matmul's kernel, one per element = 4.
-    let dense = profile.kernels.iter().find(|k| k.op == "matmul+epilogue").unwrap();
+    let dense = profile
+        .kernels
+        .iter()
+        .find(|k| k.op == "matmul+epilogue")
+        .unwrap();
     assert_eq!(dense.flops, Some(20));
     assert_eq!(dense.result, "f32[4, 1]");
     assert!(!profile.kernels.iter().any(|k| k.op == "add"));

@@ -1119,6 +1119,126 @@ fn transposes_into_matmuls_are_strided_reads() {
     );
 }
 
+/// Cross-entropy rows long enough for the blocked exp loop, with a rest of
+/// whole vectors and of single lanes, chunks of several rows (each row's
+/// exp pass also reads the next row's max), and logits far below their
+/// row's max (exps that underflow, and -inf).
+#[test]
+fn cross_entropy_long_rows_and_underflow_match_interpreter() {
+    let mut rng = Rng(43);
+    for (n, classes) in [(40usize, 1000usize), (33, 71), (5, 16), (3, 2)] {
+        let mut xt = rand_f32(&mut rng, &[n, classes], 6.0);
+        if let dlc::tensor::Data::F32(v) = &mut xt.data {
+            for r in 0..n {
+                let row = &mut v[r * classes..(r + 1) * classes];
+                row[r % classes] = -95.0 - r as f32;
+                row[(r + 1) % classes] = if r % 3 == 0 { f32::NEG_INFINITY } else { -86.9 };
+                row[(r + 2) % classes] = 30.0;
+            }
+        }
+        let mut c = Case::new();
+        let x = c.input("x", xt);
+        let l = c.input("l", rand_ids(&mut rng, &[n], classes));
+        let d = c.input("d", Tensor::scalar(1.3));
+        let loss = c.op(Op::CrossEntropy, &[x, l]);
+        let g = c.op(Op::CrossEntropyGrad, &[x, l, d]);
+        c.out("loss", loss);
+        c.out("g", g);
+        c.check(1e-5);
+    }
+}
+
+/// Softmax and log-softmax over lines long enough for the blocked loops,
+/// with whole-vector and single-lane rests.
+#[test]
+fn softmax_long_lines_match_interpreter() {
+    let mut rng = Rng(44);
+    for (shape, axis) in [
+        (&[3usize, 1000][..], 1usize),
+        (&[2, 4, 87], 2),
+        (&[70, 3], 0),
+    ] {
+        for log in [false, true] {
+            let mut c = Case::new();
+            let x = c.input("x", rand_f32(&mut rng, shape, 8.0));
+            let op = if log {
+                Op::LogSoftmax { axis }
+            } else {
+                Op::Softmax { axis }
+            };
+            let y = c.op(op, &[x]);
+            c.out("y", y);
+            c.check(1e-5);
+        }
+    }
+}
+
+/// Reductions over outer axes add every output's rows in row-major order,
+/// whatever the column block, pass or thread count: the result is the
+/// plain f32 loop's, bit for bit (full and partial column blocks, passes
+/// with a rest of rows, a kept outer axis, reduced axes that do not merge).
+#[test]
+fn column_sums_add_rows_in_order() {
+    let mut rng = Rng(45);
+    for (shape, axes) in [
+        (&[37usize, 150][..], &[0usize][..]),
+        (&[4, 7, 3, 70], &[0, 2]),
+        (&[2, 19, 64], &[1]),
+    ] {
+        let xt = rand_f32(&mut rng, shape, 3.0);
+        let xs = xt.as_f32().expect("f32").to_vec();
+        // The reference: kept coordinates in row-major order, each summed
+        // over its reduced coordinates in row-major order from 0.0.
+        let kept: Vec<usize> = (0..shape.len()).filter(|d| !axes.contains(d)).collect();
+        let strides: Vec<usize> = (0..shape.len())
+            .map(|d| shape[d + 1..].iter().product())
+            .collect();
+        let coords = |mut flat: usize, dims: &[usize]| -> Vec<usize> {
+            let mut c = vec![0; dims.len()];
+            for i in (0..dims.len()).rev() {
+                c[i] = flat % shape[dims[i]];
+                flat /= shape[dims[i]];
+            }
+            c
+        };
+        let n_kept: usize = kept.iter().map(|&d| shape[d]).product();
+        let n_red: usize = axes.iter().map(|&d| shape[d]).product();
+        let want: Vec<f32> = (0..n_kept)
+            .map(|o| {
+                let ko = coords(o, &kept);
+                let base: usize = kept.iter().zip(&ko).map(|(&d, &c)| c * strides[d]).sum();
+                (0..n_red).fold(0.0f32, |acc, r| {
+                    let rc = coords(r, axes);
+                    let off: usize = axes.iter().zip(&rc).map(|(&d, &c)| c * strides[d]).sum();
+                    acc + xs[base + off]
+                })
+            })
+            .collect();
+        let mut c = Case::new();
+        let x = c.input("x", xt);
+        let y = c.op(
+            Op::Reduce {
+                op: ReduceOp::Sum,
+                axes: axes.to_vec(),
+                keepdims: false,
+            },
+            &[x],
+        );
+        c.out("y", y);
+        for threads in [1, 2, 3] {
+            let m = codegen::compile(&c.g, &JitOptions { threads }).expect("compiles");
+            let got = m.run(&c.feeds).expect("runs");
+            let got = got["y"].as_f32().expect("f32");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(got),
+                bits(&want),
+                "{shape:?} over {axes:?}, {threads} threads"
+            );
+        }
+    }
+}
+
 /// Elementwise chains that read a matmul run in its epilogue: one kernel,
 /// labelled `matmul+epilogue`, with the interpreter's values and the same
 /// bits as the separate kernels that a second reader of the product
@@ -1144,7 +1264,10 @@ fn elementwise_chains_run_in_the_matmul_epilogue() {
         (&[9, 3], &[3, 6], Chain::Momentum),
     ];
     for &(a_shape, w_shape, chain) in cases {
-        let (ta, tw) = (rand_f32(&mut rng, a_shape, 1.0), rand_f32(&mut rng, w_shape, 1.0));
+        let (ta, tw) = (
+            rand_f32(&mut rng, a_shape, 1.0),
+            rand_f32(&mut rng, w_shape, 1.0),
+        );
         let tb = rand_f32(&mut rng, &w_shape[1..], 1.0);
         let mut c_shape = a_shape[..a_shape.len() - 1].to_vec();
         c_shape.push(w_shape[1]);
@@ -1221,127 +1344,4 @@ fn a_chain_over_two_products_fuses_one() {
     let mut ops: Vec<&str> = m.kernel_nodes().into_iter().map(|(_, op)| op).collect();
     ops.sort();
     assert_eq!(ops, ["matmul", "matmul+epilogue"]);
-}
-
-
-/// Cross-entropy rows long enough for the blocked exp loop, with a rest of
-/// whole vectors and of single lanes, chunks of several rows (each row's
-/// exp pass also reads the next row's max), and logits far below their
-/// row's max (exps that underflow, and -inf).
-#[test]
-fn cross_entropy_long_rows_and_underflow_match_interpreter() {
-    let mut rng = Rng(43);
-    for (n, classes) in [(40usize, 1000usize), (33, 71), (5, 16), (3, 2)] {
-        let mut xt = rand_f32(&mut rng, &[n, classes], 6.0);
-        if let dlc::tensor::Data::F32(v) = &mut xt.data {
-            for r in 0..n {
-                let row = &mut v[r * classes..(r + 1) * classes];
-                row[r % classes] = -95.0 - r as f32;
-                row[(r + 1) % classes] = if r % 3 == 0 { f32::NEG_INFINITY } else { -86.9 };
-                row[(r + 2) % classes] = 30.0;
-            }
-        }
-        let mut c = Case::new();
-        let x = c.input("x", xt);
-        let l = c.input("l", rand_ids(&mut rng, &[n], classes));
-        let d = c.input("d", Tensor::scalar(1.3));
-        let loss = c.op(Op::CrossEntropy, &[x, l]);
-        let g = c.op(Op::CrossEntropyGrad, &[x, l, d]);
-        c.out("loss", loss);
-        c.out("g", g);
-        c.check(1e-5);
-    }
-}
-
-
-/// Softmax and log-softmax over lines long enough for the blocked loops,
-/// with whole-vector and single-lane rests.
-#[test]
-fn softmax_long_lines_match_interpreter() {
-    let mut rng = Rng(44);
-    for (shape, axis) in [
-        (&[3usize, 1000][..], 1usize),
-        (&[2, 4, 87], 2),
-        (&[70, 3], 0),
-    ] {
-        for log in [false, true] {
-            let mut c = Case::new();
-            let x = c.input("x", rand_f32(&mut rng, shape, 8.0));
-            let op = if log {
-                Op::LogSoftmax { axis }
-            } else {
-                Op::Softmax { axis }
-            };
-            let y = c.op(op, &[x]);
-            c.out("y", y);
-            c.check(1e-5);
-        }
-    }
-}
-
-
-/// Reductions over outer axes add every output's rows in row-major order,
-/// whatever the column block, pass or thread count: the result is the
-/// plain f32 loop's, bit for bit (full and partial column blocks, passes
-/// with a rest of rows, a kept outer axis, reduced axes that do not merge).
-#[test]
-fn column_sums_add_rows_in_order() {
-    let mut rng = Rng(45);
-    for (shape, axes) in [
-        (&[37usize, 150][..], &[0usize][..]),
-        (&[4, 7, 3, 70], &[0, 2]),
-        (&[2, 19, 64], &[1]),
-    ] {
-        let xt = rand_f32(&mut rng, shape, 3.0);
-        let xs = xt.as_f32().expect("f32").to_vec();
-        // The reference: kept coordinates in row-major order, each summed
-        // over its reduced coordinates in row-major order from 0.0.
-        let kept: Vec<usize> = (0..shape.len()).filter(|d| !axes.contains(d)).collect();
-        let strides: Vec<usize> = (0..shape.len())
-            .map(|d| shape[d + 1..].iter().product())
-            .collect();
-        let coords = |mut flat: usize, dims: &[usize]| -> Vec<usize> {
-            let mut c = vec![0; dims.len()];
-            for i in (0..dims.len()).rev() {
-                c[i] = flat % shape[dims[i]];
-                flat /= shape[dims[i]];
-            }
-            c
-        };
-        let n_kept: usize = kept.iter().map(|&d| shape[d]).product();
-        let n_red: usize = axes.iter().map(|&d| shape[d]).product();
-        let want: Vec<f32> = (0..n_kept)
-            .map(|o| {
-                let ko = coords(o, &kept);
-                let base: usize = kept.iter().zip(&ko).map(|(&d, &c)| c * strides[d]).sum();
-                (0..n_red).fold(0.0f32, |acc, r| {
-                    let rc = coords(r, axes);
-                    let off: usize = axes.iter().zip(&rc).map(|(&d, &c)| c * strides[d]).sum();
-                    acc + xs[base + off]
-                })
-            })
-            .collect();
-        let mut c = Case::new();
-        let x = c.input("x", xt);
-        let y = c.op(
-            Op::Reduce {
-                op: ReduceOp::Sum,
-                axes: axes.to_vec(),
-                keepdims: false,
-            },
-            &[x],
-        );
-        c.out("y", y);
-        for threads in [1, 2, 3] {
-            let m = codegen::compile(&c.g, &JitOptions { threads }).expect("compiles");
-            let got = m.run(&c.feeds).expect("runs");
-            let got = got["y"].as_f32().expect("f32");
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(
-                bits(got),
-                bits(&want),
-                "{shape:?} over {axes:?}, {threads} threads"
-            );
-        }
-    }
 }

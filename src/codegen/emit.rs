@@ -390,6 +390,32 @@ impl Kb<'_> {
         self.b.ins().stack_addr(I64, slot, 0)
     }
 
+    /// `(x / d, x % d)` for a constant `d`. Steps compiled without the
+    /// optimiser would get a `div` (tens of cycles) per call; a power of
+    /// two is a shift and a mask, and when `x < 2^32` (`small`) the
+    /// quotient is the high half of `x · ⌈2^64 / d⌉`: the error term
+    /// `x · e / 2^64` (e < 1) stays below 2^-32 ≤ 1/d, too little to carry
+    /// `x / d` past its next integer.
+    pub fn udiv_rem_const(&mut self, x: Value, d: u64, small: bool) -> (Value, Value) {
+        if d <= 1 {
+            return (x, self.iconst(0));
+        }
+        if d.is_power_of_two() {
+            let q = self.b.ins().ushr_imm_u(x, d.trailing_zeros() as i64);
+            let r = self.b.ins().band_imm_s(x, d as i64 - 1);
+            return (q, r);
+        }
+        let q = if small && d <= 1 << 32 {
+            let m = self.iconst(reciprocal(d) as i64);
+            self.b.ins().umulhi(x, m)
+        } else {
+            self.b.ins().udiv_imm_u(x, d as i64)
+        };
+        let qd = self.b.ins().imul_imm_s(q, d as i64);
+        let r = self.b.ins().isub(x, qd);
+        (q, r)
+    }
+
     /// Decompose a flat index into its coordinates over `dims` (row-major)
     /// and return `Σ coord_d · strides[k][d]` for each stride vector `k`.
     pub fn unflatten_offsets(
@@ -400,13 +426,18 @@ impl Kb<'_> {
     ) -> Vec<Value> {
         let mut offs: Vec<Value> = strides.iter().map(|_| self.iconst(0)).collect();
         let mut rest = flat;
+        // Flat indices stay below the product of the dims.
+        let small = dims
+            .iter()
+            .try_fold(1u64, |p, &d| p.checked_mul(d as u64))
+            .is_some_and(|p| p <= 1 << 32);
         for d in (0..dims.len()).rev() {
-            let n = dims[d] as i64;
+            let n = dims[d] as u64;
             let coord = if d == 0 {
                 rest
             } else {
-                let c = self.b.ins().urem_imm_u(rest, n);
-                rest = self.b.ins().udiv_imm_u(rest, n);
+                let (q, c) = self.udiv_rem_const(rest, n, small);
+                rest = q;
                 c
             };
             for (k, s) in strides.iter().enumerate() {
@@ -419,6 +450,11 @@ impl Kb<'_> {
         offs
     }
 }
+/// `⌈2^64 / d⌉` for `d` ≥ 2 no power of two: the multiplier whose product
+/// with `x < 2^32` has `x / d` as its high half (see `Kb::udiv_rem_const`).
+fn reciprocal(d: u64) -> u64 {
+    u64::MAX / d + 1
+}
 
 /// `0..n`, backwards when `reverse`: the order in which a micro-kernel
 /// step visits its rows and columns. Steps alternate direction so that
@@ -429,5 +465,38 @@ pub fn step_order(n: usize, reverse: bool) -> Vec<usize> {
         (0..n).rev().collect()
     } else {
         (0..n).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reciprocal;
+
+    /// The high half of `x · reciprocal(d)` is `x / d` for every `x < 2^32`
+    /// tried: both ends, multiples of `d` and their neighbours.
+    #[test]
+    fn reciprocal_multiplication_divides_32_bit_indices() {
+        let mut ds: Vec<u64> = (3..3000).filter(|d: &u64| !d.is_power_of_two()).collect();
+        ds.extend([1_000_003, (1 << 31) + 1, (1 << 32) - 1]);
+        for d in ds {
+            let m = reciprocal(d) as u128;
+            let top = (1u64 << 32) - 1;
+            let mut xs = vec![
+                0,
+                1,
+                d - 1,
+                d,
+                d + 1,
+                top,
+                top - 1,
+                top - top % d,
+                top - top % d - 1,
+            ];
+            xs.extend((1..200u64).map(|i| (i * 2_654_435_761) % (1 << 32)));
+            for x in xs {
+                let q = ((x as u128 * m) >> 64) as u64;
+                assert_eq!(q, x / d, "{x} / {d}");
+            }
+        }
     }
 }

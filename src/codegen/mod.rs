@@ -387,7 +387,10 @@ fn matmul_epilogues(
         let [reader] = readers[..] else {
             continue;
         };
-        if !k.is_some_and(|k| k > 0) || !elementwise(reader) || &g.node(reader).outputs[0].shape != shape {
+        let fits = k.is_some_and(|k| k > 0)
+            && elementwise(reader)
+            && &g.node(reader).outputs[0].shape == shape;
+        if !fits {
             continue;
         }
         let root = chains.get(&reader).copied().unwrap_or(reader);

@@ -153,7 +153,9 @@ impl Pool {
             self.shared
                 .pending
                 .store(self.workers.len(), Ordering::SeqCst);
-            self.shared.generation.store(st.generation, Ordering::SeqCst);
+            self.shared
+                .generation
+                .store(st.generation, Ordering::SeqCst);
             if st.sleeping > 0 {
                 self.shared.wake.notify_all();
             }
