@@ -1645,10 +1645,7 @@ impl RnnSeq {
                         let zz = ld(k, az, i);
                         let hpv = ld(k, hp, i);
                         let one = k.vconst(1.0);
-                        let keep = k.b.ins().fsub(one, zz);
-                        let kh = k.b.ins().fmul(keep, hpv);
-                        let zh = k.b.ins().fmul(zz, hc);
-                        let hv = k.b.ins().fadd(kh, zh);
+                        let hv = gru_blend(k, one, zz, hpv, hc);
                         st(k, hc, ah, i);
                         st(k, hv, ahs, i);
                         st(k, hv, ast, i);
@@ -1693,15 +1690,7 @@ impl RnnSeq {
                         let zz = ld(k, az, i);
                         let hc = ld(k, ahc, i);
                         let hpv = ld(k, hp, i);
-                        let m = k.b.ins().fsub(one, zz);
-                        let sz = k.b.ins().fmul(zz, m);
-                        let diff = k.b.ins().fsub(hc, hpv);
-                        let dzz = k.b.ins().fmul(dhv, diff);
-                        let dzz = k.b.ins().fmul(dzz, sz);
-                        let h2 = k.b.ins().fmul(hc, hc);
-                        let h2 = k.b.ins().fsub(one, h2);
-                        let dzc = k.b.ins().fmul(dhv, zz);
-                        let dzc = k.b.ins().fmul(dzc, h2);
+                        let (dzz, dzc) = gru_update_grads(k, one, dhv, zz, hc, hpv);
                         for (v, p) in [dzz, dzz, dzc, dzc].into_iter().zip(outs) {
                             st(k, v, p, i);
                         }
@@ -1737,15 +1726,8 @@ impl RnnSeq {
                         let zz = ld(k, az, i);
                         let rr = ld(k, ar, i);
                         let hpv = ld(k, hp, i);
-                        let m = k.b.ins().fsub(one, rr);
-                        let sr = k.b.ins().fmul(rr, m);
-                        let dzr = k.b.ins().fmul(drh, hpv);
-                        let dzr = k.b.ins().fmul(dzr, sr);
                         let dhv = ld(k, adhs, i);
-                        let keep = k.b.ins().fsub(one, zz);
-                        let d1 = k.b.ins().fmul(dhv, keep);
-                        let d2 = k.b.ins().fmul(drh, rr);
-                        let carry = k.b.ins().fadd(d1, d2);
+                        let (dzr, carry) = gru_reset_grads(k, one, drh, (zz, rr), hpv, dhv);
                         st(k, carry, adhc, i);
                         st(k, dzr, adz, i);
                         st(k, dzr, adzs, i);
@@ -1792,32 +1774,11 @@ impl RnnSeq {
                         let (ig, fg, gg, og) = (g[0], g[1], g[2], g[3]);
                         let tcv = ld(k, atc, i);
                         let dcn = ld(k, adcn, i);
-                        let t2 = k.b.ins().fmul(tcv, tcv);
-                        let t2 = k.b.ins().fsub(one, t2);
-                        let dho = k.b.ins().fmul(dhv, og);
-                        let dcv = k.b.ins().fmul(dho, t2);
-                        let dcv = k.b.ins().fadd(dcv, dcn);
-                        let dsig = |k: &mut Kb, s: Value| {
-                            let m = k.b.ins().fsub(one, s);
-                            k.b.ins().fmul(s, m)
-                        };
-                        let so = dsig(k, og);
-                        let dzo = k.b.ins().fmul(dhv, tcv);
-                        let dzo = k.b.ins().fmul(dzo, so);
-                        let si = dsig(k, ig);
-                        let dzi = k.b.ins().fmul(dcv, gg);
-                        let dzi = k.b.ins().fmul(dzi, si);
                         let cpv = ld(k, cp, i);
-                        let sf = dsig(k, fg);
-                        let dzf = k.b.ins().fmul(dcv, cpv);
-                        let dzf = k.b.ins().fmul(dzf, sf);
-                        let g2 = k.b.ins().fmul(gg, gg);
-                        let g2 = k.b.ins().fsub(one, g2);
-                        let dzg = k.b.ins().fmul(dcv, ig);
-                        let dzg = k.b.ins().fmul(dzg, g2);
-                        let carry = k.b.ins().fmul(dcv, fg);
+                        let (carry, dzs4) =
+                            lstm_grads(k, one, dhv, [ig, fg, gg, og], (tcv, dcn, cpv));
                         st(k, carry, adc, i);
-                        for (v, &(a, b)) in [dzi, dzf, dzg, dzo].into_iter().zip(&outs) {
+                        for (v, &(a, b)) in dzs4.into_iter().zip(&outs) {
                             st(k, v, a, i);
                             st(k, v, b, i);
                         }
@@ -1993,10 +1954,7 @@ impl RnnSeq {
                     let hpa = at_or_zero(k, hs, row, cx.tprev, 0, cx.has_prev);
                     let hp = ln.ld(k, hpa);
                     let one = k.vconst(1.0);
-                    let keep = k.b.ins().fsub(one, zz);
-                    let kh = k.b.ins().fmul(keep, hp);
-                    let zh = k.b.ins().fmul(zz, hc);
-                    let hv = k.b.ins().fadd(kh, zh);
+                    let hv = gru_blend(k, one, zz, hp, hc);
                     let a = act.at(k, row, t, col, 2 * h);
                     ln.st(k, hc, a);
                     let a = hs.at(k, row, t, col, 0);
@@ -2044,39 +2002,15 @@ impl RnnSeq {
                     let (i, f, gg, o) = (g[0], g[1], g[2], g[3]);
                     let a = tc.at(k, row, t, col, 0);
                     let tcv = ln.ld(k, a);
-                    // dc_t = dh·o·(1 − tanh²c) + dc_{t+1}·f_{t+1}
                     let a = at_or_zero(k, dc, row, zero, 0, cx.has_next);
                     let dcn = ln.ld(k, a);
-                    let t2 = k.b.ins().fmul(tcv, tcv);
-                    let t2 = k.b.ins().fsub(one, t2);
-                    let dho = k.b.ins().fmul(dhv, o);
-                    let dcv = k.b.ins().fmul(dho, t2);
-                    let dcv = k.b.ins().fadd(dcv, dcn);
-                    // σ' = s·(1 − s), tanh' = 1 − t²
-                    let dsig = |k: &mut Kb, s: Value| {
-                        let m = k.b.ins().fsub(one, s);
-                        k.b.ins().fmul(s, m)
-                    };
-                    let so = dsig(k, o);
-                    let dzo = k.b.ins().fmul(dhv, tcv);
-                    let dzo = k.b.ins().fmul(dzo, so);
-                    let si = dsig(k, i);
-                    let dzi = k.b.ins().fmul(dcv, gg);
-                    let dzi = k.b.ins().fmul(dzi, si);
                     let a = at_or_zero(k, c, row, cx.tprev, 0, cx.has_prev);
                     let cp = ln.ld(k, a);
-                    let sf = dsig(k, f);
-                    let dzf = k.b.ins().fmul(dcv, cp);
-                    let dzf = k.b.ins().fmul(dzf, sf);
-                    let g2 = k.b.ins().fmul(gg, gg);
-                    let g2 = k.b.ins().fsub(one, g2);
-                    let dzg = k.b.ins().fmul(dcv, i);
-                    let dzg = k.b.ins().fmul(dzg, g2);
-                    let carry = k.b.ins().fmul(dcv, f);
+                    let (carry, dzs4) = lstm_grads(k, one, dhv, [i, f, gg, o], (tcv, dcn, cp));
                     let a = dc.at(k, row, zero, col, 0);
                     ln.st(k, carry, a);
                     let tp = k.b.ins().band_imm_u(t, 1);
-                    for (gi, v) in [dzi, dzf, dzg, dzo].into_iter().enumerate() {
+                    for (gi, v) in dzs4.into_iter().enumerate() {
                         let a = dz.at(k, row, t, col, gi * h);
                         ln.st(k, v, a);
                         let a = dzs.at(k, row, tp, col, gi * h);
@@ -2123,15 +2057,7 @@ impl RnnSeq {
                     let hc = ln.ld(k, a);
                     let a = at_or_zero(k, hs, row, cx.tprev, 0, cx.has_prev);
                     let hp = ln.ld(k, a);
-                    let m = k.b.ins().fsub(one, zz);
-                    let sz = k.b.ins().fmul(zz, m);
-                    let diff = k.b.ins().fsub(hc, hp);
-                    let dzz = k.b.ins().fmul(dhv, diff);
-                    let dzz = k.b.ins().fmul(dzz, sz);
-                    let h2 = k.b.ins().fmul(hc, hc);
-                    let h2 = k.b.ins().fsub(one, h2);
-                    let dzc = k.b.ins().fmul(dhv, zz);
-                    let dzc = k.b.ins().fmul(dzc, h2);
+                    let (dzz, dzc) = gru_update_grads(k, one, dhv, zz, hc, hp);
                     let tp = k.b.ins().band_imm_u(t, 1);
                     for (c0, v) in [(0, dzz), (2 * h, dzc)] {
                         let a = dz.at(k, row, t, col, c0);
@@ -2178,16 +2104,9 @@ impl RnnSeq {
                     let rr = ln.ld(k, a);
                     let a = at_or_zero(k, hs, row, cx.tprev, 0, cx.has_prev);
                     let hp = ln.ld(k, a);
-                    let m = k.b.ins().fsub(one, rr);
-                    let sr = k.b.ins().fmul(rr, m);
-                    let dzr = k.b.ins().fmul(drh, hp);
-                    let dzr = k.b.ins().fmul(dzr, sr);
                     let a = dhs.at(k, row, zero, col, 0);
                     let dhv = ln.ld(k, a);
-                    let keep = k.b.ins().fsub(one, zz);
-                    let d1 = k.b.ins().fmul(dhv, keep);
-                    let d2 = k.b.ins().fmul(drh, rr);
-                    let carry = k.b.ins().fadd(d1, d2);
+                    let (dzr, carry) = gru_reset_grads(k, one, drh, (zz, rr), hp, dhv);
                     let a = dhc.at(k, row, zero, col, 0);
                     ln.st(k, carry, a);
                     let a = dz.at(k, row, t, col, h);
@@ -2239,6 +2158,100 @@ enum BoundRec {
         dhs: Bound,
         dhc: Bound,
     },
+}
+
+// The gate arithmetic of the recurrent epilogues, shared by the per-block
+// form (which handles a partial block) and the row form: each takes the
+// loaded vectors and returns the vectors to store, so both forms compute
+// every value with the same operations.
+
+/// σ' from the sigmoid's output `s`: `s·(1 − s)`.
+fn dsigmoid(k: &mut Kb, one: Value, s: Value) -> Value {
+    let m = k.b.ins().fsub(one, s);
+    k.b.ins().fmul(s, m)
+}
+
+/// The GRU state `h = (1 − z)·h_{t−1} + z·h̃`.
+fn gru_blend(k: &mut Kb, one: Value, z: Value, hp: Value, hc: Value) -> Value {
+    let keep = k.b.ins().fsub(one, z);
+    let kh = k.b.ins().fmul(keep, hp);
+    let zh = k.b.ins().fmul(z, hc);
+    k.b.ins().fadd(kh, zh)
+}
+
+/// The GRU's update-gate and candidate pre-activation gradients from
+/// `dh_t`: `dz_z = dh·(h̃ − h_{t−1})·σ'(z)`, `dz_h̃ = dh·z·(1 − h̃²)`.
+fn gru_update_grads(
+    k: &mut Kb,
+    one: Value,
+    dh: Value,
+    z: Value,
+    hc: Value,
+    hp: Value,
+) -> (Value, Value) {
+    let sz = dsigmoid(k, one, z);
+    let diff = k.b.ins().fsub(hc, hp);
+    let dzz = k.b.ins().fmul(dh, diff);
+    let dzz = k.b.ins().fmul(dzz, sz);
+    let h2 = k.b.ins().fmul(hc, hc);
+    let h2 = k.b.ins().fsub(one, h2);
+    let dzc = k.b.ins().fmul(dh, z);
+    let dzc = k.b.ins().fmul(dzc, h2);
+    (dzz, dzc)
+}
+
+/// The GRU's reset-gate gradient and the part of `dh_{t−1}` outside the
+/// recurrent matmuls, from `drh = d(r·h_{t−1})`: `dz_r = drh·h_{t−1}·σ'(r)`,
+/// `dh·(1 − z) + drh·r`.
+fn gru_reset_grads(
+    k: &mut Kb,
+    one: Value,
+    drh: Value,
+    (z, r): (Value, Value),
+    hp: Value,
+    dh: Value,
+) -> (Value, Value) {
+    let sr = dsigmoid(k, one, r);
+    let dzr = k.b.ins().fmul(drh, hp);
+    let dzr = k.b.ins().fmul(dzr, sr);
+    let keep = k.b.ins().fsub(one, z);
+    let d1 = k.b.ins().fmul(dh, keep);
+    let d2 = k.b.ins().fmul(drh, r);
+    let carry = k.b.ins().fadd(d1, d2);
+    (dzr, carry)
+}
+
+/// The LSTM's gate gradients `[dz_i, dz_f, dz_g, dz_o]` and `dc_t·f` (the
+/// cell gradient carried to `t − 1`) from `dh_t`, the gates, `tanh c_t`,
+/// the carried `dc_{t+1}·f_{t+1}` and `c_{t−1}`:
+/// `dc_t = dh·o·(1 − tanh²c) + dc_next`.
+fn lstm_grads(
+    k: &mut Kb,
+    one: Value,
+    dh: Value,
+    [i, f, g, o]: [Value; 4],
+    (tc, dc_next, cp): (Value, Value, Value),
+) -> (Value, [Value; 4]) {
+    let t2 = k.b.ins().fmul(tc, tc);
+    let t2 = k.b.ins().fsub(one, t2);
+    let dho = k.b.ins().fmul(dh, o);
+    let dc = k.b.ins().fmul(dho, t2);
+    let dc = k.b.ins().fadd(dc, dc_next);
+    let so = dsigmoid(k, one, o);
+    let dzo = k.b.ins().fmul(dh, tc);
+    let dzo = k.b.ins().fmul(dzo, so);
+    let si = dsigmoid(k, one, i);
+    let dzi = k.b.ins().fmul(dc, g);
+    let dzi = k.b.ins().fmul(dzi, si);
+    let sf = dsigmoid(k, one, f);
+    let dzf = k.b.ins().fmul(dc, cp);
+    let dzf = k.b.ins().fmul(dzf, sf);
+    let g2 = k.b.ins().fmul(g, g);
+    let g2 = k.b.ins().fsub(one, g2);
+    let dzg = k.b.ins().fmul(dc, i);
+    let dzg = k.b.ins().fmul(dzg, g2);
+    let carry = k.b.ins().fmul(dc, f);
+    (carry, [dzi, dzf, dzg, dzo])
 }
 
 #[cfg(test)]
