@@ -115,7 +115,10 @@ impl Kb<'_> {
         self.table_const(I32X4, bits)
     }
 
-    fn table_const(&mut self, ty: Type, bits: u32) -> Value {
+    /// A splat of the f32 or i32 lane `bits` of type `ty` from [`consts`],
+    /// which folds into the instruction that uses it; a lane the table
+    /// lacks is built in registers.
+    pub fn table_const(&mut self, ty: Type, bits: u32) -> Value {
         let table = consts();
         match table.iter().position(|c| c.0[0] == bits) {
             Some(i) => {

@@ -6,7 +6,7 @@ use super::emit::{Kb, Loc};
 use super::kernel::{ew_scalar, EwOp};
 use crate::ir::{ReduceOp, UnaryOp};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::types::{Type, F32, F32X4, I32, I32X4, I64};
+use cranelift_codegen::ir::types::{F32, F32X4, I32X4, I64};
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
 
 /// Reduce a strided source over `red_dims` for every output element
@@ -451,29 +451,6 @@ fn for_count(k: &mut Kb, count: usize, body: impl FnOnce(&mut Kb, Value)) {
     k.b.switch_to_block(exit);
 }
 
-/// A splat of the f32 or i32 lane `bits` from the process-lifetime math
-/// constant table ([`super::math::consts`]), which folds into the
-/// instruction that uses it; a lane the table lacks is built in registers.
-fn table_splat(k: &mut Kb, ty: Type, bits: u32) -> Value {
-    let table = super::math::consts();
-    match table.iter().position(|c| c.0[0] == bits) {
-        Some(i) => {
-            let base = k.static_table(table.as_ptr() as usize);
-            let flags = MemFlagsData::trusted().with_readonly().with_aligned();
-            k.b.ins().load(ty, flags, base, (16 * i) as i32)
-        }
-        None => {
-            let s = k.b.ins().iconst(I32, bits as i64);
-            let v = k.b.ins().splat(I32X4, s);
-            if ty == I32X4 {
-                v
-            } else {
-                k.b.ins().bitcast(ty, MemFlagsData::new(), v)
-            }
-        }
-    }
-}
-
 /// Cephes' single-precision exp polynomial, highest degree first (the one
 /// `math.rs` evaluates; its coefficients are table constants).
 const EXP_P: [f32; 6] = [
@@ -503,7 +480,7 @@ const EXP_FLUSH: f32 = -88.0;
 /// as `vexp_n`, so the same relative error bound where the result is
 /// normal.
 fn exp_nonpos_n(k: &mut Kb, ds: &[Value]) -> Vec<Value> {
-    let f = |k: &mut Kb, v: f32| table_splat(k, F32X4, v.to_bits());
+    let f = |k: &mut Kb, v: f32| k.table_const(F32X4, v.to_bits());
     // The clamp keeps NaN lanes (the compare-and-select shape is one
     // `maxps`, which returns `d` when it is NaN).
     let xc: Vec<Value> = ds
@@ -541,7 +518,7 @@ fn exp_nonpos_n(k: &mut Kb, ds: &[Value]) -> Vec<Value> {
         .map(|&s| {
             let bits = k.b.ins().bitcast(I32X4, MemFlagsData::new(), s);
             let e = k.b.ins().ishl_imm_u(bits, 23);
-            let one = table_splat(k, I32X4, 1f32.to_bits());
+            let one = k.table_const(I32X4, 1f32.to_bits());
             let e = k.b.ins().iadd(e, one);
             k.b.ins().bitcast(F32X4, MemFlagsData::new(), e)
         })
