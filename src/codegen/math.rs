@@ -18,7 +18,7 @@ use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
 use std::sync::OnceLock;
 
 /// Cephes' polynomial coefficients, highest degree first.
-const EXP_P: [f32; 6] = [
+pub(super) const EXP_P: [f32; 6] = [
     1.987_569_1e-4,
     1.398_199_9e-3,
     8.333_452e-3,
@@ -46,7 +46,7 @@ const TANH_P: [f32; 5] = [
 ];
 /// Round-to-nearest shift: `x + MAGIC - MAGIC` rounds `x` to an integer,
 /// which the low mantissa bits of `x + MAGIC` hold.
-const MAGIC: f32 = 12_582_912.0;
+pub(super) const MAGIC: f32 = 12_582_912.0;
 
 /// The other f32 constants of the functions below.
 const SCALARS: [f32; 22] = [

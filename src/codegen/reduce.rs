@@ -4,6 +4,7 @@
 
 use super::emit::{Kb, Loc};
 use super::kernel::{ew_scalar, EwOp};
+use super::math::{EXP_P, MAGIC};
 use crate::ir::{ReduceOp, UnaryOp};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32X4, I64};
@@ -450,20 +451,6 @@ fn for_count(k: &mut Kb, count: usize, body: impl FnOnce(&mut Kb, Value)) {
     k.b.ins().brif(more, bb, &[], exit, &[]);
     k.b.switch_to_block(exit);
 }
-
-/// Cephes' single-precision exp polynomial, highest degree first (the one
-/// `math.rs` evaluates; its coefficients are table constants).
-const EXP_P: [f32; 6] = [
-    1.987_569_1e-4,
-    1.398_199_9e-3,
-    8.333_452e-3,
-    4.166_579_6e-2,
-    1.666_666_5e-1,
-    0.5,
-];
-
-/// The 1.5·2²³ round-to-nearest shift (as in `math.rs`).
-const MAGIC: f32 = 12_582_912.0;
 
 /// The clamp below which `exp` is 0: it rounds to n = -127, whose `2^n`
 /// built from the exponent field (below) is exactly 0.
