@@ -387,7 +387,13 @@ fn matmul_epilogues(
         let [reader] = readers[..] else {
             continue;
         };
-        let fits = k.is_some_and(|k| k > 0)
+        // The shapes `lower::matmul` lowers (its product then never falls
+        // back to a kernel that would read the unwritten product).
+        let matrices = shape.len() >= 2
+            && g.inputs(mm).len() == 2
+            && g.inputs(mm).iter().all(|v| g.ty(*v).shape.len() >= 2);
+        let fits = matrices
+            && k.is_some_and(|k| k > 0)
             && elementwise(reader)
             && &g.node(reader).outputs[0].shape == shape;
         if !fits {
