@@ -57,9 +57,10 @@ const B_DIRECT_MAX_PANELS: usize = 16;
 /// and the shuffle competes with the FMAs for the vector ports. Measured
 /// in an asm loop over data in L1 and L2 on this machine's core: 30–32
 /// GFLOP/s against 24–27 with the shuffle in its slow phases, equal in its
-/// fast ones. Packing writes four copies of A, so it pays where many
-/// column panels reuse each packed row panel.
-const A_BROADCAST_MIN_PANELS: usize = 8;
+/// fast ones. Packing writes four copies of A, so it pays only where many
+/// column panels reuse each packed row panel: the transformer's
+/// `[512, 1000] @ [1000, 64]` gradient (8 panels) took 1.5× as long.
+const A_BROADCAST_MIN_PANELS: usize = 16;
 
 /// Compute units a product is cut into at least (where it has enough
 /// column panels), so that two or three threads finish close together.
@@ -164,8 +165,18 @@ struct ASrc {
 }
 
 impl Matmul {
+    /// With A packed as broadcasts, a k block is half as deep, so that
+    /// the `mr × KC` sliver of A (four times larger) and the B rows a tile
+    /// reads still fit L1 together.
     pub fn tile(&self) -> Tile {
-        TILE
+        if self.a_broadcast() {
+            Tile {
+                kc: TILE.kc / 2,
+                ..TILE
+            }
+        } else {
+            TILE
+        }
     }
 
     /// A is read in place when its rows are contiguous and every offset the
@@ -177,7 +188,7 @@ impl Matmul {
     }
     /// A is packed as broadcast vectors (see A_BROADCAST_MIN_PANELS).
     fn a_broadcast(&self) -> bool {
-        self.np() >= A_BROADCAST_MIN_PANELS
+        self.n.div_ceil(TILE.nr()) >= A_BROADCAST_MIN_PANELS
     }
     /// Bytes of one element of packed A.
     fn a_elem_bytes(&self) -> usize {
