@@ -62,6 +62,12 @@ const B_DIRECT_MAX_PANELS: usize = 16;
 /// `[512, 1000] @ [1000, 64]` gradient (8 panels) took 1.5× as long.
 const A_BROADCAST_MIN_PANELS: usize = 16;
 
+/// Bytes up to which contiguous B is read in place however many row
+/// panels reuse it: it stays in L1/L2 across them, and packing it would
+/// cost a pass and a parallel step of its own (the transformer's
+/// `[64, 64]` and `[64, 256]` weights against 512-row activations).
+const B_DIRECT_MAX_BYTES: usize = 64 << 10;
+
 /// Compute units a product is cut into at least (where it has enough
 /// column panels), so that two or three threads finish close together.
 const MIN_COMPUTE_UNITS: usize = 32;
@@ -199,15 +205,17 @@ impl Matmul {
         }
     }
     /// B is read in place when its rows are contiguous and few row panels
-    /// reuse it (see B_DIRECT_MAX_PANELS).
+    /// reuse it or it is small (see B_DIRECT_MAX_PANELS and
+    /// B_DIRECT_MAX_BYTES).
     /// Row strides that are multiples of 4 KiB are packed anyway, since
     /// rows that far apart compete for the same L1 sets.
     fn b_direct(&self) -> bool {
         let t = self.tile();
         let row = self.b.rs * 4;
         let reach = (panels_per_tile(1, t.nv) * t.nr() * 4) as i64 + row.abs() * t.unroll as i64;
+        let small = self.k * self.n * 4 <= B_DIRECT_MAX_BYTES;
         self.b.cs == 1
-            && self.mp() <= B_DIRECT_MAX_PANELS
+            && (self.mp() <= B_DIRECT_MAX_PANELS || small)
             && row % 4096 != 0
             && reach < i32::MAX as i64
     }
@@ -1031,8 +1039,8 @@ mod tests {
         assert_eq!(mm.pack_a_bytes(), panels * TILE.mr * 7 * 16);
         assert_eq!(mm.units(MatmulPhase::PackA), panels);
         mm.n = 9;
-        // Three row panels read contiguous B in place; many pack it, and
-        // so does a strided B or rows 4 KiB apart.
+        // Three row panels read contiguous B in place; many pack it unless
+        // it is small, and so does a strided B or rows 4 KiB apart.
         assert_eq!(mm.pack_b_bytes(), 0);
         assert_eq!(mm.units(MatmulPhase::PackB), 0);
         let col_panels = 9usize.div_ceil(TILE.nr());
@@ -1042,7 +1050,12 @@ mod tests {
         assert!(mm.pack_b_bytes() > 0);
         mm.b = op(9, 1);
         mm.m = 100;
-        assert_eq!(mm.pack_b_bytes(), col_panels * TILE.nr() * 7 * 4);
+        assert_eq!(mm.pack_b_bytes(), 0);
+        mm.k = B_DIRECT_MAX_BYTES / (9 * 4) + 1;
+        assert_eq!(
+            mm.pack_b_bytes(),
+            col_panels * TILE.nr() * mm.k * 4
+        );
         assert!(mm.units(MatmulPhase::PackB) > 0);
     }
 
