@@ -5,19 +5,26 @@
 //! counter. Which thread runs a chunk varies, what a chunk computes does
 //! not, so results are bitwise identical for any thread count.
 //!
+//! A step ends when its chunks are done, not when every worker has looked
+//! at it: on a VM a worker's core can be taken away for a millisecond, and
+//! a step that waited for that worker to check in (even with nothing left
+//! for it to do) would stall the whole model. The chunk counter carries the
+//! step's number, so a worker that arrives late cannot claim a chunk of a
+//! step that is over; it simply joins the current one.
+//!
 //! A model runs hundreds of short steps back to back, so waking a sleeping
 //! thread per step (a futex round trip, tens of µs on a VM) would cost more
 //! than many steps themselves. Workers therefore spin for a while after
 //! each step, watching for the next one, and only then sleep on the
-//! condition variable; the caller spins the same way for the workers to
-//! finish.
+//! condition variable; the caller spins the same way for the last chunks
+//! to finish.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How long a thread spins for new work (or for workers to finish) before
+/// How long a thread spins for new work (or for chunks to finish) before
 /// it sleeps: longer than the gap between the steps of a run, short enough
 /// that an idle model does not hold a core.
 const SPIN: Duration = Duration::from_micros(300);
@@ -44,57 +51,59 @@ fn spin_until(ready: impl Fn() -> bool) -> bool {
 /// `fn(arena, ptrs, start, end) -> code`, as emitted by codegen.
 pub type KernelFn = unsafe extern "C" fn(*mut u8, *const *const u8, i64, i64) -> i64;
 
-#[derive(Clone, Copy)]
-struct Job {
-    func: usize,
-    arena: usize,
-    ptrs: usize,
-    units: usize,
-    grain: usize,
-}
-
-struct State {
-    job: Option<Job>,
-    generation: u64,
-    /// Workers asleep on `wake`.
-    sleeping: usize,
-    shutdown: bool,
+/// The chunk counter: the step's number in the high 32 bits, the next
+/// chunk to claim in the low 32.
+fn ticket(step: u64, chunk: u64) -> u64 {
+    (step << 32) | chunk
 }
 
 struct Shared {
-    state: Mutex<State>,
-    wake: Condvar,
-    done: Condvar,
-    /// `State::generation`, readable without the lock by spinning workers.
-    generation: AtomicU64,
-    /// Workers still busy with the current generation.
-    pending: AtomicUsize,
-    next: AtomicUsize,
+    /// Step number and next chunk (see `ticket`). A new step's job fields
+    /// are written before its ticket is published.
+    ticket: AtomicU64,
+    func: AtomicUsize,
+    arena: AtomicUsize,
+    ptrs: AtomicUsize,
+    units: AtomicUsize,
+    grain: AtomicUsize,
+    chunks: AtomicU64,
+    /// Chunks of the current step finished.
+    done: AtomicU64,
     /// Smallest non-zero code reported by any chunk (i64::MAX: none).
     code: AtomicI64,
+    /// Workers asleep on `wake`; the caller asleep on `finished`.
+    sleeping: AtomicUsize,
+    caller_sleeping: AtomicUsize,
+    lock: Mutex<bool>,
+    wake: Condvar,
+    finished: Condvar,
 }
 
 pub struct Pool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
+    /// Number of the last step published.
+    step: u64,
 }
 
 impl Pool {
     /// A pool whose calling thread plus `threads - 1` workers share work.
     pub fn new(threads: usize) -> Pool {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                job: None,
-                generation: 0,
-                sleeping: 0,
-                shutdown: false,
-            }),
-            wake: Condvar::new(),
-            done: Condvar::new(),
-            generation: AtomicU64::new(0),
-            pending: AtomicUsize::new(0),
-            next: AtomicUsize::new(0),
+            ticket: AtomicU64::new(0),
+            func: AtomicUsize::new(0),
+            arena: AtomicUsize::new(0),
+            ptrs: AtomicUsize::new(0),
+            units: AtomicUsize::new(0),
+            grain: AtomicUsize::new(1),
+            chunks: AtomicU64::new(0),
+            done: AtomicU64::new(0),
             code: AtomicI64::new(i64::MAX),
+            sleeping: AtomicUsize::new(0),
+            caller_sleeping: AtomicUsize::new(0),
+            lock: Mutex::new(false),
+            wake: Condvar::new(),
+            finished: Condvar::new(),
         });
         let workers = (1..threads.max(1))
             .map(|_| {
@@ -102,7 +111,11 @@ impl Pool {
                 std::thread::spawn(move || worker(&s))
             })
             .collect();
-        Pool { shared, workers }
+        Pool {
+            shared,
+            workers,
+            step: 0,
+        }
     }
 
     pub fn threads(&self) -> usize {
@@ -116,7 +129,7 @@ impl Pool {
     /// `func` must be a finalized kernel whose every memory access stays in
     /// the arena and the tensors named by `ptrs`, both alive for the call.
     pub unsafe fn run(
-        &self,
+        &mut self,
         func: KernelFn,
         arena: *mut u8,
         ptrs: *const *const u8,
@@ -125,7 +138,7 @@ impl Pool {
     ) -> i64 {
         let grain = grain.max(1);
         let chunks = units.div_ceil(grain);
-        if chunks <= 1 || self.workers.is_empty() {
+        if chunks <= 1 || self.workers.is_empty() || chunks >= 1 << 32 {
             let mut code = 0;
             for c in 0..chunks {
                 let (s, e) = (c * grain, ((c + 1) * grain).min(units));
@@ -137,110 +150,126 @@ impl Pool {
             }
             return code;
         }
-        let job = Job {
-            func: func as usize,
-            arena: arena as usize,
-            ptrs: ptrs as usize,
-            units,
-            grain,
-        };
-        self.shared.next.store(0, Ordering::SeqCst);
-        self.shared.code.store(i64::MAX, Ordering::SeqCst);
-        {
-            let mut st = lock(&self.shared.state);
-            st.job = Some(job);
-            st.generation += 1;
-            self.shared
-                .pending
-                .store(self.workers.len(), Ordering::SeqCst);
-            self.shared
-                .generation
-                .store(st.generation, Ordering::SeqCst);
-            if st.sleeping > 0 {
-                self.shared.wake.notify_all();
-            }
+        let sh = &*self.shared;
+        // Every chunk of the previous step is done, so no thread reads
+        // these fields until the new ticket is out.
+        sh.func.store(func as usize, Ordering::Relaxed);
+        sh.arena.store(arena as usize, Ordering::Relaxed);
+        sh.ptrs.store(ptrs as usize, Ordering::Relaxed);
+        sh.units.store(units, Ordering::Relaxed);
+        sh.grain.store(grain, Ordering::Relaxed);
+        sh.chunks.store(chunks as u64, Ordering::Relaxed);
+        sh.done.store(0, Ordering::Relaxed);
+        sh.code.store(i64::MAX, Ordering::Relaxed);
+        // Step 0 is the state before the first step, which workers have seen.
+        self.step = (self.step + 1) & 0xFFFF_FFFF;
+        if self.step == 0 {
+            self.step = 1;
         }
-        run_chunks(&self.shared, job);
-        let pending = &self.shared.pending;
-        if !spin_until(|| pending.load(Ordering::SeqCst) == 0) {
-            let mut st = lock(&self.shared.state);
-            while pending.load(Ordering::SeqCst) > 0 {
-                st = self.shared.done.wait(st).unwrap_or_else(|e| e.into_inner());
-            }
+        sh.ticket.store(ticket(self.step, 0), Ordering::SeqCst);
+        if sh.sleeping.load(Ordering::SeqCst) > 0 {
+            let _g = lock(&sh.lock);
+            sh.wake.notify_all();
         }
-        lock(&self.shared.state).job = None;
-        match self.shared.code.load(Ordering::SeqCst) {
+        run_chunks(sh, self.step);
+        let chunks = chunks as u64;
+        let all_done = || sh.done.load(Ordering::SeqCst) == chunks;
+        if !spin_until(all_done) {
+            let mut g = lock(&sh.lock);
+            sh.caller_sleeping.store(1, Ordering::SeqCst);
+            while !all_done() {
+                g = sh.finished.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            sh.caller_sleeping.store(0, Ordering::SeqCst);
+        }
+        match sh.code.load(Ordering::SeqCst) {
             i64::MAX => 0,
             c => c,
         }
     }
 }
 
-fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+fn lock(m: &Mutex<bool>) -> std::sync::MutexGuard<'_, bool> {
     // A worker never panics while holding the lock; recover regardless.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn run_chunks(shared: &Shared, job: Job) {
+/// Claim and run chunks of step `step` until none is left or the step is
+/// over. A claim succeeds only while the ticket still shows `step` with
+/// chunks left, so the job fields read before it belong to that step: the
+/// caller rewrites them only after every chunk of the step is done.
+fn run_chunks(sh: &Shared, step: u64) {
     loop {
-        let c = shared.next.fetch_add(1, Ordering::SeqCst);
-        let s = c * job.grain;
-        if s >= job.units {
-            break;
+        let t = sh.ticket.load(Ordering::SeqCst);
+        if t >> 32 != step {
+            return;
         }
-        let e = (s + job.grain).min(job.units);
-        // SAFETY: `job.func` was produced from a `KernelFn` by `Pool::run`,
-        // whose caller guarantees the kernel, arena and pointer table are
-        // valid until every worker has reported back (it waits for that).
+        let c = t & 0xFFFF_FFFF;
+        let chunks = sh.chunks.load(Ordering::SeqCst);
+        if c >= chunks {
+            return;
+        }
+        let func = sh.func.load(Ordering::SeqCst);
+        let arena = sh.arena.load(Ordering::SeqCst);
+        let ptrs = sh.ptrs.load(Ordering::SeqCst);
+        let units = sh.units.load(Ordering::SeqCst);
+        let grain = sh.grain.load(Ordering::SeqCst);
+        if sh
+            .ticket
+            .compare_exchange(t, t + 1, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            continue;
+        }
+        let s = c as usize * grain;
+        let e = (s + grain).min(units);
+        // SAFETY: `func` was produced from a `KernelFn` by `Pool::run` for
+        // this step, whose caller guarantees the kernel, arena and pointer
+        // table are valid until every chunk of the step is done (it waits
+        // for that).
         let r = unsafe {
-            let f: KernelFn = std::mem::transmute::<usize, KernelFn>(job.func);
-            f(
-                job.arena as *mut u8,
-                job.ptrs as *const *const u8,
-                s as i64,
-                e as i64,
-            )
+            let f: KernelFn = std::mem::transmute::<usize, KernelFn>(func);
+            f(arena as *mut u8, ptrs as *const *const u8, s as i64, e as i64)
         };
         if r != 0 {
-            shared.code.fetch_min(r, Ordering::SeqCst);
+            sh.code.fetch_min(r, Ordering::SeqCst);
+        }
+        if sh.done.fetch_add(1, Ordering::SeqCst) + 1 == chunks
+            && sh.caller_sleeping.load(Ordering::SeqCst) > 0
+        {
+            // Under the lock, so a caller between its check and its wait
+            // cannot miss this.
+            let _g = lock(&sh.lock);
+            sh.finished.notify_all();
         }
     }
 }
 
-fn worker(shared: &Shared) {
+fn worker(sh: &Shared) {
     let mut seen = 0u64;
     loop {
-        spin_until(|| shared.generation.load(Ordering::SeqCst) != seen);
-        let job = {
-            let mut st = lock(&shared.state);
-            while !st.shutdown && st.generation == seen {
-                st.sleeping += 1;
-                st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
-                st.sleeping -= 1;
+        let current = || sh.ticket.load(Ordering::SeqCst) >> 32;
+        if !spin_until(|| current() != seen) {
+            let mut shutdown = lock(&sh.lock);
+            sh.sleeping.fetch_add(1, Ordering::SeqCst);
+            while !*shutdown && current() == seen {
+                shutdown = sh.wake.wait(shutdown).unwrap_or_else(|e| e.into_inner());
             }
-            if st.shutdown {
+            sh.sleeping.fetch_sub(1, Ordering::SeqCst);
+            if *shutdown {
                 return;
             }
-            seen = st.generation;
-            st.job
-        };
-        if let Some(job) = job {
-            run_chunks(shared, job);
         }
-        if shared.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
-            // Under the lock, so a caller between its check and its wait
-            // cannot miss this.
-            let _st = lock(&shared.state);
-            shared.done.notify_all();
-        }
+        seen = current();
+        run_chunks(sh, seen);
     }
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
         {
-            let mut st = lock(&self.shared.state);
-            st.shutdown = true;
+            let mut shutdown = lock(&self.shared.lock);
+            *shutdown = true;
             self.shared.wake.notify_all();
         }
         for w in self.workers.drain(..) {
@@ -281,7 +310,7 @@ mod tests {
     #[test]
     fn every_unit_runs_once_per_step_awake_or_asleep() {
         for threads in 1..=3 {
-            let pool = Pool::new(threads);
+            let mut pool = Pool::new(threads);
             for round in 0..400usize {
                 let units = 1 + (round * 37) % 300;
                 let grain = 1 + round % 7;
