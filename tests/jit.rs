@@ -534,20 +534,24 @@ fn matmul_kernel_uses_fused_multiply_add() {
     assert!(!asm.contains("fmaf"), "FMA lowered to a libcall");
 }
 
-/// The unrolled loop of the 5 × 8 micro-kernel: two k steps of ten FMAs,
+/// The unrolled loop of the 5 × 8 micro-kernel: four k steps of ten FMAs,
 /// one broadcast per row and step, one register copy per broadcast (the
 /// FMA overwrites a multiplicand), and nothing else moved: no
 /// accumulator shuffled on the loop edge, nothing spilled to the stack.
+/// With many column panels A is packed already broadcast: the same loop
+/// with vector loads and no broadcast instruction.
 #[test]
 fn matmul_micro_kernel_loop_keeps_accumulators_in_place() {
-    let mut c = Case::new();
-    let mut rng = Rng(12);
-    let a = c.input("a", rand_f32(&mut rng, &[10, 64], 1.0));
-    let b = c.input("b", rand_f32(&mut rng, &[64, 8], 1.0));
-    let y = c.op(Op::MatMul, &[a, b]);
-    c.out("y", y);
-    let asm = codegen::emit_asm(&c.g).expect("disassembles");
-    check_fma_loop(&asm, 20, 10, 10);
+    for (n, broadcasts) in [(8, 20), (128, 0)] {
+        let mut c = Case::new();
+        let mut rng = Rng(12);
+        let a = c.input("a", rand_f32(&mut rng, &[10, 64], 1.0));
+        let b = c.input("b", rand_f32(&mut rng, &[64, n], 1.0));
+        let y = c.op(Op::MatMul, &[a, b]);
+        c.out("y", y);
+        let asm = codegen::emit_asm(&c.g).expect("disassembles");
+        check_fma_loop(&asm, 40, broadcasts, 20);
+    }
 }
 
 /// The direct convolution's loop (two taps of a 5 × 8 tile) and the
