@@ -229,7 +229,12 @@ fn run_chunks(sh: &Shared, step: u64) {
         // for that).
         let r = unsafe {
             let f: KernelFn = std::mem::transmute::<usize, KernelFn>(func);
-            f(arena as *mut u8, ptrs as *const *const u8, s as i64, e as i64)
+            f(
+                arena as *mut u8,
+                ptrs as *const *const u8,
+                s as i64,
+                e as i64,
+            )
         };
         if r != 0 {
             sh.code.fetch_min(r, Ordering::SeqCst);
