@@ -346,7 +346,18 @@ impl Matmul {
                 k.for_range(zero, kk_n, 1, |k, kk| {
                     let s = k.addr(sp, kk, 4 * self.a.cs);
                     let d = k.addr(dp, kk, (eb * mr) as i64);
-                    for r in 0..mr {
+                    // A transposed (its rows adjacent in memory, as in a
+                    // weight gradient `xᵀ @ dy`): four rows per vector.
+                    let vec_rows = if self.a.rs == 1 && !broadcast {
+                        rows / 4 * 4
+                    } else {
+                        0
+                    };
+                    for r in (0..vec_rows).step_by(4) {
+                        let v = k.load_v(s, (r * 4) as i32);
+                        k.b.ins().store(flags(), v, d, (r * 4) as i32);
+                    }
+                    for r in vec_rows..mr {
                         let v = if r < rows {
                             k.load_f(s, (r as i64 * self.a.rs * 4) as i32)
                         } else {
