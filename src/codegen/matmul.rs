@@ -616,7 +616,15 @@ impl Matmul {
                     let x = k.b.ins().iadd(x, k0);
                     k.addr(pb_base, x, (nr * 4) as i64)
                 };
+                // Edge tiles (the last rows, the narrow last panel) run a
+                // small share of the work: their loops take two k steps,
+                // which halves their code and compile time.
+                let edge_t = Tile {
+                    unroll: t.unroll.min(2),
+                    ..t
+                };
                 let row_block = |k: &mut Kb, rows: usize| {
+                    let t = if rows < mr { edge_t } else { t };
                     // Few rows leave too few accumulators to hide the FMA
                     // latency: such tiles take several column panels.
                     let group = panels_per_tile(rows, t.nv);
@@ -646,7 +654,7 @@ impl Matmul {
                             let cptr = k.b.ins().iadd_imm_s(crow, (np_full * nr * 4) as i64);
                             let jp = k.iconst(np_full as i64);
                             let c = c_tile(k, cptr, rows, n_rem, jp);
-                            micro_kernel(k, &t, a, (pb, pbytes, bk, 1, packed), kc, c);
+                            micro_kernel(k, &edge_t, a, (pb, pbytes, bk, 1, packed), kc, c);
                         });
                     }
                 };

@@ -1036,9 +1036,9 @@ fn opt_level(step: &Step) -> OptLevel {
     use conv::ConvStep;
     use kernel::MatmulPhase;
     match step {
-        Step::Fill(_) | Step::Copy(_) | Step::Gather(_) | Step::ScatterAdd(_) => OptLevel::Move,
+        Step::Fill(_) | Step::Copy(_) | Step::Gather(_) | Step::ScatterAdd(_) => OptLevel::Quick,
         Step::Matmul(_, MatmulPhase::PackA | MatmulPhase::PackB) => OptLevel::Quick,
-        Step::Im2col(ConvStep::Im2col(_) | ConvStep::Pad(_) | ConvStep::PackW(_)) => OptLevel::Move,
+        Step::Im2col(ConvStep::Im2col(_) | ConvStep::Pad(_) | ConvStep::PackW(_)) => OptLevel::Quick,
         Step::Reduce(_) | Step::Pool(_) | Step::Col2im(_) => OptLevel::Quick,
         // The micro-kernels' steps are emitted in the order that keeps their
         // accumulators in place (see `matmul::micro_kernel`).
