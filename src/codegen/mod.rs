@@ -94,11 +94,6 @@ pub enum OptLevel {
     /// No optimisation passes: for the kernels whose loops are memory-bound
     /// and simple, where the optimiser costs compile time and buys nothing.
     Quick,
-    /// No optimisation passes and Cranelift's single-pass register
-    /// allocator: for kernels that only move data (copies, fills, packing),
-    /// whose few live values need no careful allocation. Arithmetic kernels
-    /// measured 2–3× slower with it.
-    Move,
 }
 
 /// The host ISA with the flags our kernels rely on (FMA, SSE4.1 rounding),
@@ -116,12 +111,9 @@ pub fn host_isa_at(level: OptLevel) -> Result<OwnedTargetIsa, CodegenError> {
     };
     let opt = match level {
         OptLevel::Speed => "speed",
-        OptLevel::Quick | OptLevel::Move => "none",
+        OptLevel::Quick => "none",
     };
     set(&mut flags, "opt_level", opt)?;
-    if level == OptLevel::Move {
-        set(&mut flags, "regalloc_algorithm", "single_pass")?;
-    }
     set(&mut flags, "is_pic", "false")?;
     // Our builders emit well-formed IR by construction and the test suite
     // runs every kernel template; verifying each function again at compile
@@ -817,7 +809,6 @@ fn compile_inner(
     let p = prepare(g, plan, interpret)?;
     let isa = host_isa_at(OptLevel::Speed)?;
     let quick = host_isa_at(OptLevel::Quick)?;
-    let moves = host_isa_at(OptLevel::Move)?;
     let config = isa.frontend_config();
     let mut module = JITModule::new(JITBuilder::with_isa(
         isa,
@@ -869,7 +860,6 @@ fn compile_inner(
     let isas = Isas {
         speed: module.isa(),
         quick: &*quick,
-        moves: &*moves,
         config,
         addressing,
     };
@@ -1011,7 +1001,6 @@ struct Machine {
 struct Isas<'a> {
     speed: &'a dyn TargetIsa,
     quick: &'a dyn TargetIsa,
-    moves: &'a dyn TargetIsa,
     config: TargetFrontendConfig,
     addressing: Addressing,
 }
@@ -1021,7 +1010,6 @@ impl Isas<'_> {
         match opt_level(step) {
             OptLevel::Speed => self.speed,
             OptLevel::Quick => self.quick,
-            OptLevel::Move => self.moves,
         }
     }
 }
@@ -1029,9 +1017,11 @@ impl Isas<'_> {
 /// How a step is compiled. Steps whose loops only move data or do one
 /// cheap operation per element (copies, fills, packing, pooling, plain
 /// elementwise arithmetic, reductions) are memory-bound, and measured no
-/// slower without the optimiser, which roughly halves their compile time;
-/// the pure data movers also take the single-pass register allocator.
-/// Everything else, including any step kind added later, is optimised.
+/// slower without the optimiser, which roughly halves their compile time.
+/// (Cranelift's single-pass register allocator, tried for the pure data
+/// movers, spilled their loop values to the stack in every iteration:
+/// transposes, gathers and packing ran 20–30% slower with it.) Everything
+/// else, including any step kind added later, is optimised.
 fn opt_level(step: &Step) -> OptLevel {
     use conv::ConvStep;
     use kernel::MatmulPhase;
@@ -1303,12 +1293,10 @@ pub fn emit_asm(g: &Graph) -> Result<String, CodegenError> {
     let p = prepare(g, None, &[])?;
     let speed = host_isa_at(OptLevel::Speed)?;
     let quick = host_isa_at(OptLevel::Quick)?;
-    let moves = host_isa_at(OptLevel::Move)?;
     let config = speed.frontend_config();
     let isas = Isas {
         speed: &*speed,
         quick: &*quick,
-        moves: &*moves,
         config,
         addressing: Addressing::Baked,
     };
