@@ -628,11 +628,17 @@ pub const DIRECT_NV: usize = 2;
 /// Output-channel rows of the direct kernel's register tile.
 pub const DIRECT_MR: usize = 5;
 
+/// Bytes of one packed weight: each is stored as the broadcast f32x4 the
+/// direct kernel's FMAs take, so its loop loads a vector per row instead of
+/// a scalar and a shuffle (see `matmul::A_BROADCAST_MIN_PANELS`; the
+/// weights are small and every output pixel reuses them).
+const W_ELEM_BYTES: usize = 16;
+
 /// Packs the effective weights `w'[o, c, kh, kw]` (element at
 /// `off + o·so + c·sc + kh·skh + kw·skw`, strides may be negative to flip)
 /// into panels of `mr` rows: `(p·R + r)·mr + i`, with the taps `r` in
-/// `(kh, kw, c)` order, the order [`DirectConv`] visits them. Work units
-/// are panels.
+/// `(kh, kw, c)` order, the order [`DirectConv`] visits them, each weight
+/// stored four times ([`W_ELEM_BYTES`]). Work units are panels.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PackW {
     pub src: Loc,
@@ -654,7 +660,7 @@ impl PackW {
         self.c * self.kh * self.kw
     }
     pub fn bytes(&self) -> usize {
-        self.m.div_ceil(self.mr) * self.mr * self.r() * 4
+        self.m.div_ceil(self.mr) * self.mr * self.r() * W_ELEM_BYTES
     }
     fn emit(&self, kb: &mut Kb) {
         let src = kb.base(self.src);
@@ -663,7 +669,7 @@ impl PackW {
         let (mr, r) = (self.mr, self.r());
         let s = self.clone();
         kb.for_range(start, end, 1, |k, p| {
-            let dp = k.addr(dst, p, (r * mr * 4) as i64);
+            let dp = k.addr(dst, p, (r * mr * W_ELEM_BYTES) as i64);
             let o0 = k.b.ins().imul_imm_s(p, mr as i64);
             let m = k.iconst(s.m as i64);
             let sp = k.addr(src, o0, s.so * 4);
@@ -675,7 +681,7 @@ impl PackW {
                     k.b.ins().icmp(IntCC::SignedLessThan, o, m)
                 })
                 .collect();
-            let tap_bytes = (mr * 4) as i64;
+            let tap_bytes = (mr * W_ELEM_BYTES) as i64;
             let c_taps = s.c as i64 * tap_bytes;
             // Loops rather than unrolled taps: a 5×5 filter unrolled was
             // ~1700 instructions of compile time for a copy.
@@ -696,7 +702,8 @@ impl PackW {
                                 k.b.def_var(v, x);
                             });
                             let x = k.b.use_var(v);
-                            k.store_f(x, dt, (i * 4) as i32);
+                            let x = k.b.ins().splat(F32X4, x);
+                            k.b.ins().store(flags(), x, dt, (i * W_ELEM_BYTES) as i32);
                         }
                     });
                 });
@@ -749,7 +756,7 @@ impl DirectConv {
         let nr = 4 * DIRECT_NV;
         let plane = (s.hp * s.wp) as i64;
         let oplane = (s.oh * s.ow) as i64;
-        let panel_bytes = (s.r() * s.mr * 4) as i64;
+        let panel_bytes = (s.r() * s.mr * W_ELEM_BYTES) as i64;
         kb.for_range(start, end, 1, |k, u| {
             let n = k.b.ins().udiv_imm_u(u, s.oh as i64);
             let oh = k.b.ins().urem_imm_u(u, s.oh as i64);
@@ -805,11 +812,11 @@ fn direct_tile(
         .map(|_| (0..nvec).map(|_| k.var(F32X4, zero_v)).collect())
         .collect();
     let plane = (s.hp * s.wp * 4) as i64;
-    let tap_bytes = (s.mr * 4) as i64;
+    let tap_bytes = (s.mr * W_ELEM_BYTES) as i64;
     let row_bytes = (s.wp * s.dilation * 4) as i64;
-    // One tap: input pixels at `px + x_off`, its packed weights at
-    // `pw + w_off`. As in the matmul micro-kernel, each row's weight is
-    // broadcast once and shared by the row's FMAs through register copies,
+    // One tap: input pixels at `px + x_off`, its packed weights (already
+    // broadcast) at `pw + w_off`. As in the matmul micro-kernel, each
+    // row's weight vector is shared by the row's FMAs through register copies,
     // and every second tap visits rows and columns in reverse, so that a
     // pair of taps leaves every accumulator in the register it started in
     // (see `matmul::micro_kernel`; the kernel is compiled without the
@@ -824,10 +831,8 @@ fn direct_tile(
         let rows_order = step_order(rows, reverse);
         let cols_order = step_order(nvec, reverse);
         for &i in &rows_order {
-            let a =
-                k.b.ins()
-                    .load(F32, ro_flags(), pw, (w_off + (i * 4) as i64) as i32);
-            let a = k.b.ins().splat(F32X4, a);
+            let off = (w_off + (i * W_ELEM_BYTES) as i64) as i32;
+            let a = k.b.ins().load(F32X4, ro_flags(), pw, off);
             for &j in &cols_order {
                 let var = accs[i][j];
                 let old = k.b.use_var(var);
