@@ -1026,10 +1026,16 @@ fn opt_level(step: &Step) -> OptLevel {
     use conv::ConvStep;
     use kernel::MatmulPhase;
     match step {
-        Step::Fill(_) | Step::Copy(_) | Step::Gather(_) | Step::ScatterAdd(_) => OptLevel::Quick,
-        Step::Matmul(_, MatmulPhase::PackA | MatmulPhase::PackB) => OptLevel::Quick,
-        Step::Im2col(ConvStep::Im2col(_) | ConvStep::Pad(_) | ConvStep::PackW(_)) => OptLevel::Quick,
-        Step::Reduce(_) | Step::Pool(_) | Step::Col2im(_) => OptLevel::Quick,
+        // Data movement and memory-bound loops.
+        Step::Fill(_)
+        | Step::Copy(_)
+        | Step::Gather(_)
+        | Step::ScatterAdd(_)
+        | Step::Matmul(_, MatmulPhase::PackA | MatmulPhase::PackB)
+        | Step::Im2col(ConvStep::Im2col(_) | ConvStep::Pad(_) | ConvStep::PackW(_))
+        | Step::Reduce(_)
+        | Step::Pool(_)
+        | Step::Col2im(_) => OptLevel::Quick,
         // The micro-kernels' steps are emitted in the order that keeps their
         // accumulators in place (see `matmul::micro_kernel`).
         Step::Matmul(_, MatmulPhase::Compute)
