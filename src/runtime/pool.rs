@@ -57,6 +57,10 @@ fn ticket(step: u64, chunk: u64) -> u64 {
     (step << 32) | chunk
 }
 
+/// Chunk index of a closed step: above any step's chunk count, so nothing
+/// can be claimed from it.
+const CLOSED: u64 = 0xFFFF_FFFF;
+
 struct Shared {
     /// Step number and next chunk (see `ticket`). A new step's job fields
     /// are written before its ticket is published.
@@ -138,7 +142,7 @@ impl Pool {
     ) -> i64 {
         let grain = grain.max(1);
         let chunks = units.div_ceil(grain);
-        if chunks <= 1 || self.workers.is_empty() || chunks >= 1 << 32 {
+        if chunks <= 1 || self.workers.is_empty() || chunks as u64 >= CLOSED {
             let mut code = 0;
             for c in 0..chunks {
                 let (s, e) = (c * grain, ((c + 1) * grain).min(units));
@@ -151,16 +155,22 @@ impl Pool {
             return code;
         }
         let sh = &*self.shared;
-        // Every chunk of the previous step is done, so no thread reads
-        // these fields until the new ticket is out.
-        sh.func.store(func as usize, Ordering::Relaxed);
-        sh.arena.store(arena as usize, Ordering::Relaxed);
-        sh.ptrs.store(ptrs as usize, Ordering::Relaxed);
-        sh.units.store(units, Ordering::Relaxed);
-        sh.grain.store(grain, Ordering::Relaxed);
-        sh.chunks.store(chunks as u64, Ordering::Relaxed);
-        sh.done.store(0, Ordering::Relaxed);
-        sh.code.store(i64::MAX, Ordering::Relaxed);
+        // Close the previous step before its fields change. Every chunk of
+        // it is done, but a worker may have read its exhausted ticket and
+        // then, with these stores under way, a new chunk count above that
+        // index: its claim must fail, or it would run a chunk of the new
+        // step twice and count it twice (the count then never reaches the
+        // total and the caller waits forever). All stores are SeqCst, so a
+        // worker that sees any new field sees the closed ticket too.
+        sh.ticket.store(ticket(self.step, CLOSED), Ordering::SeqCst);
+        sh.func.store(func as usize, Ordering::SeqCst);
+        sh.arena.store(arena as usize, Ordering::SeqCst);
+        sh.ptrs.store(ptrs as usize, Ordering::SeqCst);
+        sh.units.store(units, Ordering::SeqCst);
+        sh.grain.store(grain, Ordering::SeqCst);
+        sh.chunks.store(chunks as u64, Ordering::SeqCst);
+        sh.done.store(0, Ordering::SeqCst);
+        sh.code.store(i64::MAX, Ordering::SeqCst);
         // Step 0 is the state before the first step, which workers have seen.
         self.step = (self.step + 1) & 0xFFFF_FFFF;
         if self.step == 0 {
@@ -197,7 +207,7 @@ fn lock(m: &Mutex<bool>) -> std::sync::MutexGuard<'_, bool> {
 /// Claim and run chunks of step `step` until none is left or the step is
 /// over. A claim succeeds only while the ticket still shows `step` with
 /// chunks left, so the job fields read before it belong to that step: the
-/// caller rewrites them only after every chunk of the step is done.
+/// caller closes the ticket before it rewrites them (see `Pool::run`).
 fn run_chunks(sh: &Shared, step: u64) {
     loop {
         let t = sh.ticket.load(Ordering::SeqCst);
@@ -205,6 +215,10 @@ fn run_chunks(sh: &Shared, step: u64) {
             return;
         }
         let c = t & 0xFFFF_FFFF;
+        // Widens the window between reading the ticket and claiming, where
+        // the caller may start the next step, so the tests exercise it.
+        #[cfg(test)]
+        std::thread::yield_now();
         let chunks = sh.chunks.load(Ordering::SeqCst);
         if c >= chunks {
             return;
@@ -336,6 +350,58 @@ mod tests {
                 assert!(counts.iter().all(|c| c.load(Ordering::SeqCst) == 1));
                 let want = if units > 13 { 14 } else { 0 };
                 assert_eq!(code, want, "threads {threads}, round {round}");
+            }
+        }
+    }
+
+    /// Units touched by `touch_units`, which yields now and then so that
+    /// threads fall behind one another.
+    unsafe extern "C" fn touch_units(
+        arena: *mut u8,
+        _ptrs: *const *const u8,
+        start: i64,
+        end: i64,
+    ) -> i64 {
+        // SAFETY: the test passes a live slice of AtomicU32 with at least
+        // `end` elements as the arena.
+        let counts = arena as *const AtomicU32;
+        for u in start..end {
+            // SAFETY: as above.
+            unsafe { (*counts.add(u as usize)).fetch_add(1, Ordering::SeqCst) };
+            if u % 5 == 0 {
+                std::thread::yield_now();
+            }
+        }
+        0
+    }
+
+    /// Many short steps with changing chunk counts, more threads than this
+    /// machine's cores: a worker that read a finished step's ticket must
+    /// not claim a chunk of the next one (`run_chunks` yields between the
+    /// two reads under test, which made the first version of this pool
+    /// run a chunk twice and then wait forever).
+    #[test]
+    fn late_workers_never_claim_a_chunk_of_the_next_step() {
+        for threads in [2, 3, 4] {
+            let mut pool = Pool::new(threads);
+            for round in 0..20_000usize {
+                let units = 1 + (round * 7919) % 13;
+                let counts: Vec<AtomicU32> = (0..units).map(|_| AtomicU32::new(0)).collect();
+                // SAFETY: the kernel touches only `counts[..units]`.
+                let code = unsafe {
+                    pool.run(
+                        touch_units,
+                        counts.as_ptr() as *mut u8,
+                        std::ptr::null(),
+                        units,
+                        1,
+                    )
+                };
+                assert_eq!(code, 0);
+                assert!(
+                    counts.iter().all(|c| c.load(Ordering::SeqCst) == 1),
+                    "threads {threads}, round {round}"
+                );
             }
         }
     }
