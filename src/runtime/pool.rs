@@ -63,7 +63,8 @@ const CLOSED: u64 = 0xFFFF_FFFF;
 
 struct Shared {
     /// Step number and next chunk (see `ticket`). A new step's job fields
-    /// are written before its ticket is published.
+    /// are written after the previous ticket is closed and before the new
+    /// one is published.
     ticket: AtomicU64,
     func: AtomicUsize,
     arena: AtomicUsize,
@@ -78,6 +79,8 @@ struct Shared {
     /// Workers asleep on `wake`; the caller asleep on `finished`.
     sleeping: AtomicUsize,
     caller_sleeping: AtomicUsize,
+    /// Whether the pool is shutting down; also the lock of both condition
+    /// variables.
     lock: Mutex<bool>,
     wake: Condvar,
     finished: Condvar,
