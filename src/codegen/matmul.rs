@@ -1023,6 +1023,11 @@ mod tests {
             check(Some(4), None, m, 260, 10);
             check(None, Some(2), m, 5, 13);
             check(Some(1), Some(3), m, 8, 9);
+            // Enough column panels for A packed as broadcasts, per batch
+            // and broadcast over B's batch.
+            let wide = A_BROADCAST_MIN_PANELS * TILE.nr() + 3;
+            check(Some(3), Some(3), m, 9, wide);
+            check(None, Some(2), m, 131, wide);
         }
     }
 
