@@ -331,6 +331,24 @@ mod tests {
         code
     }
 
+    /// Runs one step of `count_units` over `units` units in chunks of
+    /// `grain`: whether every unit ran exactly once, and the step's code.
+    fn counted_step(pool: &mut Pool, units: usize, grain: usize) -> (bool, i64) {
+        let counts: Vec<AtomicU32> = (0..units).map(|_| AtomicU32::new(0)).collect();
+        // SAFETY: the kernel touches only `counts[..units]`.
+        let code = unsafe {
+            pool.run(
+                count_units,
+                counts.as_ptr() as *mut u8,
+                std::ptr::null(),
+                units,
+                grain,
+            )
+        };
+        let once = counts.iter().all(|c| c.load(Ordering::SeqCst) == 1);
+        (once, code)
+    }
+
     /// Back-to-back steps (workers spinning) and steps after a pause
     /// (workers asleep) each run every unit exactly once and report the
     /// smallest error code, for 1 to 3 threads.
@@ -341,21 +359,11 @@ mod tests {
             for round in 0..400usize {
                 let units = 1 + (round * 37) % 300;
                 let grain = 1 + round % 7;
-                let counts: Vec<AtomicU32> = (0..units).map(|_| AtomicU32::new(0)).collect();
                 if round % 100 == 99 {
                     std::thread::sleep(SPIN * 3);
                 }
-                // SAFETY: the kernel touches only `counts[..units]`.
-                let code = unsafe {
-                    pool.run(
-                        count_units,
-                        counts.as_ptr() as *mut u8,
-                        std::ptr::null(),
-                        units,
-                        grain,
-                    )
-                };
-                assert!(counts.iter().all(|c| c.load(Ordering::SeqCst) == 1));
+                let (once, code) = counted_step(&mut pool, units, grain);
+                assert!(once);
                 let want = if units > 13 { 14 } else { 0 };
                 assert_eq!(code, want, "threads {threads}, round {round}");
             }
@@ -373,21 +381,8 @@ mod tests {
             let mut pool = Pool::new(threads);
             for round in 0..20_000usize {
                 let units = 1 + (round * 7919) % 13;
-                let counts: Vec<AtomicU32> = (0..units).map(|_| AtomicU32::new(0)).collect();
-                // SAFETY: the kernel touches only `counts[..units]`.
-                let code = unsafe {
-                    pool.run(
-                        count_units,
-                        counts.as_ptr() as *mut u8,
-                        std::ptr::null(),
-                        units,
-                        1,
-                    )
-                };
-                assert!(
-                    counts.iter().all(|c| c.load(Ordering::SeqCst) == 1),
-                    "threads {threads}, round {round}"
-                );
+                let (once, code) = counted_step(&mut pool, units, 1);
+                assert!(once, "threads {threads}, round {round}");
                 assert_eq!(code, 0);
             }
         }
