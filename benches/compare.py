@@ -8,7 +8,14 @@ the same sizes, see ../shared/bench/workloads/README.md), and prints one
 markdown table of the two with the ratio dlc/XLA (above 1: dlc is slower).
 
 Both sides run one after the other, never at the same time, with the same
-thread count. Columns:
+thread count, and with the same timing method: warm-up steps, then a median
+over a window of about 1.5 s (0.1 s with --quick), as anchors.py times XLA.
+The machine this was written on is a shared VM whose speed drifts by up to
+2x from minute to minute, for both sides alike; so the two sides alternate
+per workload (dlc, XLA, dlc, XLA, ... for --rounds rounds), each figure is
+the median over the rounds, and the ratio sets medians measured in the same
+minutes against each other. The spread of the per-round ratios is printed
+too. Columns:
   * compile: source to runnable, as `dlc bench` reports it (parsing,
     elaboration and, for the step it measures, autodiff, passes and code
     generation): for a model with a loss that is the training step, so it
@@ -29,7 +36,8 @@ then point the script at it with `--python .venv/bin/python` or
 Usage:
     python3 benches/compare.py [--python PY] [--dlc PATH] [--backend interp|jit]
                                [--threads 1|2] [--only mlp,gemm] [--quick]
-                               [--steps K] [--max-wait S] [--retries K] [--json OUT]
+                               [--steps K] [--rounds R] [--max-wait S] [--retries K]
+                               [--json OUT]
 
 Only the standard library is used; exit status 1 if any measurement failed.
 """
@@ -38,6 +46,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,8 +97,12 @@ def machine():
 
 def run_dlc(args, workload):
     name, file, dims, trainable = workload
+    # Warm-up and window as anchors.py's time_calls (5 runs, 1.5 s; 1 run,
+    # 0.1 s with --quick).
+    warmup, window = (1, 0.1) if args.quick else (5, 1.5)
     cmd = [args.dlc, "bench", os.path.join(args.workloads, file), "--json",
-           "--backend", args.backend, "--threads", str(args.threads), "--steps", str(args.steps)]
+           "--backend", args.backend, "--threads", str(args.threads), "--steps", str(args.steps),
+           "--warmup", str(warmup), "--min-time", str(window)]
     for k, v in dims.items():
         cmd += ["--dim", f"{k}={v}"]
     if trainable:
@@ -158,6 +171,39 @@ def ms_of(seconds):
     return None if seconds is None else seconds * 1e3
 
 
+def median_of(results, key):
+    """Median over the rounds of one figure, None if no round has it."""
+    vals = [r[key] for r in results if isinstance(r.get(key), (int, float))]
+    return statistics.median(vals) if vals else None
+
+
+def merged(results):
+    """One side's rounds of a workload as one result: the median of every
+    figure, an error only if no round succeeded."""
+    good = [r for r in results if "error" not in r]
+    if not good:
+        return results[-1] if results else {"error": "not run"}
+    out = {k: median_of(good, k) for k in good[0] if isinstance(good[0][k], (int, float))}
+    out["rounds"] = len(good)
+    return out
+
+
+def round_ratios(dlc_rounds, xla_rounds, dkey, xkey):
+    """dlc / XLA of each round in which both sides measured the figure."""
+    out = []
+    for d, x in zip(dlc_rounds, xla_rounds):
+        dv, xv = d.get(dkey), x.get(xkey)
+        if isinstance(dv, (int, float)) and isinstance(xv, (int, float)) and xv > 0:
+            out.append(dv / (xv * 1e3))
+    return out
+
+
+def spread(ratios):
+    if len(ratios) < 2:
+        return ""
+    return f" ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
 def table(rows):
     lines = [
         "| workload | dlc compile ms | XLA compile ms | ratio | dlc fwd ms | XLA fwd ms | ratio "
@@ -182,9 +228,11 @@ def table(rows):
         if r["flops"] and xf:
             xg = x.get("gflops") or r["flops"] / (xf * 1e-3) / 1e9
         name = r["name"] + (" (" + "; ".join(notes) + ")" if notes else "")
+        fwd_spread = spread(round_ratios(r["dlc_rounds"], r["xla_rounds"], "forward_ms", "fwd_s"))
+        train_spread = spread(round_ratios(r["dlc_rounds"], r["xla_rounds"], "train_step_ms", "train_s"))
         lines.append(
             f"| {name} | {fmt(dc, 1)} | {fmt(xc, 1)} | {ratio(dc, xc)} | {fmt(df)} | {fmt(xf)} | "
-            f"{ratio(df, xf)} | {fmt(dt)} | {fmt(xt)} | {ratio(dt, xt)} | "
+            f"{ratio(df, xf)}{fwd_spread} | {fmt(dt)} | {fmt(xt)} | {ratio(dt, xt)}{train_spread} | "
             f"{fmt(dg, 1) if dg else '—'} | {fmt(xg, 1) if xg else '—'} | {fmt(x.get('background_cores'))} |")
     return "\n".join(lines)
 
@@ -209,7 +257,10 @@ def main():
                     help="anchors.py --max-wait: seconds to wait for a quiet machine before each measurement")
     ap.add_argument("--retries", type=int, metavar="K",
                     help="anchors.py --retries: reruns of a measurement disturbed by other processes")
-    ap.add_argument("--steps", type=int, default=5, help="dlc bench --steps (timed steps after a warm-up)")
+    ap.add_argument("--steps", type=int, default=10,
+                    help="dlc bench --steps: timed steps at least (the window is 1.5 s, as anchors.py's)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternations dlc/XLA per workload; figures are medians over them (default 3)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per dlc run")
     ap.add_argument("--json", metavar="PATH", help="also write everything measured as JSON")
     args = ap.parse_args()
@@ -219,28 +270,41 @@ def main():
     if not os.path.isfile(args.anchors):
         sys.exit(f"compare.py: no anchors.py at {args.anchors}; pass --anchors")
 
+    if args.rounds < 1:
+        sys.exit("compare.py: --rounds must be at least 1")
     chosen = select(args.only)
     started = time.time()
-    dlc_results = {w[0]: run_dlc(args, w) for w in chosen}
-    xla_results, xla_raw = run_anchors(args, [w[0] for w in chosen])
-    xla_error = xla_raw.get("error") if isinstance(xla_raw, dict) else None
+    dlc_rounds = {w[0]: [] for w in chosen}
+    xla_rounds = {w[0]: [] for w in chosen}
+    xla_env = {}
+    for rnd in range(args.rounds):
+        for w in chosen:
+            name = w[0]
+            print(f"# round {rnd + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
+            dlc_rounds[name].append(run_dlc(args, w))
+            by_name, raw = run_anchors(args, [name])
+            xla_env = xla_env or (raw.get("environment", {}) if isinstance(raw, dict) else {})
+            xla_error = raw.get("error") if isinstance(raw, dict) else None
+            xla_rounds[name].append(by_name.get(name) or {"error": xla_error or "no result"})
 
     rows = []
     for name, _, dims, trainable in chosen:
         flops = 2.0 * dims["M"] * dims["K"] * dims["P"] if name.startswith("gemm") else None
-        x = xla_results.get(name) or {"error": xla_error or "no result"}
         rows.append({"name": name, "dims": dims, "flops": flops, "trainable": trainable,
-                     "dlc": dlc_results[name], "xla": x})
+                     "dlc": merged(dlc_rounds[name]), "xla": merged(xla_rounds[name]),
+                     "dlc_rounds": dlc_rounds[name], "xla_rounds": xla_rounds[name]})
 
     env = machine()
-    xla_env = xla_raw.get("environment", {}) if isinstance(xla_raw, dict) else {}
     out = table(rows)
     out += (f"\n\nmachine: {env['cpu_model']}, {env['cores']} cores ({env['machine']}, {env['system']}); "
             f"threads={args.threads} on both sides; dlc backend={args.backend}, "
-            f"{args.steps} timed steps; XLA: jax {xla_env.get('jax', '?')}"
+            f"{args.rounds} alternating rounds per workload, medians over them; "
+            f"dlc: at least {args.steps} timed steps and {'0.1' if args.quick else '1.5'} s; "
+            f"XLA: jax {xla_env.get('jax', '?')}"
             f"{', --quick timing windows' if args.quick else ''}; "
             f"whole run {time.time() - started:.0f} s.\n"
-            "ratio = dlc / XLA (above 1: dlc slower). compile: source to runnable training step "
+            "ratio = dlc / XLA (above 1: dlc slower) of the medians; in brackets the lowest "
+            "and highest ratio of a single round. compile: source to runnable training step "
             "(forward for gemm) on both sides. XLA bg load: CPU "
             "cores other processes used during the XLA measurement (anchors.py); above 0.1 "
             "its figures are likely inflated.")
@@ -249,7 +313,7 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"machine": env, "args": vars(args), "rows": rows, "xla_environment": xla_env,
                        "table_markdown": out}, f, indent=2)
-    failed = any("error" in r["dlc"] or "error" in r["xla"] for r in rows)
+    failed = any("error" in m for r in rows for m in r["dlc_rounds"] + r["xla_rounds"])
     sys.exit(1 if failed else 0)
 
 

@@ -263,6 +263,38 @@ fn bench_prints_the_json_contract() {
     assert!(plain.contains("median"), "{plain}");
 }
 
+/// The number in `… over N steps` of `dlc bench`'s forward line.
+fn forward_steps(out: &str) -> usize {
+    let line = out.lines().find(|l| l.starts_with("forward:")).unwrap();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    words[words.len() - 2].parse().unwrap()
+}
+
+#[test]
+fn bench_times_steps_for_at_least_min_time() {
+    let d = tempfile::tempdir().unwrap();
+    let src = file(d.path(), "clf.dl", CLF);
+    let args = |extra: &[&dyn AsRef<std::ffi::OsStr>]| {
+        let mut a: Vec<&dyn AsRef<std::ffi::OsStr>> =
+            vec![&"bench", &src, &"--dim", &"N=8", &"--steps", &"3"];
+        a.extend_from_slice(extra);
+        ok(&dlc(&a))
+    };
+    assert_eq!(forward_steps(&args(&[])), 3);
+    // A forward pass of this model takes microseconds: 0.2 s holds
+    // hundreds of them.
+    let started = Instant::now();
+    let timed = args(&[&"--min-time", &"0.2", &"--warmup", &"2"]);
+    assert!(started.elapsed().as_secs_f64() >= 0.2);
+    assert!(forward_steps(&timed) > 3, "{timed}");
+    let bad = dlc(&[&"bench", &src, &"--dim", &"N=8", &"--min-time=-1"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--min-time"),
+        "{bad:?}"
+    );
+}
+
 #[test]
 fn bench_and_run_profile_every_kernel() {
     let d = tempfile::tempdir().unwrap();

@@ -517,6 +517,14 @@ fn bench(a: BenchArgs) -> Result<(), Failure> {
     if a.steps == 0 {
         return fail("--steps must be at least 1");
     }
+    if !(a.min_time.is_finite() && (0.0..=3600.0).contains(&a.min_time)) {
+        return fail("--min-time must be a number of seconds between 0 and 3600");
+    }
+    let window = Window {
+        warmup: a.warmup,
+        steps: a.steps,
+        min_time: Duration::from_secs_f64(a.min_time),
+    };
     // Compile time is source to runnable: parsing, elaboration, and for the
     // measured step autodiff, passes and JIT code generation.
     let started = Instant::now();
@@ -537,9 +545,9 @@ fn bench(a: BenchArgs) -> Result<(), Failure> {
     let compile_ms = ms(started.elapsed());
     show_warnings(&model);
     let inputs = api::random_inputs(&model, a.seed);
-    let forward = time_steps(a.steps, || session.run(&inputs).map(|_| ()))?;
+    let forward = time_steps(&window, || session.run(&inputs).map(|_| ()))?;
     let train = if a.train {
-        Some(time_steps(a.steps, || {
+        Some(time_steps(&window, || {
             session.train_step(&inputs).map(|_| ())
         })?)
     } else {
@@ -632,14 +640,28 @@ impl std::fmt::Display for Timing {
     }
 }
 
-/// One warm-up step, then `steps` timed ones.
-fn time_steps(
+/// How `dlc bench` times a step.
+struct Window {
+    /// Untimed steps first.
+    warmup: usize,
+    /// Timed steps, at least.
     steps: usize,
+    /// And timed steps until this much time has passed.
+    min_time: Duration,
+}
+
+/// `window.warmup` untimed steps, then timed ones until both `steps` and
+/// `min_time` are reached.
+fn time_steps(
+    window: &Window,
     mut step: impl FnMut() -> Result<(), api::Error>,
 ) -> Result<Timing, Failure> {
-    step()?;
-    let mut times = Vec::with_capacity(steps);
-    for _ in 0..steps {
+    for _ in 0..window.warmup {
+        step()?;
+    }
+    let mut times = Vec::with_capacity(window.steps);
+    let started = Instant::now();
+    while times.len() < window.steps || started.elapsed() < window.min_time {
         let t = Instant::now();
         step()?;
         times.push(ms(t.elapsed()));
@@ -649,6 +671,6 @@ fn time_steps(
         median: times[times.len() / 2],
         min: times[0],
         max: times[times.len() - 1],
-        steps,
+        steps: times.len(),
     })
 }

@@ -161,9 +161,17 @@ pub struct BenchArgs {
     /// --train), slowest first, over --steps runs.
     #[arg(long)]
     pub profile: bool,
-    /// Timed steps after the warm-up.
+    /// Timed steps after the warm-up (at least; see --min-time).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// Untimed steps before timing starts.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Keep timing steps until this many seconds have passed (as
+    /// anchors.py's 1.5 s windows): a median of a few milliseconds of steps
+    /// shows one moment of a shared machine, not its steady state.
+    #[arg(long, default_value_t = 0.0, value_name = "SECONDS")]
+    pub min_time: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// SGD learning rate of the timed training step (overrides the model's
