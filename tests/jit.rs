@@ -1330,3 +1330,122 @@ fn a_chain_over_two_products_fuses_one() {
     ops.sort();
     assert_eq!(ops, ["matmul", "matmul+epilogue"]);
 }
+
+/// Layer norm and a gradient shaped like its autodiff (per-row sums of
+/// products, `expand`s of per-row values, a `[d]` gain, a scalar epsilon)
+/// compute as row programs: every op on the rows in one kernel, intermediate
+/// rows kept on the stack or re-read from a result. Widths with and without
+/// a rest of single columns, row counts with and without a rest of single
+/// rows, two leading dims, and intermediates read outside the group (a
+/// named output, a per-row statistic, a column sum after the group).
+#[test]
+fn row_programs_match_interpreter() {
+    let mut rng = Rng(43);
+    for shape in [
+        vec![5usize, 37],
+        vec![2, 3, 64],
+        vec![9, 8],
+        vec![1, 13],
+        vec![17, 20],
+        vec![12, 12],
+    ] {
+        let r = shape.len() - 1;
+        let d = shape[r];
+        let mut keep = shape.clone();
+        keep[r] = 1;
+        let mut c = Case::new();
+        let x = c.input("x", rand_f32(&mut rng, &shape, 2.0));
+        let dy = c.input("dy", rand_f32(&mut rng, &shape, 1.0));
+        let gamma = c.input("gamma", rand_f32(&mut rng, &[d], 1.0));
+        let eps = c.input("eps", Tensor::scalar(1e-5));
+        let mean = |c: &mut Case, v: Value| {
+            c.op(
+                Op::Reduce {
+                    op: ReduceOp::Mean,
+                    axes: vec![r],
+                    keepdims: true,
+                },
+                &[v],
+            )
+        };
+        let bin = |c: &mut Case, op: BinaryOp, a: Value, b: Value| c.op(Op::Binary(op), &[a, b]);
+        // Forward.
+        let m = mean(&mut c, x);
+        let xc = bin(&mut c, BinaryOp::Sub, x, m);
+        let sq = bin(&mut c, BinaryOp::Mul, xc, xc);
+        let var = mean(&mut c, sq);
+        let ve = bin(&mut c, BinaryOp::Add, var, eps);
+        let sd = c.op(Op::Unary(UnaryOp::Sqrt), &[ve]);
+        let xhat = bin(&mut c, BinaryOp::Div, xc, sd);
+        let mut y = bin(&mut c, BinaryOp::Mul, xhat, gamma);
+        if shape == [12, 12] {
+            // A `[rows]` mean added to the rows broadcasts along the
+            // columns (as a `[d]` operand), not along the rows.
+            let flat = c.op(
+                Op::Reduce {
+                    op: ReduceOp::Mean,
+                    axes: vec![r],
+                    keepdims: false,
+                },
+                &[x],
+            );
+            y = bin(&mut c, BinaryOp::Add, y, flat);
+        }
+        c.out("y", y);
+        c.out("sd", sd);
+        // Backward: dx = (g - expand(mean(g)) - xhat·expand(mean(g·xhat))) / sd.
+        let g = bin(&mut c, BinaryOp::Mul, dy, gamma);
+        let gx = bin(&mut c, BinaryOp::Mul, g, xhat);
+        let s1 = c.op(
+            Op::Reduce {
+                op: ReduceOp::Sum,
+                axes: vec![r],
+                keepdims: true,
+            },
+            &[gx],
+        );
+        let dv = c.input("d", Tensor::scalar(d as f32));
+        let a1 = bin(&mut c, BinaryOp::Div, s1, dv);
+        let e1 = c.op(
+            Op::Expand {
+                shape: shape.clone(),
+            },
+            &[a1],
+        );
+        let t1 = bin(&mut c, BinaryOp::Mul, e1, xhat);
+        let mg = mean(&mut c, g);
+        let e2 = c.op(
+            Op::Expand {
+                shape: shape.clone(),
+            },
+            &[mg],
+        );
+        let u = bin(&mut c, BinaryOp::Sub, g, e2);
+        let u = bin(&mut c, BinaryOp::Sub, u, t1);
+        let dx = bin(&mut c, BinaryOp::Div, u, sd);
+        let dx = c.op(Op::Unary(UnaryOp::Neg), &[dx]);
+        c.out("dx", dx);
+        // Read after the group: a sum over the rows.
+        let cols = c.op(
+            Op::Reduce {
+                op: ReduceOp::Sum,
+                axes: (0..r).collect(),
+                keepdims: false,
+            },
+            &[gx],
+        );
+        c.out("cols", cols);
+        c.check_tol(1e-5, 1e-5);
+        let model = codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
+        let ops: Vec<&str> = model.kernel_nodes().into_iter().map(|(_, op)| op).collect();
+        if shape == [12, 12] {
+            // The gain `[12]` and the `[12]` mean read along the columns
+            // stay out of the groups; the rest still forms row kernels.
+            assert!(ops.contains(&"rows"), "{ops:?}");
+        } else {
+            // The forward and the gradient: one row kernel (the gradient
+            // reads only the forward's rows), plus the column sum.
+            assert_eq!(ops, ["rows", "sum"], "{shape:?}");
+        }
+    }
+}

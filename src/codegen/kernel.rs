@@ -234,6 +234,8 @@ pub enum Step {
     /// A whole recurrent time loop (LSTM/GRU, forward or backward).
     Rnn(RnnSeq),
     RnnPack(RnnPack),
+    /// The ops on the rows of a last-axis reduction, one row at a time.
+    Rows(super::rows::RowProgram),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -270,6 +272,7 @@ impl Step {
             Step::Attention(s) => s.units(),
             Step::Rnn(s) => s.units(),
             Step::RnnPack(s) => s.units(),
+            Step::Rows(s) => s.units(),
         }
     }
 
@@ -302,6 +305,7 @@ impl Step {
             Step::Attention(s) => s.unit_cost(),
             Step::Rnn(s) => s.unit_cost(),
             Step::RnnPack(s) => s.unit_cost(),
+            Step::Rows(s) => s.unit_cost(),
         }
     }
 
@@ -342,6 +346,7 @@ impl Step {
             Step::Attention(s) => s.emit(kb),
             Step::Rnn(s) => s.emit(kb),
             Step::RnnPack(s) => s.emit(kb),
+            Step::Rows(s) => s.emit(kb),
         }
     }
 }

@@ -55,6 +55,9 @@ pub struct Sharing {
     /// for the gradient node it maps to, which then reads them and the
     /// forward's hidden states instead of running the forward again.
     pub saved: HashMap<NodeIndex, (NodeIndex, usize)>,
+    /// Row groups by root: the root's kernel computes every member (each
+    /// also in `merged` or, when read outside the group, `co_computed`).
+    pub rows: HashMap<NodeIndex, super::rows::RowGroup>,
 }
 
 impl Sharing {

@@ -25,6 +25,7 @@ pub mod matmul;
 pub mod plan;
 pub mod reduce;
 pub mod rnn;
+pub mod rows;
 pub mod transpose;
 
 pub use crate::runtime::{JitModel, RuntimeError};
@@ -204,6 +205,7 @@ fn elementwise_chains(
     g: &Graph,
     order: &[NodeIndex],
     interpret: &[&str],
+    in_rows: &std::collections::HashSet<NodeIndex>,
 ) -> HashMap<NodeIndex, NodeIndex> {
     const MAX_OPS: usize = 8;
     let fusable = |n: NodeIndex| {
@@ -212,6 +214,7 @@ fn elementwise_chains(
             && node.outputs.len() == 1
             && node.outputs[0].dtype == crate::tensor::DType::F32
             && !interpret.contains(&node.op.name())
+            && !in_rows.contains(&n)
     };
     let named: std::collections::HashSet<NodeIndex> =
         g.outputs.iter().map(|o| o.value.node).collect();
@@ -350,6 +353,7 @@ fn matmul_epilogues(
     order: &[NodeIndex],
     chains: &HashMap<NodeIndex, NodeIndex>,
     interpret: &[&str],
+    in_rows: &std::collections::HashSet<NodeIndex>,
 ) -> HashMap<NodeIndex, NodeIndex> {
     let named: std::collections::HashSet<NodeIndex> =
         g.outputs.iter().map(|o| o.value.node).collect();
@@ -359,6 +363,7 @@ fn matmul_epilogues(
             && node.outputs.len() == 1
             && node.outputs[0].dtype == crate::tensor::DType::F32
             && !interpret.contains(&node.op.name())
+            && !in_rows.contains(&n)
     };
     let mut out = HashMap::new();
     for &mm in order {
@@ -479,6 +484,12 @@ fn lower_kernel(
     sharing: &liveness::Sharing,
     plan: Option<&MemoryPlan>,
 ) -> Option<lower::Lowered> {
+    if let Some(group) = sharing.rows.get(&n) {
+        return Some(lower::Lowered {
+            steps: vec![Step::Rows(rows::program(g, group, locs)?)],
+            scratch_bytes: 0,
+        });
+    }
     if let Some((prog, inputs)) = chain_program(g, n, &sharing.merged) {
         let product = inputs
             .iter()
@@ -703,15 +714,36 @@ fn prepare(
                 sharing.transposed.insert(t);
             }
         }
-        sharing.merged = elementwise_chains(g, &order, interpret);
+        let groups = rows::row_groups(g, &order, interpret);
+        let in_rows: std::collections::HashSet<NodeIndex> = groups
+            .iter()
+            .flat_map(|gr| gr.members.iter().copied())
+            .collect();
+        sharing.merged = elementwise_chains(g, &order, interpret, &in_rows);
         if !interpret.contains(&"matmul") {
-            let epilogues = matmul_epilogues(g, &order, &sharing.merged, interpret);
+            let epilogues = matmul_epilogues(g, &order, &sharing.merged, interpret, &in_rows);
             sharing.merged.extend(epilogues);
         }
         if !interpret.contains(&"cross_entropy") && !interpret.contains(&"cross_entropy_grad") {
             sharing.co_computed = losses_with_gradients(g, &order);
         }
         sharing.saved = recurrences_with_gradients(g, &order, interpret);
+        // A row group's root computes every member: those read outside
+        // the group are written there too, the others have no buffer.
+        let named: std::collections::HashSet<Value> = g.outputs.iter().map(|o| o.value).collect();
+        for gr in groups {
+            let root = gr.root();
+            for &m in &gr.members[..gr.members.len() - 1] {
+                let escapes = named.contains(&Value::new(m))
+                    || g.users(m).iter().any(|u| !gr.members.contains(u));
+                if escapes {
+                    sharing.co_computed.insert(m, root);
+                } else {
+                    sharing.merged.insert(m, root);
+                }
+            }
+            sharing.rows.insert(root, gr);
+        }
     }
     // Scratch sizes come from a trial lowering; they do not depend on where
     // buffers are.
@@ -846,10 +878,14 @@ fn compile_inner(
         // An elementwise chain computed in its matmul's epilogue.
         let epilogue = matches!(k, Planned::Jit(steps)
             if steps.iter().any(|s| matches!(s, Step::Matmul(m, _) if m.epilogue.is_some())));
+        let row_program = matches!(k, Planned::Jit(steps)
+            if steps.iter().any(|s| matches!(s, Step::Rows(_))));
         execs.push(ExecKernel {
             node: n.index(),
             op: if epilogue {
                 "matmul+epilogue"
+            } else if row_program {
+                "rows"
             } else {
                 node.op.name()
             },
@@ -1046,6 +1082,9 @@ fn opt_level(step: &Step) -> OptLevel {
             OptLevel::Quick
         }
         Step::Rnn(_) => OptLevel::Quick, // its tiles keep accumulators in place (rnn::chunk)
+        // The optimiser would move each row's statistics (a horizontal sum,
+        // a square root, their splats) from before a pass into its loop.
+        Step::Rows(_) => OptLevel::Quick,
         _ => OptLevel::Speed,
     }
 }
