@@ -340,7 +340,15 @@ fn a_label_out_of_range_is_the_interpreters_error() {
 #[test]
 fn layout_ops_match_interpreter() {
     let mut rng = Rng(7);
-    for shape in [&[2usize, 3, 5][..], &[1, 7, 1], &[4, 1, 6]] {
+    // Short rows copy as straight-line moves (whole vectors and single
+    // lanes), rows beyond 64 floats in a loop.
+    for shape in [
+        &[2usize, 3, 5][..],
+        &[1, 7, 1],
+        &[4, 1, 6],
+        &[2, 9, 37],
+        &[3, 2, 70],
+    ] {
         let n = shape.len();
         let ops = vec![
             Op::Transpose {

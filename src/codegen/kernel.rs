@@ -282,7 +282,7 @@ impl Step {
             Step::Fill(_) => FILL_BLOCK,
             Step::Copy(c) => match super::transpose::transposed_slab(c) {
                 Some((_, cols, _)) => 4 * cols,
-                None => *c.dims.last().unwrap_or(&1),
+                None => *c.dims.last().unwrap_or(&1) + COPY_ROW_COST,
             },
             Step::Elementwise(e) => {
                 let per_element: usize = e
@@ -390,6 +390,13 @@ fn row_offsets(kb: &mut Kb, row: Value, dims: &[usize], views: &[&View]) -> Vec<
         .collect()
 }
 
+/// Longest contiguous row a copy moves without a loop.
+const COPY_UNROLL_MAX: usize = 64;
+
+/// Element operations a copied row costs beyond its elements: finding the
+/// row's source and destination from its index.
+const COPY_ROW_COST: usize = 16;
+
 fn emit_copy(kb: &mut Kb, c: &Copy) {
     let sbase = kb.base(c.src.loc);
     let dbase = kb.base(c.dst.loc);
@@ -404,7 +411,18 @@ fn emit_copy(kb: &mut Kb, c: &Copy) {
         let d0 = k.addr(dbase, offs[1], 4);
         let zero = k.iconst(0);
         let n = k.iconst(inner as i64);
-        if ss == 1 && ds == 1 {
+        if ss == 1 && ds == 1 && inner <= COPY_UNROLL_MAX {
+            // Short rows (an attention head's features) as straight-line
+            // moves: a loop would cost more than its few vectors.
+            for i in 0..inner / 4 {
+                let v = k.load_v(s0, 16 * i as i32);
+                k.b.ins().store(super::emit::flags(), v, d0, 16 * i as i32);
+            }
+            for i in inner / 4 * 4..inner {
+                let v = k.load_i(s0, 4 * i as i32);
+                k.b.ins().store(super::emit::flags(), v, d0, 4 * i as i32);
+            }
+        } else if ss == 1 && ds == 1 {
             k.for_vec_tail(
                 zero,
                 n,
