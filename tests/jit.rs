@@ -1317,6 +1317,82 @@ fn elementwise_chains_run_in_the_matmul_epilogue() {
     }
 }
 
+/// The weight update after a momentum epilogue (`p − lr·v'` with
+/// `v' = μ·v + g`, the product being `g`) runs in the same kernel and is
+/// stored from there: one kernel, the interpreter's values, and the bits of
+/// the separate kernels that a second reader of the product forces. Edge
+/// rows and columns, several k blocks and column chunks, a batch, and a
+/// follower that also reads a `[n]` row.
+#[test]
+fn a_weight_update_runs_after_the_momentum_in_the_matmul_epilogue() {
+    let mut rng = Rng(33);
+    let cases: &[(&[usize], &[usize], bool)] = &[
+        (&[13, 37], &[37, 21], false),
+        (&[64, 300], &[300, 300], true),
+        (&[3, 9, 5], &[5, 6], false),
+    ];
+    for &(a_shape, w_shape, with_row) in cases {
+        let (ta, tw) = (
+            rand_f32(&mut rng, a_shape, 1.0),
+            rand_f32(&mut rng, w_shape, 1.0),
+        );
+        let mut c_shape = a_shape[..a_shape.len() - 1].to_vec();
+        c_shape.push(w_shape[1]);
+        let (tv, tp) = (
+            rand_f32(&mut rng, &c_shape, 1.0),
+            rand_f32(&mut rng, &c_shape, 1.0),
+        );
+        let trow = rand_f32(&mut rng, &w_shape[1..], 1.0);
+        let build = |keep_product: bool| {
+            let mut c = Case::new();
+            let a = c.input("a", ta.clone());
+            let w = c.input("w", tw.clone());
+            let v = c.input("v", tv.clone());
+            let p = c.input("p", tp.clone());
+            let mu = c.input("mu", Tensor::scalar(0.9));
+            let lr = c.input("lr", Tensor::scalar(0.01));
+            let bin =
+                |c: &mut Case, op: BinaryOp, x: Value, y: Value| c.op(Op::Binary(op), &[x, y]);
+            let g = c.op(Op::MatMul, &[a, w]);
+            let mv = bin(&mut c, BinaryOp::Mul, mu, v);
+            let v2 = bin(&mut c, BinaryOp::Add, mv, g);
+            let step = bin(&mut c, BinaryOp::Mul, lr, v2);
+            let base = if with_row {
+                let row = c.input("row", trow.clone());
+                bin(&mut c, BinaryOp::Add, p, row)
+            } else {
+                p
+            };
+            let p2 = bin(&mut c, BinaryOp::Sub, base, step);
+            c.out("v", v2);
+            c.out("p", p2);
+            if keep_product {
+                c.out("g", g);
+            }
+            c
+        };
+        let what = format!("{a_shape:?} @ {w_shape:?}");
+        let fused = build(false);
+        fused.check_tol(1e-5, 1e-5);
+        let labels = |c: &Case| -> Vec<&'static str> {
+            let m = codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
+            m.kernel_nodes().into_iter().map(|(_, op)| op).collect()
+        };
+        assert_eq!(labels(&fused), ["matmul+epilogue"], "{what}");
+        let split = build(true);
+        assert_eq!(labels(&split).first(), Some(&"matmul"), "{what}");
+        let run = |c: &Case| {
+            let m = codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
+            let out = m.run(&c.feeds).expect("runs");
+            ["v", "p"].map(|k| {
+                let t = out[k].as_f32().expect("f32").to_vec();
+                t.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+            })
+        };
+        assert_eq!(run(&fused), run(&split), "{what}: bits");
+    }
+}
+
 /// A chain reading two products computes one in its epilogue and reads the
 /// other from that matmul's own kernel (a weight used twice sums two
 /// gradient products).

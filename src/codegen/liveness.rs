@@ -58,6 +58,9 @@ pub struct Sharing {
     /// Row groups by root: the root's kernel computes every member (each
     /// also in `merged` or, when read outside the group, `co_computed`).
     pub rows: HashMap<NodeIndex, super::rows::RowGroup>,
+    /// A matmul epilogue's root and the elementwise node (with its chain)
+    /// its kernel computes next (`co_computed` with that root too).
+    pub follows: HashMap<NodeIndex, NodeIndex>,
 }
 
 impl Sharing {
@@ -86,7 +89,9 @@ pub fn plan(
     } = sharing;
     let mut position: HashMap<NodeIndex, usize> =
         kernels.iter().enumerate().map(|(i, n)| (*n, i)).collect();
-    for (member, root) in merged.iter().chain(co_computed) {
+    // Co-computed nodes first: a chain may be merged into one (an epilogue
+    // follower), and then takes the position it gets here.
+    for (member, root) in co_computed.iter().chain(merged) {
         if let Some(&at) = position.get(root) {
             position.insert(*member, at);
         }

@@ -125,6 +125,19 @@ pub struct Matmul {
 pub struct Epilogue {
     pub prog: Vec<EwInstr>,
     pub ins: Vec<EpilogueInput>,
+    /// A second program over the first one's result, stored to a buffer
+    /// of its own (an optimizer's `w − lr·v` after its momentum `v`), so
+    /// that the result is not read back by a kernel of its own.
+    pub then: Option<Box<Follow>>,
+}
+
+/// The second program of an [`Epilogue`]: its `Product` operand is the
+/// first program's result; `out` is contiguous, shaped like C.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Follow {
+    pub prog: Vec<EwInstr>,
+    pub ins: Vec<EpilogueInput>,
+    pub out: Loc,
 }
 
 /// How an epilogue operand is indexed at C's element `(batch…, i, j)`.
@@ -481,6 +494,24 @@ impl Matmul {
                 .collect(),
             None => Vec::new(),
         };
+        // The follow-up program's operand bases and its result's base.
+        let follow_bases: Option<(Vec<Value>, Value)> = self
+            .epilogue
+            .as_ref()
+            .and_then(|ep| ep.then.as_ref())
+            .map(|f| {
+                let bases = f
+                    .ins
+                    .iter()
+                    .map(|i| match *i {
+                        EpilogueInput::Product => c_base,
+                        EpilogueInput::Full(l)
+                        | EpilogueInput::Row(l)
+                        | EpilogueInput::Scalar(l) => kb.base(l),
+                    })
+                    .collect();
+                (bases, kb.base(f.out))
+            });
         let (start, end) = (kb.start, kb.end);
         let nkb = kdim.div_ceil(t.kc);
         // Blocks of equal depth (rounded up to whole unrolled iterations):
@@ -537,18 +568,32 @@ impl Matmul {
                 let epilogue = self.epilogue.as_ref().map(|ep| {
                     let c_index = k.b.ins().isub(ptr, c_base);
                     let c_index = k.b.ins().iadd_imm_s(c_index, -(self.c_off as i64) * 4);
-                    let ptrs = ep
-                        .ins
-                        .iter()
-                        .zip(&ep_bases)
-                        .map(|(i, &base)| match i {
-                            EpilogueInput::Product => ptr,
-                            EpilogueInput::Full(_) => k.b.ins().iadd(base, c_index),
-                            EpilogueInput::Row(_) => k.addr(base, jp, (nr * 4) as i64),
-                            EpilogueInput::Scalar(_) => base,
-                        })
-                        .collect();
-                    (ep, ptrs, last)
+                    let at = |k: &mut Kb, ins: &[EpilogueInput], bases: &[Value]| {
+                        ins.iter()
+                            .zip(bases)
+                            .map(|(i, &base)| match i {
+                                EpilogueInput::Product => ptr,
+                                EpilogueInput::Full(_) => k.b.ins().iadd(base, c_index),
+                                EpilogueInput::Row(_) => k.addr(base, jp, (nr * 4) as i64),
+                                EpilogueInput::Scalar(_) => base,
+                            })
+                            .collect::<Vec<Value>>()
+                    };
+                    let ptrs = at(k, &ep.ins, &ep_bases);
+                    let follow =
+                        ep.then
+                            .as_ref()
+                            .zip(follow_bases.as_ref())
+                            .map(|(f, (bases, out))| {
+                                let ptrs = at(k, &f.ins, bases);
+                                (&**f, ptrs, k.b.ins().iadd(*out, c_index))
+                            });
+                    TileEpilogue {
+                        ep,
+                        ptrs,
+                        last,
+                        follow,
+                    }
                 });
                 CTile {
                     ptr,
@@ -690,9 +735,19 @@ struct CTile<'a> {
     rows: usize,
     /// Valid columns of the tile's last panel.
     cols: usize,
-    /// The epilogue, its operands' addresses at the tile's first element,
-    /// and whether this is the last k block (after which it runs).
-    epilogue: Option<(&'a Epilogue, Vec<Value>, Value)>,
+    epilogue: Option<TileEpilogue<'a>>,
+}
+
+/// An epilogue at one C tile.
+struct TileEpilogue<'a> {
+    ep: &'a Epilogue,
+    /// Its operands' addresses at the tile's first element.
+    ptrs: Vec<Value>,
+    /// Whether this is the last k block (after which it runs).
+    last: Value,
+    /// The follow-up program, its operands' addresses and its result's
+    /// address at the tile's first element.
+    follow: Option<(&'a Follow, Vec<Value>, Value)>,
 }
 
 /// `C[rows × panels·nr] (=|+=) A[rows, 0..kc] · B[0..kc, panels]` over
@@ -825,7 +880,13 @@ fn micro_kernel(
         };
         k.for_range(zero, tail, 1, |k, _| step(k, 1));
     }
-    if let Some((ep, ptrs, last)) = epilogue {
+    if let Some(TileEpilogue {
+        ep,
+        ptrs,
+        last,
+        follow,
+    }) = epilogue
+    {
         k.if_then(last, |k| {
             // A vector at byte offset `off` of `p`, lane by lane at C's
             // narrow right edge (operands are not padded).
@@ -873,6 +934,27 @@ fn micro_kernel(
                         .collect();
                     if let Some(&y) = eval_program(k, &ep.prog, &args, false).first() {
                         k.b.def_var(acc[i], y);
+                        if let Some((f, fptrs, out)) = &follow {
+                            let args: Vec<Vec<Value>> = f
+                                .ins
+                                .iter()
+                                .zip(fptrs)
+                                .map(|(inp, &p)| {
+                                    vec![match inp {
+                                        EpilogueInput::Product => y,
+                                        EpilogueInput::Scalar(_) => {
+                                            let s = k.load_f(p, 0);
+                                            k.b.ins().splat(F32X4, s)
+                                        }
+                                        EpilogueInput::Row(_) => load(k, p, col, *vc),
+                                        EpilogueInput::Full(_) => load(k, p, c_off(r, *vc), *vc),
+                                    }]
+                                })
+                                .collect();
+                            if let Some(&z) = eval_program(k, &f.prog, &args, false).first() {
+                                store_lanes(k, z, *out, c_off(r, *vc), lanes(*vc));
+                            }
+                        }
                     }
                 }
             }
@@ -882,14 +964,20 @@ fn micro_kernel(
         for (vc, var) in vcols.iter().zip(acc) {
             let off = c_off(r, *vc);
             let v = k.b.use_var(*var);
-            if lanes(*vc) == 4 {
-                k.b.ins().store(flags(), v, c, off);
-            } else {
-                for l in 0..lanes(*vc) {
-                    let s = k.b.ins().extractlane(v, l as u8);
-                    k.store_f(s, c, off + (l * 4) as i32);
-                }
-            }
+            store_lanes(k, v, c, off, lanes(*vc));
+        }
+    }
+}
+
+/// Store the first `n` lanes of `v` at byte offset `off` of `p`: the
+/// whole vector when `n` is 4, else lane by lane (C's narrow right edge).
+fn store_lanes(k: &mut Kb, v: Value, p: Value, off: i32, n: usize) {
+    if n == 4 {
+        k.b.ins().store(flags(), v, p, off);
+    } else {
+        for l in 0..n {
+            let s = k.b.ins().extractlane(v, l as u8);
+            k.store_f(s, p, off + (l * 4) as i32);
         }
     }
 }

@@ -256,10 +256,20 @@ fn chain_program(
     root: NodeIndex,
     merged: &HashMap<NodeIndex, NodeIndex>,
 ) -> Option<(Vec<kernel::EwInstr>, Vec<Value>)> {
-    use kernel::{EwArg, EwInstr, EwOp};
     if !merged.values().any(|r| *r == root) {
         return None;
     }
+    program_of(g, root, merged)
+}
+
+/// The program of `root` and the chain merged into it (`root` alone when
+/// nothing is), and the values it reads.
+fn program_of(
+    g: &Graph,
+    root: NodeIndex,
+    merged: &HashMap<NodeIndex, NodeIndex>,
+) -> Option<(Vec<kernel::EwInstr>, Vec<Value>)> {
+    use kernel::{EwArg, EwInstr, EwOp};
     struct Build<'a> {
         g: &'a Graph,
         root: NodeIndex,
@@ -420,6 +430,93 @@ fn matmul_epilogues(
     out
 }
 
+/// Elementwise kernels computed after a matmul epilogue in the same
+/// kernel: a chain (or op) of the epilogue's shape that reads the
+/// epilogue's result, and otherwise only feeds or values of kernels that
+/// run before the matmul, shaped like C, `[n]` or one value (an optimizer's
+/// `w − lr·v` after its momentum `v = μ·v + g`). Maps each epilogue root
+/// to its follower; at most one each.
+fn epilogue_follows(
+    g: &Graph,
+    order: &[NodeIndex],
+    sharing: &liveness::Sharing,
+    interpret: &[&str],
+    in_rows: &std::collections::HashSet<NodeIndex>,
+) -> HashMap<NodeIndex, NodeIndex> {
+    let pos: HashMap<NodeIndex, usize> = order.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    // The position of the kernel that writes `v` (feeds: before all).
+    let written_at = |v: Value| -> Option<usize> {
+        let owner = sharing.aliases.get(&v).copied().unwrap_or(v);
+        if leaf_kind(&g.node(owner.node).op).is_some() {
+            return Some(0);
+        }
+        if sharing.merged.contains_key(&owner.node) {
+            return None; // never stored
+        }
+        let k = sharing
+            .co_computed
+            .get(&owner.node)
+            .copied()
+            .unwrap_or(owner.node);
+        pos.get(&k).map(|p| p + 1)
+    };
+    let mut roots: Vec<NodeIndex> = sharing
+        .merged
+        .iter()
+        .filter(|(m, _)| matches!(g.node(**m).op, Op::MatMul))
+        .map(|(_, r)| *r)
+        .collect();
+    roots.sort_by_key(|r| pos.get(r).copied().unwrap_or(usize::MAX));
+    let mut out = HashMap::new();
+    let mut taken = std::collections::HashSet::new();
+    for r in roots {
+        let Some(&at) = pos.get(&r) else { continue };
+        let shape = &g.ty(Value::new(r)).shape;
+        let n = shape.last().copied().unwrap_or(1);
+        // Each reader's chain root (the reader itself when unchained).
+        let mut readers: Vec<NodeIndex> = g
+            .users(r)
+            .into_iter()
+            .map(|u| sharing.merged.get(&u).copied().unwrap_or(u))
+            .collect();
+        readers.sort_by_key(|f| pos.get(f).copied().unwrap_or(usize::MAX));
+        readers.dedup();
+        for f in readers {
+            let node = g.node(f);
+            let fits = matches!(node.op, Op::Unary(_) | Op::Binary(_))
+                && node.outputs.len() == 1
+                && node.outputs[0].dtype == crate::tensor::DType::F32
+                && node.outputs[0].shape == *shape
+                && !interpret.contains(&node.op.name())
+                && !in_rows.contains(&f)
+                && !sharing.absorbed(f)
+                && !taken.contains(&f)
+                && !sharing
+                    .merged
+                    .iter()
+                    .any(|(m, rt)| *rt == f && matches!(g.node(*m).op, Op::MatMul));
+            if !fits {
+                continue;
+            }
+            let Some((_, inputs)) = program_of(g, f, &sharing.merged) else {
+                continue;
+            };
+            let reads_ok = inputs.iter().all(|v| {
+                let s = &g.ty(*v).shape;
+                *v == Value::new(r)
+                    || ((s == shape || *s == [n] || crate::tensor::numel(s) == 1)
+                        && written_at(*v).is_some_and(|w| w <= at))
+            });
+            if reads_ok && inputs.contains(&Value::new(r)) {
+                out.insert(r, f);
+                taken.insert(f);
+                break;
+            }
+        }
+    }
+    out
+}
+
 /// The kernel of a chain root whose chain reads the matmul `product`
 /// merged into it (see `matmul_epilogues`): the matmul writing the root's
 /// result, with the chain program over `inputs` as its epilogue.
@@ -461,7 +558,34 @@ fn lower_matmul_epilogue(
             .is_some_and(|v| sharing.transposed.contains(v))
     });
     let mut l = lower::matmul(&refs(&mm_ins), &(out.0, &out.1), scratch, flags)?;
-    let epilogue = matmul::Epilogue { prog, ins };
+    let epilogue_input = |v: &Value, product: Value| {
+        let loc = locs.get(v).copied().unwrap_or(Loc::Arena(0));
+        let s = &g.ty(*v).shape;
+        if *v == product {
+            Some(EpilogueInput::Product)
+        } else if *s == out.1.shape {
+            Some(EpilogueInput::Full(loc))
+        } else if *s == [n] {
+            Some(EpilogueInput::Row(loc))
+        } else if crate::tensor::numel(s) == 1 {
+            Some(EpilogueInput::Scalar(loc))
+        } else {
+            None
+        }
+    };
+    let then = match sharing.follows.get(&root) {
+        Some(&f) => {
+            let (prog, inputs) = program_of(g, f, &sharing.merged)?;
+            let ins = inputs
+                .iter()
+                .map(|v| epilogue_input(v, Value::new(root)))
+                .collect::<Option<Vec<_>>>()?;
+            let out = locs.get(&Value::new(f)).copied().unwrap_or(Loc::Arena(0));
+            Some(Box::new(matmul::Follow { prog, ins, out }))
+        }
+        None => None,
+    };
+    let epilogue = matmul::Epilogue { prog, ins, then };
     for step in &mut l.steps {
         match step {
             Step::Matmul(mm, _) => mm.epilogue = Some(epilogue.clone()),
@@ -728,6 +852,12 @@ fn prepare(
             sharing.co_computed = losses_with_gradients(g, &order);
         }
         sharing.saved = recurrences_with_gradients(g, &order, interpret);
+        if !interpret.contains(&"matmul") {
+            sharing.follows = epilogue_follows(g, &order, &sharing, interpret, &in_rows);
+            for (r, f) in &sharing.follows {
+                sharing.co_computed.insert(*f, *r);
+            }
+        }
         // A row group's root computes every member: those read outside
         // the group are written there too, the others have no buffer.
         let named: std::collections::HashSet<Value> = g.outputs.iter().map(|o| o.value).collect();
