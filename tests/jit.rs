@@ -72,6 +72,25 @@ impl Case {
         self.g.push_output(name, OutputKind::Output, v);
     }
 
+    /// The op label of every compiled kernel (2 threads), in order.
+    fn labels(&self) -> Vec<&'static str> {
+        let m = codegen::compile(&self.g, &JitOptions { threads: 2 }).expect("compiles");
+        m.kernel_nodes().into_iter().map(|(_, op)| op).collect()
+    }
+
+    /// The bits of the f32 outputs `names` (2 threads).
+    fn bits(&self, names: &[&str]) -> Vec<Vec<u32>> {
+        let m = codegen::compile(&self.g, &JitOptions { threads: 2 }).expect("compiles");
+        let out = m.run(&self.feeds).expect("runs");
+        names
+            .iter()
+            .map(|k| {
+                let t = out[*k].as_f32().expect("f32");
+                t.iter().map(|x| x.to_bits()).collect()
+            })
+            .collect()
+    }
+
     /// JIT vs interpreter within `atol + rtol·|e|`, and bitwise equality
     /// across threads.
     fn check(&self, rtol: f32) {
@@ -1299,21 +1318,11 @@ fn elementwise_chains_run_in_the_matmul_epilogue() {
         let what = format!("{a_shape:?} @ {w_shape:?}, {chain:?}");
         let fused = build(false);
         fused.check_tol(1e-5, 1e-5);
-        let labels = |c: &Case| -> Vec<&'static str> {
-            let m = codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
-            m.kernel_nodes().into_iter().map(|(_, op)| op).collect()
-        };
-        assert_eq!(labels(&fused), ["matmul+epilogue"], "{what}");
+        assert_eq!(fused.labels(), ["matmul+epilogue"], "{what}");
         let split = build(true);
-        assert_eq!(labels(&split).first(), Some(&"matmul"), "{what}");
-        assert_eq!(labels(&split).len(), 2, "{what}");
-        let run = |c: &Case| {
-            let m = codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
-            let out = m.run(&c.feeds).expect("runs");
-            let y = out["y"].as_f32().expect("f32").to_vec();
-            y.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
-        };
-        assert_eq!(run(&fused), run(&split), "{what}: bits");
+        assert_eq!(split.labels().first(), Some(&"matmul"), "{what}");
+        assert_eq!(split.labels().len(), 2, "{what}");
+        assert_eq!(fused.bits(&["y"]), split.bits(&["y"]), "{what}: bits");
     }
 }
 
@@ -1374,22 +1383,14 @@ fn a_weight_update_runs_after_the_momentum_in_the_matmul_epilogue() {
         let what = format!("{a_shape:?} @ {w_shape:?}");
         let fused = build(false);
         fused.check_tol(1e-5, 1e-5);
-        let labels = |c: &Case| -> Vec<&'static str> {
-            let m = codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
-            m.kernel_nodes().into_iter().map(|(_, op)| op).collect()
-        };
-        assert_eq!(labels(&fused), ["matmul+epilogue"], "{what}");
+        assert_eq!(fused.labels(), ["matmul+epilogue"], "{what}");
         let split = build(true);
-        assert_eq!(labels(&split).first(), Some(&"matmul"), "{what}");
-        let run = |c: &Case| {
-            let m = codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
-            let out = m.run(&c.feeds).expect("runs");
-            ["v", "p"].map(|k| {
-                let t = out[k].as_f32().expect("f32").to_vec();
-                t.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
-            })
-        };
-        assert_eq!(run(&fused), run(&split), "{what}: bits");
+        assert_eq!(split.labels().first(), Some(&"matmul"), "{what}");
+        assert_eq!(
+            fused.bits(&["v", "p"]),
+            split.bits(&["v", "p"]),
+            "{what}: bits"
+        );
     }
 }
 
@@ -1520,8 +1521,7 @@ fn row_programs_match_interpreter() {
         );
         c.out("cols", cols);
         c.check_tol(1e-5, 1e-5);
-        let model = codegen::compile(&c.g, &JitOptions { threads: 2 }).expect("compiles");
-        let ops: Vec<&str> = model.kernel_nodes().into_iter().map(|(_, op)| op).collect();
+        let ops = c.labels();
         if shape == [12, 12] {
             // The gain `[12]` and the `[12]` mean read along the columns
             // stay out of the groups; the rest still forms row kernels.

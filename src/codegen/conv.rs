@@ -881,15 +881,7 @@ fn direct_tile(
         for (j, var) in acc.iter().enumerate() {
             let v = k.b.use_var(*var);
             let off = (i as i64 * ob + (j * 16) as i64) as i32;
-            let l = (lanes - 4 * j).min(4);
-            if l == 4 {
-                k.b.ins().store(flags(), v, yq, off);
-            } else {
-                for lane in 0..l {
-                    let e = k.b.ins().extractlane(v, lane as u8);
-                    k.store_f(e, yq, off + (lane * 4) as i32);
-                }
-            }
+            super::matmul::store_lanes(k, v, yq, off, (lanes - 4 * j).min(4));
         }
     }
 }

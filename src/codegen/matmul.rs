@@ -971,7 +971,7 @@ fn micro_kernel(
 
 /// Store the first `n` lanes of `v` at byte offset `off` of `p`: the
 /// whole vector when `n` is 4, else lane by lane (C's narrow right edge).
-fn store_lanes(k: &mut Kb, v: Value, p: Value, off: i32, n: usize) {
+pub(super) fn store_lanes(k: &mut Kb, v: Value, p: Value, off: i32, n: usize) {
     if n == 4 {
         k.b.ins().store(flags(), v, p, off);
     } else {

@@ -532,32 +532,8 @@ fn lower_matmul_epilogue(
     let outs = results(g, root, locs);
     let out = outs.first()?;
     let n = out.1.shape.last().copied().unwrap_or(1);
-    let ins = inputs
-        .iter()
-        .map(|v| {
-            let loc = locs.get(v).copied().unwrap_or(Loc::Arena(0));
-            let s = &g.ty(*v).shape;
-            if *v == product {
-                Some(EpilogueInput::Product)
-            } else if *s == out.1.shape {
-                Some(EpilogueInput::Full(loc))
-            } else if *s == [n] {
-                Some(EpilogueInput::Row(loc))
-            } else if crate::tensor::numel(s) == 1 {
-                Some(EpilogueInput::Scalar(loc))
-            } else {
-                None
-            }
-        })
-        .collect::<Option<Vec<_>>>()?;
-    let mm_ins = operands(g, product.node, locs);
-    let mm_inputs = g.inputs(product.node);
-    let flags = [0, 1].map(|i| {
-        mm_inputs
-            .get(i)
-            .is_some_and(|v| sharing.transposed.contains(v))
-    });
-    let mut l = lower::matmul(&refs(&mm_ins), &(out.0, &out.1), scratch, flags)?;
+    // How a program reads `v`, where `product` is the value it gets from
+    // the tile rather than from memory.
     let epilogue_input = |v: &Value, product: Value| {
         let loc = locs.get(v).copied().unwrap_or(Loc::Arena(0));
         let s = &g.ty(*v).shape;
@@ -573,6 +549,18 @@ fn lower_matmul_epilogue(
             None
         }
     };
+    let ins = inputs
+        .iter()
+        .map(|v| epilogue_input(v, product))
+        .collect::<Option<Vec<_>>>()?;
+    let mm_ins = operands(g, product.node, locs);
+    let mm_inputs = g.inputs(product.node);
+    let flags = [0, 1].map(|i| {
+        mm_inputs
+            .get(i)
+            .is_some_and(|v| sharing.transposed.contains(v))
+    });
+    let mut l = lower::matmul(&refs(&mm_ins), &(out.0, &out.1), scratch, flags)?;
     let then = match sharing.follows.get(&root) {
         Some(&f) => {
             let (prog, inputs) = program_of(g, f, &sharing.merged)?;
