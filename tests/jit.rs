@@ -1533,3 +1533,32 @@ fn row_programs_match_interpreter() {
         }
     }
 }
+
+/// Rows too wide for a row program's stack buffers (a re-read `[8200]`
+/// row, four rows per block) run as one kernel per op, with the same
+/// values.
+#[test]
+fn rows_too_wide_for_the_stack_run_op_by_op() {
+    let mut rng = Rng(44);
+    let shape = [3usize, 8200];
+    let mut c = Case::new();
+    let x = c.input("x", rand_f32(&mut rng, &shape, 2.0));
+    let mean = |c: &mut Case, v: Value| {
+        c.op(
+            Op::Reduce {
+                op: ReduceOp::Mean,
+                axes: vec![1],
+                keepdims: true,
+            },
+            &[v],
+        )
+    };
+    let m = mean(&mut c, x);
+    let xc = c.op(Op::Binary(BinaryOp::Sub), &[x, m]);
+    let sq = c.op(Op::Binary(BinaryOp::Mul), &[xc, xc]);
+    let var = mean(&mut c, sq);
+    let y = c.op(Op::Binary(BinaryOp::Div), &[xc, var]);
+    c.out("y", y);
+    c.check_tol(1e-5, 1e-5);
+    assert!(!c.labels().contains(&"rows"), "{:?}", c.labels());
+}

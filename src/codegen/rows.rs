@@ -26,8 +26,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Narrowest row worth a group: below it a pass is mostly loop overhead.
 const MIN_WIDTH: usize = 8;
-/// Stack bytes a step may keep rows in (values re-read by later passes).
-const MAX_TEMP_BYTES: usize = 32 << 10;
+/// Stack bytes a step may keep rows in (values re-read by later passes,
+/// for every row of a block).
+const MAX_TEMP_BYTES: usize = 64 << 10;
 
 /// Where an operand of a row program is, relative to row `r`, column `j`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -288,8 +289,9 @@ pub fn row_groups(g: &Graph, order: &[NodeIndex], interpret: &[&str]) -> Vec<Row
         let mut members: Vec<NodeIndex> = members.into_iter().collect();
         members.sort_by_key(|m| s.pos[m]);
         let group = RowGroup { members, rows, d };
+        // Each row of a block keeps its own row buffers.
         let temps = program(g, &group, &HashMap::new())
-            .map(|p| p.temp_rows() * d * 4)
+            .map(|p| p.temp_rows() * d * 4 * ROW_BLOCK)
             .unwrap_or(usize::MAX);
         if temps > MAX_TEMP_BYTES {
             continue;
