@@ -6,7 +6,9 @@
 //! w_x]` (weights packed once per run by [`RnnPack`]; the input
 //! projection is part of it) with the bias and the gate math fused into
 //! its epilogue; threads split the batch rows. The recurrent operand is
-//! read from a compact double-buffered copy of the state. The gradients
+//! read from a compact double-buffered copy of the state; in the forward
+//! steps, a unit's rows of it and of `x_t` are packed once per phase with
+//! every element stored as the f32x4 the FMAs take. The gradients
 //! recompute the forward pass keeping
 //! every step's activations, run the reverse loop the same way into
 //! `dz [N, T, gates·H]`, and then form `dx`, `dw_x`, `dw_h` and `db` as one
@@ -966,6 +968,9 @@ struct Seg {
     run: Option<Value>,
     a: Value,
     a_rs: i64,
+    /// Bytes per k step of A: 4 in place, 16 when packed with every
+    /// element stored as the broadcast vector the FMAs take.
+    a_step: i64,
     panel: Value,
     kdim: usize,
 }
@@ -1027,12 +1032,18 @@ type UnitAt<'a, 'r> = dyn Fn(&mut Kb, Value) -> (Cx, Box<Epi<'r>>) + 'a;
 
 /// Vectors of a tile row: the hidden blocks of a group times the vectors
 /// each block's matmul has (4 gates for the LSTM forward, 2 or 1 for the
-/// others), so that every broadcast of an A element feeds four FMAs.
-const TILE_VECS: usize = 4;
+/// others). Two make 4 × 2 tiles, whose loop takes 18 instructions per 8
+/// FMAs with a broadcast-packed A (2 × 4 tiles: 20; GRU forward 2.09 ->
+/// 1.87 ms on 2 threads, alternated; the LSTM forward keeps 2 × 4).
+const TILE_VECS: usize = 2;
 
 /// Hidden blocks per tile: their epilogues run together, row by row (see
 /// [`RnnSeq::epilogues`]).
 const EPI_BLOCKS: usize = 4;
+
+/// Stack bytes up to which a forward step's A is packed as broadcast
+/// vectors (`ROW_BLOCK` rows of `H + F`).
+const A_PACK_MAX_BYTES: usize = 64 << 10;
 
 /// k per chunk of [`tile_mm`]: a chunk's panel rows (up to 4 vectors
 /// each, 8 KB) and A columns stay in L1 while every row group of the tile
@@ -1078,11 +1089,12 @@ fn tile_mm(
     for seg in segs {
         let body = |k: &mut Kb| {
             let chunks = |k: &mut Kb, c0: Value, kc: usize| {
-                let a = k.addr(seg.a, c0, (KC * 4) as i64);
+                let a = k.addr(seg.a, c0, KC as i64 * seg.a_step);
                 let b = k.addr(seg.panel, c0, KC as i64 * pstride);
                 for &g in &groups {
                     let a = k.b.ins().iadd_imm_s(a, g.0 as i64 * seg.a_rs);
-                    chunk(k, (a, seg.a_rs, b, pstride), kc, g, tile, vecs);
+                    let a = (a, seg.a_rs, seg.a_step);
+                    chunk(k, (a, b, pstride), kc, g, tile, vecs);
                 }
             };
             let full = seg.kdim / KC;
@@ -1103,8 +1115,9 @@ fn tile_mm(
 
 /// `kc` k of rows `r0..r0 + rn` of [`tile_mm`] added to the tile, in the
 /// matmul micro-kernel's form (see `matmul::micro_kernel`): per k, the B
-/// vectors, then per row one broadcast of its A element shared by the
-/// row's FMAs through register copies (Cranelift's `fma` overwrites a
+/// vectors, then per row one broadcast of its A element (a vector load
+/// when A is broadcast-packed, `a_step` 16) shared by the row's FMAs
+/// through register copies (Cranelift's `fma` overwrites a
 /// multiplicand); two k per loop iteration, the second visiting rows and
 /// vectors in reverse, so each accumulator returns to its register by the
 /// end of the iteration and the loop edge moves nothing. The step is
@@ -1120,7 +1133,7 @@ fn tile_mm(
 /// other steps.
 fn chunk(
     k: &mut Kb,
-    (a, a_rs, b, pstride): (Value, i64, Value, i64),
+    ((a, a_rs, a_step), b, pstride): ((Value, i64, i64), Value, i64),
     kc: usize,
     (r0, rn): (usize, usize),
     (tile, (row_vecs, col0)): (StackSlot, (usize, usize)),
@@ -1156,9 +1169,13 @@ fn chunk(
             let order = step_order(rn, rev);
             let cols = step_order(nv, rev);
             for &r in &order {
-                let off = (r as i64 * a_rs + (u * 4) as i64) as i32;
-                let s = k.b.ins().load(F32, ro_flags(), a, off);
-                let x = k.b.ins().splat(F32X4, s);
+                let off = (r as i64 * a_rs + u as i64 * a_step) as i32;
+                let x = if a_step == 16 {
+                    k.b.ins().load(F32X4, ro_flags(), a, off)
+                } else {
+                    let s = k.b.ins().load(F32, ro_flags(), a, off);
+                    k.b.ins().splat(F32X4, s)
+                };
                 for &i in &cols {
                     let old = k.b.use_var(accs[r][i]);
                     let new = k.b.ins().fma(x, bv[i], old);
@@ -1166,7 +1183,7 @@ fn chunk(
                 }
             }
         }
-        let a2 = k.b.ins().iadd_imm_s(a, (ks * 4) as i64);
+        let a2 = k.b.ins().iadd_imm_s(a, ks as i64 * a_step);
         let b2 = k.b.ins().iadd_imm_s(b, ks as i64 * pstride);
         k.b.def_var(ap, a2);
         k.b.def_var(bp, b2);
@@ -1292,6 +1309,13 @@ impl RnnSeq {
         // allocator reloads it inside them.
         let r_lo_at =
             kb.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 8, 3));
+        // The forward steps' A (the state and the input rows of the unit)
+        // packed once per phase as broadcast vectors: the FMA loop then
+        // loads each row's multiplier as one vector (see `chunk`).
+        let a_pack = (!self.backward())
+            .then(|| ROW_BLOCK * (self.h + self.f) * 16)
+            .filter(|&bytes| bytes <= A_PACK_MAX_BYTES)
+            .map(|bytes| kb.stack_buf(bytes as u32));
         kb.for_range(start, end, 1, |k, u| {
             let r_lo = k.b.ins().imul_imm_s(u, ROW_BLOCK as i64);
             k.b.ins().stack_store(I64, r_lo, r_lo_at, 0);
@@ -1335,6 +1359,13 @@ impl RnnSeq {
                 for phase in 0..self.phases() {
                     let v = self.vectors(phase);
                     let g = (TILE_VECS / v).max(1);
+                    let packed = a_pack.map(|buf| {
+                        let zero_hb = k.iconst(0);
+                        let cx = cx_of(k, zero_hb);
+                        let (mm, _) = self.unit(k, &rec, &cx, phase);
+                        self.pack_a(k, &cx, &mm, buf);
+                        buf
+                    });
                     let group = |k: &mut Kb, hb0: Value, en: usize| {
                         let mut b0 = 0;
                         while b0 < en {
@@ -1347,7 +1378,7 @@ impl RnnSeq {
                                     (0..v).map(move |j| gi as i64 * panel_bytes + (j * 16) as i64)
                                 })
                                 .collect();
-                            self.product(k, &cx, &mm, &vecs, (en * v, b0 * v));
+                            self.product(k, &cx, &mm, &vecs, (en * v, b0 * v), packed);
                             b0 += gn;
                         }
                         let at = |k: &mut Kb, hb: Value| {
@@ -1471,22 +1502,84 @@ impl RnnSeq {
     /// The matmul of the unit's row block for a group of hidden blocks
     /// (panel vectors at byte offsets `vecs` from the first block's) into
     /// the stack tile. Only the last row block may be short.
-    fn product(&self, k: &mut Kb, cx: &Cx, mm: &Mm, vecs: &[i64], place: (usize, usize)) {
+    /// Copy the unit's rows of the phase's A (`mm`: the state part, then
+    /// the input part) to `buf`, every element as a splatted f32x4: row `r`,
+    /// step `kk` of the state part at `(r·kdim + kk)·16`, the input part
+    /// after `ROW_BLOCK` such rows. Rows past the batch are not read.
+    fn pack_a(&self, k: &mut Kb, cx: &Cx, mm: &Mm, buf: Value) {
+        let n_last = self.n - (self.units() - 1) * ROW_BLOCK;
+        let mut parts = vec![(Some(mm.run), mm.a, mm.a_rs, mm.kdim, 0usize)];
+        if let Some(x) = mm.x {
+            parts.push((None, x.a, x.a_rs, x.kdim, ROW_BLOCK * mm.kdim * 16));
+        }
+        let rows = if n_last == ROW_BLOCK || self.units() == 1 {
+            let n = if n_last == ROW_BLOCK {
+                ROW_BLOCK
+            } else {
+                n_last
+            };
+            k.iconst(n as i64)
+        } else {
+            let full = k.iconst(ROW_BLOCK as i64);
+            let last = k.iconst(n_last as i64);
+            k.b.ins().select(cx.last_unit, last, full)
+        };
+        for (run, a, a_rs, kdim, at) in parts {
+            let body = |k: &mut Kb| {
+                let zero = k.iconst(0);
+                k.for_range(zero, rows, 1, |k, r| {
+                    let row = k.b.ins().iadd(cx.r_lo, r);
+                    let src = k.addr(a, row, a_rs);
+                    let dst = k.addr(buf, r, (kdim * 16) as i64);
+                    let dst = k.b.ins().iadd_imm_s(dst, at as i64);
+                    for kk in 0..kdim {
+                        let x = k.load_f(src, (kk * 4) as i32);
+                        let v = k.b.ins().splat(F32X4, x);
+                        k.b.ins().store(flags(), v, dst, (kk * 16) as i32);
+                    }
+                });
+            };
+            match run {
+                Some(c) => k.if_then(c, body),
+                None => body(k),
+            }
+        }
+    }
+
+    /// The tile's matmul over the unit's rows of A, read in place or, with
+    /// `packed` (see [`RnnSeq::pack_a`]), from the broadcast-packed copy.
+    fn product(
+        &self,
+        k: &mut Kb,
+        cx: &Cx,
+        mm: &Mm,
+        vecs: &[i64],
+        place: (usize, usize),
+        packed: Option<Value>,
+    ) {
         let n_last = self.n - (self.units() - 1) * ROW_BLOCK;
         let r0 = cx.r_lo;
+        let seg_a = |k: &mut Kb, a: Value, a_rs: i64, kdim: usize, at: usize| match packed {
+            Some(p) => (k.b.ins().iadd_imm_s(p, at as i64), (kdim * 16) as i64, 16),
+            None => (k.addr(a, r0, a_rs), a_rs, 4),
+        };
+        let (a, a_rs, a_step) = seg_a(k, mm.a, mm.a_rs, mm.kdim, 0);
         let mut segs = vec![Seg {
             run: Some(mm.run),
-            a: k.addr(mm.a, r0, mm.a_rs),
-            a_rs: mm.a_rs,
+            a,
+            a_rs,
+            a_step,
             panel: mm.panel,
             kdim: mm.kdim,
         }];
         if let Some(x) = mm.x {
             let off = mm.kdim as i64 * mm.pstride;
+            let (a, a_rs, a_step) = seg_a(k, x.a, x.a_rs, x.kdim, ROW_BLOCK * mm.kdim * 16);
             segs.push(Seg {
                 run: None,
-                a: k.addr(x.a, r0, x.a_rs),
-                a_rs: x.a_rs,
+                a,
+                a_rs,
+                a_step,
                 panel: k.b.ins().iadd_imm_s(mm.panel, off),
                 kdim: x.kdim,
             });
