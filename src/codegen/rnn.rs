@@ -1359,13 +1359,13 @@ impl RnnSeq {
                 for phase in 0..self.phases() {
                     let v = self.vectors(phase);
                     let g = (TILE_VECS / v).max(1);
-                    let packed = a_pack.map(|buf| {
+                    if let Some(buf) = a_pack {
                         let zero_hb = k.iconst(0);
                         let cx = cx_of(k, zero_hb);
                         let (mm, _) = self.unit(k, &rec, &cx, phase);
                         self.pack_a(k, &cx, &mm, buf);
-                        buf
-                    });
+                    }
+                    let packed = a_pack;
                     let group = |k: &mut Kb, hb0: Value, en: usize| {
                         let mut b0 = 0;
                         while b0 < en {
