@@ -1562,3 +1562,52 @@ fn rows_too_wide_for_the_stack_run_op_by_op() {
     c.check_tol(1e-5, 1e-5);
     assert!(!c.labels().contains(&"rows"), "{:?}", c.labels());
 }
+
+/// A weight-update follower moves into its matmul's kernel, earlier than
+/// its own place: when it also reads a value that a later kernel writes
+/// (here `x − mean(x)`, added to the graph before the matmul but written
+/// by its row program's last op, after it), it must stay a kernel of its
+/// own. It reads that value through two reshapes, so that the row program
+/// does not take the update in.
+#[test]
+fn a_follower_never_reads_a_value_written_after_its_matmul() {
+    let mut rng = Rng(45);
+    let mut c = Case::new();
+    let a = c.input("a", rand_f32(&mut rng, &[6, 5], 1.0));
+    let w = c.input("w", rand_f32(&mut rng, &[5, 12], 1.0));
+    let v = c.input("v", rand_f32(&mut rng, &[6, 12], 1.0));
+    let p = c.input("p", rand_f32(&mut rng, &[6, 12], 1.0));
+    let x = c.input("x", rand_f32(&mut rng, &[6, 12], 2.0));
+    let mu = c.input("mu", Tensor::scalar(0.9));
+    let lr = c.input("lr", Tensor::scalar(0.01));
+    let bin = |c: &mut Case, op: BinaryOp, l: Value, r: Value| c.op(Op::Binary(op), &[l, r]);
+    let mean = |c: &mut Case, t: Value| {
+        c.op(
+            Op::Reduce {
+                op: ReduceOp::Mean,
+                axes: vec![1],
+                keepdims: true,
+            },
+            &[t],
+        )
+    };
+    let m = mean(&mut c, x);
+    let xc = bin(&mut c, BinaryOp::Sub, x, m);
+    let g = c.op(Op::MatMul, &[a, w]);
+    let mv = bin(&mut c, BinaryOp::Mul, mu, v);
+    let v2 = bin(&mut c, BinaryOp::Add, mv, g);
+    let sq = bin(&mut c, BinaryOp::Mul, xc, xc);
+    let var = mean(&mut c, sq);
+    let y = bin(&mut c, BinaryOp::Div, xc, var);
+    let flat = c.op(Op::Reshape { shape: vec![72] }, &[xc]);
+    let back = c.op(Op::Reshape { shape: vec![6, 12] }, &[flat]);
+    let step = bin(&mut c, BinaryOp::Mul, lr, v2);
+    let base = bin(&mut c, BinaryOp::Add, p, back);
+    let p2 = bin(&mut c, BinaryOp::Sub, base, step);
+    c.out("v", v2);
+    c.out("y", y);
+    c.out("p", p2);
+    c.check_tol(1e-5, 1e-5);
+    let labels = c.labels();
+    assert!(labels.contains(&"rows"), "{labels:?}");
+}

@@ -840,12 +840,6 @@ fn prepare(
             sharing.co_computed = losses_with_gradients(g, &order);
         }
         sharing.saved = recurrences_with_gradients(g, &order, interpret);
-        if !interpret.contains(&"matmul") {
-            sharing.follows = epilogue_follows(g, &order, &sharing, interpret, &in_rows);
-            for (r, f) in &sharing.follows {
-                sharing.co_computed.insert(*f, *r);
-            }
-        }
         // A row group's root computes every member: those read outside
         // the group are written there too, the others have no buffer.
         let named: std::collections::HashSet<Value> = g.outputs.iter().map(|o| o.value).collect();
@@ -861,6 +855,15 @@ fn prepare(
                 }
             }
             sharing.rows.insert(root, gr);
+        }
+        // Last: a follower moves to its matmul's kernel, earlier than its
+        // own place, so it may only read values whose writers (row roots
+        // included) run before that kernel.
+        if !interpret.contains(&"matmul") {
+            sharing.follows = epilogue_follows(g, &order, &sharing, interpret, &in_rows);
+            for (r, f) in &sharing.follows {
+                sharing.co_computed.insert(*f, *r);
+            }
         }
     }
     // Scratch sizes come from a trial lowering; they do not depend on where
