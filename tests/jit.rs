@@ -1251,6 +1251,20 @@ fn column_sums_add_rows_in_order() {
     }
 }
 
+/// `build(false)` (no second reader of the product) against the
+/// interpreter, compiled to one `matmul+epilogue` kernel, with the bits of
+/// `outs` equal to those of `build(true)`, whose product is also an output
+/// and so has a kernel of its own first. Returns that split case.
+fn fuses_like_split(build: impl Fn(bool) -> Case, what: &str, outs: &[&str]) -> Case {
+    let fused = build(false);
+    fused.check_tol(1e-5, 1e-5);
+    assert_eq!(fused.labels(), ["matmul+epilogue"], "{what}");
+    let split = build(true);
+    assert_eq!(split.labels().first(), Some(&"matmul"), "{what}");
+    assert_eq!(fused.bits(outs), split.bits(outs), "{what}: bits");
+    split
+}
+
 /// Elementwise chains that read a matmul run in its epilogue: one kernel,
 /// labelled `matmul+epilogue`, with the interpreter's values and the same
 /// bits as the separate kernels that a second reader of the product
@@ -1316,13 +1330,8 @@ fn elementwise_chains_run_in_the_matmul_epilogue() {
             c
         };
         let what = format!("{a_shape:?} @ {w_shape:?}, {chain:?}");
-        let fused = build(false);
-        fused.check_tol(1e-5, 1e-5);
-        assert_eq!(fused.labels(), ["matmul+epilogue"], "{what}");
-        let split = build(true);
-        assert_eq!(split.labels().first(), Some(&"matmul"), "{what}");
+        let split = fuses_like_split(build, &what, &["y"]);
         assert_eq!(split.labels().len(), 2, "{what}");
-        assert_eq!(fused.bits(&["y"]), split.bits(&["y"]), "{what}: bits");
     }
 }
 
@@ -1381,16 +1390,7 @@ fn a_weight_update_runs_after_the_momentum_in_the_matmul_epilogue() {
             c
         };
         let what = format!("{a_shape:?} @ {w_shape:?}");
-        let fused = build(false);
-        fused.check_tol(1e-5, 1e-5);
-        assert_eq!(fused.labels(), ["matmul+epilogue"], "{what}");
-        let split = build(true);
-        assert_eq!(split.labels().first(), Some(&"matmul"), "{what}");
-        assert_eq!(
-            fused.bits(&["v", "p"]),
-            split.bits(&["v", "p"]),
-            "{what}: bits"
-        );
+        fuses_like_split(build, &what, &["v", "p"]);
     }
 }
 

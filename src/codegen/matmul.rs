@@ -480,38 +480,17 @@ impl Matmul {
             kb.base(self.pack_b)
         };
         let c_base = kb.base(self.c);
-        // Each epilogue operand's base; C's own base for the product.
+        // Each epilogue operand's base (C's own for the product), and the
+        // follow-up program's and its result's.
         let ep_bases: Vec<Value> = match &self.epilogue {
-            Some(ep) => ep
-                .ins
-                .iter()
-                .map(|i| match *i {
-                    EpilogueInput::Product => c_base,
-                    EpilogueInput::Full(l) | EpilogueInput::Row(l) | EpilogueInput::Scalar(l) => {
-                        kb.base(l)
-                    }
-                })
-                .collect(),
+            Some(ep) => input_bases(kb, &ep.ins, c_base),
             None => Vec::new(),
         };
-        // The follow-up program's operand bases and its result's base.
         let follow_bases: Option<(Vec<Value>, Value)> = self
             .epilogue
             .as_ref()
             .and_then(|ep| ep.then.as_ref())
-            .map(|f| {
-                let bases = f
-                    .ins
-                    .iter()
-                    .map(|i| match *i {
-                        EpilogueInput::Product => c_base,
-                        EpilogueInput::Full(l)
-                        | EpilogueInput::Row(l)
-                        | EpilogueInput::Scalar(l) => kb.base(l),
-                    })
-                    .collect();
-                (bases, kb.base(f.out))
-            });
+            .map(|f| (input_bases(kb, &f.ins, c_base), kb.base(f.out)));
         let (start, end) = (kb.start, kb.end);
         let nkb = kdim.div_ceil(t.kc);
         // Blocks of equal depth (rounded up to whole unrolled iterations):
@@ -904,56 +883,49 @@ fn micro_kernel(
             for (i, vc) in vcols.iter().enumerate() {
                 let col = ((vc.0 * nr + vc.1 * 4) * 4) as i32;
                 // Operands that do not vary along the tile's rows.
-                let fixed: Vec<Option<Value>> = ep
-                    .ins
-                    .iter()
-                    .zip(&ptrs)
-                    .map(|(inp, &p)| match inp {
-                        EpilogueInput::Row(_) => Some(load(k, p, col, *vc)),
-                        EpilogueInput::Scalar(_) => {
-                            let s = k.load_f(p, 0);
-                            Some(k.b.ins().splat(F32X4, s))
-                        }
-                        EpilogueInput::Product | EpilogueInput::Full(_) => None,
-                    })
-                    .collect();
-                for (r, acc) in accs.iter().enumerate() {
-                    let args: Vec<Vec<Value>> = ep
-                        .ins
-                        .iter()
-                        .zip(&ptrs)
-                        .zip(&fixed)
-                        .map(|((inp, &p), f)| {
-                            let v = match (inp, f) {
-                                (_, Some(v)) => *v,
-                                (EpilogueInput::Product, _) => k.b.use_var(acc[i]),
-                                _ => load(k, p, c_off(r, *vc), *vc),
-                            };
-                            vec![v]
-                        })
-                        .collect();
-                    if let Some(&y) = eval_program(k, &ep.prog, &args, false).first() {
-                        k.b.def_var(acc[i], y);
-                        if let Some((f, fptrs, out)) = &follow {
-                            let args: Vec<Vec<Value>> = f
-                                .ins
-                                .iter()
-                                .zip(fptrs)
-                                .map(|(inp, &p)| {
-                                    vec![match inp {
-                                        EpilogueInput::Product => y,
-                                        EpilogueInput::Scalar(_) => {
-                                            let s = k.load_f(p, 0);
-                                            k.b.ins().splat(F32X4, s)
-                                        }
-                                        EpilogueInput::Row(_) => load(k, p, col, *vc),
-                                        EpilogueInput::Full(_) => load(k, p, c_off(r, *vc), *vc),
-                                    }]
-                                })
-                                .collect();
-                            if let Some(&z) = eval_program(k, &f.prog, &args, false).first() {
-                                store_lanes(k, z, *out, c_off(r, *vc), lanes(*vc));
+                let fixed = |k: &mut Kb, ins: &[EpilogueInput], ptrs: &[Value]| {
+                    ins.iter()
+                        .zip(ptrs)
+                        .map(|(inp, &p)| match inp {
+                            EpilogueInput::Row(_) => Some(load(k, p, col, *vc)),
+                            EpilogueInput::Scalar(_) => {
+                                let s = k.load_f(p, 0);
+                                Some(k.b.ins().splat(F32X4, s))
                             }
+                            EpilogueInput::Product | EpilogueInput::Full(_) => None,
+                        })
+                        .collect::<Vec<Option<Value>>>()
+                };
+                // A program's operands at row `r`, `product` its `Product`.
+                let args = |k: &mut Kb,
+                            (ins, ptrs, fixed): (&[EpilogueInput], &[Value], &[Option<Value>]),
+                            r: usize,
+                            product: Value| {
+                    ins.iter()
+                        .zip(ptrs)
+                        .zip(fixed)
+                        .map(|((inp, &p), f)| {
+                            vec![match (inp, f) {
+                                (_, Some(v)) => *v,
+                                (EpilogueInput::Product, _) => product,
+                                _ => load(k, p, c_off(r, *vc), *vc),
+                            }]
+                        })
+                        .collect::<Vec<Vec<Value>>>()
+                };
+                let ep_fixed = fixed(k, &ep.ins, &ptrs);
+                let follow_fixed = follow.as_ref().map(|(f, fptrs, _)| fixed(k, &f.ins, fptrs));
+                for (r, acc) in accs.iter().enumerate() {
+                    let product = k.b.use_var(acc[i]);
+                    let a = args(k, (&ep.ins, &ptrs, &ep_fixed), r, product);
+                    let Some(&y) = eval_program(k, &ep.prog, &a, false).first() else {
+                        continue;
+                    };
+                    k.b.def_var(acc[i], y);
+                    if let (Some((f, fptrs, out)), Some(ff)) = (&follow, &follow_fixed) {
+                        let a = args(k, (&f.ins, fptrs, ff), r, y);
+                        if let Some(&z) = eval_program(k, &f.prog, &a, false).first() {
+                            store_lanes(k, z, *out, c_off(r, *vc), lanes(*vc));
                         }
                     }
                 }
@@ -967,6 +939,17 @@ fn micro_kernel(
             store_lanes(k, v, c, off, lanes(*vc));
         }
     }
+}
+
+/// Each epilogue operand's base address; C's own (`c_base`) for the
+/// product.
+fn input_bases(kb: &mut Kb, ins: &[EpilogueInput], c_base: Value) -> Vec<Value> {
+    ins.iter()
+        .map(|i| match *i {
+            EpilogueInput::Product => c_base,
+            EpilogueInput::Full(l) | EpilogueInput::Row(l) | EpilogueInput::Scalar(l) => kb.base(l),
+        })
+        .collect()
 }
 
 /// Store the first `n` lanes of `v` at byte offset `off` of `p`: the

@@ -953,6 +953,14 @@ struct Mm {
     x: Option<XIn>,
 }
 
+impl Mm {
+    /// Byte offset of the input part in the broadcast-packed A
+    /// ([`RnnSeq::pack_a`]): after `ROW_BLOCK` rows of the state part.
+    fn packed_x_at(&self) -> usize {
+        ROW_BLOCK * self.kdim * 16
+    }
+}
+
 /// The input part of a forward step's matmul (see [`Mm`]).
 #[derive(Clone, Copy)]
 struct XIn {
@@ -1261,6 +1269,12 @@ impl RnnSeq {
         matches!(self.rec, Rec::LstmBwd { .. } | Rec::GruBwd { .. })
     }
 
+    /// Batch rows of the last unit (`ROW_BLOCK` unless the batch is not a
+    /// multiple of it).
+    fn last_unit_rows(&self) -> usize {
+        self.n - (self.units() - 1) * ROW_BLOCK
+    }
+
     /// Work units are blocks of `ROW_BLOCK` batch rows, each running the
     /// whole time loop for its rows.
     pub fn units(&self) -> usize {
@@ -1507,10 +1521,10 @@ impl RnnSeq {
     /// step `kk` of the state part at `(r·kdim + kk)·16`, the input part
     /// after `ROW_BLOCK` such rows. Rows past the batch are not read.
     fn pack_a(&self, k: &mut Kb, cx: &Cx, mm: &Mm, buf: Value) {
-        let n_last = self.n - (self.units() - 1) * ROW_BLOCK;
+        let n_last = self.last_unit_rows();
         let mut parts = vec![(Some(mm.run), mm.a, mm.a_rs, mm.kdim, 0usize)];
         if let Some(x) = mm.x {
-            parts.push((None, x.a, x.a_rs, x.kdim, ROW_BLOCK * mm.kdim * 16));
+            parts.push((None, x.a, x.a_rs, x.kdim, mm.packed_x_at()));
         }
         let rows = if n_last == ROW_BLOCK || self.units() == 1 {
             let n = if n_last == ROW_BLOCK {
@@ -1557,7 +1571,7 @@ impl RnnSeq {
         place: (usize, usize),
         packed: Option<Value>,
     ) {
-        let n_last = self.n - (self.units() - 1) * ROW_BLOCK;
+        let n_last = self.last_unit_rows();
         let r0 = cx.r_lo;
         let seg_a = |k: &mut Kb, a: Value, a_rs: i64, kdim: usize, at: usize| match packed {
             Some(p) => (k.b.ins().iadd_imm_s(p, at as i64), (kdim * 16) as i64, 16),
@@ -1574,7 +1588,7 @@ impl RnnSeq {
         }];
         if let Some(x) = mm.x {
             let off = mm.kdim as i64 * mm.pstride;
-            let (a, a_rs, a_step) = seg_a(k, x.a, x.a_rs, x.kdim, ROW_BLOCK * mm.kdim * 16);
+            let (a, a_rs, a_step) = seg_a(k, x.a, x.a_rs, x.kdim, mm.packed_x_at());
             segs.push(Seg {
                 run: None,
                 a,
@@ -1611,7 +1625,7 @@ impl RnnSeq {
         at: &UnitAt<'_, 'r>,
         row_epi: Option<&RowEpi<'r>>,
     ) {
-        let n_last = self.n - (self.units() - 1) * ROW_BLOCK;
+        let n_last = self.last_unit_rows();
         let h_rem = self.h % LANES;
         let (cx0, _) = at(k, hb0);
         let full = k.iconst(ROW_BLOCK as i64);

@@ -19,6 +19,7 @@ use super::emit::{Kb, Loc};
 use super::kernel::{ew_scalar, ew_vec, EwOp};
 use super::reduce::hsum;
 use crate::ir::{Graph, Op, ReduceOp, Value};
+use crate::tensor::{numel, DType};
 use cranelift_codegen::ir::types::{F32, F32X4};
 use cranelift_codegen::ir::{InstBuilder, Value as ClValue};
 use petgraph::stable_graph::NodeIndex;
@@ -105,8 +106,8 @@ fn row_reduce(g: &Graph, n: NodeIndex) -> Option<(usize, usize)> {
     let fits = matches!(op, ReduceOp::Sum | ReduceOp::Mean)
         && s.len() >= 2
         && axes.as_slice() == [s.len() - 1]
-        && g.ty(x).dtype == crate::tensor::DType::F32;
-    fits.then(|| (crate::tensor::numel(&s[..s.len() - 1]), s[s.len() - 1]))
+        && g.ty(x).dtype == DType::F32;
+    fits.then(|| (numel(&s[..s.len() - 1]), s[s.len() - 1]))
 }
 
 /// What a node's own value of `shape` is on the rows `full`: a full row,
@@ -169,7 +170,7 @@ impl Search<'_> {
         let node = g.node(n);
         if self.taken.contains(&n)
             || node.outputs.len() != 1
-            || node.outputs[0].dtype != crate::tensor::DType::F32
+            || node.outputs[0].dtype != DType::F32
             || self.interpret.contains(&node.op.name())
         {
             return false;
@@ -187,7 +188,7 @@ impl Search<'_> {
                 // program would take it for the per-row value it is as a
                 // member.
                 let misread = kind == Some(Col) && value_kind(shape, full) == Some(PerRow);
-                g.ty(*v).dtype == crate::tensor::DType::F32
+                g.ty(*v).dtype == DType::F32
                     && !misread
                     && kind.is_some_and(|s| allowed.contains(&s))
             })
@@ -251,10 +252,6 @@ impl Search<'_> {
             }
         }
     }
-}
-
-fn numel(shape: &[usize]) -> usize {
-    crate::tensor::numel(shape)
 }
 
 /// Row groups of `g` (nodes in `order`, its topological order), none
