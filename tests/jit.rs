@@ -72,6 +72,18 @@ impl Case {
         self.g.push_output(name, OutputKind::Output, v);
     }
 
+    /// The mean of `v` over `axis`, kept as a size-1 axis.
+    fn mean_keep(&mut self, v: Value, axis: usize) -> Value {
+        self.op(
+            Op::Reduce {
+                op: ReduceOp::Mean,
+                axes: vec![axis],
+                keepdims: true,
+            },
+            &[v],
+        )
+    }
+
     /// The op label of every compiled kernel (2 threads), in order.
     fn labels(&self) -> Vec<&'static str> {
         let m = codegen::compile(&self.g, &JitOptions { threads: 2 }).expect("compiles");
@@ -1443,16 +1455,7 @@ fn row_programs_match_interpreter() {
         let dy = c.input("dy", rand_f32(&mut rng, &shape, 1.0));
         let gamma = c.input("gamma", rand_f32(&mut rng, &[d], 1.0));
         let eps = c.input("eps", Tensor::scalar(1e-5));
-        let mean = |c: &mut Case, v: Value| {
-            c.op(
-                Op::Reduce {
-                    op: ReduceOp::Mean,
-                    axes: vec![r],
-                    keepdims: true,
-                },
-                &[v],
-            )
-        };
+        let mean = |c: &mut Case, v: Value| c.mean_keep(v, r);
         let bin = |c: &mut Case, op: BinaryOp, a: Value, b: Value| c.op(Op::Binary(op), &[a, b]);
         // Forward.
         let m = mean(&mut c, x);
@@ -1543,16 +1546,7 @@ fn rows_too_wide_for_the_stack_run_op_by_op() {
     let shape = [3usize, 8200];
     let mut c = Case::new();
     let x = c.input("x", rand_f32(&mut rng, &shape, 2.0));
-    let mean = |c: &mut Case, v: Value| {
-        c.op(
-            Op::Reduce {
-                op: ReduceOp::Mean,
-                axes: vec![1],
-                keepdims: true,
-            },
-            &[v],
-        )
-    };
+    let mean = |c: &mut Case, v: Value| c.mean_keep(v, 1);
     let m = mean(&mut c, x);
     let xc = c.op(Op::Binary(BinaryOp::Sub), &[x, m]);
     let sq = c.op(Op::Binary(BinaryOp::Mul), &[xc, xc]);
@@ -1581,16 +1575,7 @@ fn a_follower_never_reads_a_value_written_after_its_matmul() {
     let mu = c.input("mu", Tensor::scalar(0.9));
     let lr = c.input("lr", Tensor::scalar(0.01));
     let bin = |c: &mut Case, op: BinaryOp, l: Value, r: Value| c.op(Op::Binary(op), &[l, r]);
-    let mean = |c: &mut Case, t: Value| {
-        c.op(
-            Op::Reduce {
-                op: ReduceOp::Mean,
-                axes: vec![1],
-                keepdims: true,
-            },
-            &[t],
-        )
-    };
+    let mean = |c: &mut Case, t: Value| c.mean_keep(t, 1);
     let m = mean(&mut c, x);
     let xc = bin(&mut c, BinaryOp::Sub, x, m);
     let g = c.op(Op::MatMul, &[a, w]);
