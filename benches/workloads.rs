@@ -2,8 +2,8 @@
 //! (../shared/bench/workloads/README.md sizes) through the library API.
 //!
 //! `DLC_BACKEND=interp|jit` picks the backend (default: the library's
-//! `Backend::default()`), `DLC_THREADS` the worker threads (default: all
-//! cores).
+//! `Backend::default()`, the JIT), `DLC_THREADS` the worker threads
+//! (default: all cores).
 //! Each sample is one call; setup and one warm-up call (where the backend
 //! prepares its plan) stay outside the timing. The interpreter takes
 //! seconds per step on the larger models, so keep runs short with divan's

@@ -168,12 +168,12 @@ impl Error {
 
 // ------------------------------------------------------------ backends ----
 
-/// Where graphs execute. The interpreter is the reference; the Cranelift
-/// JIT plugs in as another variant of [`Backend::prepare`].
+/// Where graphs execute: the Cranelift JIT (the default, as in the CLI), or
+/// the interpreter, the slow reference every kernel is tested against.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Backend {
-    #[default]
     Interp,
+    #[default]
     Jit,
 }
 
