@@ -45,6 +45,9 @@ fn compile_bind_run_and_read_outputs_by_name() {
         .unwrap();
     // y = x0 + x1 + 0.5
     assert_eq!(out["y"], Tensor::f32(vec![2, 1], vec![3.5, 1.5]));
+    // An embedding program gets the compiled kernels unless it asks for the
+    // interpreter, as the CLI does.
+    assert_eq!(model.backend(), dlc::api::Backend::Jit);
 }
 
 #[test]
