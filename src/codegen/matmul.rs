@@ -186,17 +186,18 @@ struct ASrc {
 }
 
 /// Blocks for products large in all three dimensions (see
-/// `Matmul::is_large`): k blocks four times as deep and B blocks twice as
-/// wide as a broadcast A's usual ones. The `mr × KC` sliver of A (40 KiB)
-/// then lives in L2 rather than L1, but C is loaded and stored a quarter
-/// as often and each sliver, fetched from memory once per column chunk,
-/// serves twice as many tiles. Alternated in one process (A/B medians of
-/// 20–25 rounds, 2 threads): 512³ 5.3 → 5.0 ms, 1024³ 35.9 → 33.3 ms,
-/// 512³ on one thread −7%; mlp's 64-row layers, which do not qualify,
-/// were 8% slower with these blocks.
+/// `Matmul::is_large`): k blocks of up to 1024 (one block for gemm's 512³
+/// and 1024³) and B blocks of 128 column panels. The `mr × KC` sliver of A
+/// (up to 80 KiB as broadcasts) then lives in L2 rather than L1, but C is
+/// loaded and stored once or twice instead of four or eight times, and
+/// each sliver, fetched from memory once per column chunk, serves four
+/// times as many tiles. Alternated in one process (medians of 12–25
+/// rounds, 2 threads): 512³ −4 to −7%, 1024³ −8% with k blocks of 512 and
+/// 64 panels, and a further −2 to −5% on 1024³ with these; mlp's 64-row
+/// layers, which do not qualify, were 8% slower with such blocks.
 const LARGE_TILE: Tile = Tile {
-    kc: 512,
-    ncp: 64,
+    kc: 1024,
+    ncp: 128,
     ..TILE
 };
 /// Row and column panels, and k, from which a product takes `LARGE_TILE`.
@@ -1120,12 +1121,8 @@ mod tests {
     fn large_products_take_deep_blocks_and_match_an_f64_reference() {
         let l = LARGE_TILE;
         // Just large enough: row and column edges, two deep k blocks with
-        // a remainder, and three column chunks with a narrow last panel.
-        let (m, k, n) = (
-            LARGE_MIN_PANELS * l.mr + 3,
-            l.kc + 45,
-            2 * l.ncp * l.nr() + 5,
-        );
+        // a remainder, and two column chunks with a narrow last panel.
+        let (m, k, n) = (LARGE_MIN_PANELS * l.mr + 3, l.kc + 45, l.ncp * l.nr() + 5);
         let mm = |m: usize, k: usize, n: usize| Matmul {
             batch: vec![],
             m,
