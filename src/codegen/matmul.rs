@@ -1203,6 +1203,9 @@ mod tests {
             epilogue: None,
         };
         assert_eq!(mm(m, k, n).tile(), l);
+        // Its units pack A themselves: no arena buffer, no packing phase.
+        assert_eq!(mm(m, k, n).pack_a_bytes(), 0);
+        assert_eq!(mm(m, k, n).units(MatmulPhase::PackA), 0);
         let usual = "a smaller product keeps the usual blocks";
         assert_ne!(mm(m, LARGE_MIN_K - 1, n).tile(), l, "{usual}");
         let rows = (LARGE_MIN_PANELS - 1) * l.mr;
