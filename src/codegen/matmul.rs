@@ -1213,6 +1213,14 @@ mod tests {
         let cols = (LARGE_MIN_PANELS - 1) * l.nr();
         assert_ne!(mm(m, k, cols).tile(), l, "{usual}");
         check(None, None, m, k, n);
+        // Per batch, with B broadcast over A's batch.
+        check(
+            Some(2),
+            None,
+            m,
+            LARGE_MIN_K + 7,
+            LARGE_MIN_PANELS * l.nr() + 1,
+        );
     }
 
     #[test]
