@@ -719,14 +719,17 @@ impl Matmul {
                     ..t
                 };
                 let row_block = |k: &mut Kb, rows: usize| {
-                    // With A packed per unit, `pa` is the sliver's source.
+                    // With A packed per unit, `pa` is the sliver's source,
+                    // and the tiles read the sliver in `pack_sliver`'s layout.
                     let a = match sliver {
                         Some(buf) => {
                             pack_sliver(k, (pa, self.a.rs, self.a.cs), buf, (rows, mr), kc);
                             ASrc {
                                 ptr: buf,
+                                row_bytes: 16,
+                                k_bytes: (mr * 16) as i64,
+                                broadcast: true,
                                 packed_here: true,
-                                ..a
                             }
                         }
                         None => a,
