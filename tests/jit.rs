@@ -175,6 +175,9 @@ fn matmul_matches_interpreter() {
         (&[2, 37, 300], &[300, 21]),
         (&[131, 67], &[67, 259]),
         (&[1, 5], &[5, 1]),
+        // Five k blocks, the last one with a step left after the unrolled
+        // loop.
+        (&[9, 517], &[517, 300]),
     ];
     for (a, b) in cases {
         let mut c = Case::new();
@@ -578,18 +581,26 @@ fn matmul_kernel_uses_fused_multiply_add() {
 /// FMA overwrites a multiplicand), and nothing else moved: no
 /// accumulator shuffled on the loop edge, nothing spilled to the stack.
 /// With many column panels A is packed already broadcast: the same loop
-/// with vector loads and no broadcast instruction.
+/// with vector loads and no broadcast instruction. Products of under
+/// 2 MFLOP take two k steps per iteration, with the same properties.
 #[test]
 fn matmul_micro_kernel_loop_keeps_accumulators_in_place() {
-    for (n, broadcasts) in [(8, 20), (128, 0)] {
+    // (m, k, n, FMAs per iteration, broadcasts in it)
+    let cases = [
+        (160, 1024, 8, 40, 20),
+        (10, 1024, 128, 40, 0),
+        (10, 64, 8, 20, 10),
+        (10, 64, 128, 20, 0),
+    ];
+    for (m, k, n, fmas, broadcasts) in cases {
         let mut c = Case::new();
         let mut rng = Rng(12);
-        let a = c.input("a", rand_f32(&mut rng, &[10, 64], 1.0));
-        let b = c.input("b", rand_f32(&mut rng, &[64, n], 1.0));
+        let a = c.input("a", rand_f32(&mut rng, &[m, k], 1.0));
+        let b = c.input("b", rand_f32(&mut rng, &[k, n], 1.0));
         let y = c.op(Op::MatMul, &[a, b]);
         c.out("y", y);
         let asm = codegen::emit_asm(&c.g).expect("disassembles");
-        check_fma_loop(&asm, 40, broadcasts, 20);
+        check_fma_loop(&asm, fmas, broadcasts, fmas / 2);
     }
 }
 

@@ -227,6 +227,14 @@ const LARGE_TILE: Tile = Tile {
     ncp: 128,
     ..TILE
 };
+/// FLOPs below which a product's loops take two k steps per iteration
+/// rather than four: they run for a few microseconds, and the shorter
+/// loop body cuts their compile time (lenet's training step: its matmul
+/// kernels 5912 -> 5614 Cranelift instructions) at no measured cost
+/// (lenet's and mlp's training steps alternated in one process: within
+/// 1%).
+const SMALL_MAX_FLOPS: usize = 1 << 21;
+
 /// Row and column panels, and k, from which a product takes `LARGE_TILE`.
 const LARGE_MIN_PANELS: usize = 64;
 const LARGE_MIN_K: usize = 256;
@@ -236,7 +244,7 @@ impl Matmul {
     /// the `mr × KC` sliver of A (four times larger) and the B rows a tile
     /// reads still fit L1 together; large products take [`LARGE_TILE`].
     pub fn tile(&self) -> Tile {
-        if self.is_large() {
+        let t = if self.is_large() {
             LARGE_TILE
         } else if self.a_broadcast() {
             Tile {
@@ -245,7 +253,16 @@ impl Matmul {
             }
         } else {
             TILE
+        };
+        if self.flops() < SMALL_MAX_FLOPS {
+            Tile { unroll: 2, ..t }
+        } else {
+            t
         }
+    }
+
+    fn flops(&self) -> usize {
+        2 * self.out_batches() * self.m * self.n * self.k
     }
 
     /// At least 64 row panels and 64 column panels, and a k deep enough
@@ -603,14 +620,29 @@ impl Matmul {
             (eb as i64, (mr * eb) as i64)
         };
         let sliver = in_unit.then(|| kb.stack_buf((kc_even * mr * 16) as u32));
-        kb.for_const(0, nkb, |k, kbi| {
+        // A product with one k block has no k-block loop, and its tiles
+        // know when emitting that they overwrite C and run the epilogue.
+        let k_blocks = |k: &mut Kb, body: &mut dyn FnMut(&mut Kb, Value)| {
+            if nkb == 1 {
+                let kbi = k.iconst(0);
+                body(k, kbi);
+            } else {
+                k.for_const(0, nkb, |k, kbi| body(k, kbi));
+            }
+        };
+        k_blocks(kb, &mut |k, kbi| {
             let k0 = k.b.ins().imul_imm_s(kbi, kc_even as i64);
             let kdv = k.iconst(kdim as i64);
             let kleft = k.b.ins().isub(kdv, k0);
             let kcap = k.iconst(kc_even as i64);
             let kc = k.b.ins().smin(kleft, kcap);
-            let first = k.b.ins().icmp_imm_s(IntCC::Equal, kbi, 0);
-            let last = k.b.ins().icmp_imm_s(IntCC::Equal, kbi, nkb as i64 - 1);
+            let (first, last) = if nkb == 1 {
+                (Cond::Always, Cond::Always)
+            } else {
+                let first = k.b.ins().icmp_imm_s(IntCC::Equal, kbi, 0);
+                let last = k.b.ins().icmp_imm_s(IntCC::Equal, kbi, nkb as i64 - 1);
+                (Cond::When(first), Cond::When(last))
+            };
             // The C tile at `cptr` of column panel `jp`, with each epilogue
             // operand's address at the tile's first element.
             let c_tile = |k: &mut Kb, ptr: Value, rows: usize, cols: usize, jp: Value| {
@@ -744,7 +776,7 @@ impl Matmul {
                             let pb = k.addr(pb0, jp, pbytes);
                             let cptr = k.addr(crow, jp, (nr * 4) as i64);
                             let c = c_tile(k, cptr, rows, nr, jp);
-                            micro_kernel(k, &t, a, (pb, pbytes, bk, group, packed), kc, c);
+                            micro_kernel(k, &t, a, (pb, pbytes, bk, group, packed), (kc, kdim), c);
                         });
                         let span = k.b.ins().isub(j1f, j0);
                         let whole = k.b.ins().udiv_imm_u(span, group as i64);
@@ -755,7 +787,7 @@ impl Matmul {
                         let pb = k.addr(pb0, jp, pbytes);
                         let cptr = k.addr(crow, jp, (nr * 4) as i64);
                         let c = c_tile(k, cptr, rows, nr, jp);
-                        micro_kernel(k, &t, a, (pb, pbytes, bk, 1, packed), kc, c);
+                        micro_kernel(k, &t, a, (pb, pbytes, bk, 1, packed), (kc, kdim), c);
                     });
                     if np_full < np {
                         let edge = k.b.ins().icmp_imm_s(IntCC::Equal, j1, np as i64);
@@ -764,7 +796,7 @@ impl Matmul {
                             let cptr = k.b.ins().iadd_imm_s(crow, (np_full * nr * 4) as i64);
                             let jp = k.iconst(np_full as i64);
                             let c = c_tile(k, cptr, rows, n_rem, jp);
-                            micro_kernel(k, &edge_t, a, (pb, pbytes, bk, 1, packed), kc, c);
+                            micro_kernel(k, &edge_t, a, (pb, pbytes, bk, 1, packed), (kc, kdim), c);
                         });
                     }
                 };
@@ -790,13 +822,20 @@ fn panels_per_tile(rows: usize, nv: usize) -> usize {
     }
 }
 
+/// A condition of a tile's k block: known when emitting, or computed.
+#[derive(Clone, Copy)]
+enum Cond {
+    Always,
+    When(Value),
+}
+
 /// Where a register tile's results go.
 struct CTile<'a> {
     ptr: Value,
     /// Bytes between rows of C.
     ldc: i64,
     /// Whether this is the first k block: C is overwritten, not added to.
-    first: Value,
+    first: Cond,
     rows: usize,
     /// Valid columns of the tile's last panel.
     cols: usize,
@@ -809,7 +848,7 @@ struct TileEpilogue<'a> {
     /// Its operands' addresses at the tile's first element.
     ptrs: Vec<Value>,
     /// Whether this is the last k block (after which it runs).
-    last: Value,
+    last: Cond,
     /// The follow-up program, its operands' addresses and its result's
     /// address at the tile's first element.
     follow: Option<(&'a Follow, Vec<Value>, Value)>,
@@ -825,7 +864,7 @@ fn micro_kernel(
     t: &Tile,
     a: ASrc,
     (pb, pbytes, bk, panels, packed): (Value, i64, i64, usize, bool),
-    kc: Value,
+    (kc, k_total): (Value, usize),
     ct: CTile,
 ) {
     let CTile {
@@ -852,8 +891,7 @@ fn micro_kernel(
     let accs: Vec<Vec<Variable>> = (0..rows)
         .map(|_| vcols.iter().map(|_| k.var(F32X4, zero_v)).collect())
         .collect();
-    let not_first = k.b.ins().bxor_imm_u(first, 1);
-    k.if_then(not_first, |k| {
+    let load_c = |k: &mut Kb| {
         for (r, acc) in accs.iter().enumerate() {
             for (vc, var) in vcols.iter().zip(acc) {
                 let off = c_off(r, *vc);
@@ -870,7 +908,12 @@ fn micro_kernel(
                 k.b.def_var(*var, v);
             }
         }
-    });
+    };
+    // C is added to after the first k block.
+    if let Cond::When(first) = first {
+        let not_first = k.b.ins().bxor_imm_u(first, 1);
+        k.if_then(not_first, load_c);
+    }
     // Each k step broadcasts one A element per row (or loads it already
     // broadcast, see A_BROADCAST_MIN_PANELS) and feeds it to the row's
     // FMAs. Cranelift emits only the FMA forms that overwrite a
@@ -937,7 +980,10 @@ fn micro_kernel(
     let zero = k.iconst(0);
     let un = t.unroll.max(1);
     k.for_range(zero, kc, un as i64, |k, _| step(k, un));
-    if un > 1 {
+    // Every k block's depth is a multiple of `un` where K is (the blocks
+    // before the last are whole unrolled iterations): then the loop above
+    // covered it.
+    if un > 1 && !k_total.is_multiple_of(un) {
         // The loop above ran kc rounded down to a multiple of `un`.
         let tail = if un.is_power_of_two() {
             k.b.ins().band_imm_s(kc, un as i64 - 1)
@@ -953,7 +999,7 @@ fn micro_kernel(
         follow,
     }) = epilogue
     {
-        k.if_then(last, |k| {
+        let run_epilogue = |k: &mut Kb| {
             // A vector at byte offset `off` of `p`, lane by lane at C's
             // narrow right edge (operands are not padded).
             let load = |k: &mut Kb, p: Value, off: i32, vc: (usize, usize)| {
@@ -1017,7 +1063,11 @@ fn micro_kernel(
                     }
                 }
             }
-        });
+        };
+        match last {
+            Cond::Always => run_epilogue(k),
+            Cond::When(last) => k.if_then(last, run_epilogue),
+        }
     }
     for (r, acc) in accs.iter().enumerate() {
         for (vc, var) in vcols.iter().zip(acc) {

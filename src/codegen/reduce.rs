@@ -657,20 +657,23 @@ fn line_sum_exp_and_max(
     let next_max = k.var(F32X4, ninf);
     let zero = k.iconst(0);
     let nv = k.iconst(n as i64);
-    k.for_blocks(zero, nv, width as i64, |k, i| {
-        if let Some(q) = next {
-            let a = k.addr(q, i, 4);
-            let o = k.b.use_var(next_max);
-            let nm = max_block(k, o, a, LINE_GROUP);
-            k.b.def_var(next_max, nm);
-        }
-        let a = k.addr(p, i, 4);
-        let d = store.map(|s| k.addr(s, i, 4));
-        let t = group(k, a, d, LINE_GROUP);
-        let o = k.b.use_var(acc);
-        let s = k.b.ins().fadd(o, t);
-        k.b.def_var(acc, s);
-    });
+    // A line shorter than a block (ten classes) has no block loop.
+    if n >= width {
+        k.for_blocks(zero, nv, width as i64, |k, i| {
+            if let Some(q) = next {
+                let a = k.addr(q, i, 4);
+                let o = k.b.use_var(next_max);
+                let nm = max_block(k, o, a, LINE_GROUP);
+                k.b.def_var(next_max, nm);
+            }
+            let a = k.addr(p, i, 4);
+            let d = store.map(|s| k.addr(s, i, 4));
+            let t = group(k, a, d, LINE_GROUP);
+            let o = k.b.use_var(acc);
+            let s = k.b.ins().fadd(o, t);
+            k.b.def_var(acc, s);
+        });
+    }
     let done = n / width * width;
     let rest = (n - done) / 4;
     if rest > 0 {
