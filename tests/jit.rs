@@ -724,6 +724,17 @@ fn conv_and_its_gradients_match_interpreter() {
                 pad: [1, 1, 1, 1],
             },
         ),
+        // A kernel wider than the direct filter gradient takes (17 > 16
+        // columns): its filter gradient runs through im2col.
+        (
+            &[1, 2, 3, 20],
+            &[3, 2, 2, 17],
+            Conv2d {
+                stride: 1,
+                dilation: 1,
+                pad: [0, 8, 1, 8],
+            },
+        ),
     ];
     for (xs, ws, conv) in cases {
         let mut c = Case::new();
@@ -808,6 +819,15 @@ fn pooling_and_its_gradients_match_interpreter() {
                 pad: 0,
             },
         ),
+        // A window too large to unroll (81 taps): every window loops.
+        (
+            &[1, 2, 21, 19],
+            Pool2d {
+                window: 9,
+                stride: 4,
+                pad: 2,
+            },
+        ),
     ];
     for (i, (xs, p)) in cases.iter().enumerate() {
         let mut c = Case::new();
@@ -836,6 +856,50 @@ fn pooling_and_its_gradients_match_interpreter() {
         c.out("davg", dav);
         c.check(1e-5);
     }
+}
+
+/// A kernel or window as wide as the input does not unroll into code that
+/// grows with it: a 3 × 2000 convolution's filter gradient was one
+/// function of 137 000 instructions (seconds and gigabytes to compile),
+/// and a pooling window is unrolled only up to 64 taps. The machine code
+/// of each graph stays within a few kernels' worth.
+#[test]
+fn wide_kernels_and_windows_compile_to_bounded_code() {
+    use dlc::ir::{Conv2d, Pool2d};
+    let mut rng = Rng(14);
+    let conv = Conv2d {
+        stride: 1,
+        dilation: 1,
+        pad: [1, 999, 1, 1000],
+    };
+    let mut c = Case::new();
+    let x = c.input("x", rand_f32(&mut rng, &[2, 3, 5, 4], 1.0));
+    let dy = c.input("dy", rand_f32(&mut rng, &[2, 2, 5, 4], 1.0));
+    let dw = c.op(
+        Op::ConvGradFilter {
+            conv,
+            kernel_hw: [3, 2000],
+        },
+        &[x, dy],
+    );
+    c.out("dw", dw);
+    let asm = codegen::emit_asm(&c.g).expect("disassembles");
+    assert!(asm.lines().count() < 5_000, "{} lines", asm.lines().count());
+
+    let p = Pool2d {
+        window: 40,
+        stride: 40,
+        pad: 0,
+    };
+    let mut c = Case::new();
+    let x = c.input("x", rand_f32(&mut rng, &[1, 2, 80, 80], 1.0));
+    let dy = c.input("dy", rand_f32(&mut rng, &[1, 2, 2, 2], 1.0));
+    let mx = c.op(Op::MaxPool(p), &[x]);
+    let dmx = c.op(Op::MaxPoolGrad(p), &[x, dy]);
+    c.out("max", mx);
+    c.out("dmax", dmx);
+    let asm = codegen::emit_asm(&c.g).expect("disassembles");
+    assert!(asm.lines().count() < 5_000, "{} lines", asm.lines().count());
 }
 
 /// The inline exp/log/tanh/sigmoid approximations over the whole f32 range

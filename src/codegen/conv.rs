@@ -249,10 +249,16 @@ impl Pool {
             }
             let bufs = PoolBufs { xp, yp, dyp, dxp };
             // Windows that lie wholly inside the input (all but the border
-            // rows and columns) take the unrolled path with no bounds checks.
+            // rows and columns) take the unrolled path with no bounds checks,
+            // where the window is small enough to unroll.
+            let unroll = g.kh * g.kw <= POOL_UNROLL_MAX_TAPS;
             let (oh0, oh1) = interior(g.oh, g.h, g.kh, g.stride, g.pad_top);
             let (ow0, ow1) = interior(g.ow, g.w, g.kw, g.stride, g.pad_left);
             k.for_const(0, g.oh, |k, oh| {
+                if !unroll {
+                    k.for_const(0, g.ow, |k, ow| self.emit_window(k, &bufs, oh, ow));
+                    return;
+                }
                 let lo = k.iconst(oh0 as i64);
                 let hi = k.iconst(oh1 as i64);
                 let ge = k.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, oh, lo);
@@ -442,6 +448,11 @@ impl Pool {
         }
     }
 }
+
+/// Window sizes (taps) up to which a pooling window inside the input is
+/// unrolled; larger windows loop, so that code size does not grow with
+/// the window.
+const POOL_UNROLL_MAX_TAPS: usize = 64;
 
 /// Base pointers of one pooling plane.
 #[derive(Clone, Copy)]
@@ -890,6 +901,11 @@ fn direct_tile(
 pub const GF_MR: usize = 3;
 /// Kernel columns accumulated at once by the filter-gradient kernel.
 const GF_KWC: usize = 3;
+/// Kernel widths up to which the filter gradient takes the direct kernel,
+/// whose code holds one tile per `GF_KWC` columns: a 2000-wide kernel made
+/// 137 000 instructions and took seconds and gigabytes to compile. Wider
+/// kernels take the im2col route, whose loops do not grow with the kernel.
+pub const GF_MAX_KW: usize = 16;
 
 /// Filter gradient of a stride-1 convolution:
 /// `dw[o, c, kh, kw] = Σ_{n, i, j} dy[n, o, i, j] · xp[n, c, i + kh·d, j + kw·d]`

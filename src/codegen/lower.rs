@@ -625,7 +625,7 @@ fn direct_grad_filter(
     scratch: usize,
 ) -> Option<Lowered> {
     let dims = [x[0], x[1], dy[1], g.oh, g.ow, g.kh, g.kw];
-    if g.stride != 1 || dims.contains(&0) {
+    if g.stride != 1 || dims.contains(&0) || g.kw > super::conv::GF_MAX_KW {
         return None;
     }
     let hp = g.oh + (g.kh - 1) * g.dilation;
