@@ -39,6 +39,21 @@ pub fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
 
+/// A byte count for messages: `512 B`, `3.5 MiB`, `40.2 GiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
 impl Tensor {
     /// An f32 tensor; panics if `data.len()` does not match the shape, which
     /// is a programming error, not a user error.

@@ -418,6 +418,72 @@ fn parameter_of_the_wrong_shape_names_file_and_tensor() {
     );
 }
 
+/// RAM plus swap of this machine, from /proc/meminfo (GiB).
+fn machine_gib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        let line = info.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some((kib("MemTotal:")? + kib("SwapTotal:").unwrap_or(0)) >> 20)
+}
+
+/// Models too large for the machine get an error, not an aborted process
+/// (Rust aborts when an allocation fails): parameters and inputs beyond its
+/// memory are refused at elaboration, at the largest one, and a memory plan
+/// the machine cannot give is refused when the JIT allocates it. Each
+/// tensor here has 2^34 elements (64 GiB), the most a tensor may have, so
+/// the test checks machines with less than 128 GiB of RAM and swap.
+#[test]
+fn models_too_large_for_the_machine() {
+    let Some(gib) = machine_gib().filter(|&g| g < 128) else {
+        eprintln!("skipped: this machine has 128 GiB of memory or more, or no /proc/meminfo");
+        return;
+    };
+    let f = Fixture::new();
+    f.write(
+        "params.dl",
+        b"model big {
+    input x: f32[1, 131072]
+    param w: f32[131072, 131072] = zeros
+    param v: f32[131072, 131072] = zeros
+    output y = x @ w + x @ v
+}
+",
+    );
+    let err = f.fails(
+        &["compile", "params.dl"],
+        &[
+            "parameter `w` takes 64.0 GiB",
+            "parameters and inputs 128.0 GiB",
+            "more than this machine's memory",
+            "params.dl:3:11",
+            "^",
+        ],
+    );
+    assert!(err.contains(&format!("({gib}.")), "{err}");
+    // 4 MiB of inputs, 128 GiB of intermediate values: `c` and `d` are
+    // both live while `e` is computed.
+    f.write(
+        "plan.dl",
+        b"model big {
+    input a: f32[131072, 1]
+    input b: f32[1, 131072]
+    c = a @ b
+    d = c * c
+    output e = sum(c + d)
+}
+",
+    );
+    f.fails(
+        &["compile", "plan.dl"],
+        &[
+            "intermediate values need",
+            "more memory than the machine can give",
+        ],
+    );
+}
+
 #[test]
 fn bad_dim_flag() {
     let f = Fixture::new();

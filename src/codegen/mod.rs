@@ -84,6 +84,8 @@ pub enum CodegenError {
     Plan(String),
     #[error("output '{0}' refers to a value that is not in the graph")]
     BadOutput(String),
+    #[error("the model's intermediate values need {}, more memory than the machine can give", crate::tensor::human_bytes(*.0 as u64))]
+    Memory(usize),
 }
 
 /// How hard Cranelift optimises a kernel.
@@ -1120,14 +1122,8 @@ fn compile_inner(
         })
         .collect();
     let _ = &p.order;
-    Ok(JitModel::new(
-        module,
-        execs,
-        feeds,
-        outputs,
-        p.plan.size,
-        opts.threads,
-    ))
+    JitModel::new(module, execs, feeds, outputs, p.plan.size, opts.threads)
+        .ok_or(CodegenError::Memory(p.plan.size))
 }
 
 /// One kernel step awaiting machine code, in execution order.

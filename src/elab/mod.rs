@@ -181,6 +181,9 @@ pub fn elaborate(
     el.model(m);
     diags.append(&mut el.diags);
     check_sizes(&el.graph, &mut diags);
+    if !diags.iter().any(Diagnostic::is_error) {
+        check_memory(&el.graph, machine_memory(), &mut diags);
+    }
     let diags = finish(diags);
     if diags.iter().any(Diagnostic::is_error) {
         return Err(diags);
@@ -240,6 +243,64 @@ fn check_sizes(g: &crate::ir::Graph, diags: &mut Vec<Diagnostic>) {
             }
         }
     }
+}
+
+/// Parameters and inputs are allocated whole before anything runs, so a
+/// model whose parameters and inputs alone exceed `memory` (the machine's
+/// RAM and swap) cannot run here: it is rejected at its largest such
+/// tensor, rather than aborting the process when the allocation fails.
+fn check_memory(g: &crate::ir::Graph, memory: Option<u64>, diags: &mut Vec<Diagnostic>) {
+    use crate::ir::Op;
+    let Some(memory) = memory else {
+        return;
+    };
+    let mut total = 0u64;
+    let mut largest: Option<(u64, petgraph::graph::NodeIndex)> = None;
+    for n in g.graph.node_indices() {
+        let node = g.node(n);
+        if !matches!(node.op, Op::Param { .. } | Op::Input { .. }) {
+            continue;
+        }
+        let bytes: u64 = node
+            .outputs
+            .iter()
+            .map(|t| 4 * crate::tensor::numel(&t.shape) as u64)
+            .sum();
+        total = total.saturating_add(bytes);
+        if largest.is_none_or(|(b, _)| bytes > b) {
+            largest = Some((bytes, n));
+        }
+    }
+    let Some((bytes, n)) = largest.filter(|_| total > memory) else {
+        return;
+    };
+    let node = g.node(n);
+    let what = match &node.op {
+        Op::Input { name } => format!("input `{name}`"),
+        Op::Param { name, .. } => format!("parameter `{name}`"),
+        op => op.name().to_string(),
+    };
+    let human = crate::tensor::human_bytes;
+    diags.push(Diagnostic::error(
+        node.span.unwrap_or_default(),
+        format!(
+            "{what} takes {}, and the model's parameters and inputs {}: more than this machine's memory ({})",
+            human(bytes),
+            human(total),
+            human(memory)
+        ),
+    ));
+}
+
+/// RAM plus swap, from `/proc/meminfo`; `None` where it cannot be read
+/// (then no model is refused for its size).
+fn machine_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        let line = info.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some(kib("MemTotal:")?.saturating_add(kib("SwapTotal:").unwrap_or(0)) * 1024)
 }
 
 fn missing_file(file: u32) -> Diagnostic {
@@ -427,4 +488,52 @@ fn prebind_symbols(
     }
     let bound = &syms.bound;
     syms.poisoned.retain(|s| !bound.contains_key(s));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SRC: &str = "model m {
+    input x: f32[4, 8]
+    param small: f32[8, 2] = ones
+    param big: f32[8, 100] = ones
+    output y = x @ small
+    output z = x @ big
+}
+";
+
+    fn graph() -> (SourceMap, crate::ir::Graph) {
+        let mut sm = SourceMap::default();
+        let file = sm.add("m.dl", SRC);
+        let e = elaborate(&mut sm, file, &ElabOptions::default()).expect("elaborates");
+        (sm, e.model.graph)
+    }
+
+    /// Parameters and inputs take 4·(32 + 16 + 800) = 3392 bytes: a
+    /// machine with less memory refuses the model at its largest tensor,
+    /// one with as much (or of unknown size) accepts it.
+    #[test]
+    fn parameters_and_inputs_beyond_the_machine_memory_are_refused() {
+        let (sm, g) = graph();
+        let mut diags = Vec::new();
+        check_memory(&g, Some(3391), &mut diags);
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        let d = &diags[0];
+        assert!(d.is_error());
+        assert!(
+            d.message.starts_with("parameter `big` takes 3.1 KiB")
+                && d.message.contains("parameters and inputs 3.3 KiB")
+                && d.message.contains("memory (3.3 KiB)"),
+            "{}",
+            d.message
+        );
+        let at = &sm.get(d.span.file).expect("file").text[d.span.start as usize..];
+        assert!(at.starts_with("big"), "points at {at:?}");
+        for memory in [Some(3392), None] {
+            let mut diags = Vec::new();
+            check_memory(&g, memory, &mut diags);
+            assert!(diags.is_empty(), "{diags:?}");
+        }
+    }
 }

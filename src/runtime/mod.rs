@@ -106,13 +106,26 @@ struct Lines {
 }
 
 impl Lines {
-    fn zeroed(bytes: usize) -> Lines {
+    /// `None` where the memory cannot be had: an arena larger than the
+    /// machine is a user's model, not a bug, and must not abort the process
+    /// as `vec!` would.
+    fn zeroed(bytes: usize) -> Option<Lines> {
         let lines = bytes.div_ceil(64);
         // Three spare u128s cover the shift from 16- to 64-byte alignment.
-        Lines {
-            buf: vec![0u128; lines * 4 + 3],
-            lines,
-        }
+        let len = lines.checked_mul(4)?.checked_add(3)?;
+        let layout = std::alloc::Layout::array::<u128>(len).ok()?;
+        // SAFETY: `layout` has a non-zero size (len ≥ 3); a null result is
+        // handled. The memory comes from the global allocator with exactly
+        // the layout of a `Vec<u128>` of capacity `len`, and zeroed memory
+        // is `len` valid `u128`s, so the Vec may own it.
+        let buf = unsafe {
+            let p = std::alloc::alloc_zeroed(layout) as *mut u128;
+            if p.is_null() {
+                return None;
+            }
+            Vec::from_raw_parts(p, len, len)
+        };
+        Some(Lines { buf, lines })
     }
 
     fn len(&self) -> usize {
@@ -151,19 +164,20 @@ impl JitModel {
         outputs: Vec<(String, Loc, TensorType)>,
         arena_bytes: usize,
         threads: usize,
-    ) -> JitModel {
+    ) -> Option<JitModel> {
         let threads = threads.max(1);
-        JitModel {
+        let lines = Lines::zeroed(arena_bytes)?;
+        Some(JitModel {
             kernels,
             feeds,
             outputs,
             arena: Mutex::new(Arena {
-                lines: Lines::zeroed(arena_bytes),
+                lines,
                 pool: Pool::new(threads),
             }),
             threads,
             _code: Code(Some(module)),
-        }
+        })
     }
 
     /// Kernels run by the interpreter because no compiled kernel exists.
