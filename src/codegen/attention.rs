@@ -868,16 +868,11 @@ fn row_acc(
     let m0 = k.addr(m, j0, (f * 4) as i64);
     let w_row = w_row as i64;
     let arow = (pad4(f) * 4) as i32;
-    let mut ch = 0;
-    while ch < f {
-        let width = match f - ch {
-            n if n >= 8 => 8,
-            n if n >= 4 => 4,
-            n => n,
-        };
+    // `width` columns of every row, `coff` bytes past column 0 of `acc`
+    // and `m0` (which the looped chunks advance instead).
+    let chunk = |k: &mut Kb, acc: Value, m0: Value, coff: i32, width: usize| {
         let vector = width >= 4;
         let lanes = if vector { width / 4 } else { width };
-        let coff = (ch * 4) as i32;
         let at = |r: usize, h: usize| {
             r as i32 * arow + coff + if vector { 16 * h as i32 } else { 4 * h as i32 }
         };
@@ -942,6 +937,28 @@ fn row_acc(
                 }
             }
         }
+    };
+    // Wide rows loop over their 8-column chunks, so that the code does not
+    // grow with the feature count (a 4096-wide head made 140 000
+    // instructions); up to `UNROLL_MAX` columns each chunk is emitted.
+    let mut ch = 0;
+    if f > UNROLL_MAX {
+        let full = k.iconst((f / 8) as i64);
+        let zero = k.iconst(0);
+        k.for_range(zero, full, 1, |k, c| {
+            let a = k.addr(acc, c, 32);
+            let m = k.addr(m0, c, 32);
+            chunk(k, a, m, 0, 8);
+        });
+        ch = f / 8 * 8;
+    }
+    while ch < f {
+        let width = match f - ch {
+            n if n >= 8 => 8,
+            n if n >= 4 => 4,
+            n => n,
+        };
+        chunk(k, acc, m0, (ch * 4) as i32, width);
         ch += width;
     }
 }
