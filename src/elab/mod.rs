@@ -230,18 +230,26 @@ fn check_sizes(g: &crate::ir::Graph, diags: &mut Vec<Diagnostic>) {
                 .try_fold(1usize, |acc, d| acc.checked_mul(*d));
             if count.is_none_or(|c| c > MAX_ELEMENTS) {
                 let span = node.span.unwrap_or_default();
-                let what = match &node.op {
-                    crate::ir::Op::Input { name } => format!("input `{name}`"),
-                    crate::ir::Op::Param { name, .. } => format!("parameter `{name}`"),
-                    op => op.name().to_string(),
-                };
                 diags.push(Diagnostic::error(
                     span,
-                    format!("{what}: the tensor {t} has more than 2^34 elements"),
+                    format!(
+                        "{}: the tensor {t} has more than 2^34 elements",
+                        describe(&node.op)
+                    ),
                 ));
                 return;
             }
         }
+    }
+}
+
+/// How a size error names the op that makes the tensor.
+fn describe(op: &crate::ir::Op) -> String {
+    use crate::ir::Op;
+    match op {
+        Op::Input { name } => format!("input `{name}`"),
+        Op::Param { name, .. } => format!("parameter `{name}`"),
+        op => op.name().to_string(),
     }
 }
 
@@ -275,16 +283,12 @@ fn check_memory(g: &crate::ir::Graph, memory: Option<u64>, diags: &mut Vec<Diagn
         return;
     };
     let node = g.node(n);
-    let what = match &node.op {
-        Op::Input { name } => format!("input `{name}`"),
-        Op::Param { name, .. } => format!("parameter `{name}`"),
-        op => op.name().to_string(),
-    };
     let human = crate::tensor::human_bytes;
     diags.push(Diagnostic::error(
         node.span.unwrap_or_default(),
         format!(
-            "{what} takes {}, and the model's parameters and inputs {}: more than this machine's memory ({})",
+            "{} takes {}, and the model's parameters and inputs {}: more than this machine's memory ({})",
+            describe(&node.op),
             human(bytes),
             human(total),
             human(memory)
