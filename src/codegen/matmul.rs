@@ -292,6 +292,11 @@ impl Matmul {
     fn a_in_unit(&self) -> bool {
         self.is_large()
     }
+    /// The tiles find A through its own tensor (read in place, or packed
+    /// per unit from there), so no packing phase writes it to the arena.
+    fn a_from_source(&self) -> bool {
+        self.a_direct() || self.a_in_unit()
+    }
     /// A is packed as broadcast vectors (see A_BROADCAST_MIN_PANELS).
     fn a_broadcast(&self) -> bool {
         self.n.div_ceil(TILE.nr()) >= A_BROADCAST_MIN_PANELS
@@ -360,7 +365,7 @@ impl Matmul {
     }
 
     pub fn pack_a_bytes(&self) -> usize {
-        if self.a_direct() || self.a_in_unit() {
+        if self.a_from_source() {
             return 0;
         }
         self.a_batches() * self.mp() * self.k * self.tile().mr * self.a_elem_bytes()
@@ -374,7 +379,7 @@ impl Matmul {
 
     pub fn units(&self, p: MatmulPhase) -> usize {
         match p {
-            MatmulPhase::PackA if self.a_direct() || self.a_in_unit() => 0,
+            MatmulPhase::PackA if self.a_from_source() => 0,
             MatmulPhase::PackA => self.a_batches() * self.mp(),
             MatmulPhase::PackB if self.b_direct() => 0,
             MatmulPhase::PackB => self.b_batches() * self.nkp(),
@@ -416,7 +421,7 @@ impl Matmul {
     /// copies of it where the micro-kernel takes broadcasts. Nothing to do
     /// when A is read in place.
     fn emit_pack_a(&self, kb: &mut Kb) {
-        if self.a_direct() || self.a_in_unit() {
+        if self.a_from_source() {
             return;
         }
         let mr = self.tile().mr;
@@ -553,8 +558,9 @@ impl Matmul {
         let (m, n, kdim) = (self.m, self.n, self.k);
         let (mp, np) = (self.mp(), self.np());
         let direct = self.a_direct();
+        let from_source = self.a_from_source();
         let in_unit = self.a_in_unit();
-        let a_base = if direct || in_unit {
+        let a_base = if from_source {
             kb.base(self.a.loc)
         } else {
             kb.base(self.pack_a)
@@ -586,7 +592,7 @@ impl Matmul {
         let (ncp, njc) = (self.chunk_panels(), self.col_chunks());
         // Per output batch: A's offset (elements in place, packed panels
         // otherwise), B's packed batch, C's offset.
-        let a_bs = if direct || in_unit {
+        let a_bs = if from_source {
             self.a.batch_strides.clone()
         } else {
             pack_index_strides(&self.batch, &self.a.batch_strides)
@@ -704,7 +710,7 @@ impl Matmul {
                     &[a_bs.clone(), b_ps.clone(), c_bs.clone()],
                 );
                 let (ao, bj, coff) = (offs[0], offs[1], offs[2]);
-                let pa = if direct || in_unit {
+                let pa = if from_source {
                     // a + (off + ao + ip·mr·rs + k0·cs)·4
                     let x = k.b.ins().iadd_imm_s(ao, self.a.off as i64);
                     let r0 = k.b.ins().imul_imm_s(ip, mr as i64 * self.a.rs);
