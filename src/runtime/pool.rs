@@ -5,6 +5,13 @@
 //! counter. Which thread runs a chunk varies, what a chunk computes does
 //! not, so results are bitwise identical for any thread count.
 //!
+//! The caller claims chunks from the front of a step and the workers from
+//! the back. On two threads each so keeps to its own end of every step,
+//! and consecutive kernels mostly walk the same rows in the same order, so
+//! a kernel finds in its core's cache what the same thread wrote in the
+//! previous one (transformer training step −7%, forward −12%, alternated
+//! in one process against claiming from the front only).
+//!
 //! A step ends when its chunks are done, not when every worker has looked
 //! at it: on a VM a worker's core can be taken away for a millisecond, and
 //! a step that waited for that worker to check in (even with nothing left
@@ -51,15 +58,24 @@ fn spin_until(ready: impl Fn() -> bool) -> bool {
 /// `fn(arena, ptrs, start, end) -> code`, as emitted by codegen.
 pub type KernelFn = unsafe extern "C" fn(*mut u8, *const *const u8, i64, i64) -> i64;
 
-/// The chunk counter: the step's number in the high 32 bits, the next
-/// chunk to claim in the low 32.
-fn ticket(step: u64, chunk: u64) -> u64 {
-    (step << 32) | chunk
+/// Bits of each end of the chunk range in a ticket.
+const END_BITS: u32 = 20;
+const END_MASK: u64 = (1 << END_BITS) - 1;
+/// Most chunks a step is cut into; a step with more units takes a
+/// coarser grain.
+const MAX_CHUNKS: usize = END_MASK as usize;
+/// Bits of the step number (the ticket's high bits).
+const STEP_MASK: u64 = (1 << (64 - 2 * END_BITS)) - 1;
+
+/// The chunk counter: the step's number in the high bits, then the range
+/// of chunks not yet claimed, `[front, back)`.
+fn ticket(step: u64, front: u64, back: u64) -> u64 {
+    (step << (2 * END_BITS)) | (front << END_BITS) | back
 }
 
-/// Chunk index of a closed step: above any step's chunk count, so nothing
-/// can be claimed from it.
-const CLOSED: u64 = 0xFFFF_FFFF;
+fn step_of(t: u64) -> u64 {
+    t >> (2 * END_BITS)
+}
 
 struct Shared {
     /// Step number and next chunk (see `ticket`). A new step's job fields
@@ -143,9 +159,10 @@ impl Pool {
         units: usize,
         grain: usize,
     ) -> i64 {
-        let grain = grain.max(1);
+        // The chunks depend on the step alone, whatever the thread count.
+        let grain = grain.max(1).max(units.div_ceil(MAX_CHUNKS));
         let chunks = units.div_ceil(grain);
-        if chunks <= 1 || self.workers.is_empty() || chunks as u64 >= CLOSED {
+        if chunks <= 1 || self.workers.is_empty() {
             let mut code = 0;
             for c in 0..chunks {
                 let (s, e) = (c * grain, ((c + 1) * grain).min(units));
@@ -165,7 +182,7 @@ impl Pool {
         // step twice and count it twice (the count then never reaches the
         // total and the caller waits forever). All stores are SeqCst, so a
         // worker that sees any new field sees the closed ticket too.
-        sh.ticket.store(ticket(self.step, CLOSED), Ordering::SeqCst);
+        sh.ticket.store(ticket(self.step, 0, 0), Ordering::SeqCst);
         sh.func.store(func as usize, Ordering::SeqCst);
         sh.arena.store(arena as usize, Ordering::SeqCst);
         sh.ptrs.store(ptrs as usize, Ordering::SeqCst);
@@ -175,16 +192,17 @@ impl Pool {
         sh.done.store(0, Ordering::SeqCst);
         sh.code.store(i64::MAX, Ordering::SeqCst);
         // Step 0 is the state before the first step, which workers have seen.
-        self.step = (self.step + 1) & 0xFFFF_FFFF;
+        self.step = (self.step + 1) & STEP_MASK;
         if self.step == 0 {
             self.step = 1;
         }
-        sh.ticket.store(ticket(self.step, 0), Ordering::SeqCst);
+        sh.ticket
+            .store(ticket(self.step, 0, chunks as u64), Ordering::SeqCst);
         if sh.sleeping.load(Ordering::SeqCst) > 0 {
             let _g = lock(&sh.lock);
             sh.wake.notify_all();
         }
-        run_chunks(sh, self.step);
+        run_chunks(sh, self.step, End::Front);
         let chunks = chunks as u64;
         let all_done = || sh.done.load(Ordering::SeqCst) == chunks;
         if !spin_until(all_done) {
@@ -207,22 +225,37 @@ fn lock(m: &Mutex<bool>) -> std::sync::MutexGuard<'_, bool> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Which end of a step's chunk range a thread claims from.
+#[derive(Clone, Copy)]
+enum End {
+    Front,
+    Back,
+}
+
 /// Claim and run chunks of step `step` until none is left or the step is
 /// over. A claim succeeds only while the ticket still shows `step` with
 /// chunks left, so the job fields read before it belong to that step: the
-/// caller closes the ticket before it rewrites them (see `Pool::run`).
-fn run_chunks(sh: &Shared, step: u64) {
+/// caller closes the ticket (an empty range) before it rewrites them (see
+/// `Pool::run`).
+fn run_chunks(sh: &Shared, step: u64, end: End) {
     loop {
         let t = sh.ticket.load(Ordering::SeqCst);
-        if t >> 32 != step {
+        if step_of(t) != step {
             return;
         }
-        let c = t & 0xFFFF_FFFF;
+        let (front, back) = ((t >> END_BITS) & END_MASK, t & END_MASK);
+        if front >= back {
+            return;
+        }
         // Widens the window between reading the ticket and claiming, where
         // the caller may start the next step, so the tests exercise it.
         #[cfg(test)]
         std::thread::yield_now();
         let chunks = sh.chunks.load(Ordering::SeqCst);
+        let (c, claimed) = match end {
+            End::Front => (front, ticket(step, front + 1, back)),
+            End::Back => (back - 1, ticket(step, front, back - 1)),
+        };
         if c >= chunks {
             return;
         }
@@ -233,7 +266,7 @@ fn run_chunks(sh: &Shared, step: u64) {
         let grain = sh.grain.load(Ordering::SeqCst);
         if sh
             .ticket
-            .compare_exchange(t, t + 1, Ordering::SeqCst, Ordering::SeqCst)
+            .compare_exchange(t, claimed, Ordering::SeqCst, Ordering::SeqCst)
             .is_err()
         {
             continue;
@@ -270,7 +303,7 @@ fn run_chunks(sh: &Shared, step: u64) {
 fn worker(sh: &Shared) {
     let mut seen = 0u64;
     loop {
-        let current = || sh.ticket.load(Ordering::SeqCst) >> 32;
+        let current = || step_of(sh.ticket.load(Ordering::SeqCst));
         if !spin_until(|| current() != seen) {
             let mut shutdown = lock(&sh.lock);
             sh.sleeping.fetch_add(1, Ordering::SeqCst);
@@ -283,7 +316,7 @@ fn worker(sh: &Shared) {
             }
         }
         seen = current();
-        run_chunks(sh, seen);
+        run_chunks(sh, seen, End::Back);
     }
 }
 
@@ -367,6 +400,66 @@ mod tests {
                 let want = if units > 13 { 14 } else { 0 };
                 assert_eq!(code, want, "threads {threads}, round {round}");
             }
+        }
+    }
+
+    /// A step with more units than a ticket can count chunks of runs
+    /// every unit once, in coarser chunks.
+    #[test]
+    fn steps_beyond_the_chunk_limit_take_a_coarser_grain() {
+        for threads in [1, 2] {
+            let mut pool = Pool::new(threads);
+            let (once, code) = counted_step(&mut pool, MAX_CHUNKS + 7, 1);
+            assert!(once, "threads {threads}");
+            assert_eq!(code, 14);
+        }
+    }
+
+    /// Records the start of every chunk it runs, in order.
+    unsafe extern "C" fn record_starts(
+        arena: *mut u8,
+        _ptrs: *const *const u8,
+        start: i64,
+        _end: i64,
+    ) -> i64 {
+        // SAFETY: the test passes a live Mutex<Vec<i64>> as the arena.
+        let seen = unsafe { &*(arena as *const Mutex<Vec<i64>>) };
+        lock_vec(seen).push(start);
+        0
+    }
+
+    fn lock_vec(m: &Mutex<Vec<i64>>) -> std::sync::MutexGuard<'_, Vec<i64>> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The caller takes chunks from the front of a step, a worker from the
+    /// back, each in order.
+    #[test]
+    fn caller_claims_from_the_front_and_workers_from_the_back() {
+        for (end, want) in [
+            (End::Front, vec![0, 3, 6, 9]),
+            (End::Back, vec![9, 6, 3, 0]),
+        ] {
+            let seen = Mutex::new(Vec::new());
+            let sh = Shared {
+                ticket: AtomicU64::new(ticket(5, 0, 4)),
+                func: AtomicUsize::new(record_starts as *const () as usize),
+                arena: AtomicUsize::new(&seen as *const Mutex<Vec<i64>> as usize),
+                ptrs: AtomicUsize::new(0),
+                units: AtomicUsize::new(10),
+                grain: AtomicUsize::new(3),
+                chunks: AtomicU64::new(4),
+                done: AtomicU64::new(0),
+                code: AtomicI64::new(i64::MAX),
+                sleeping: AtomicUsize::new(0),
+                caller_sleeping: AtomicUsize::new(0),
+                lock: Mutex::new(false),
+                wake: Condvar::new(),
+                finished: Condvar::new(),
+            };
+            run_chunks(&sh, 5, end);
+            assert_eq!(*lock_vec(&seen), want);
+            assert_eq!(sh.done.load(Ordering::SeqCst), 4);
         }
     }
 
