@@ -979,8 +979,23 @@ fn for_tiles(k: &mut Kb, lo: Value, hi: Value, body: impl FnOnce(&mut Kb, Value)
 /// Zero `R` accumulator rows of `pad4(f)`.
 fn zero_acc(k: &mut Kb, acc: Value, f: usize) {
     let z = k.vconst(0.0);
-    for i in 0..R * pad4(f) / 4 {
-        store(k, z, acc, (16 * i) as i32);
+    each_vector(k, acc, R * pad4(f) / 4, |k, at, off| store(k, z, at, off));
+}
+
+/// `body(k, base', off)` for each of `count` consecutive f32x4 at `base`
+/// (the vector at `base' + off`): emitted one by one up to `UNROLL_MAX`
+/// floats, else as a loop, so that the code does not grow with the
+/// feature count.
+fn each_vector(k: &mut Kb, base: Value, count: usize, mut body: impl FnMut(&mut Kb, Value, i32)) {
+    if 4 * count <= UNROLL_MAX {
+        for i in 0..count {
+            body(k, base, (16 * i) as i32);
+        }
+    } else {
+        k.for_const(0, count, |k, i| {
+            let at = k.addr(base, i, 16);
+            body(k, at, 0)
+        });
     }
 }
 
@@ -1157,11 +1172,11 @@ impl Attn {
                 for r in 0..R {
                     let cv = bcast_lane(k, corr, r);
                     let row = k.b.ins().iadd_imm_s(a1_at, (r * pad4(self.dv) * 4) as i64);
-                    for i in 0..pad4(self.dv) / 4 {
-                        let x = k.load_v(row, (16 * i) as i32);
+                    each_vector(k, row, pad4(self.dv) / 4, |k, at, off| {
+                        let x = k.load_v(at, off);
                         let x = k.b.ins().fmul(x, cv);
-                        store(k, x, row, (16 * i) as i32);
-                    }
+                        store(k, x, at, off);
+                    });
                 }
                 let a1_at = bufs.at(k, Buf::A1);
                 let tile0 = bufs.tile(k, Buf::T1);
