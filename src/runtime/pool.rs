@@ -59,12 +59,15 @@ fn spin_until(ready: impl Fn() -> bool) -> bool {
 pub type KernelFn = unsafe extern "C" fn(*mut u8, *const *const u8, i64, i64) -> i64;
 
 /// Bits of each end of the chunk range in a ticket.
-const END_BITS: u32 = 20;
+const END_BITS: u32 = 18;
 const END_MASK: u64 = (1 << END_BITS) - 1;
 /// Most chunks a step is cut into; a step with more units takes a
-/// coarser grain.
+/// coarser grain (262 143 chunks of the ~32k element operations codegen
+/// aims at are seconds of work, so only giant kernels get coarser).
 const MAX_CHUNKS: usize = END_MASK as usize;
-/// Bits of the step number (the ticket's high bits).
+/// Bits of the step number (the ticket's high bits): 28, so a ticket
+/// repeats only after 2^28 steps, which no thread stalls through between
+/// reading the ticket and claiming from it.
 const STEP_MASK: u64 = (1 << (64 - 2 * END_BITS)) - 1;
 
 /// The chunk counter: the step's number in the high bits, then the range
