@@ -2,10 +2,12 @@
 
 use std::process::Command;
 
-fn run_all(backend: &str) {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden");
+/// Runs `dlc test` on a folder of cases under `tests/` with `backend`:
+/// every case passes, and there are at least `min_cases` of them.
+fn run_all(folder: &str, backend: &str, min_cases: usize) {
+    let dir = format!("{}/tests/{folder}", env!("CARGO_MANIFEST_DIR"));
     let out = Command::new(env!("CARGO_BIN_EXE_dlc"))
-        .args(["test", dir, "--backend", backend])
+        .args(["test", &dir, "--backend", backend])
         .output()
         .expect("run dlc");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -14,7 +16,7 @@ fn run_all(backend: &str) {
     let failing: Vec<&str> = stdout.lines().filter(|l| !l.starts_with("PASS ")).collect();
     assert!(out.status.success(), "dlc test failed:\n{stdout}\n{stderr}");
     assert!(
-        cases >= 64,
+        cases >= min_cases,
         "expected every case to pass, got {cases}:\n{stdout}"
     );
     assert_eq!(failing, [format!("{cases} passed, 0 failed")], "{stdout}");
@@ -22,12 +24,23 @@ fn run_all(backend: &str) {
 
 #[test]
 fn every_golden_case_passes_on_the_interpreter() {
-    run_all("interp");
+    run_all("golden", "interp", 64);
 }
 
 #[test]
 fn every_golden_case_passes_on_the_jit() {
-    run_all("jit");
+    run_all("golden", "jit", 64);
+}
+
+/// The cases `tests/golden_jax/gen.py` computed with JAX (in float64,
+/// from LANGUAGE.md's formulas): random shapes and attributes for every
+/// op family, composed graphs, small pipelines and edge cases (ties,
+/// "same" padding with even kernels, empty slices, pools over padding).
+#[test]
+fn every_jax_reference_case_passes_on_both_backends() {
+    for backend in ["interp", "jit"] {
+        run_all("golden_jax/cases", backend, 261);
+    }
 }
 
 #[test]
