@@ -105,17 +105,10 @@ struct Shared {
     finished: Condvar,
 }
 
-pub struct Pool {
-    shared: Arc<Shared>,
-    workers: Vec<JoinHandle<()>>,
-    /// Number of the last step published.
-    step: u64,
-}
-
-impl Pool {
-    /// A pool whose calling thread plus `threads - 1` workers share work.
-    pub fn new(threads: usize) -> Pool {
-        let shared = Arc::new(Shared {
+impl Shared {
+    /// The state before the first step: step 0, nothing to claim.
+    fn idle() -> Shared {
+        Shared {
             ticket: AtomicU64::new(0),
             func: AtomicUsize::new(0),
             arena: AtomicUsize::new(0),
@@ -130,7 +123,21 @@ impl Pool {
             lock: Mutex::new(false),
             wake: Condvar::new(),
             finished: Condvar::new(),
-        });
+        }
+    }
+}
+
+pub struct Pool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    /// Number of the last step published.
+    step: u64,
+}
+
+impl Pool {
+    /// A pool whose calling thread plus `threads - 1` workers share work.
+    pub fn new(threads: usize) -> Pool {
+        let shared = Arc::new(Shared::idle());
         let workers = (1..threads.max(1))
             .map(|_| {
                 let s = shared.clone();
@@ -444,22 +451,16 @@ mod tests {
             (End::Back, vec![9, 6, 3, 0]),
         ] {
             let seen = Mutex::new(Vec::new());
-            let sh = Shared {
-                ticket: AtomicU64::new(ticket(5, 0, 4)),
-                func: AtomicUsize::new(record_starts as *const () as usize),
-                arena: AtomicUsize::new(&seen as *const Mutex<Vec<i64>> as usize),
-                ptrs: AtomicUsize::new(0),
-                units: AtomicUsize::new(10),
-                grain: AtomicUsize::new(3),
-                chunks: AtomicU64::new(4),
-                done: AtomicU64::new(0),
-                code: AtomicI64::new(i64::MAX),
-                sleeping: AtomicUsize::new(0),
-                caller_sleeping: AtomicUsize::new(0),
-                lock: Mutex::new(false),
-                wake: Condvar::new(),
-                finished: Condvar::new(),
-            };
+            // Step 5: 10 units in 4 chunks of 3.
+            let sh = Shared::idle();
+            sh.ticket.store(ticket(5, 0, 4), Ordering::SeqCst);
+            let func = record_starts as *const () as usize;
+            sh.func.store(func, Ordering::SeqCst);
+            let arena = &seen as *const Mutex<Vec<i64>> as usize;
+            sh.arena.store(arena, Ordering::SeqCst);
+            sh.units.store(10, Ordering::SeqCst);
+            sh.grain.store(3, Ordering::SeqCst);
+            sh.chunks.store(4, Ordering::SeqCst);
             run_chunks(&sh, 5, end);
             assert_eq!(*lock_vec(&seen), want);
             assert_eq!(sh.done.load(Ordering::SeqCst), 4);
