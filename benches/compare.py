@@ -23,7 +23,9 @@ too. Columns:
     against XLA's compile time of the forward function;
   * fwd / train: median latency of one forward pass / one training step
     (sgd, lr=0.01, momentum=0.9) after a warm-up;
-  * GFLOP/s: gemm only, 2*M*K*P / forward time.
+  * GFLOP/s: gemm only, 2*M*K*P / forward time; dlc's also as a share of
+    the f32x4 FMA peak of its threads' cores, which `dlc bench` measures
+    in the same minutes (`fma_peak_gflops_per_core`, src/codegen/peak.rs).
 
 Setup (once): the XLA side needs a Python with jax, numpy and safetensors:
 
@@ -85,14 +87,19 @@ def select(only):
 
 
 def machine():
-    model = "?"
+    model, flags = "?", set()
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
+            lines = f.read().splitlines()
+        model = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), "?")
+        flags = set(next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), []))
     except OSError:
         model = platform.processor() or "?"
+    # The widest float vectors the CPU has: XLA uses them, the JIT's
+    # Cranelift 0.135 emits 128-bit ones only.
+    vectors = "512-bit (AVX-512)" if "avx512f" in flags else "256-bit (AVX2)" if "avx2" in flags else "?"
     return {"cpu_model": model, "cores": os.cpu_count(), "machine": platform.machine(),
-            "system": platform.system()}
+            "system": platform.system(), "vectors": vectors}
 
 
 def run_dlc(args, workload):
@@ -225,6 +232,9 @@ def table(rows):
         dg = xg = None
         if r["flops"] and df:
             dg = r["flops"] / (df * 1e-3) / 1e9
+        share = ""
+        if dg and d.get("fma_peak_gflops_per_core") and d.get("threads"):
+            share = f" ({100 * dg / (d['fma_peak_gflops_per_core'] * d['threads']):.0f}% of peak)"
         if r["flops"] and xf:
             xg = x.get("gflops") or r["flops"] / (xf * 1e-3) / 1e9
         name = r["name"] + (" (" + "; ".join(notes) + ")" if notes else "")
@@ -233,7 +243,7 @@ def table(rows):
         lines.append(
             f"| {name} | {fmt(dc, 1)} | {fmt(xc, 1)} | {ratio(dc, xc)} | {fmt(df)} | {fmt(xf)} | "
             f"{ratio(df, xf)}{fwd_spread} | {fmt(dt)} | {fmt(xt)} | {ratio(dt, xt)}{train_spread} | "
-            f"{fmt(dg, 1) if dg else '—'} | {fmt(xg, 1) if xg else '—'} | {fmt(x.get('background_cores'))} |")
+            f"{fmt(dg, 1) + share if dg else '—'} | {fmt(xg, 1) if xg else '—'} | {fmt(x.get('background_cores'))} |")
     return "\n".join(lines)
 
 
@@ -296,7 +306,12 @@ def main():
 
     env = machine()
     out = table(rows)
-    out += (f"\n\nmachine: {env['cpu_model']}, {env['cores']} cores ({env['machine']}, {env['system']}); "
+    peaks = [d["fma_peak_gflops_per_core"] for rs in dlc_rounds.values() for d in rs
+             if isinstance(d.get("fma_peak_gflops_per_core"), (int, float))]
+    peak = (f"; f32x4 FMA peak (dlc bench's probe, median over the run) "
+            f"{statistics.median(peaks):.1f} GFLOP/s per core" if peaks else "")
+    out += (f"\n\nmachine: {env['cpu_model']}, {env['cores']} cores ({env['machine']}, {env['system']}), "
+            f"widest vectors {env['vectors']}{peak}; "
             f"threads={args.threads} on both sides; dlc backend={args.backend}, "
             f"{args.rounds} alternating rounds per workload, medians over them; "
             f"dlc: at least {args.steps} timed steps and {'0.1' if args.quick else '1.5'} s; "

@@ -6,16 +6,11 @@
 //!
 //! Each figure is also given as a share of the machine's f32x4 FMA peak,
 //! measured between the timed runs by a Cranelift loop of independent
-//! FMAs ([`PeakProbe`]): on a shared virtual machine the clock a core gets
+//! FMAs (`dlc::codegen::peak`): on a shared virtual machine the clock a core gets
 //! changes by a third within minutes, and a GFLOP/s figure alone cannot
 //! tell a slower kernel from a slower moment.
 
-use cranelift_codegen::ir::types::{F32X4, I64};
-use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, UserFuncName};
-use cranelift_codegen::Context;
-use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
-use cranelift_jit::{JITBuilder, JITModule};
-use cranelift_module::{Linkage, Module};
+use dlc::codegen::peak::PeakProbe;
 use dlc::codegen::{self, JitOptions};
 use dlc::ir::{Graph, Op, OutputKind, TensorType};
 use dlc::tensor::Tensor;
@@ -142,115 +137,6 @@ fn bench(m: usize, k: usize, n: usize, threads: usize, probe: &PeakProbe) -> Res
         flops / cpu / 1e9
     );
     Ok(())
-}
-
-/// The f32x4 FMA peak of one core, as Cranelift code reaches it: a loop
-/// of `ACCS` independent chains `acc = acc · x + y`, which Cranelift
-/// emits as `vfmadd213ps` with no register copies (the accumulator is the
-/// multiplicand it overwrites). Enough chains to cover the FMA latency on
-/// two pipes, few enough for the 16 xmm registers with `x` and `y`.
-struct PeakProbe {
-    func: extern "C" fn(i64, *mut f32),
-    /// Owns the code `func` points into.
-    _module: JITModule,
-}
-
-const ACCS: usize = 12;
-/// Loop iterations per probe: about a millisecond at 2–3 GHz.
-const PROBE_ITERS: i64 = 200_000;
-
-impl PeakProbe {
-    fn new() -> Result<PeakProbe, String> {
-        let isa = codegen::host_isa().map_err(|e| e.to_string())?;
-        let mut module = JITModule::new(JITBuilder::with_isa(
-            isa,
-            cranelift_module::default_libcall_names(),
-        ));
-        let config = module.isa().frontend_config();
-        let mut ctx = Context::new();
-        let sig = &mut ctx.func.signature;
-        sig.params.push(AbiParam::new(I64));
-        sig.params.push(AbiParam::new(I64));
-        ctx.func.name = UserFuncName::user(0, 0);
-        let mut fctx = FunctionBuilderContext::new();
-        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
-        let entry = b.create_block();
-        let body = b.create_block();
-        let exit = b.create_block();
-        b.append_block_params_for_function_params(entry);
-        b.switch_to_block(entry);
-        let (iters, out) = (b.block_params(entry)[0], b.block_params(entry)[1]);
-        let splat = |b: &mut FunctionBuilder, v: f32| {
-            let s = b.ins().f32const(v);
-            b.ins().splat(F32X4, s)
-        };
-        let x = splat(&mut b, 0.999_999);
-        let y = splat(&mut b, 1e-6);
-        let init: Vec<_> = (0..ACCS).map(|i| splat(&mut b, i as f32).into()).collect();
-        let zero = b.ins().iconst(I64, 0);
-        let mut args = init;
-        args.push(zero.into());
-        for _ in 0..ACCS {
-            b.append_block_param(body, F32X4);
-        }
-        b.append_block_param(body, I64);
-        b.ins().jump(body, &args);
-        b.switch_to_block(body);
-        let params = b.block_params(body).to_vec();
-        let mut next: Vec<_> = params[..ACCS]
-            .iter()
-            .map(|&acc| b.ins().fma(acc, x, y).into())
-            .collect();
-        let i = b.ins().iadd_imm_s(params[ACCS], 1);
-        next.push(i.into());
-        let more = b.ins().icmp(
-            cranelift_codegen::ir::condcodes::IntCC::SignedLessThan,
-            i,
-            iters,
-        );
-        let sums: Vec<_> = next[..ACCS].to_vec();
-        b.ins().brif(more, body, &next, exit, &sums);
-        for _ in 0..ACCS {
-            b.append_block_param(exit, F32X4);
-        }
-        b.switch_to_block(exit);
-        // Store every accumulator's first lane, so that none is dead.
-        for (j, &acc) in b.block_params(exit).to_vec().iter().enumerate() {
-            let lane = b.ins().extractlane(acc, 0);
-            b.ins()
-                .store(MemFlagsData::new(), lane, out, (4 * j) as i32);
-        }
-        b.ins().return_(&[]);
-        b.seal_all_blocks();
-        b.finalize(config);
-        let id = module
-            .declare_function("peak", Linkage::Local, &ctx.func.signature)
-            .map_err(|e| e.to_string())?;
-        module
-            .define_function(id, &mut ctx)
-            .map_err(|e| e.to_string())?;
-        module.finalize_definitions().map_err(|e| e.to_string())?;
-        let ptr = module.get_finalized_function(id);
-        // SAFETY: `ptr` is the code of the function just defined, whose
-        // signature is `(i64, i64)` in the host's default calling
-        // convention, i.e. `extern "C" fn(i64, *mut f32)`; it stays mapped
-        // as long as `_module`, which the probe owns.
-        let func = unsafe { std::mem::transmute::<*const u8, extern "C" fn(i64, *mut f32)>(ptr) };
-        Ok(PeakProbe {
-            func,
-            _module: module,
-        })
-    }
-
-    /// GFLOP/s of one run of the loop on this thread.
-    fn gflops(&self) -> f64 {
-        let mut out = [0f32; ACCS];
-        let t = Instant::now();
-        (self.func)(PROBE_ITERS, out.as_mut_ptr());
-        let s = t.elapsed().as_secs_f64();
-        std::hint::black_box(out);
-        (PROBE_ITERS as usize * ACCS * 8) as f64 / s / 1e9
-    }
 }
 
 /// CPU time of this process (all threads) from /proc, so that a loaded

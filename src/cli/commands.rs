@@ -566,6 +566,11 @@ fn bench(a: BenchArgs) -> Result<(), Failure> {
     }
     let threads = model.exec_options().threads;
     let peak = api::naive_bytes(model.graph());
+    // The ceiling of the JIT's f32x4 kernels in the same minutes as the
+    // timings (see `codegen::peak`); absent where the probe cannot compile.
+    let fma_peak = dlc::codegen::peak::PeakProbe::new()
+        .ok()
+        .map(|p| p.median_gflops(9));
     if a.json {
         let v = serde_json::json!({
             "model": model.name(),
@@ -575,6 +580,7 @@ fn bench(a: BenchArgs) -> Result<(), Failure> {
             "forward_ms": forward.median,
             "train_step_ms": train.as_ref().map(|t| t.median),
             "peak_bytes": peak,
+            "fma_peak_gflops_per_core": fma_peak,
         });
         let mut v = v;
         for (what, p) in &profiles {
@@ -593,6 +599,9 @@ fn bench(a: BenchArgs) -> Result<(), Failure> {
             outln!("train step: {t}");
         }
         outln!("memory: {peak} bytes (one buffer per value)");
+        if let Some(g) = fma_peak {
+            outln!("f32x4 FMA peak: {g:.1} GFLOP/s per core, measured now");
+        }
         for (what, p) in &profiles {
             outln!("\n{what} {}", p.table().trim_end());
         }

@@ -22,6 +22,7 @@ pub mod liveness;
 pub mod lower;
 pub mod math;
 pub mod matmul;
+pub mod peak;
 pub mod plan;
 pub mod reduce;
 pub mod rnn;
