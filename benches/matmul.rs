@@ -6,9 +6,9 @@
 //!
 //! Each figure is also given as a share of the machine's f32x4 FMA peak,
 //! measured between the timed runs by a Cranelift loop of independent
-//! FMAs (`dlc::codegen::peak`): on a shared virtual machine the clock a core gets
-//! changes by a third within minutes, and a GFLOP/s figure alone cannot
-//! tell a slower kernel from a slower moment.
+//! FMAs (`dlc::codegen::peak`): on a shared virtual machine the clock a
+//! core gets changes by a third within minutes, and a GFLOP/s figure alone
+//! cannot tell a slower kernel from a slower moment.
 
 use dlc::codegen::peak::PeakProbe;
 use dlc::codegen::{self, JitOptions};
@@ -113,9 +113,9 @@ fn bench(m: usize, k: usize, n: usize, threads: usize, probe: &PeakProbe) -> Res
             .map_err(|e| e.to_string())?;
         if i >= 2 {
             times.push(t.elapsed().as_secs_f64());
-            // Every eighth run, so that the probe (on this thread while
-            // the pool's workers sleep) does not count in the CPU time
-            // of most runs.
+            // Every eighth run, on this thread between two runs, so that
+            // the probe's own CPU time stays a small part of the CPU time
+            // measured.
             if i % 8 == 2 {
                 peaks.push(probe.gflops());
             }

@@ -243,10 +243,11 @@ const LARGE_MIN_K: usize = 256;
 
 /// L2 size from which a large product's B block is cut to fit half of it.
 /// Measured on two machines (gemm 1024³, alternated in one process): on a
-/// Xeon core with 2 MiB of L2, 32-panel blocks (1 MiB) ran 5–6% faster on
-/// two threads than 128-panel ones (4 MiB, streamed from L3 by both
-/// cores), equal on one thread and at 512³, whose whole B is 1 MiB; on a
-/// Zen 4 core with 1 MiB of L2, 32- and 64-panel blocks were no faster.
+/// Xeon core with 2 MiB of L2, 32-panel blocks (1 MiB) ran 5–10% faster
+/// on two threads than 128-panel ones (4 MiB, streamed from L3 by both
+/// cores; `768 × 2048 × 1536` 7–9%), equal on one thread; 512³, whose
+/// whole B is 1 MiB, keeps one block. On a Zen 4 core with 1 MiB of L2,
+/// 32- and 64-panel blocks were no faster.
 const L2_FITTED_MIN: usize = 2 << 20;
 
 /// Bytes of the calling core's L2 cache, read once (Linux sysfs; None where
@@ -276,7 +277,8 @@ fn cache_bytes(s: &str) -> Option<usize> {
 impl Matmul {
     /// With A packed as broadcasts, a k block is half as deep, so that
     /// the `mr × KC` sliver of A (four times larger) and the B rows a tile
-    /// reads still fit L1 together; large products take [`LARGE_TILE`].
+    /// reads still fit L1 together; large products take
+    /// [`Matmul::large_tile`].
     pub fn tile(&self) -> Tile {
         let t = if self.is_large() {
             self.large_tile(host_l2_bytes())

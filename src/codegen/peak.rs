@@ -96,11 +96,7 @@ impl PeakProbe {
         b.ins().return_(&[]);
         b.seal_all_blocks();
         b.finalize(config);
-        let cranelift = |e: String| CodegenError::Cranelift {
-            node: 0,
-            op: "fma peak probe",
-            message: e,
-        };
+        let cranelift = |e: String| CodegenError::Isa(format!("the FMA peak probe: {e}"));
         let id = module
             .declare_function("fma_peak", Linkage::Local, &ctx.func.signature)
             .map_err(|e| cranelift(e.to_string()))?;
