@@ -21,11 +21,11 @@ use cranelift_module::{Linkage, Module};
 use std::time::Instant;
 
 /// Independent FMA chains of the loop.
-pub const CHAINS: usize = 12;
+const CHAINS: usize = 12;
 /// The multiplier and addend of every chain: the accumulators stay near
 /// their start, far from overflow and subnormals.
-pub const X: f32 = 0.999_999;
-pub const Y: f32 = 1e-6;
+const X: f32 = 0.999_999;
+const Y: f32 = 1e-6;
 /// Loop iterations of one [`PeakProbe::gflops`] call: about a millisecond
 /// at 2–3 GHz.
 const ITERS: i64 = 200_000;
@@ -119,7 +119,7 @@ impl PeakProbe {
     }
 
     /// Run the loop `iters` times (at least once); each chain's first lane.
-    pub fn run(&self, iters: i64) -> [f32; CHAINS] {
+    fn run(&self, iters: i64) -> [f32; CHAINS] {
         let mut out = [0f32; CHAINS];
         (self.func)(iters.max(1), out.as_mut_ptr());
         out
