@@ -115,8 +115,11 @@ impl Case {
 /// (N, T, F, H): T = 1, H not a multiple of 4, a single batch row; two
 /// blocks of batch rows run in one call (N = 9, a small loop); three
 /// blocks split over threads, the last one short with a short last tile
-/// (N = 19, enough work to split).
-const RNN_SHAPES: [(usize, usize, usize, usize); 7] = [
+/// (N = 19, enough work to split). Hidden sizes that are multiples of 4
+/// take the row epilogues over groups of blocks: a whole group and a
+/// short one (H = 20), and a whole group with a short last row block (N =
+/// 10, H = 16).
+const RNN_SHAPES: [(usize, usize, usize, usize); 9] = [
     (2, 5, 3, 7),
     (1, 1, 4, 5),
     (3, 4, 6, 9),
@@ -124,6 +127,8 @@ const RNN_SHAPES: [(usize, usize, usize, usize); 7] = [
     (4, 3, 5, 8),
     (9, 3, 2, 5),
     (19, 9, 5, 27),
+    (3, 4, 5, 20),
+    (10, 3, 6, 16),
 ];
 
 /// A recurrent case: `x`, weights of `gates` blocks, and with `grad` an

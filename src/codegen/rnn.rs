@@ -1892,10 +1892,98 @@ impl RnnSeq {
                     }
                 },
             )),
-            // Its four gates per block already interleave five activation
-            // chains; a group's gates and addresses at once spill (slower
-            // when the forward saves its activations).
-            (BoundRec::LstmFwd { .. }, _) => None,
+            // The gates go through the tile in three stages of at most
+            // `ACT_CHAINS` chains each: the sigmoids of `i`, `f` and `o`
+            // of every block, then `tanh(g)`, then the cell and `tanh(c)`,
+            // each activation written back over its accumulator. The per-
+            // block form runs `tanh(g)` and `tanh(c)` as lone chains,
+            // bound by their latency.
+            (
+                BoundRec::LstmFwd {
+                    b,
+                    hs,
+                    st: sb,
+                    c,
+                    save,
+                    ..
+                },
+                _,
+            ) => Some(Box::new(
+                move |k: &mut Kb, row: Value, cx: &Cx, acc: Acc, en: usize| {
+                    let zero = k.iconst(0);
+                    let put = |k: &mut Kb, v: Value, i: usize, j: usize| {
+                        k.b.ins()
+                            .store(flags(), v, acc.row, ((i * acc.v + j) * 16) as i32);
+                    };
+                    let saved = |k: &mut Kb, gi: usize| {
+                        save.as_ref()
+                            .map(|(act, _)| act.at(k, row, cx.t, cx.col, gi * h))
+                    };
+                    // Sigmoid gates first, then the tanh gate.
+                    for (gates, tanh) in [(&[0usize, 1, 3][..], false), (&[2][..], true)] {
+                        let cells: Vec<(usize, usize)> = gates
+                            .iter()
+                            .flat_map(|&gi| (0..en).map(move |i| (i, gi)))
+                            .collect();
+                        for part in cells.chunks(ACT_CHAINS) {
+                            let pre: Vec<Value> = part
+                                .iter()
+                                .map(|&(i, gi)| {
+                                    let bp = b.at(k, zero, zero, cx.col, gi * h);
+                                    let a = acc.get(k, i, gi);
+                                    let bb = ld(k, bp, i);
+                                    k.b.ins().fadd(a, bb)
+                                })
+                                .collect();
+                            let act = if tanh {
+                                k.vtanh_n(&pre)
+                            } else {
+                                k.vsigmoid_n(&pre)
+                            };
+                            for (&(i, gi), &v) in part.iter().zip(&act) {
+                                put(k, v, i, gi);
+                                if let Some(a) = saved(k, gi) {
+                                    st(k, v, a, i);
+                                }
+                            }
+                        }
+                    }
+                    let cp = prev_or_zero(k, c, row, cx);
+                    let ac = c.at(k, row, cx.t, cx.col, 0);
+                    let ahs = hs.at(k, row, cx.t, cx.col, 0);
+                    let tp = k.b.ins().band_imm_u(cx.t, 1);
+                    let ast = sb.at(k, row, tp, cx.col, 0);
+                    let atc = save
+                        .as_ref()
+                        .map(|(_, tcs)| tcs.at(k, row, cx.t, cx.col, 0));
+                    let blocks: Vec<usize> = (0..en).collect();
+                    for part in blocks.chunks(ACT_CHAINS) {
+                        let cvs: Vec<Value> = part
+                            .iter()
+                            .map(|&i| {
+                                let (ig, fg) = (acc.get(k, i, 0), acc.get(k, i, 1));
+                                let gg = acc.get(k, i, 2);
+                                let cpv = ld(k, cp, i);
+                                let fc = k.b.ins().fmul(fg, cpv);
+                                let ig = k.b.ins().fmul(ig, gg);
+                                let cv = k.b.ins().fadd(fc, ig);
+                                st(k, cv, ac, i);
+                                cv
+                            })
+                            .collect();
+                        let tcs = k.vtanh_n(&cvs);
+                        for (&i, &tc) in part.iter().zip(&tcs) {
+                            let og = acc.get(k, i, 3);
+                            let hv = k.b.ins().fmul(og, tc);
+                            st(k, hv, ahs, i);
+                            st(k, hv, ast, i);
+                            if let Some(a) = atc {
+                                st(k, tc, a, i);
+                            }
+                        }
+                    }
+                },
+            )),
         }
     }
 
