@@ -1915,10 +1915,17 @@ impl RnnSeq {
                         k.b.ins()
                             .store(flags(), v, acc.row, ((i * acc.v + j) * 16) as i32);
                     };
-                    let saved = |k: &mut Kb, gi: usize| {
-                        save.as_ref()
-                            .map(|(act, _)| act.at(k, row, cx.t, cx.col, gi * h))
-                    };
+                    // Each buffer's address formed once per row, as in
+                    // the other row epilogues (see [`RowEpi`]).
+                    let bias: Vec<Value> = (0..4)
+                        .map(|gi| b.at(k, zero, zero, cx.col, gi * h))
+                        .collect();
+                    let saved: Vec<Option<Value>> = (0..4)
+                        .map(|gi| {
+                            save.as_ref()
+                                .map(|(act, _)| act.at(k, row, cx.t, cx.col, gi * h))
+                        })
+                        .collect();
                     // Sigmoid gates first, then the tanh gate.
                     for (gates, tanh) in [(&[0usize, 1, 3][..], false), (&[2][..], true)] {
                         let cells: Vec<(usize, usize)> = gates
@@ -1929,9 +1936,8 @@ impl RnnSeq {
                             let pre: Vec<Value> = part
                                 .iter()
                                 .map(|&(i, gi)| {
-                                    let bp = b.at(k, zero, zero, cx.col, gi * h);
                                     let a = acc.get(k, i, gi);
-                                    let bb = ld(k, bp, i);
+                                    let bb = ld(k, bias[gi], i);
                                     k.b.ins().fadd(a, bb)
                                 })
                                 .collect();
@@ -1942,7 +1948,7 @@ impl RnnSeq {
                             };
                             for (&(i, gi), &v) in part.iter().zip(&act) {
                                 put(k, v, i, gi);
-                                if let Some(a) = saved(k, gi) {
+                                if let Some(a) = saved[gi] {
                                     st(k, v, a, i);
                                 }
                             }
