@@ -1970,9 +1970,7 @@ impl RnnSeq {
                                 let (ig, fg) = (acc.get(k, i, 0), acc.get(k, i, 1));
                                 let gg = acc.get(k, i, 2);
                                 let cpv = ld(k, cp, i);
-                                let fc = k.b.ins().fmul(fg, cpv);
-                                let ig = k.b.ins().fmul(ig, gg);
-                                let cv = k.b.ins().fadd(fc, ig);
+                                let cv = lstm_cell(k, (ig, fg, gg), cpv);
                                 st(k, cv, ac, i);
                                 cv
                             })
@@ -2051,9 +2049,7 @@ impl RnnSeq {
                     let gg = k.vtanh(z[2]);
                     let cpa = at_or_zero(k, c, row, cx.tprev, 0, cx.has_prev);
                     let cp = ln.ld(k, cpa);
-                    let fc = k.b.ins().fmul(f, cp);
-                    let ig = k.b.ins().fmul(i, gg);
-                    let cv = k.b.ins().fadd(fc, ig);
+                    let cv = lstm_cell(k, (i, f, gg), cp);
                     let tc = k.vtanh(cv);
                     let hv = k.b.ins().fmul(o, tc);
                     let a = hs.at(k, row, t, col, 0);
@@ -2370,6 +2366,13 @@ enum BoundRec {
 fn dsigmoid(k: &mut Kb, one: Value, s: Value) -> Value {
     let m = k.b.ins().fsub(one, s);
     k.b.ins().fmul(s, m)
+}
+
+/// The LSTM cell `c = f·c_{t−1} + i·g`.
+fn lstm_cell(k: &mut Kb, (i, f, g): (Value, Value, Value), cp: Value) -> Value {
+    let fc = k.b.ins().fmul(f, cp);
+    let ig = k.b.ins().fmul(i, g);
+    k.b.ins().fadd(fc, ig)
 }
 
 /// The GRU state `h = (1 − z)·h_{t−1} + z·h̃`.
