@@ -27,11 +27,14 @@ pub fn align64(n: usize) -> usize {
 }
 
 /// Lower `op`, or `None` when it has no compiled kernel yet.
+/// `split`: whether the model runs on several threads (see
+/// `Matmul::split`).
 pub fn lower(
     op: &Op,
     ins: &[(Loc, &TensorType)],
     outs: &[(Loc, &TensorType)],
     scratch: usize,
+    split: bool,
 ) -> Option<Lowered> {
     let plain = |steps: Vec<Step>| {
         Some(Lowered {
@@ -98,7 +101,7 @@ pub fn lower(
                 log: matches!(op, Op::LogSoftmax { .. }),
             })])
         }
-        Op::MatMul => matmul(ins, out, scratch, [false, false]),
+        Op::MatMul => matmul(ins, out, scratch, split, [false, false]),
         Op::Conv(c) => {
             let (x, w) = (&ins[0].1.shape, &ins[1].1.shape);
             let (nb, ch, o) = (x[0], x[1], w[0]);
@@ -131,8 +134,15 @@ pub fn lower(
                 rs: p as i64,
                 cs: 1,
             };
-            let (mut steps, bytes) =
-                matmul_steps(vec![nb], (o, ckk, p), a_op, b_op, out.0, scratch + cols);
+            let (mut steps, bytes) = matmul_steps(
+                vec![nb],
+                (o, ckk, p),
+                a_op,
+                b_op,
+                out.0,
+                scratch + cols,
+                split,
+            );
             steps.insert(0, im);
             Some(Lowered {
                 steps,
@@ -172,6 +182,7 @@ pub fn lower(
                 b_op,
                 Loc::Arena(scratch),
                 scratch + cols,
+                split,
             );
             steps.push(Step::Col2im(Col2im {
                 cols: Loc::Arena(scratch),
@@ -236,6 +247,7 @@ pub fn lower(
                 b_op,
                 out.0,
                 scratch + cols + dyt,
+                split,
             );
             steps.insert(0, regroup);
             steps.insert(0, im);
@@ -427,11 +439,16 @@ pub fn lower(
             })])
         }
         Op::LstmSeq | Op::GruSeq => {
-            super::rnn::lower_forward(matches!(op, Op::LstmSeq), ins, outs, scratch, None)
+            super::rnn::lower_forward(matches!(op, Op::LstmSeq), ins, outs, scratch, split, None)
         }
-        Op::LstmSeqGrad | Op::GruSeqGrad => {
-            super::rnn::lower_grad(matches!(op, Op::LstmSeqGrad), ins, outs, scratch, None)
-        }
+        Op::LstmSeqGrad | Op::GruSeqGrad => super::rnn::lower_grad(
+            matches!(op, Op::LstmSeqGrad),
+            ins,
+            outs,
+            scratch,
+            split,
+            None,
+        ),
         Op::Attention { causal, scale } => {
             super::attention::lower_forward(ins, outs, *causal, *scale, scratch)
         }
@@ -677,6 +694,7 @@ pub fn matmul(
     ins: &[(Loc, &TensorType)],
     out: &(Loc, &TensorType),
     scratch: usize,
+    split: bool,
     transposed: [bool; 2],
 ) -> Option<Lowered> {
     let oshape = &out.1.shape;
@@ -711,7 +729,7 @@ pub fn matmul(
     };
     let a_op = operand(0, a, m, k);
     let b_op = operand(1, b, k, n);
-    let (steps, bytes) = matmul_steps(batch, (m, k, n), a_op, b_op, out.0, scratch);
+    let (steps, bytes) = matmul_steps(batch, (m, k, n), a_op, b_op, out.0, scratch, split);
     Some(Lowered {
         steps,
         scratch_bytes: bytes,
@@ -725,6 +743,7 @@ fn matmul_steps(
     b: MmOperand,
     c: Loc,
     scratch: usize,
+    split: bool,
 ) -> (Vec<Step>, usize) {
     let count: usize = batch.iter().product::<usize>() * m * n;
     if count == 0 {
@@ -750,6 +769,7 @@ fn matmul_steps(
         c_off: 0,
         pack_a: Loc::Arena(scratch),
         pack_b: Loc::Arena(scratch),
+        split,
         epilogue: None,
     };
     let pa = align64(mm.pack_a_bytes());

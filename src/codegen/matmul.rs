@@ -113,6 +113,10 @@ pub struct Matmul {
     /// Scratch for the packed panels (see `pack_a_bytes`/`pack_b_bytes`).
     pub pack_a: Loc,
     pub pack_b: Loc,
+    /// Whether the model runs its steps on more than one thread. Then A
+    /// packed as broadcasts is packed by each work unit for itself (see
+    /// [`Matmul::a_in_unit`]).
+    pub split: bool,
     /// Elementwise ops applied to every tile after the last k block,
     /// before its one store (a dense layer's bias and activation, a
     /// gradient's optimizer update): C is written once, and each value
@@ -344,8 +348,21 @@ impl Matmul {
     /// panels that packing a sliver costs under 1% of the unit's FMAs.
     /// Alternated in one process: 512³ −7% on two threads and −11% on
     /// one, 1024³ −4.5%.
+    ///
+    ///
+    /// On several threads, every product whose A is packed as broadcasts
+    /// does the same, unless batches share one A (a convolution's weight,
+    /// which a packing phase packs once for all of them): a packing phase
+    /// would write A from both cores and each unit read its sliver back
+    /// from wherever it landed. On one thread the phase packs each sliver
+    /// once for all column chunks, which per-unit packing would repeat
+    /// (mlp's 64-row products have three). Alternated in one process on
+    /// two threads: mlp forward −5 to −9%, gru's training step −4%, the
+    /// transformer −2%, lenet, lstm and vgg within noise (vgg's training
+    /// step was +8% with the batch-shared A packed per unit too).
     fn a_in_unit(&self) -> bool {
-        self.is_large()
+        let own_a = self.a_batches() == self.out_batches();
+        self.is_large() || (self.split && self.a_broadcast() && own_a)
     }
     /// The tiles find A through its own tensor (read in place, or packed
     /// per unit from there), so no packing phase writes it to the arena.
@@ -1314,6 +1331,7 @@ mod tests {
             c_off: 0,
             pack_a: Loc::Arena(0),
             pack_b: Loc::Arena(0),
+            split: false,
             epilogue: None,
         };
         let t = mm(m, k, n).tile();
@@ -1390,6 +1408,7 @@ mod tests {
             c_off: 0,
             pack_a: Loc::Arena(0),
             pack_b: Loc::Arena(0),
+            split: false,
             epilogue: None,
         };
         assert_eq!(mm.pack_a_bytes(), 0);
@@ -1404,7 +1423,26 @@ mod tests {
         mm.n = A_BROADCAST_MIN_PANELS * TILE.nr();
         assert_eq!(mm.pack_a_bytes(), panels * TILE.mr * 7 * 16);
         assert_eq!(mm.units(MatmulPhase::PackA), panels);
+        // On several threads each unit packs its own sliver instead, but
+        // an A that batches share is still packed once for all of them.
+        mm.split = true;
+        assert_eq!(mm.pack_a_bytes(), 0);
+        assert_eq!(mm.units(MatmulPhase::PackA), 0);
+        mm.batch = vec![3];
+        mm.b.batch_strides = vec![63];
+        mm.a.batch_strides = vec![0];
+        assert_eq!(mm.pack_a_bytes(), panels * TILE.mr * 7 * 16);
+        assert_eq!(mm.units(MatmulPhase::PackA), panels);
+        mm.a.batch_strides = vec![84];
+        assert_eq!(mm.pack_a_bytes(), 0);
+        mm.batch = vec![];
+        mm.a.batch_strides = vec![];
+        mm.b.batch_strides = vec![];
         mm.n = 9;
+        mm.a = op(1, 12);
+        assert_eq!(mm.pack_a_bytes(), panels * TILE.mr * 7 * 4);
+        mm.split = false;
+        mm.a = op(7, 1);
         // Three row panels read contiguous B in place; many pack it unless
         // it is small, and so does a strided B or rows 4 KiB apart.
         assert_eq!(mm.pack_b_bytes(), 0);

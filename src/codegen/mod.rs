@@ -529,6 +529,7 @@ fn lower_matmul_epilogue(
     (prog, inputs, product): (Vec<kernel::EwInstr>, &[Value], Value),
     locs: &HashMap<Value, Loc>,
     scratch: usize,
+    split: bool,
     sharing: &liveness::Sharing,
 ) -> Option<lower::Lowered> {
     use matmul::EpilogueInput;
@@ -563,7 +564,7 @@ fn lower_matmul_epilogue(
             .get(i)
             .is_some_and(|v| sharing.transposed.contains(v))
     });
-    let mut l = lower::matmul(&refs(&mm_ins), &(out.0, &out.1), scratch, flags)?;
+    let mut l = lower::matmul(&refs(&mm_ins), &(out.0, &out.1), scratch, split, flags)?;
     let then = match sharing.follows.get(&root) {
         Some(&f) => {
             let (prog, inputs) = program_of(g, f, &sharing.merged)?;
@@ -596,6 +597,7 @@ fn lower_kernel(
     n: NodeIndex,
     locs: &HashMap<Value, Loc>,
     scratch: usize,
+    split: bool,
     sharing: &liveness::Sharing,
     plan: Option<&MemoryPlan>,
 ) -> Option<lower::Lowered> {
@@ -610,7 +612,15 @@ fn lower_kernel(
             .iter()
             .find(|v| sharing.merged.get(&v.node) == Some(&n));
         if let Some(&product) = product {
-            return lower_matmul_epilogue(g, n, (prog, &inputs, product), locs, scratch, sharing);
+            return lower_matmul_epilogue(
+                g,
+                n,
+                (prog, &inputs, product),
+                locs,
+                scratch,
+                split,
+                sharing,
+            );
         }
         return Some(lower::Lowered {
             steps: vec![chain_step(g, n, prog, &inputs, locs)?],
@@ -637,7 +647,7 @@ fn lower_kernel(
             lower::cross_entropy_with_loss(&ins_ref, outs_ref.first()?.0, loss.first()?.0, scratch)
         }
         Op::LstmSeq | Op::GruSeq if sharing.saved.contains_key(&n) => {
-            rnn::lower_forward(lstm, &ins_ref, &outs_ref, scratch, Some(saved_at(n)))
+            rnn::lower_forward(lstm, &ins_ref, &outs_ref, scratch, split, Some(saved_at(n)))
         }
         Op::LstmSeqGrad | Op::GruSeqGrad if fwd.is_some() => {
             let fwd = *fwd?.0;
@@ -649,13 +659,13 @@ fn lower_kernel(
                 || g.graph
                     .edges_directed(n, petgraph::Direction::Outgoing)
                     .any(|e| e.weight().port == 0);
-            rnn::lower_grad_for(lstm, &ins_ref, &outs_ref, scratch, saved, want_dx)
+            rnn::lower_grad_for(lstm, &ins_ref, &outs_ref, scratch, split, saved, want_dx)
         }
         Op::MatMul if transposed(0) || transposed(1) => {
             let flags = [transposed(0), transposed(1)];
-            lower::matmul(&ins_ref, outs_ref.first()?, scratch, flags)
+            lower::matmul(&ins_ref, outs_ref.first()?, scratch, split, flags)
         }
-        _ => lower::lower(op, &ins_ref, &outs_ref, scratch),
+        _ => lower::lower(op, &ins_ref, &outs_ref, scratch, split),
     }
 }
 
@@ -792,6 +802,7 @@ fn prepare(
     g: &Graph,
     plan: Option<MemoryPlan>,
     interpret: &[&str],
+    split: bool,
 ) -> Result<Prepared, CodegenError> {
     let order = g.topo_order();
     if order.len() != g.graph.node_count() {
@@ -875,7 +886,7 @@ fn prepare(
     let mut scratch_bytes: HashMap<NodeIndex, usize> = HashMap::new();
     for &n in &order {
         if leaf_kind(&g.node(n).op).is_none() {
-            if let Some(l) = lower_kernel(g, n, &empty, 0, &sharing, None) {
+            if let Some(l) = lower_kernel(g, n, &empty, 0, split, &sharing, None) {
                 scratch_bytes.insert(n, l.scratch_bytes);
             }
         }
@@ -915,7 +926,7 @@ fn prepare(
         }
         let scratch = plan.scratch.get(&n).copied().unwrap_or(0);
         let forced = interpret.contains(&g.node(n).op.name());
-        let lowered = lower_kernel(g, n, &locs, scratch, &sharing, Some(&plan));
+        let lowered = lower_kernel(g, n, &locs, scratch, split, &sharing, Some(&plan));
         let k = match lowered {
             Some(l) if !forced => Planned::Jit(l.steps),
             _ => Planned::Host,
@@ -962,7 +973,7 @@ fn compile_inner(
     opts: &JitOptions,
     interpret: &[&str],
 ) -> Result<JitModel, CodegenError> {
-    let p = prepare(g, plan, interpret)?;
+    let p = prepare(g, plan, interpret, opts.threads > 1)?;
     let isa = host_isa_at(OptLevel::Speed)?;
     let quick = host_isa_at(OptLevel::Quick)?;
     let config = isa.frontend_config();
@@ -1422,7 +1433,7 @@ fn step_check(g: &Graph, n: NodeIndex, step: &Step) -> StepCheck {
 /// The Cranelift IR of every kernel function, for `--emit clif`; nodes run
 /// by the interpreter are listed as comments.
 pub fn emit_clif(g: &Graph) -> String {
-    let p = match prepare(g, None, &[]) {
+    let p = match prepare(g, None, &[], JitOptions::default().threads > 1) {
         Ok(p) => p,
         Err(e) => return format!("; error: {e}\n"),
     };
@@ -1453,7 +1464,7 @@ pub fn emit_clif(g: &Graph) -> String {
 /// The machine code of every kernel function, disassembled by Cranelift,
 /// for `--emit asm`.
 pub fn emit_asm(g: &Graph) -> Result<String, CodegenError> {
-    let p = prepare(g, None, &[])?;
+    let p = prepare(g, None, &[], JitOptions::default().threads > 1)?;
     let speed = host_isa_at(OptLevel::Speed)?;
     let quick = host_isa_at(OptLevel::Quick)?;
     let config = speed.frontend_config();

@@ -32,6 +32,8 @@ pub(crate) struct Build {
     pub steps: Vec<Step>,
     base: usize,
     used: usize,
+    /// Whether the model runs on several threads (see `Matmul::split`).
+    pub split: bool,
 }
 
 impl Build {
@@ -40,6 +42,7 @@ impl Build {
             steps: Vec::new(),
             base: scratch,
             used: 0,
+            split: false,
         }
     }
 
@@ -100,6 +103,7 @@ impl Build {
             c_off: 0,
             pack_a: Loc::Arena(0),
             pack_b: Loc::Arena(0),
+            split: self.split,
             epilogue: None,
         };
         mm.pack_a = self.alloc_bytes(mm.pack_a_bytes());
@@ -358,6 +362,7 @@ pub fn lower_forward(
     ins: &[(Loc, &TensorType)],
     outs: &[(Loc, &TensorType)],
     scratch: usize,
+    split: bool,
     save: Option<Loc>,
 ) -> Option<Lowered> {
     let d = Dims::of(ins, if lstm { 4 } else { 3 })?;
@@ -368,6 +373,7 @@ pub fn lower_forward(
         width: d.h,
     };
     let mut bd = Build::new(scratch);
+    bd.split = split;
     match (lstm, save) {
         (true, None) => lstm_forward(&mut bd, d, &w, hs, None),
         (true, Some(at)) => lstm_forward(&mut bd, d, &w, hs, Some(&LstmSaved::at(d, at))),
@@ -639,9 +645,10 @@ pub fn lower_grad(
     ins: &[(Loc, &TensorType)],
     outs: &[(Loc, &TensorType)],
     scratch: usize,
+    split: bool,
     from_forward: Option<(Loc, Loc)>,
 ) -> Option<Lowered> {
-    lower_grad_for(lstm, ins, outs, scratch, from_forward, true)
+    lower_grad_for(lstm, ins, outs, scratch, split, from_forward, true)
 }
 
 /// [`lower_grad`], leaving `dx` unwritten unless `want_dx`: nothing reads
@@ -652,6 +659,7 @@ pub fn lower_grad_for(
     ins: &[(Loc, &TensorType)],
     outs: &[(Loc, &TensorType)],
     scratch: usize,
+    split: bool,
     from_forward: Option<(Loc, Loc)>,
     want_dx: bool,
 ) -> Option<Lowered> {
@@ -665,6 +673,7 @@ pub fn lower_grad_for(
         outs.get(3)?.0,
     ];
     let mut bd = Build::new(scratch);
+    bd.split = split;
     if lstm {
         lstm_grad(&mut bd, d, &w, dh, o, from_forward, want_dx);
     } else {
@@ -2478,7 +2487,7 @@ mod tests {
             .map(|(i, t)| (Loc::Extern(i), t))
             .collect();
         let lowered =
-            lower_forward(true, &ins, &[(Loc::Arena(0), &out)], 4096, None).expect("lowers");
+            lower_forward(true, &ins, &[(Loc::Arena(0), &out)], 4096, false, None).expect("lowers");
         lowered
             .steps
             .into_iter()
