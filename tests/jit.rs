@@ -178,6 +178,11 @@ fn matmul_matches_interpreter() {
         // Five k blocks, the last one with a step left after the unrolled
         // loop.
         (&[9, 517], &[517, 300]),
+        // Enough column panels for A packed as broadcasts, which on
+        // several threads each unit packs for itself: batches with their
+        // own A, and batches sharing one A (packed once by a phase).
+        (&[3, 12, 20], &[3, 20, 130]),
+        (&[12, 20], &[2, 20, 130]),
     ];
     for (a, b) in cases {
         let mut c = Case::new();
