@@ -349,7 +349,6 @@ impl Matmul {
     /// Alternated in one process: 512³ −7% on two threads and −11% on
     /// one, 1024³ −4.5%.
     ///
-    ///
     /// On several threads, every product whose A is packed as broadcasts
     /// does the same, unless batches share one A (a convolution's weight,
     /// which a packing phase packs once for all of them): a packing phase
