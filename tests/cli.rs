@@ -238,6 +238,45 @@ fn compile_emits_ast_ir_and_gradient_ir() {
     assert_eq!(std::fs::read_to_string(&o).unwrap(), ir);
 }
 
+/// The lines of the Cranelift function headed `; {header}` in `--emit clif`
+/// output.
+fn clif_function<'a>(clif: &'a str, header: &str) -> Vec<&'a str> {
+    clif.lines()
+        .skip_while(|l| *l != format!("; {header}"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("; "))
+        .collect()
+}
+
+/// `--threads` reaches the kernels `compile` shows: mlp's first layer
+/// packs its A operand in a phase of its own on one thread, and inside
+/// each work unit on two (`codegen::matmul`), so the packing step's
+/// function has a loop only on one thread.
+#[test]
+fn compile_emits_the_kernels_of_the_thread_count_given() {
+    let mlp = Path::new(env!("CARGO_MANIFEST_DIR")).join("lang/examples/mlp.dl");
+    let clif = |threads: &str| {
+        ok(&dlc(&[
+            &"compile",
+            &mlp,
+            &"--threads",
+            &threads,
+            &"--emit",
+            &"clif",
+        ]))
+    };
+    let (one, two) = (clif("1"), clif("2"));
+    let pack = "%6 relu, step 0";
+    let stores = |c: &str| {
+        clif_function(c, pack)
+            .iter()
+            .filter(|l| l.contains("store"))
+            .count()
+    };
+    assert!(stores(&one) > 0, "{}", clif_function(&one, pack).join("\n"));
+    assert_eq!(stores(&two), 0, "{}", clif_function(&two, pack).join("\n"));
+}
+
 #[test]
 fn bench_prints_the_json_contract() {
     let d = tempfile::tempdir().unwrap();

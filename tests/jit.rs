@@ -570,7 +570,7 @@ fn matmul_kernel_uses_fused_multiply_add() {
     let b = c.input("b", rand_f32(&mut rng, &[16, 16], 1.0));
     let y = c.op(Op::MatMul, &[a, b]);
     c.out("y", y);
-    let asm = codegen::emit_asm(&c.g).expect("disassembles");
+    let asm = codegen::emit_asm(&c.g, &JitOptions::default()).expect("disassembles");
     if std::env::var("DLC_SHOW_ASM").is_ok() {
         println!("{asm}");
     }
@@ -604,7 +604,7 @@ fn matmul_micro_kernel_loop_keeps_accumulators_in_place() {
         let b = c.input("b", rand_f32(&mut rng, &[k, n], 1.0));
         let y = c.op(Op::MatMul, &[a, b]);
         c.out("y", y);
-        let asm = codegen::emit_asm(&c.g).expect("disassembles");
+        let asm = codegen::emit_asm(&c.g, &JitOptions::default()).expect("disassembles");
         check_fma_loop(&asm, fmas, broadcasts, fmas / 2);
     }
 }
@@ -627,7 +627,12 @@ fn conv_micro_kernel_loops_keep_accumulators_in_place() {
     let w = c.input("w", rand_f32(&mut rng, &[10, 4, 3, 3], 1.0));
     let y = c.op(Op::Conv(conv), &[x, w]);
     c.out("y", y);
-    check_fma_loop(&codegen::emit_asm(&c.g).expect("disassembles"), 20, 0, 10);
+    check_fma_loop(
+        &codegen::emit_asm(&c.g, &JitOptions::default()).expect("disassembles"),
+        20,
+        0,
+        10,
+    );
 
     let mut c = Case::new();
     let x = c.input("x", rand_f32(&mut rng, &[1, 4, 6, 16], 1.0));
@@ -641,7 +646,12 @@ fn conv_micro_kernel_loops_keep_accumulators_in_place() {
     );
     c.out("dw", dw);
     // Each dy vector feeds three FMAs: two copies per row and group.
-    check_fma_loop(&codegen::emit_asm(&c.g).expect("disassembles"), 18, 0, 12);
+    check_fma_loop(
+        &codegen::emit_asm(&c.g, &JitOptions::default()).expect("disassembles"),
+        18,
+        0,
+        12,
+    );
 }
 
 #[test]
@@ -888,7 +898,7 @@ fn wide_kernels_and_windows_compile_to_bounded_code() {
         &[x, dy],
     );
     c.out("dw", dw);
-    let asm = codegen::emit_asm(&c.g).expect("disassembles");
+    let asm = codegen::emit_asm(&c.g, &JitOptions::default()).expect("disassembles");
     assert!(asm.lines().count() < 5_000, "{} lines", asm.lines().count());
 
     let p = Pool2d {
@@ -903,7 +913,7 @@ fn wide_kernels_and_windows_compile_to_bounded_code() {
     let dmx = c.op(Op::MaxPoolGrad(p), &[x, dy]);
     c.out("max", mx);
     c.out("dmax", dmx);
-    let asm = codegen::emit_asm(&c.g).expect("disassembles");
+    let asm = codegen::emit_asm(&c.g, &JitOptions::default()).expect("disassembles");
     assert!(asm.lines().count() < 5_000, "{} lines", asm.lines().count());
 }
 

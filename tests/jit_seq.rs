@@ -509,7 +509,7 @@ fn recurrent_gradient_reads_the_activations_its_forward_saved() {
 /// step order: each one's first block of 16 FMAs, as its broadcasts and
 /// register copies (after checking it has no spills).
 fn time_loops(c: &Case, n: usize) -> Vec<(usize, usize)> {
-    let asm = codegen::emit_asm(&c.g).expect("disassembles");
+    let asm = codegen::emit_asm(&c.g, &JitOptions::default()).expect("disassembles");
     let steps: Vec<&str> = asm.split("\n; ").collect();
     let mut by_fmas: Vec<usize> = (0..steps.len()).collect();
     by_fmas.sort_by_key(|&i| std::cmp::Reverse(steps[i].matches("vfmadd").count()));
@@ -562,7 +562,7 @@ fn attention_row_accumulation_keeps_accumulators_in_place() {
     let shape: AttnShape = (&[2], 64, 64, 16, 16, true);
     for grad in [false, true] {
         let c = attn_case(&mut rng, shape, grad);
-        let asm = codegen::emit_asm(&c.g).expect("disassembles");
+        let asm = codegen::emit_asm(&c.g, &JitOptions::default()).expect("disassembles");
         check_fma_loop(&asm, 32, 16, 16);
     }
 }
@@ -575,7 +575,7 @@ fn attention_score_loop_keeps_accumulators_in_place() {
     let mut rng = Rng(32);
     let shape: AttnShape = (&[1], 64, 64, 128, 16, false);
     let c = attn_case(&mut rng, shape, false);
-    let asm = codegen::emit_asm(&c.g).expect("disassembles");
+    let asm = codegen::emit_asm(&c.g, &JitOptions::default()).expect("disassembles");
     check_fma_loop(&asm, 16, 8, 8);
 }
 
@@ -669,7 +669,7 @@ fn wide_attention_heads_compile_to_bounded_code() {
     for grad in [false, true] {
         let lines = |rng: &mut Rng, f: usize| {
             let c = attn_case(rng, (&[1], 5, 6, f, f + 3, false), grad);
-            let asm = codegen::emit_asm(&c.g).expect("disassembles");
+            let asm = codegen::emit_asm(&c.g, &JitOptions::default()).expect("disassembles");
             (asm.lines().count(), c)
         };
         let (narrow, _) = lines(&mut rng, 256);

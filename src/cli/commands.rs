@@ -199,7 +199,12 @@ fn compile(a: CompileArgs) -> Result<(), Failure> {
     let lowered = passes::lower(g, level).map_err(|e| Failure::Message(e.to_string()))?;
     let passes_ms = ms(started.elapsed()) - frontend_ms - autodiff_ms;
     let jit_started = Instant::now();
-    let jit = codegen::compile(&lowered.graph, &codegen::JitOptions::default())
+    // The kernels as `run` and `bench` would compile them: the thread
+    // count decides how some matmuls split their work.
+    let jit_options = codegen::JitOptions {
+        threads: model.exec_options().threads,
+    };
+    let jit = codegen::compile(&lowered.graph, &jit_options)
         .map_err(|e| Failure::Message(format!("the JIT could not compile the model: {e}")))?;
     let jit_ms = ms(jit_started.elapsed());
     let compile_ms = ms(started.elapsed());
@@ -215,10 +220,11 @@ fn compile(a: CompileArgs) -> Result<(), Failure> {
             &lowered.kernels,
             &lowered.plan,
         )),
-        Some("clif") => Some(codegen::emit_clif(&lowered.graph)),
-        Some("asm") => {
-            Some(codegen::emit_asm(&lowered.graph).map_err(|e| Failure::Message(e.to_string()))?)
-        }
+        Some("clif") => Some(codegen::emit_clif(&lowered.graph, &jit_options)),
+        Some("asm") => Some(
+            codegen::emit_asm(&lowered.graph, &jit_options)
+                .map_err(|e| Failure::Message(e.to_string()))?,
+        ),
         Some(other) => {
             return fail(format!(
             "--emit takes one of ast, ir, opt-ir, grad-ir, kernels, plan, clif, asm, not `{other}`"

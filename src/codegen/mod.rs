@@ -1430,16 +1430,11 @@ fn step_check(g: &Graph, n: NodeIndex, step: &Step) -> StepCheck {
     }
 }
 
-/// Whether a model compiled with the default options runs on several
-/// threads: what `--emit clif` and `--emit asm` show the kernels for.
-fn split_by_default() -> bool {
-    JitOptions::default().threads > 1
-}
-
-/// The Cranelift IR of every kernel function, for `--emit clif`; nodes run
-/// by the interpreter are listed as comments.
-pub fn emit_clif(g: &Graph) -> String {
-    let p = match prepare(g, None, &[], split_by_default()) {
+/// The Cranelift IR of every kernel function, as compiled with `opts`
+/// (the thread count decides how some matmuls are split), for
+/// `--emit clif`; nodes run by the interpreter are listed as comments.
+pub fn emit_clif(g: &Graph, opts: &JitOptions) -> String {
+    let p = match prepare(g, None, &[], opts.threads > 1) {
         Ok(p) => p,
         Err(e) => return format!("; error: {e}\n"),
     };
@@ -1467,10 +1462,10 @@ pub fn emit_clif(g: &Graph) -> String {
     out
 }
 
-/// The machine code of every kernel function, disassembled by Cranelift,
-/// for `--emit asm`.
-pub fn emit_asm(g: &Graph) -> Result<String, CodegenError> {
-    let p = prepare(g, None, &[], split_by_default())?;
+/// The machine code of every kernel function as compiled with `opts`,
+/// disassembled by Cranelift, for `--emit asm`.
+pub fn emit_asm(g: &Graph, opts: &JitOptions) -> Result<String, CodegenError> {
+    let p = prepare(g, None, &[], opts.threads > 1)?;
     let speed = host_isa_at(OptLevel::Speed)?;
     let quick = host_isa_at(OptLevel::Quick)?;
     let config = speed.frontend_config();
