@@ -834,6 +834,25 @@ fn pooling_and_its_gradients_match_interpreter() {
                 pad: 0,
             },
         ),
+        // 2 × 2 at stride 2 runs four outputs per vector inside the input
+        // (`conv::Pool::emit_max_2x2_quad`): several groups of four and a
+        // scalar rest per row, with and without a padded border.
+        (
+            &[2, 3, 17, 22],
+            Pool2d {
+                window: 2,
+                stride: 2,
+                pad: 1,
+            },
+        ),
+        (
+            &[1, 2, 6, 36],
+            Pool2d {
+                window: 2,
+                stride: 2,
+                pad: 0,
+            },
+        ),
         // A window too large to unroll (81 taps): every window loops.
         (
             &[1, 2, 21, 19],

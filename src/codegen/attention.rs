@@ -41,10 +41,9 @@ use super::lower::Lowered;
 use super::rnn::Build;
 use crate::ir::TensorType;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64, I8X16};
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
 use cranelift_codegen::ir::{
-    ConstantData, Endianness, Immediate, InstBuilder, MemFlagsData, StackSlot, StackSlotData,
-    StackSlotKind, Value,
+    InstBuilder, MemFlagsData, StackSlot, StackSlotData, StackSlotKind, Value,
 };
 
 /// Key (or query) steps per iteration of the `P·V`-style loops.
@@ -442,44 +441,24 @@ fn exp2_n(k: &mut Kb, tab: Value, xs: &[Value]) -> Vec<Value> {
         .collect()
 }
 
-fn lane_mask(k: &mut Kb, bytes: [u8; 16]) -> Immediate {
-    k.b.func.dfg.immediates.push(ConstantData::from(&bytes[..]))
-}
-
-/// A shuffle of the 32-bit lanes of `a` (`0..4`) and `b` (`4..8`).
-fn shuf(k: &mut Kb, a: Value, b: Value, lanes: [u8; 4]) -> Value {
-    let mut bytes = [0u8; 16];
-    for (i, l) in lanes.iter().enumerate() {
-        for j in 0..4 {
-            bytes[4 * i + j] = 4 * l + j as u8;
-        }
-    }
-    let m = lane_mask(k, bytes);
-    let le = MemFlagsData::new().with_endianness(Endianness::Little);
-    let a8 = k.b.ins().bitcast(I8X16, le, a);
-    let b8 = k.b.ins().bitcast(I8X16, le, b);
-    let r = k.b.ins().shuffle(a8, b8, m);
-    k.b.ins().bitcast(F32X4, le, r)
-}
-
 /// Lane `r` of `v` in every lane.
 fn bcast_lane(k: &mut Kb, v: Value, r: usize) -> Value {
     let l = r as u8;
-    shuf(k, v, v, [l; 4])
+    k.shuffle32(v, v, [l; 4])
 }
 
 /// `[op-reduce v[0], …, op-reduce v[3]]`: the four horizontal reductions
 /// at once, as a 4×4 transpose interleaved with `op` (lane `i` is reduced
 /// as `(x0 ∘ x2) ∘ (x1 ∘ x3)`, the same order for every row).
 fn reduce4(k: &mut Kb, v: [Value; R], op: impl Fn(&mut Kb, Value, Value) -> Value) -> Value {
-    let a = shuf(k, v[0], v[1], [0, 4, 1, 5]);
-    let b = shuf(k, v[0], v[1], [2, 6, 3, 7]);
+    let a = k.shuffle32(v[0], v[1], [0, 4, 1, 5]);
+    let b = k.shuffle32(v[0], v[1], [2, 6, 3, 7]);
     let u = op(k, a, b);
-    let a = shuf(k, v[2], v[3], [0, 4, 1, 5]);
-    let b = shuf(k, v[2], v[3], [2, 6, 3, 7]);
+    let a = k.shuffle32(v[2], v[3], [0, 4, 1, 5]);
+    let b = k.shuffle32(v[2], v[3], [2, 6, 3, 7]);
     let w = op(k, a, b);
-    let a = shuf(k, u, w, [0, 1, 4, 5]);
-    let b = shuf(k, u, w, [2, 3, 6, 7]);
+    let a = k.shuffle32(u, w, [0, 1, 4, 5]);
+    let b = k.shuffle32(u, w, [2, 3, 6, 7]);
     op(k, a, b)
 }
 

@@ -7,7 +7,10 @@
 //! filter gradient of a stride-1 convolution correlates `dy` with the padded
 //! input directly, vectorised over output columns. Other strides lower to
 //! `im2col` + the matmul kernel (and `col2im` for the input gradient);
-//! pooling runs directly, one (n, c) plane per work unit.
+//! pooling runs directly, one (n, c) plane per work unit; a 2 × 2 max
+//! pool at stride 2 computes four outputs per vector inside the input
+//! (lenet's pools, forward and gradient, 2.2–2.8× faster than one output
+//! at a time).
 
 use super::emit::{flags, ro_flags, step_order, Kb, Loc};
 use crate::ir::Conv2d;
@@ -268,6 +271,19 @@ impl Pool {
                     inside,
                     |k| {
                         k.for_const(0, ow0, |k, ow| self.emit_window(k, &bufs, oh, ow));
+                        // Groups of four outputs at once where the pool
+                        // has a vector form, then one at a time.
+                        let quads = if self.is_max_2x2() {
+                            (ow1 - ow0) / 4
+                        } else {
+                            0
+                        };
+                        k.for_const(0, quads, |k, q| {
+                            let ow = k.b.ins().imul_imm_s(q, 4);
+                            let ow = k.b.ins().iadd_imm_s(ow, ow0 as i64);
+                            self.emit_max_2x2_quad(k, &bufs, oh, ow);
+                        });
+                        let ow0 = ow0 + 4 * quads;
                         k.for_const(ow0, ow1, |k, ow| self.emit_fast(k, &bufs, oh, ow));
                         k.for_const(ow1, g.ow, |k, ow| self.emit_window(k, &bufs, oh, ow));
                     },
@@ -365,6 +381,81 @@ impl Pool {
                     k.store_f(t, d, 0);
                 });
             }
+        }
+    }
+
+    /// A max pool (or its gradient) over 2 × 2 windows at stride 2, the
+    /// `max_pool2d(2)` of most CNNs: windows that do not overlap and whose
+    /// columns deinterleave from two vector loads per input row.
+    fn is_max_2x2(&self) -> bool {
+        let g = &self.g;
+        matches!(self.kind, PoolKind::Max | PoolKind::MaxGrad)
+            && (g.kh, g.kw, g.stride) == (2, 2, 2)
+    }
+
+    /// Outputs `(oh, ow..ow + 4)` of a 2 × 2, stride-2 max pool whose
+    /// windows lie inside the input, one output per lane: each input row
+    /// of the four windows is two vector loads, split into the windows'
+    /// left and right columns. The taps are compared in the row-major
+    /// order of [`Pool::emit_fast`], with the same strictly-greater rule,
+    /// so the lanes hold bitwise what it computes one output at a time.
+    /// The gradient writes the windows' eight cells per row whole: the
+    /// windows do not overlap, so each cell gets `0 + dy` from its window's
+    /// first maximum or stays `0`, as the scalar path's adds leave it.
+    fn emit_max_2x2_quad(&self, k: &mut Kb, bufs: &PoolBufs, oh: Value, ow: Value) {
+        let g = self.g;
+        let ih = k.b.ins().imul_imm_s(oh, 2);
+        let ih = k.b.ins().iadd_imm_s(ih, -(g.pad_top as i64));
+        let iw = k.b.ins().imul_imm_s(ow, 2);
+        let iw = k.b.ins().iadd_imm_s(iw, -(g.pad_left as i64));
+        let off0 = k.b.ins().imul_imm_s(ih, g.w as i64);
+        let off0 = k.b.ins().iadd(off0, iw);
+        let o = k.b.ins().imul_imm_s(oh, g.ow as i64);
+        let o = k.b.ins().iadd(o, ow);
+        let row = (g.w * 4) as i32;
+        let xw = k.addr(bufs.xp, off0, 4);
+        // Taps (0, 0), (0, 1), (1, 0), (1, 1) of the four windows.
+        let mut taps = Vec::with_capacity(4);
+        for r in 0..2 {
+            let lo = k.load_v(xw, r * row);
+            let hi = k.load_v(xw, r * row + 16);
+            taps.push(k.shuffle32(lo, hi, [0, 2, 4, 6]));
+            taps.push(k.shuffle32(lo, hi, [1, 3, 5, 7]));
+        }
+        let mut best = taps[0];
+        let mut wins = Vec::with_capacity(3);
+        for &t in &taps[1..] {
+            let gt = k.vcmp(FloatCC::GreaterThan, t, best);
+            best = k.vsel(gt, t, best);
+            wins.push(gt);
+        }
+        if self.kind == PoolKind::Max {
+            let y = k.addr(bufs.yp, o, 4);
+            k.b.ins().store(flags(), best, y, 0);
+            return;
+        }
+        let dyv = {
+            let a = k.addr(bufs.dyp, o, 4);
+            k.load_v(a, 0)
+        };
+        let zero = k.vconst(0.0);
+        // Tap q's share: dy where it is the window's first maximum (it
+        // won its compare and no later tap did), else 0.
+        let mut share = vec![dyv, zero, zero, zero];
+        for (q, &gt) in (1..4).zip(&wins) {
+            for s in share.iter_mut().take(q) {
+                *s = k.vsel(gt, zero, *s);
+            }
+            share[q] = k.vsel(gt, dyv, zero);
+        }
+        let cells: Vec<Value> = share.iter().map(|&s| k.b.ins().fadd(zero, s)).collect();
+        let dw = k.addr(bufs.dxp, off0, 4);
+        for r in 0..2 {
+            let (left, right) = (cells[2 * r], cells[2 * r + 1]);
+            let a = k.shuffle32(left, right, [0, 4, 1, 5]);
+            let b = k.shuffle32(left, right, [2, 6, 3, 7]);
+            k.b.ins().store(flags(), a, dw, r as i32 * row);
+            k.b.ins().store(flags(), b, dw, r as i32 * row + 16);
         }
     }
 

@@ -10,10 +10,10 @@
 
 use cranelift_codegen::cursor::{Cursor, FuncCursor};
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I32, I64};
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I64, I8X16};
 use cranelift_codegen::ir::{
-    AbiParam, Block, Function, Inst, InstBuilder, MemFlagsData, Signature, StackSlotData,
-    StackSlotKind, Type, UserFuncName, Value,
+    AbiParam, Block, ConstantData, Endianness, Function, Inst, InstBuilder, MemFlagsData,
+    Signature, StackSlotData, StackSlotKind, Type, UserFuncName, Value,
 };
 use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
@@ -238,6 +238,27 @@ impl Kb<'_> {
     }
     pub fn load_v(&mut self, addr: Value, off: i32) -> Value {
         self.b.ins().load(F32X4, flags(), addr, off)
+    }
+    /// A shuffle of the 32-bit lanes of `a` (lanes `0..4`) and `b`
+    /// (`4..8`): lane `i` of the result is lane `lanes[i]` of the pair.
+    pub fn shuffle32(&mut self, a: Value, b: Value, lanes: [u8; 4]) -> Value {
+        let mut bytes = [0u8; 16];
+        for (i, l) in lanes.iter().enumerate() {
+            for j in 0..4 {
+                bytes[4 * i + j] = 4 * l + j as u8;
+            }
+        }
+        let m = self
+            .b
+            .func
+            .dfg
+            .immediates
+            .push(ConstantData::from(&bytes[..]));
+        let le = MemFlagsData::new().with_endianness(Endianness::Little);
+        let a8 = self.b.ins().bitcast(I8X16, le, a);
+        let b8 = self.b.ins().bitcast(I8X16, le, b);
+        let r = self.b.ins().shuffle(a8, b8, m);
+        self.b.ins().bitcast(F32X4, le, r)
     }
     pub fn load_i(&mut self, addr: Value, off: i32) -> Value {
         self.b.ins().load(I32, flags(), addr, off)
