@@ -441,7 +441,7 @@ impl Pool {
         let zero = k.vconst(0.0);
         // Tap q's share: dy where it is the window's first maximum (it
         // won its compare and no later tap did), else 0.
-        let mut share = vec![dyv, zero, zero, zero];
+        let mut share = [dyv, zero, zero, zero];
         for (q, &gt) in (1..4).zip(&wins) {
             for s in share.iter_mut().take(q) {
                 *s = k.vsel(gt, zero, *s);
