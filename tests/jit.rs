@@ -739,6 +739,29 @@ fn conv_and_its_gradients_match_interpreter() {
                 pad: [1, 1, 1, 1],
             },
         ),
+        // lenet's layers, whose direct kernels take narrower register
+        // tiles (`conv::direct_tile_shape`): 2 × 16 for the first layer's
+        // 6 channels at 28 columns and its 1-channel input gradient, 3 × 12
+        // for the second's 16 channels at 10 columns (five full panels and
+        // a 1-row one), 2 × 16 for its 6-channel input gradient.
+        (
+            &[2, 1, 9, 28],
+            &[6, 1, 5, 5],
+            Conv2d {
+                stride: 1,
+                dilation: 1,
+                pad: [2, 2, 2, 2],
+            },
+        ),
+        (
+            &[2, 6, 14, 14],
+            &[16, 6, 5, 5],
+            Conv2d {
+                stride: 1,
+                dilation: 1,
+                pad: [0, 0, 0, 0],
+            },
+        ),
         // A kernel wider than the direct filter gradient takes (17 > 16
         // columns): its filter gradient runs through im2col.
         (

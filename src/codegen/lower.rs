@@ -2,8 +2,8 @@
 //! to where its operands live.
 
 use super::conv::{
-    Col2im, ConvStep, DirectConv, DirectGradFilter, Geom, Im2colRows, PackW, PadCopy, Pool,
-    PoolKind, DIRECT_MR,
+    direct_tile_shape, Col2im, ConvStep, DirectConv, DirectGradFilter, Geom, Im2colRows, PackW,
+    PadCopy, Pool, PoolKind,
 };
 use super::emit::Loc;
 use super::kernel::{
@@ -503,6 +503,8 @@ fn direct_steps(
     scratch: usize,
 ) -> Lowered {
     let (kh, kw) = (pack.kh, pack.kw);
+    let (mr, nv) = direct_tile_shape(pack.m, ow);
+    pack.mr = mr;
     let hp = oh + (kh - 1) * dilation;
     let wp = ow + (kw - 1) * dilation;
     let mut conv = DirectConv {
@@ -519,7 +521,8 @@ fn direct_steps(
         dilation,
         oh,
         ow,
-        mr: pack.mr,
+        mr,
+        nv,
     };
     let (pad, pad_bytes) = padded_input(x, n * cin, h, w, hp, wp, off, conv.overread(), scratch);
     pack.dst = Loc::Arena(scratch + pad_bytes);
@@ -561,7 +564,8 @@ fn direct_forward(
         c: w[1],
         kh: w[2],
         kw: w[3],
-        mr: DIRECT_MR,
+        // Chosen with the register tile by `direct_steps`.
+        mr: 0,
         off: 0,
         so: (w[1] * w[2] * w[3]) as i64,
         sc: (w[2] * w[3]) as i64,
@@ -609,7 +613,8 @@ fn direct_grad_input(
         c: w[0],
         kh,
         kw,
-        mr: DIRECT_MR,
+        // Chosen with the register tile by `direct_steps`.
+        mr: 0,
         off: ((kh - 1) * kw + (kw - 1)) as i64,
         so: (kh * kw) as i64,
         sc: (w[1] * kh * kw) as i64,
