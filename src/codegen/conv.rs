@@ -13,6 +13,7 @@
 //! at a time).
 
 use super::emit::{flags, ro_flags, step_order, Kb, Loc};
+use super::kernel::{eval_program, EwInstr};
 use crate::ir::Conv2d;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I64};
@@ -877,6 +878,31 @@ pub struct DirectConv {
     /// channels (the packed weights' panel height) by `nv` f32x4 columns.
     pub mr: usize,
     pub nv: usize,
+    /// Elementwise ops applied to every output tile before its one store
+    /// (a `conv2d` layer's bias and activation): `y` is written once, and
+    /// each value rounds as in the separate elementwise kernel.
+    pub epilogue: Option<ConvEpilogue>,
+}
+
+/// An elementwise program over the convolution's result and other
+/// operands, indexed like `y` `[n, m, oh, ow]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConvEpilogue {
+    pub prog: Vec<EwInstr>,
+    pub ins: Vec<ConvEpilogueInput>,
+}
+
+/// How a conv epilogue operand is indexed at `y`'s element `(n, o, i, j)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ConvEpilogueInput {
+    /// The convolution's result itself.
+    Product,
+    /// A contiguous tensor of `y`'s shape, at the same index.
+    Full(Loc),
+    /// One value per output channel, at `o` (a bias as `[m, 1, 1]`).
+    Channel(Loc),
+    /// One value for every element.
+    Scalar(Loc),
 }
 
 impl DirectConv {
@@ -899,6 +925,17 @@ impl DirectConv {
         let plane = (s.hp * s.wp) as i64;
         let oplane = (s.oh * s.ow) as i64;
         let panel_bytes = (s.r() * s.mr * W_ELEM_BYTES) as i64;
+        let ep_bases: Vec<Value> = s
+            .epilogue
+            .iter()
+            .flat_map(|ep| &ep.ins)
+            .map(|i| match *i {
+                ConvEpilogueInput::Product => ybase,
+                ConvEpilogueInput::Full(l)
+                | ConvEpilogueInput::Channel(l)
+                | ConvEpilogueInput::Scalar(l) => kb.base(l),
+            })
+            .collect();
         kb.for_range(start, end, 1, |k, u| {
             let n = k.b.ins().udiv_imm_u(u, s.oh as i64);
             let oh = k.b.ins().urem_imm_u(u, s.oh as i64);
@@ -910,19 +947,22 @@ impl DirectConv {
                 let wp = k.addr(wbase, p, panel_bytes);
                 let yo = k.b.ins().imul_imm_s(p, s.mr as i64);
                 let yp = k.addr(yrow, yo, oplane * 4);
+                // The epilogue's operands: each one's base, and the panel's
+                // first output channel.
+                let ep = s.epilogue.as_ref().map(|ep| (ep, &ep_bases[..], ybase, yo));
                 let full = s.ow / nr;
                 if full > 0 {
                     k.for_const(0, full, |k, q| {
                         let xq = k.addr(xrow, q, (nr * 4) as i64);
                         let yq = k.addr(yp, q, (nr * 4) as i64);
-                        direct_tile(k, &s, xq, wp, yq, rows, nr);
+                        direct_tile(k, &s, (xq, wp, yq), rows, nr, ep);
                     });
                 }
                 let rem = s.ow % nr;
                 if rem > 0 {
                     let xq = k.b.ins().iadd_imm_s(xrow, (full * nr * 4) as i64);
                     let yq = k.b.ins().iadd_imm_s(yp, (full * nr * 4) as i64);
-                    direct_tile(k, &s, xq, wp, yq, rows, rem);
+                    direct_tile(k, &s, (xq, wp, yq), rows, rem, ep);
                 }
             };
             let fp = s.m / s.mr;
@@ -937,16 +977,20 @@ impl DirectConv {
     }
 }
 
-/// One `rows × lanes` output tile (`lanes ≤ 4·nv`): accumulate every
-/// tap over all input channels, then store.
+/// A conv epilogue as one tile applies it: the program, each operand's
+/// base address, `y`'s base and the tile's first output channel.
+type TileEp<'a> = (&'a ConvEpilogue, &'a [Value], Value, Value);
+
+/// One `rows × lanes` output tile (`lanes ≤ 4·nv`) at `yq`, reading the
+/// padded input at `xq` and the weight panel at `wp`: accumulate every
+/// tap over all input channels, run the epilogue, then store.
 fn direct_tile(
     k: &mut Kb,
     s: &DirectConv,
-    xq: Value,
-    wp: Value,
-    yq: Value,
+    (xq, wp, yq): (Value, Value, Value),
     rows: usize,
     lanes: usize,
+    ep: Option<TileEp>,
 ) {
     let nvec = lanes.div_ceil(4);
     let zero_v = k.vconst(0.0);
@@ -1019,11 +1063,91 @@ fn direct_tile(
         bump(k, px_v, row_bytes - s.kw as i64 * kw_bytes);
     });
     let ob = (s.oh * s.ow * 4) as i64;
+    if let Some(ep) = ep {
+        tile_epilogue(k, ep, yq, &accs, (ob, lanes));
+    }
     for (i, acc) in accs.iter().enumerate() {
         for (j, var) in acc.iter().enumerate() {
             let v = k.b.use_var(*var);
             let off = (i as i64 * ob + (j * 16) as i64) as i32;
             super::matmul::store_lanes(k, v, yq, off, (lanes - 4 * j).min(4));
+        }
+    }
+}
+
+/// Replace each accumulator of a tile at `yq` (rows `ob` bytes apart, the
+/// first `lanes` columns valid) with the epilogue program's value there.
+fn tile_epilogue(
+    k: &mut Kb,
+    (ep, bases, ybase, o0): TileEp,
+    yq: Value,
+    accs: &[Vec<Variable>],
+    (ob, lanes): (i64, usize),
+) {
+    // Byte offset of the tile in `y`, which a `Full` operand shares.
+    let at = k.b.ins().isub(yq, ybase);
+    // A vector of a `Full` operand, lane by lane at the right edge
+    // (operands are not padded).
+    let load = |k: &mut Kb, p: Value, off: i32, n: usize| {
+        if n == 4 {
+            return k.load_v(p, off);
+        }
+        let mut v = k.vconst(0.0);
+        for l in 0..n {
+            let x = k.load_f(p, off + (l * 4) as i32);
+            v = k.b.ins().insertlane(v, x, l as u8);
+        }
+        v
+    };
+    let scalars: Vec<Option<Value>> = ep
+        .ins
+        .iter()
+        .zip(bases)
+        .map(|(inp, &p)| {
+            matches!(inp, ConvEpilogueInput::Scalar(_)).then(|| {
+                let x = k.load_f(p, 0);
+                k.b.ins().splat(F32X4, x)
+            })
+        })
+        .collect();
+    for (i, acc) in accs.iter().enumerate() {
+        let o = k.b.ins().iadd_imm_s(o0, i as i64);
+        let channel: Vec<Option<Value>> = ep
+            .ins
+            .iter()
+            .zip(bases)
+            .map(|(inp, &p)| {
+                matches!(inp, ConvEpilogueInput::Channel(_)).then(|| {
+                    let a = k.addr(p, o, 4);
+                    let x = k.load_f(a, 0);
+                    k.b.ins().splat(F32X4, x)
+                })
+            })
+            .collect();
+        for (j, var) in acc.iter().enumerate() {
+            let off = (i as i64 * ob + (j * 16) as i64) as i32;
+            let n = (lanes - 4 * j).min(4);
+            let product = k.b.use_var(*var);
+            let args: Vec<Vec<Value>> = ep
+                .ins
+                .iter()
+                .zip(bases)
+                .enumerate()
+                .map(|(a, (inp, &p))| {
+                    vec![match inp {
+                        ConvEpilogueInput::Product => product,
+                        ConvEpilogueInput::Full(_) => {
+                            let q = k.b.ins().iadd(p, at);
+                            load(k, q, off, n)
+                        }
+                        ConvEpilogueInput::Channel(_) => channel[a].unwrap_or(product),
+                        ConvEpilogueInput::Scalar(_) => scalars[a].unwrap_or(product),
+                    }]
+                })
+                .collect();
+            if let Some(&y) = eval_program(k, &ep.prog, &args, false).first() {
+                k.b.def_var(*var, y);
+            }
         }
     }
 }

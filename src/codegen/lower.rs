@@ -523,6 +523,7 @@ fn direct_steps(
         ow,
         mr,
         nv,
+        epilogue: None,
     };
     let (pad, pad_bytes) = padded_input(x, n * cin, h, w, hp, wp, off, conv.overread(), scratch);
     pack.dst = Loc::Arena(scratch + pad_bytes);
@@ -543,6 +544,15 @@ fn direct_ok(c: &Conv2d, dims: &[usize]) -> bool {
     c.stride == 1 && dims.iter().all(|&d| d > 0)
 }
 
+/// Whether a convolution of `x` with `w` into `y` lowers to the direct
+/// kernel (which can run an epilogue), not to im2col and a matmul.
+pub fn conv_runs_direct(c: &Conv2d, x: &[usize], w: &[usize], y: &[usize]) -> bool {
+    x.len() == 4
+        && w.len() == 4
+        && y.len() == 4
+        && direct_ok(c, &[x[0], x[1], w[0], y[2], y[3], w[2], w[3]])
+}
+
 #[allow(clippy::too_many_arguments)]
 fn direct_forward(
     x_loc: Loc,
@@ -554,7 +564,7 @@ fn direct_forward(
     c: &Conv2d,
     scratch: usize,
 ) -> Option<Lowered> {
-    if !direct_ok(c, &[x[0], x[1], w[0], y[2], y[3], w[2], w[3]]) {
+    if !conv_runs_direct(c, x, w, y) {
         return None;
     }
     let pack = PackW {

@@ -433,6 +433,135 @@ fn matmul_epilogues(
     out
 }
 
+/// Elementwise chains computed in a convolution's epilogue, as
+/// `matmul_epilogues` does for matmuls: a stride-1 convolution (the
+/// direct kernel) whose result has no other reader and is not a named
+/// output, read by an elementwise op of its shape, is computed by the
+/// kernel of that op's chain (a `conv2d` layer's bias and activation),
+/// provided every other operand of the chain has the result's shape, is
+/// one value per output channel (`[m, 1, 1]`, `[1, m, 1, 1]`) or a single
+/// value, and no other product is computed there already. Maps each such
+/// convolution to the chain's root.
+fn conv_epilogues(
+    g: &Graph,
+    order: &[NodeIndex],
+    merged: &HashMap<NodeIndex, NodeIndex>,
+    interpret: &[&str],
+    in_rows: &std::collections::HashSet<NodeIndex>,
+) -> HashMap<NodeIndex, NodeIndex> {
+    let named: std::collections::HashSet<NodeIndex> =
+        g.outputs.iter().map(|o| o.value.node).collect();
+    let mut out = HashMap::new();
+    for &cv in order {
+        let Op::Conv(c) = &g.node(cv).op else {
+            continue;
+        };
+        if named.contains(&cv) || interpret.contains(&"conv") {
+            continue;
+        }
+        let product = Value::new(cv);
+        let shape = &g.ty(product).shape;
+        let ins = g.inputs(cv);
+        let direct = match &ins[..] {
+            [x, w] => lower::conv_runs_direct(c, &g.ty(*x).shape, &g.ty(*w).shape, shape),
+            _ => false,
+        };
+        let readers = g.users(cv);
+        let [reader] = readers[..] else {
+            continue;
+        };
+        let node = g.node(reader);
+        let elementwise = matches!(node.op, Op::Unary(_) | Op::Binary(_))
+            && node.outputs.len() == 1
+            && node.outputs[0].dtype == crate::tensor::DType::F32
+            && &node.outputs[0].shape == shape
+            && !interpret.contains(&node.op.name())
+            && !in_rows.contains(&reader);
+        if !direct || !elementwise {
+            continue;
+        }
+        let root = merged.get(&reader).copied().unwrap_or(reader);
+        let members: Vec<NodeIndex> = std::iter::once(root)
+            .chain(merged.iter().filter(|(_, r)| **r == root).map(|(m, _)| *m))
+            .collect();
+        let operands_fit = members.iter().all(|&m| {
+            g.inputs(m).iter().all(|v| {
+                members.contains(&v.node)
+                    || *v == product
+                    || conv_epilogue_input(&g.ty(*v).shape, shape).is_some()
+            })
+        });
+        // One product per chain (a matmul's, or another convolution's).
+        let taken = |r: NodeIndex| {
+            out.values().any(|x| *x == r)
+                || merged
+                    .iter()
+                    .any(|(m, x)| *x == r && matches!(g.node(*m).op, Op::MatMul))
+        };
+        if operands_fit && !taken(root) {
+            out.insert(cv, root);
+        }
+    }
+    out
+}
+
+/// How a conv epilogue reads an operand of shape `s` against the result's
+/// `y` `[n, m, oh, ow]`, up to its location.
+fn conv_epilogue_input(s: &[usize], y: &[usize]) -> Option<fn(Loc) -> conv::ConvEpilogueInput> {
+    use conv::ConvEpilogueInput as In;
+    let m = *y.get(1)?;
+    if s == y {
+        Some(In::Full)
+    } else if crate::tensor::numel(s) == 1 {
+        Some(In::Scalar)
+    } else if s == [m, 1, 1] || s == [1, m, 1, 1] {
+        Some(In::Channel)
+    } else {
+        None
+    }
+}
+
+/// The kernel of a chain root whose chain reads the convolution `product`
+/// merged into it (see `conv_epilogues`): the direct convolution writing
+/// the root's result, with the chain program over `inputs` as its
+/// epilogue.
+fn lower_conv_epilogue(
+    g: &Graph,
+    root: NodeIndex,
+    (prog, inputs, product): (Vec<kernel::EwInstr>, &[Value], Value),
+    locs: &HashMap<Value, Loc>,
+    scratch: usize,
+    split: bool,
+) -> Option<lower::Lowered> {
+    let outs = results(g, root, locs);
+    let out = outs.first()?;
+    let ins = inputs
+        .iter()
+        .map(|v| {
+            if *v == product {
+                return Some(conv::ConvEpilogueInput::Product);
+            }
+            let loc = locs.get(v).copied().unwrap_or(Loc::Arena(0));
+            conv_epilogue_input(&g.ty(*v).shape, &out.1.shape).map(|f| f(loc))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let conv_ins = operands(g, product.node, locs);
+    let op = &g.node(product.node).op;
+    let mut l = lower::lower(op, &refs(&conv_ins), &[(out.0, &out.1)], scratch, split)?;
+    let mut found = false;
+    for step in &mut l.steps {
+        if let Step::Im2col(conv::ConvStep::Direct(d)) = step {
+            d.epilogue = Some(conv::ConvEpilogue {
+                prog: prog.clone(),
+                ins: ins.clone(),
+            });
+            found = true;
+        }
+    }
+    // `conv_epilogues` merges only convolutions the direct kernel runs.
+    found.then_some(l)
+}
+
 /// Elementwise kernels computed after a matmul epilogue in the same
 /// kernel: a chain (or op) of the epilogue's shape that reads the
 /// epilogue's result, and otherwise only feeds or values of kernels that
@@ -497,7 +626,7 @@ fn epilogue_follows(
                 && !sharing
                     .merged
                     .iter()
-                    .any(|(m, rt)| *rt == f && matches!(g.node(*m).op, Op::MatMul));
+                    .any(|(m, rt)| *rt == f && matches!(g.node(*m).op, Op::MatMul | Op::Conv(_)));
             if !fits {
                 continue;
             }
@@ -612,6 +741,9 @@ fn lower_kernel(
             .iter()
             .find(|v| sharing.merged.get(&v.node) == Some(&n));
         if let Some(&product) = product {
+            if matches!(g.node(product.node).op, Op::Conv(_)) {
+                return lower_conv_epilogue(g, n, (prog, &inputs, product), locs, scratch, split);
+            }
             return lower_matmul_epilogue(
                 g,
                 n,
@@ -850,6 +982,8 @@ fn prepare(
             let epilogues = matmul_epilogues(g, &order, &sharing.merged, interpret, &in_rows);
             sharing.merged.extend(epilogues);
         }
+        let epilogues = conv_epilogues(g, &order, &sharing.merged, interpret, &in_rows);
+        sharing.merged.extend(epilogues);
         if !interpret.contains(&"cross_entropy") && !interpret.contains(&"cross_entropy_grad") {
             sharing.co_computed = losses_with_gradients(g, &order);
         }
@@ -1013,12 +1147,18 @@ fn compile_inner(
         // An elementwise chain computed in its matmul's epilogue.
         let epilogue = matches!(k, Planned::Jit(steps)
             if steps.iter().any(|s| matches!(s, Step::Matmul(m, _) if m.epilogue.is_some())));
+        // Or in its convolution's.
+        let conv_epilogue = matches!(k, Planned::Jit(steps)
+            if steps.iter().any(|s| matches!(s,
+                Step::Im2col(conv::ConvStep::Direct(d)) if d.epilogue.is_some())));
         let row_program = matches!(k, Planned::Jit(steps)
             if steps.iter().any(|s| matches!(s, Step::Rows(_))));
         execs.push(ExecKernel {
             node: n.index(),
             op: if epilogue {
                 "matmul+epilogue"
+            } else if conv_epilogue {
+                "conv+epilogue"
             } else if row_program {
                 "rows"
             } else {
