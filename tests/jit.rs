@@ -1564,6 +1564,87 @@ fn elementwise_chains_run_in_the_conv_epilogue() {
     }
 }
 
+/// Elementwise chains that read a pooling result or gradient run on each
+/// finished plane of its kernel: one kernel, labelled `pool+epilogue`,
+/// with the interpreter's values and the same bits as the separate
+/// kernels that a second reader of the pooled value forces. Chains: a
+/// relu gradient's mask `dx · step(x)` on a max pool's gradient, a
+/// per-channel scale and a scalar on an average pool's gradient, a relu
+/// after a max pool. Planes whose size is not a multiple of four.
+#[test]
+fn elementwise_chains_run_in_the_pool_epilogue() {
+    use dlc::ir::Pool2d;
+    let mut rng = Rng(41);
+    let cases: &[(&[usize], usize, usize, u8)] = &[
+        (&[2, 3, 8, 12], 2, 2, 0),
+        (&[1, 2, 7, 9], 3, 2, 0),
+        (&[2, 3, 5, 7], 2, 1, 1),
+        (&[1, 2, 9, 10], 2, 2, 2),
+    ];
+    for &(xs, window, stride, chain) in cases {
+        let p = Pool2d {
+            window,
+            stride,
+            pad: 0,
+        };
+        let tx = rand_f32(&mut rng, xs, 1.0);
+        let c_ch = xs[1];
+        let ts = rand_f32(&mut rng, &[c_ch], 1.0);
+        let build = |keep: bool| {
+            let mut c = Case::new();
+            let x = c.input("x", tx.clone());
+            let pooled = c.op(Op::MaxPool(p), &[x]);
+            let ys = c.g.ty(pooled).shape.clone();
+            let (product, out) = match chain {
+                0 => {
+                    let dy = c.input("dy", rand_f32(&mut Rng(3), &ys, 1.0));
+                    let dx = c.op(Op::MaxPoolGrad(p), &[x, dy]);
+                    let mask = c.op(Op::Unary(UnaryOp::Step), &[x]);
+                    (dx, c.op(Op::Binary(BinaryOp::Mul), &[dx, mask]))
+                }
+                1 => {
+                    let dy = c.input("dy", rand_f32(&mut Rng(4), &ys, 1.0));
+                    let dx = c.op(
+                        Op::AvgPoolGrad {
+                            pool: p,
+                            input_hw: [xs[2], xs[3]],
+                        },
+                        &[dy],
+                    );
+                    let s = c.input("s", ts.clone());
+                    let s = c.op(
+                        Op::Reshape {
+                            shape: vec![c_ch, 1, 1],
+                        },
+                        &[s],
+                    );
+                    let h = c.input("h", Tensor::f32(vec![], vec![0.5]));
+                    let z = c.op(Op::Binary(BinaryOp::Mul), &[dx, s]);
+                    (dx, c.op(Op::Binary(BinaryOp::Sub), &[z, h]))
+                }
+                _ => (pooled, c.op(Op::Unary(UnaryOp::Relu), &[pooled])),
+            };
+            c.out("y", out);
+            if keep {
+                c.out("pooled", product);
+            }
+            c
+        };
+        let what = format!("{xs:?} window {window} stride {stride}, chain {chain}");
+        let fused = build(false);
+        fused.check_tol(1e-5, 1e-5);
+        let split = build(true);
+        let labels = |c: &Case| {
+            let mut l = c.labels();
+            l.retain(|op| !["reshape", "max_pool2d"].contains(op) || chain == 2);
+            l
+        };
+        assert_eq!(labels(&fused), ["pool+epilogue"], "{what}");
+        assert_eq!(labels(&split).len(), 2, "{what}");
+        assert_eq!(fused.bits(&["y"]), split.bits(&["y"]), "{what}: bits");
+    }
+}
+
 /// The weight update after a momentum epilogue (`p − lr·v'` with
 /// `v' = μ·v + g`, the product being `g`) runs in the same kernel and is
 /// stored from there: one kernel, the interpreter's values, and the bits of

@@ -223,7 +223,13 @@ pub struct Pool {
     pub dy: Loc,
     pub out: Loc,
     pub planes: usize,
+    /// Channels per image: a plane `u` is channel `u % channels`.
+    pub channels: usize,
     pub g: Geom,
+    /// Elementwise ops applied to each output plane once it is complete
+    /// (the mask of a relu's gradient on a max pool's): read while the
+    /// plane is in cache, not by a kernel of their own.
+    pub epilogue: Option<NchwEpilogue>,
 }
 
 impl Pool {
@@ -241,58 +247,79 @@ impl Pool {
         let out = kb.base(self.out);
         let (start, end) = (kb.start, kb.end);
         let kind = self.kind;
+        let ep_bases = self
+            .epilogue
+            .as_ref()
+            .map(|ep| epilogue_bases(kb, ep, out))
+            .unwrap_or_default();
+        let out_plane = match kind {
+            PoolKind::MaxGrad | PoolKind::AvgGrad => g.h * g.w,
+            PoolKind::Max | PoolKind::Avg => g.oh * g.ow,
+        };
         kb.for_range(start, end, 1, |k, u| {
-            let ip = k.b.ins().imul_imm_s(u, (g.h * g.w) as i64);
-            let xp = k.addr(x, ip, 4);
-            let op = k.b.ins().imul_imm_s(u, (g.oh * g.ow) as i64);
-            let yp = k.addr(out, op, 4);
-            let dyp = k.addr(dy, op, 4);
-            let dxp = k.addr(out, ip, 4);
-            if matches!(kind, PoolKind::MaxGrad | PoolKind::AvgGrad) {
-                zero_run(k, dxp, g.h * g.w);
+            self.emit_plane(k, (x, dy, out), u);
+            if let Some(ep) = &self.epilogue {
+                let at = k.b.ins().imul_imm_s(u, (out_plane * 4) as i64);
+                let c = k.b.ins().urem_imm_u(u, self.channels.max(1) as i64);
+                plane_epilogue(k, (ep, &ep_bases), at, c, out_plane);
             }
-            let bufs = PoolBufs { xp, yp, dyp, dxp };
-            // Windows that lie wholly inside the input (all but the border
-            // rows and columns) take the unrolled path with no bounds checks,
-            // where the window is small enough to unroll.
-            let unroll = g.kh * g.kw <= POOL_UNROLL_MAX_TAPS;
-            let (oh0, oh1) = interior(g.oh, g.h, g.kh, g.stride, g.pad_top);
-            let (ow0, ow1) = interior(g.ow, g.w, g.kw, g.stride, g.pad_left);
-            k.for_const(0, g.oh, |k, oh| {
-                if !unroll {
+        });
+    }
+
+    /// Plane `u`: its outputs, or for the gradients its `dx`.
+    fn emit_plane(&self, k: &mut Kb, (x, dy, out): (Value, Value, Value), u: Value) {
+        let g = self.g;
+        let kind = self.kind;
+        let ip = k.b.ins().imul_imm_s(u, (g.h * g.w) as i64);
+        let xp = k.addr(x, ip, 4);
+        let op = k.b.ins().imul_imm_s(u, (g.oh * g.ow) as i64);
+        let yp = k.addr(out, op, 4);
+        let dyp = k.addr(dy, op, 4);
+        let dxp = k.addr(out, ip, 4);
+        if matches!(kind, PoolKind::MaxGrad | PoolKind::AvgGrad) {
+            zero_run(k, dxp, g.h * g.w);
+        }
+        let bufs = PoolBufs { xp, yp, dyp, dxp };
+        // Windows that lie wholly inside the input (all but the border
+        // rows and columns) take the unrolled path with no bounds checks,
+        // where the window is small enough to unroll.
+        let unroll = g.kh * g.kw <= POOL_UNROLL_MAX_TAPS;
+        let (oh0, oh1) = interior(g.oh, g.h, g.kh, g.stride, g.pad_top);
+        let (ow0, ow1) = interior(g.ow, g.w, g.kw, g.stride, g.pad_left);
+        k.for_const(0, g.oh, |k, oh| {
+            if !unroll {
+                k.for_const(0, g.ow, |k, ow| self.emit_window(k, &bufs, oh, ow));
+                return;
+            }
+            let lo = k.iconst(oh0 as i64);
+            let hi = k.iconst(oh1 as i64);
+            let ge = k.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, oh, lo);
+            let lt = k.b.ins().icmp(IntCC::SignedLessThan, oh, hi);
+            let inside = k.b.ins().band(ge, lt);
+            k.if_else(
+                inside,
+                |k| {
+                    k.for_const(0, ow0, |k, ow| self.emit_window(k, &bufs, oh, ow));
+                    // Groups of four outputs at once where the pool
+                    // has a vector form, then one at a time.
+                    let quads = if self.is_max_2x2() {
+                        (ow1 - ow0) / 4
+                    } else {
+                        0
+                    };
+                    k.for_const(0, quads, |k, q| {
+                        let ow = k.b.ins().imul_imm_s(q, 4);
+                        let ow = k.b.ins().iadd_imm_s(ow, ow0 as i64);
+                        self.emit_max_2x2_quad(k, &bufs, oh, ow);
+                    });
+                    let ow0 = ow0 + 4 * quads;
+                    k.for_const(ow0, ow1, |k, ow| self.emit_fast(k, &bufs, oh, ow));
+                    k.for_const(ow1, g.ow, |k, ow| self.emit_window(k, &bufs, oh, ow));
+                },
+                |k| {
                     k.for_const(0, g.ow, |k, ow| self.emit_window(k, &bufs, oh, ow));
-                    return;
-                }
-                let lo = k.iconst(oh0 as i64);
-                let hi = k.iconst(oh1 as i64);
-                let ge = k.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, oh, lo);
-                let lt = k.b.ins().icmp(IntCC::SignedLessThan, oh, hi);
-                let inside = k.b.ins().band(ge, lt);
-                k.if_else(
-                    inside,
-                    |k| {
-                        k.for_const(0, ow0, |k, ow| self.emit_window(k, &bufs, oh, ow));
-                        // Groups of four outputs at once where the pool
-                        // has a vector form, then one at a time.
-                        let quads = if self.is_max_2x2() {
-                            (ow1 - ow0) / 4
-                        } else {
-                            0
-                        };
-                        k.for_const(0, quads, |k, q| {
-                            let ow = k.b.ins().imul_imm_s(q, 4);
-                            let ow = k.b.ins().iadd_imm_s(ow, ow0 as i64);
-                            self.emit_max_2x2_quad(k, &bufs, oh, ow);
-                        });
-                        let ow0 = ow0 + 4 * quads;
-                        k.for_const(ow0, ow1, |k, ow| self.emit_fast(k, &bufs, oh, ow));
-                        k.for_const(ow1, g.ow, |k, ow| self.emit_window(k, &bufs, oh, ow));
-                    },
-                    |k| {
-                        k.for_const(0, g.ow, |k, ow| self.emit_window(k, &bufs, oh, ow));
-                    },
-                );
-            });
+                },
+            );
         });
     }
 
@@ -881,20 +908,20 @@ pub struct DirectConv {
     /// Elementwise ops applied to every output tile before its one store
     /// (a `conv2d` layer's bias and activation): `y` is written once, and
     /// each value rounds as in the separate elementwise kernel.
-    pub epilogue: Option<ConvEpilogue>,
+    pub epilogue: Option<NchwEpilogue>,
 }
 
 /// An elementwise program over the convolution's result and other
 /// operands, indexed like `y` `[n, m, oh, ow]`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct ConvEpilogue {
+pub struct NchwEpilogue {
     pub prog: Vec<EwInstr>,
-    pub ins: Vec<ConvEpilogueInput>,
+    pub ins: Vec<NchwInput>,
 }
 
 /// How a conv epilogue operand is indexed at `y`'s element `(n, o, i, j)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum ConvEpilogueInput {
+pub enum NchwInput {
     /// The convolution's result itself.
     Product,
     /// A contiguous tensor of `y`'s shape, at the same index.
@@ -925,17 +952,11 @@ impl DirectConv {
         let plane = (s.hp * s.wp) as i64;
         let oplane = (s.oh * s.ow) as i64;
         let panel_bytes = (s.r() * s.mr * W_ELEM_BYTES) as i64;
-        let ep_bases: Vec<Value> = s
+        let ep_bases = s
             .epilogue
-            .iter()
-            .flat_map(|ep| &ep.ins)
-            .map(|i| match *i {
-                ConvEpilogueInput::Product => ybase,
-                ConvEpilogueInput::Full(l)
-                | ConvEpilogueInput::Channel(l)
-                | ConvEpilogueInput::Scalar(l) => kb.base(l),
-            })
-            .collect();
+            .as_ref()
+            .map(|ep| epilogue_bases(kb, ep, ybase))
+            .unwrap_or_default();
         kb.for_range(start, end, 1, |k, u| {
             let n = k.b.ins().udiv_imm_u(u, s.oh as i64);
             let oh = k.b.ins().urem_imm_u(u, s.oh as i64);
@@ -977,9 +998,126 @@ impl DirectConv {
     }
 }
 
+/// Each epilogue operand's base address; the result's own (`out`) for
+/// the product.
+fn epilogue_bases(kb: &mut Kb, ep: &NchwEpilogue, out: Value) -> Vec<Value> {
+    ep.ins
+        .iter()
+        .map(|i| match *i {
+            NchwInput::Product => out,
+            NchwInput::Full(l) | NchwInput::Channel(l) | NchwInput::Scalar(l) => kb.base(l),
+        })
+        .collect()
+}
+
+/// A vector of `n ≤ 4` floats at byte offset `off` of `p`, lane by lane
+/// when fewer than 4 (at the right edge of unpadded operands).
+fn load_lanes(k: &mut Kb, p: Value, off: i32, n: usize) -> Value {
+    if n == 4 {
+        return k.load_v(p, off);
+    }
+    let mut v = k.vconst(0.0);
+    for l in 0..n {
+        let x = k.load_f(p, off + (l * 4) as i32);
+        v = k.b.ins().insertlane(v, x, l as u8);
+    }
+    v
+}
+
+/// The `Channel` and `Scalar` operands of an epilogue as vectors for
+/// channel `c` (`None` for the others).
+fn fixed_operands(k: &mut Kb, ep: &NchwEpilogue, bases: &[Value], c: Value) -> Vec<Option<Value>> {
+    ep.ins
+        .iter()
+        .zip(bases)
+        .map(|(inp, &p)| {
+            let x = match inp {
+                NchwInput::Channel(_) => {
+                    let a = k.addr(p, c, 4);
+                    k.load_f(a, 0)
+                }
+                NchwInput::Scalar(_) => k.load_f(p, 0),
+                NchwInput::Product | NchwInput::Full(_) => return None,
+            };
+            Some(k.b.ins().splat(F32X4, x))
+        })
+        .collect()
+}
+
+/// The epilogue's value at byte offset `off` of the result, where the
+/// product is `product`, the `Full` operands are read at `at + off` of
+/// their bases, and `fixed` holds the others.
+fn epilogue_value(
+    k: &mut Kb,
+    (ep, bases, fixed): (&NchwEpilogue, &[Value], &[Option<Value>]),
+    product: Value,
+    (at, off, n): (Value, i32, usize),
+) -> Value {
+    let args: Vec<Vec<Value>> = ep
+        .ins
+        .iter()
+        .zip(bases)
+        .zip(fixed)
+        .map(|((inp, &p), f)| {
+            vec![match (inp, f) {
+                (_, Some(v)) => *v,
+                (NchwInput::Full(_), None) => {
+                    let q = k.b.ins().iadd(p, at);
+                    load_lanes(k, q, off, n)
+                }
+                _ => product,
+            }]
+        })
+        .collect();
+    eval_program(k, &ep.prog, &args, false)
+        .first()
+        .copied()
+        .unwrap_or(product)
+}
+
+/// Apply a pool's epilogue to the `len` outputs of one plane, at byte
+/// offset `at` of the result, all of channel `c`: loaded, computed and
+/// stored back a vector at a time.
+fn plane_epilogue(
+    k: &mut Kb,
+    (ep, bases): (&NchwEpilogue, &[Value]),
+    at: Value,
+    c: Value,
+    len: usize,
+) {
+    let fixed = fixed_operands(k, ep, bases, c);
+    let Some(&out) = ep
+        .ins
+        .iter()
+        .zip(bases)
+        .find(|(i, _)| **i == NchwInput::Product)
+        .map(|(_, p)| p)
+    else {
+        return;
+    };
+    let one = |k: &mut Kb, at: Value, n: usize| {
+        let p = k.b.ins().iadd(out, at);
+        let product = load_lanes(k, p, 0, n);
+        let y = epilogue_value(k, (ep, bases, &fixed), product, (at, 0, n));
+        super::matmul::store_lanes(k, y, p, 0, n);
+    };
+    let whole = len / 4;
+    if whole > 0 {
+        k.for_const(0, whole, |k, i| {
+            let o = k.b.ins().imul_imm_s(i, 16);
+            let a = k.b.ins().iadd(at, o);
+            one(k, a, 4);
+        });
+    }
+    if !len.is_multiple_of(4) {
+        let a = k.b.ins().iadd_imm_s(at, (whole * 16) as i64);
+        one(k, a, len % 4);
+    }
+}
+
 /// A conv epilogue as one tile applies it: the program, each operand's
 /// base address, `y`'s base and the tile's first output channel.
-type TileEp<'a> = (&'a ConvEpilogue, &'a [Value], Value, Value);
+type TileEp<'a> = (&'a NchwEpilogue, &'a [Value], Value, Value);
 
 /// One `rows × lanes` output tile (`lanes ≤ 4·nv`) at `yq`, reading the
 /// padded input at `xq` and the weight panel at `wp`: accumulate every
@@ -1086,68 +1224,15 @@ fn tile_epilogue(
 ) {
     // Byte offset of the tile in `y`, which a `Full` operand shares.
     let at = k.b.ins().isub(yq, ybase);
-    // A vector of a `Full` operand, lane by lane at the right edge
-    // (operands are not padded).
-    let load = |k: &mut Kb, p: Value, off: i32, n: usize| {
-        if n == 4 {
-            return k.load_v(p, off);
-        }
-        let mut v = k.vconst(0.0);
-        for l in 0..n {
-            let x = k.load_f(p, off + (l * 4) as i32);
-            v = k.b.ins().insertlane(v, x, l as u8);
-        }
-        v
-    };
-    let scalars: Vec<Option<Value>> = ep
-        .ins
-        .iter()
-        .zip(bases)
-        .map(|(inp, &p)| {
-            matches!(inp, ConvEpilogueInput::Scalar(_)).then(|| {
-                let x = k.load_f(p, 0);
-                k.b.ins().splat(F32X4, x)
-            })
-        })
-        .collect();
     for (i, acc) in accs.iter().enumerate() {
         let o = k.b.ins().iadd_imm_s(o0, i as i64);
-        let channel: Vec<Option<Value>> = ep
-            .ins
-            .iter()
-            .zip(bases)
-            .map(|(inp, &p)| {
-                matches!(inp, ConvEpilogueInput::Channel(_)).then(|| {
-                    let a = k.addr(p, o, 4);
-                    let x = k.load_f(a, 0);
-                    k.b.ins().splat(F32X4, x)
-                })
-            })
-            .collect();
+        let fixed = fixed_operands(k, ep, bases, o);
         for (j, var) in acc.iter().enumerate() {
             let off = (i as i64 * ob + (j * 16) as i64) as i32;
             let n = (lanes - 4 * j).min(4);
             let product = k.b.use_var(*var);
-            let args: Vec<Vec<Value>> = ep
-                .ins
-                .iter()
-                .zip(bases)
-                .enumerate()
-                .map(|(a, (inp, &p))| {
-                    vec![match inp {
-                        ConvEpilogueInput::Product => product,
-                        ConvEpilogueInput::Full(_) => {
-                            let q = k.b.ins().iadd(p, at);
-                            load(k, q, off, n)
-                        }
-                        ConvEpilogueInput::Channel(_) => channel[a].unwrap_or(product),
-                        ConvEpilogueInput::Scalar(_) => scalars[a].unwrap_or(product),
-                    }]
-                })
-                .collect();
-            if let Some(&y) = eval_program(k, &ep.prog, &args, false).first() {
-                k.b.def_var(*var, y);
-            }
+            let y = epilogue_value(k, (ep, bases, &fixed), product, (at, off, n));
+            k.b.def_var(*var, y);
         }
     }
 }

@@ -273,7 +273,9 @@ pub fn lower(
                 dy: ins.get(1).map(|i| i.0).unwrap_or(ins[0].0),
                 out: out.0,
                 planes: x[0] * x[1],
+                channels: x[1],
                 g: pool_geom(x[2], x[3], oh, ow, p),
+                epilogue: None,
             })])
         }
         Op::AvgPoolGrad { pool, .. } => {
@@ -284,7 +286,9 @@ pub fn lower(
                 dy: ins[0].0,
                 out: out.0,
                 planes: dy[0] * dy[1],
+                channels: dy[1],
                 g: pool_geom(oshape[2], oshape[3], dy[2], dy[3], pool),
+                epilogue: None,
             })])
         }
         Op::Transpose { perm } => {

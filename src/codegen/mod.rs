@@ -433,16 +433,37 @@ fn matmul_epilogues(
     out
 }
 
-/// Elementwise chains computed in a convolution's epilogue, as
-/// `matmul_epilogues` does for matmuls: a stride-1 convolution (the
-/// direct kernel) whose result has no other reader and is not a named
-/// output, read by an elementwise op of its shape, is computed by the
-/// kernel of that op's chain (a `conv2d` layer's bias and activation),
-/// provided every other operand of the chain has the result's shape, is
-/// one value per output channel (`[m, 1, 1]`, `[1, m, 1, 1]`) or a single
-/// value, and no other product is computed there already. Maps each such
-/// convolution to the chain's root.
-fn conv_epilogues(
+/// Whether `n`'s kernel can run an elementwise epilogue over its NCHW
+/// result: a stride-1 convolution (the direct kernel, on its register
+/// tiles) or a pooling op or pooling gradient (on each finished plane).
+fn nchw_epilogue_host(g: &Graph, n: NodeIndex, interpret: &[&str]) -> bool {
+    let node = g.node(n);
+    if interpret.contains(&node.op.name()) || node.outputs.len() != 1 {
+        return false;
+    }
+    let y = &node.outputs[0].shape;
+    match &node.op {
+        Op::Conv(c) => match &g.inputs(n)[..] {
+            [x, w] => lower::conv_runs_direct(c, &g.ty(*x).shape, &g.ty(*w).shape, y),
+            _ => false,
+        },
+        Op::MaxPool(_) | Op::AvgPool(_) | Op::MaxPoolGrad(_) | Op::AvgPoolGrad { .. } => {
+            y.len() == 4
+        }
+        _ => false,
+    }
+}
+
+/// Elementwise chains computed in the epilogue of an NCHW kernel (see
+/// `nchw_epilogue_host`), as `matmul_epilogues` does for matmuls: a
+/// result with no other reader that is not a named output, read by an
+/// elementwise op of its shape, is computed by the kernel of that op's
+/// chain (a `conv2d` layer's bias and activation, a relu gradient's mask
+/// on a max pool's gradient), provided every other operand of the chain
+/// has the result's shape, is one value per channel (`[m, 1, 1]`,
+/// `[1, m, 1, 1]`) or a single value, and no other product is computed
+/// there already. Maps each such node to the chain's root.
+fn nchw_epilogues(
     g: &Graph,
     order: &[NodeIndex],
     merged: &HashMap<NodeIndex, NodeIndex>,
@@ -453,19 +474,11 @@ fn conv_epilogues(
         g.outputs.iter().map(|o| o.value.node).collect();
     let mut out = HashMap::new();
     for &cv in order {
-        let Op::Conv(c) = &g.node(cv).op else {
-            continue;
-        };
-        if named.contains(&cv) || interpret.contains(&"conv") {
+        if named.contains(&cv) || !nchw_epilogue_host(g, cv, interpret) {
             continue;
         }
         let product = Value::new(cv);
         let shape = &g.ty(product).shape;
-        let ins = g.inputs(cv);
-        let direct = match &ins[..] {
-            [x, w] => lower::conv_runs_direct(c, &g.ty(*x).shape, &g.ty(*w).shape, shape),
-            _ => false,
-        };
         let readers = g.users(cv);
         let [reader] = readers[..] else {
             continue;
@@ -477,7 +490,7 @@ fn conv_epilogues(
             && &node.outputs[0].shape == shape
             && !interpret.contains(&node.op.name())
             && !in_rows.contains(&reader);
-        if !direct || !elementwise {
+        if !elementwise {
             continue;
         }
         let root = merged.get(&reader).copied().unwrap_or(reader);
@@ -507,8 +520,8 @@ fn conv_epilogues(
 
 /// How a conv epilogue reads an operand of shape `s` against the result's
 /// `y` `[n, m, oh, ow]`, up to its location.
-fn conv_epilogue_input(s: &[usize], y: &[usize]) -> Option<fn(Loc) -> conv::ConvEpilogueInput> {
-    use conv::ConvEpilogueInput as In;
+fn conv_epilogue_input(s: &[usize], y: &[usize]) -> Option<fn(Loc) -> conv::NchwInput> {
+    use conv::NchwInput as In;
     let m = *y.get(1)?;
     if s == y {
         Some(In::Full)
@@ -521,11 +534,11 @@ fn conv_epilogue_input(s: &[usize], y: &[usize]) -> Option<fn(Loc) -> conv::Conv
     }
 }
 
-/// The kernel of a chain root whose chain reads the convolution `product`
-/// merged into it (see `conv_epilogues`): the direct convolution writing
-/// the root's result, with the chain program over `inputs` as its
-/// epilogue.
-fn lower_conv_epilogue(
+/// The kernel of a chain root whose chain reads the NCHW result `product`
+/// merged into it (see `nchw_epilogues`): the direct convolution or the
+/// pooling kernel writing the root's result, with the chain program over
+/// `inputs` as its epilogue.
+fn lower_nchw_epilogue(
     g: &Graph,
     root: NodeIndex,
     (prog, inputs, product): (Vec<kernel::EwInstr>, &[Value], Value),
@@ -539,7 +552,7 @@ fn lower_conv_epilogue(
         .iter()
         .map(|v| {
             if *v == product {
-                return Some(conv::ConvEpilogueInput::Product);
+                return Some(conv::NchwInput::Product);
             }
             let loc = locs.get(v).copied().unwrap_or(Loc::Arena(0));
             conv_epilogue_input(&g.ty(*v).shape, &out.1.shape).map(|f| f(loc))
@@ -548,17 +561,17 @@ fn lower_conv_epilogue(
     let conv_ins = operands(g, product.node, locs);
     let op = &g.node(product.node).op;
     let mut l = lower::lower(op, &refs(&conv_ins), &[(out.0, &out.1)], scratch, split)?;
+    let epilogue = conv::NchwEpilogue { prog, ins };
     let mut found = false;
     for step in &mut l.steps {
-        if let Step::Im2col(conv::ConvStep::Direct(d)) = step {
-            d.epilogue = Some(conv::ConvEpilogue {
-                prog: prog.clone(),
-                ins: ins.clone(),
-            });
-            found = true;
+        match step {
+            Step::Im2col(conv::ConvStep::Direct(d)) => d.epilogue = Some(epilogue.clone()),
+            Step::Pool(p) => p.epilogue = Some(epilogue.clone()),
+            _ => continue,
         }
+        found = true;
     }
-    // `conv_epilogues` merges only convolutions the direct kernel runs.
+    // `nchw_epilogues` merges only nodes whose kernel has such a step.
     found.then_some(l)
 }
 
@@ -623,10 +636,12 @@ fn epilogue_follows(
                 && !in_rows.contains(&f)
                 && !sharing.absorbed(f)
                 && !taken.contains(&f)
+                // Not a chain that computes a product of its own (a
+                // matmul's, a convolution's or a pooling kernel's).
                 && !sharing
                     .merged
                     .iter()
-                    .any(|(m, rt)| *rt == f && matches!(g.node(*m).op, Op::MatMul | Op::Conv(_)));
+                    .any(|(m, rt)| *rt == f && !matches!(g.node(*m).op, Op::Unary(_) | Op::Binary(_)));
             if !fits {
                 continue;
             }
@@ -741,8 +756,8 @@ fn lower_kernel(
             .iter()
             .find(|v| sharing.merged.get(&v.node) == Some(&n));
         if let Some(&product) = product {
-            if matches!(g.node(product.node).op, Op::Conv(_)) {
-                return lower_conv_epilogue(g, n, (prog, &inputs, product), locs, scratch, split);
+            if !matches!(g.node(product.node).op, Op::MatMul) {
+                return lower_nchw_epilogue(g, n, (prog, &inputs, product), locs, scratch, split);
             }
             return lower_matmul_epilogue(
                 g,
@@ -982,7 +997,7 @@ fn prepare(
             let epilogues = matmul_epilogues(g, &order, &sharing.merged, interpret, &in_rows);
             sharing.merged.extend(epilogues);
         }
-        let epilogues = conv_epilogues(g, &order, &sharing.merged, interpret, &in_rows);
+        let epilogues = nchw_epilogues(g, &order, &sharing.merged, interpret, &in_rows);
         sharing.merged.extend(epilogues);
         if !interpret.contains(&"cross_entropy") && !interpret.contains(&"cross_entropy_grad") {
             sharing.co_computed = losses_with_gradients(g, &order);
@@ -1147,10 +1162,12 @@ fn compile_inner(
         // An elementwise chain computed in its matmul's epilogue.
         let epilogue = matches!(k, Planned::Jit(steps)
             if steps.iter().any(|s| matches!(s, Step::Matmul(m, _) if m.epilogue.is_some())));
-        // Or in its convolution's.
+        // Or in its convolution's or pooling kernel's.
         let conv_epilogue = matches!(k, Planned::Jit(steps)
             if steps.iter().any(|s| matches!(s,
                 Step::Im2col(conv::ConvStep::Direct(d)) if d.epilogue.is_some())));
+        let pool_epilogue = matches!(k, Planned::Jit(steps)
+            if steps.iter().any(|s| matches!(s, Step::Pool(p) if p.epilogue.is_some())));
         let row_program = matches!(k, Planned::Jit(steps)
             if steps.iter().any(|s| matches!(s, Step::Rows(_))));
         execs.push(ExecKernel {
@@ -1159,6 +1176,8 @@ fn compile_inner(
                 "matmul+epilogue"
             } else if conv_epilogue {
                 "conv+epilogue"
+            } else if pool_epilogue {
+                "pool+epilogue"
             } else if row_program {
                 "rows"
             } else {
