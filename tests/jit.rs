@@ -1479,12 +1479,12 @@ fn elementwise_chains_run_in_the_matmul_epilogue() {
     }
 }
 
-/// Elementwise chains that read a stride-1 convolution run in its
-/// epilogue: one kernel, labelled `conv+epilogue`, with the interpreter's
-/// values and the same bits as the separate kernels that a second reader
-/// of the product forces. Chains: a `conv2d` layer's bias as `[m, 1, 1]`
-/// (or `[1, m, 1, 1]`) and its relu, a residual of the result's shape and
-/// a scalar. Shapes cover each register tile (`conv::direct_tile_shape`),
+/// Elementwise chains that read a stride-1 convolution or its input
+/// gradient run in its epilogue: one kernel, labelled `conv+epilogue`,
+/// with the interpreter's values and the same bits as the separate
+/// kernels that a second reader of the product forces. Chains: a `conv2d`
+/// layer's bias as `[m, 1, 1]` (or `[1, m, 1, 1]`) and its relu, a
+/// residual of the result's shape and a scalar, a relu gradient's mask. Shapes cover each register tile (`conv::direct_tile_shape`),
 /// partial row panels and partial column tiles. A strided convolution
 /// (im2col and a matmul) keeps its own kernel and the chain its own.
 #[test]
@@ -1492,13 +1492,16 @@ fn elementwise_chains_run_in_the_conv_epilogue() {
     use dlc::ir::Conv2d;
     let mut rng = Rng(37);
     // (x, w, stride, chain): 0 bias + relu, 1 bias as [1, m, 1, 1] then
-    // tanh, 2 a residual times a scalar plus the product.
+    // tanh, 2 a residual times a scalar plus the product, 3 the input
+    // gradient (the product then) masked by a relu gradient `step(x)`.
     let cases: &[(&[usize], &[usize], usize, u8)] = &[
         (&[2, 1, 9, 28], &[6, 1, 5, 5], 1, 0),
         (&[2, 6, 14, 14], &[16, 6, 5, 5], 1, 0),
         (&[1, 3, 7, 9], &[13, 3, 3, 3], 1, 1),
         (&[2, 2, 5, 6], &[3, 2, 2, 2], 1, 2),
         (&[1, 2, 9, 8], &[5, 2, 3, 3], 2, 0),
+        (&[2, 6, 14, 14], &[16, 6, 5, 5], 1, 3),
+        (&[1, 3, 7, 9], &[4, 3, 3, 3], 2, 3),
     ];
     for &(xs, ws, stride, chain) in cases {
         let conv = Conv2d {
@@ -1513,7 +1516,7 @@ fn elementwise_chains_run_in_the_conv_epilogue() {
             let mut c = Case::new();
             let x = c.input("x", tx.clone());
             let w = c.input("w", tw.clone());
-            let y = c.op(Op::Conv(conv), &[x, w]);
+            let mut y = c.op(Op::Conv(conv), &[x, w]);
             let ys = c.g.ty(y).shape.clone();
             let bias = |c: &mut Case, shape: Vec<usize>| {
                 let b = c.input("b", tb.clone());
@@ -1530,16 +1533,29 @@ fn elementwise_chains_run_in_the_conv_epilogue() {
                     let z = c.op(Op::Binary(BinaryOp::Add), &[b, y]);
                     c.op(Op::Unary(UnaryOp::Tanh), &[z])
                 }
-                _ => {
+                2 => {
                     let r = c.input("r", rand_f32(&mut Rng(5), &ys, 1.0));
                     let s = c.input("s", Tensor::f32(vec![], vec![0.5]));
                     let rs = c.op(Op::Binary(BinaryOp::Mul), &[r, s]);
                     c.op(Op::Binary(BinaryOp::Add), &[y, rs])
                 }
+                _ => {
+                    c.out("conv", y);
+                    let dy = c.input("dy", rand_f32(&mut Rng(6), &ys, 1.0));
+                    y = c.op(
+                        Op::ConvGradInput {
+                            conv,
+                            input_hw: [xs[2], xs[3]],
+                        },
+                        &[dy, w],
+                    );
+                    let mask = c.op(Op::Unary(UnaryOp::Step), &[x]);
+                    c.op(Op::Binary(BinaryOp::Mul), &[y, mask])
+                }
             };
             c.out("y", out);
             if keep_product {
-                c.out("conv", y);
+                c.out("product", y);
             }
             c
         };
@@ -1547,17 +1563,19 @@ fn elementwise_chains_run_in_the_conv_epilogue() {
         let fused = build(false);
         fused.check_tol(1e-5, 1e-5);
         let split = build(true);
-        // A reshaped feed (the bias) is copied by a kernel of its own.
+        // A reshaped feed (the bias) is copied by a kernel of its own;
+        // the input gradient's cases keep the forward as an output.
         let labels = |c: &Case| {
             let mut l = c.labels();
-            l.retain(|op| *op != "reshape");
+            l.retain(|op| *op != "reshape" && (chain < 3 || *op != "conv"));
             l
         };
+        let plain = if chain < 3 { "conv" } else { "conv_grad_input" };
         if stride == 1 {
             assert_eq!(labels(&fused), ["conv+epilogue"], "{what}");
-            assert_eq!(labels(&split).first(), Some(&"conv"), "{what}");
+            assert_eq!(labels(&split).first(), Some(&plain), "{what}");
         } else {
-            assert_eq!(labels(&fused).first(), Some(&"conv"), "{what}");
+            assert_eq!(labels(&fused).first(), Some(&plain), "{what}");
             assert_eq!(labels(&fused).len(), 2, "{what}");
         }
         assert_eq!(fused.bits(&["y"]), split.bits(&["y"]), "{what}: bits");

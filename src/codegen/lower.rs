@@ -548,6 +548,18 @@ fn direct_ok(c: &Conv2d, dims: &[usize]) -> bool {
     c.stride == 1 && dims.iter().all(|&d| d > 0)
 }
 
+/// Whether the input gradient `dx` of a convolution, from `dy` and `w`,
+/// lowers to the direct kernel (which can run an epilogue).
+pub fn conv_grad_input_runs_direct(c: &Conv2d, dy: &[usize], w: &[usize], dx: &[usize]) -> bool {
+    dy.len() == 4
+        && w.len() == 4
+        && dx.len() == 4
+        && direct_ok(
+            c,
+            &[dy[0], dy[1], dy[2], dy[3], w[1], dx[2], dx[3], w[2], w[3]],
+        )
+}
+
 /// Whether a convolution of `x` with `w` into `y` lowers to the direct
 /// kernel (which can run an epilogue), not to im2col and a matmul.
 pub fn conv_runs_direct(c: &Conv2d, x: &[usize], w: &[usize], y: &[usize]) -> bool {
@@ -613,10 +625,7 @@ fn direct_grad_input(
     c: &Conv2d,
     scratch: usize,
 ) -> Option<Lowered> {
-    if !direct_ok(
-        c,
-        &[dy[0], dy[1], dy[2], dy[3], w[1], dx[2], dx[3], w[2], w[3]],
-    ) {
+    if !conv_grad_input_runs_direct(c, dy, w, dx) {
         return None;
     }
     let (kh, kw, d) = (w[2], w[3], c.dilation);

@@ -434,8 +434,9 @@ fn matmul_epilogues(
 }
 
 /// Whether `n`'s kernel can run an elementwise epilogue over its NCHW
-/// result: a stride-1 convolution (the direct kernel, on its register
-/// tiles) or a pooling op or pooling gradient (on each finished plane).
+/// result: a stride-1 convolution or its input gradient (the direct
+/// kernel, on its register tiles), or a pooling op or pooling gradient
+/// (on each finished plane).
 fn nchw_epilogue_host(g: &Graph, n: NodeIndex, interpret: &[&str]) -> bool {
     let node = g.node(n);
     if interpret.contains(&node.op.name()) || node.outputs.len() != 1 {
@@ -445,6 +446,12 @@ fn nchw_epilogue_host(g: &Graph, n: NodeIndex, interpret: &[&str]) -> bool {
     match &node.op {
         Op::Conv(c) => match &g.inputs(n)[..] {
             [x, w] => lower::conv_runs_direct(c, &g.ty(*x).shape, &g.ty(*w).shape, y),
+            _ => false,
+        },
+        Op::ConvGradInput { conv, .. } => match &g.inputs(n)[..] {
+            [dy, w] => {
+                lower::conv_grad_input_runs_direct(conv, &g.ty(*dy).shape, &g.ty(*w).shape, y)
+            }
             _ => false,
         },
         Op::MaxPool(_) | Op::AvgPool(_) | Op::MaxPoolGrad(_) | Op::AvgPoolGrad { .. } => {
