@@ -772,7 +772,9 @@ const FMA_SLOTS: usize = 8;
 /// small ones waste most of a 5 × 8 tile on their edges: lenet's 6
 /// channels take a 5-row and a 1-row panel, and its 10 columns an
 /// 8-column and a 2-column tile, where 3 × 12 or 2 × 16 tiles cover them
-/// with less waste (lenet's convolution kernels 1.3–1.5× faster).
+/// with less waste. The model expects lenet's kernels 1.3–1.5× faster;
+/// measured (best of four alternated one-thread profiles), its second
+/// layer took 17% less time, its first 7% less, its input gradient 18%.
 pub fn direct_tile_shape(m: usize, ow: usize) -> (usize, usize) {
     let cost = |(mr, nv): (usize, usize)| -> usize {
         let nr = 4 * nv;
@@ -911,18 +913,19 @@ pub struct DirectConv {
     pub epilogue: Option<NchwEpilogue>,
 }
 
-/// An elementwise program over the convolution's result and other
-/// operands, indexed like `y` `[n, m, oh, ow]`.
+/// An elementwise program over an NCHW kernel's result (a direct
+/// convolution's, a pooling op's or gradient's) and other operands,
+/// indexed like that result `y` `[n, m, oh, ow]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NchwEpilogue {
     pub prog: Vec<EwInstr>,
     pub ins: Vec<NchwInput>,
 }
 
-/// How a conv epilogue operand is indexed at `y`'s element `(n, o, i, j)`.
+/// How an epilogue operand is indexed at `y`'s element `(n, o, i, j)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum NchwInput {
-    /// The convolution's result itself.
+    /// The kernel's result itself.
     Product,
     /// A contiguous tensor of `y`'s shape, at the same index.
     Full(Loc),
@@ -1115,7 +1118,7 @@ fn plane_epilogue(
     }
 }
 
-/// A conv epilogue as one tile applies it: the program, each operand's
+/// An epilogue as one direct-conv tile applies it: the program, each operand's
 /// base address, `y`'s base and the tile's first output channel.
 type TileEp<'a> = (&'a NchwEpilogue, &'a [Value], Value, Value);
 

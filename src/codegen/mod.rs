@@ -480,13 +480,13 @@ fn nchw_epilogues(
     let named: std::collections::HashSet<NodeIndex> =
         g.outputs.iter().map(|o| o.value.node).collect();
     let mut out = HashMap::new();
-    for &cv in order {
-        if named.contains(&cv) || !nchw_epilogue_host(g, cv, interpret) {
+    for &host in order {
+        if named.contains(&host) || !nchw_epilogue_host(g, host, interpret) {
             continue;
         }
-        let product = Value::new(cv);
+        let product = Value::new(host);
         let shape = &g.ty(product).shape;
-        let readers = g.users(cv);
+        let readers = g.users(host);
         let [reader] = readers[..] else {
             continue;
         };
@@ -508,10 +508,10 @@ fn nchw_epilogues(
             g.inputs(m).iter().all(|v| {
                 members.contains(&v.node)
                     || *v == product
-                    || conv_epilogue_input(&g.ty(*v).shape, shape).is_some()
+                    || nchw_epilogue_input(&g.ty(*v).shape, shape).is_some()
             })
         });
-        // One product per chain (a matmul's, or another convolution's).
+        // One product per chain (a matmul's, or another NCHW kernel's).
         let taken = |r: NodeIndex| {
             out.values().any(|x| *x == r)
                 || merged
@@ -519,15 +519,15 @@ fn nchw_epilogues(
                     .any(|(m, x)| *x == r && matches!(g.node(*m).op, Op::MatMul))
         };
         if operands_fit && !taken(root) {
-            out.insert(cv, root);
+            out.insert(host, root);
         }
     }
     out
 }
 
-/// How a conv epilogue reads an operand of shape `s` against the result's
-/// `y` `[n, m, oh, ow]`, up to its location.
-fn conv_epilogue_input(s: &[usize], y: &[usize]) -> Option<fn(Loc) -> conv::NchwInput> {
+/// How an NCHW epilogue reads an operand of shape `s` against the
+/// result's `y` `[n, m, oh, ow]`, up to its location.
+fn nchw_epilogue_input(s: &[usize], y: &[usize]) -> Option<fn(Loc) -> conv::NchwInput> {
     use conv::NchwInput as In;
     let m = *y.get(1)?;
     if s == y {
@@ -562,12 +562,12 @@ fn lower_nchw_epilogue(
                 return Some(conv::NchwInput::Product);
             }
             let loc = locs.get(v).copied().unwrap_or(Loc::Arena(0));
-            conv_epilogue_input(&g.ty(*v).shape, &out.1.shape).map(|f| f(loc))
+            nchw_epilogue_input(&g.ty(*v).shape, &out.1.shape).map(|f| f(loc))
         })
         .collect::<Option<Vec<_>>>()?;
-    let conv_ins = operands(g, product.node, locs);
+    let host_ins = operands(g, product.node, locs);
     let op = &g.node(product.node).op;
-    let mut l = lower::lower(op, &refs(&conv_ins), &[(out.0, &out.1)], scratch, split)?;
+    let mut l = lower::lower(op, &refs(&host_ins), &[(out.0, &out.1)], scratch, split)?;
     let epilogue = conv::NchwEpilogue { prog, ins };
     let mut found = false;
     for step in &mut l.steps {
