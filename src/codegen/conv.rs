@@ -797,6 +797,10 @@ pub fn direct_tile_shape(m: usize, ow: usize) -> (usize, usize) {
     }
 }
 
+/// Taps (input channels × kernel cells) up to which the direct kernel's
+/// tap loops are unrolled.
+const DIRECT_UNROLL_TAPS: usize = 32;
+
 /// Bytes of one packed weight: each is stored as the broadcast f32x4 the
 /// direct kernel's FMAs take, so its loop loads a vector per row instead of
 /// a scalar and a shuffle (see `matmul::A_BROADCAST_MIN_PANELS`; the
@@ -1168,41 +1172,60 @@ fn direct_tile(
             }
         }
     };
-    // Taps in `(kh, kw, c)` order, two input channels per iteration. The
-    // tap pointers are loop-carried (bumped, not recomputed from the loop
-    // counters), since address arithmetic is not hoisted out of the loops.
-    let px_v = k.var(I64, xq);
-    let pw_v = k.var(I64, wp);
     let kw_bytes = (s.dilation * 4) as i64;
-    let bump = |k: &mut Kb, v: Variable, by: i64| {
-        let p = k.b.use_var(v);
-        let p = k.b.ins().iadd_imm_s(p, by);
-        k.b.def_var(v, p);
-    };
-    let pairs = s.c / 2;
-    k.for_const(0, s.kh, |k, _| {
-        k.for_const(0, s.kw, |k, _| {
-            if pairs > 0 {
-                k.for_const(0, pairs, |k, _| {
+    // Few taps (lenet's first layer has 25, vgg's 27) run unrolled at
+    // constant offsets: with one or three input channels the loops below
+    // leave a tap without its pair in every iteration, and an unpaired tap
+    // costs a register move per accumulator on the loop edge.
+    let reach = s.c as i64 * plane + s.kh as i64 * row_bytes + s.kw as i64 * kw_bytes + 64;
+    if s.r() <= DIRECT_UNROLL_TAPS && reach < i32::MAX as i64 {
+        let mut r = 0;
+        for a in 0..s.kh {
+            for b in 0..s.kw {
+                for c in 0..s.c {
+                    let x_off = c as i64 * plane + a as i64 * row_bytes + b as i64 * kw_bytes;
+                    tap(k, xq, wp, (x_off, r as i64 * tap_bytes), r % 2 == 1);
+                    r += 1;
+                }
+            }
+        }
+    } else {
+        // Taps in `(kh, kw, c)` order, two input channels per iteration.
+        // The tap pointers are loop-carried (bumped, not recomputed from
+        // the loop counters), since address arithmetic is not hoisted out
+        // of the loops.
+        let px_v = k.var(I64, xq);
+        let pw_v = k.var(I64, wp);
+        let bump = |k: &mut Kb, v: Variable, by: i64| {
+            let p = k.b.use_var(v);
+            let p = k.b.ins().iadd_imm_s(p, by);
+            k.b.def_var(v, p);
+        };
+        let pairs = s.c / 2;
+        k.for_const(0, s.kh, |k, _| {
+            k.for_const(0, s.kw, |k, _| {
+                if pairs > 0 {
+                    k.for_const(0, pairs, |k, _| {
+                        let px = k.b.use_var(px_v);
+                        let pw = k.b.use_var(pw_v);
+                        tap(k, px, pw, (0, 0), false);
+                        tap(k, px, pw, (plane, tap_bytes), true);
+                        bump(k, px_v, 2 * plane);
+                        bump(k, pw_v, 2 * tap_bytes);
+                    });
+                }
+                if s.c % 2 == 1 {
                     let px = k.b.use_var(px_v);
                     let pw = k.b.use_var(pw_v);
                     tap(k, px, pw, (0, 0), false);
-                    tap(k, px, pw, (plane, tap_bytes), true);
-                    bump(k, px_v, 2 * plane);
-                    bump(k, pw_v, 2 * tap_bytes);
-                });
-            }
-            if s.c % 2 == 1 {
-                let px = k.b.use_var(px_v);
-                let pw = k.b.use_var(pw_v);
-                tap(k, px, pw, (0, 0), false);
-                bump(k, px_v, plane);
-                bump(k, pw_v, tap_bytes);
-            }
-            bump(k, px_v, kw_bytes - s.c as i64 * plane);
+                    bump(k, px_v, plane);
+                    bump(k, pw_v, tap_bytes);
+                }
+                bump(k, px_v, kw_bytes - s.c as i64 * plane);
+            });
+            bump(k, px_v, row_bytes - s.kw as i64 * kw_bytes);
         });
-        bump(k, px_v, row_bytes - s.kw as i64 * kw_bytes);
-    });
+    }
     let ob = (s.oh * s.ow * 4) as i64;
     if let Some(ep) = ep {
         tile_epilogue(k, ep, yq, &accs, (ob, lanes));
