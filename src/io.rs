@@ -229,7 +229,33 @@ pub fn encode_safetensors(
     }
     let meta: Option<HashMap<String, String>> =
         metadata.map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
-    safetensors::serialize(views, meta).map_err(|e| e.to_string())
+    let mut bytes = safetensors::serialize(views, meta).map_err(|e| e.to_string())?;
+    if let Some(m) = metadata {
+        sort_metadata(&mut bytes, m);
+    }
+    Ok(bytes)
+}
+
+/// `safetensors` takes the metadata as a `HashMap` and writes it in that
+/// map's order, which is random per map: the same checkpoint came out with
+/// its header bytes in another order from run to run. The metadata object
+/// is the header's first entry; this rewrites it in key order, which has
+/// the same length (checked by reading the span back as the same map).
+fn sort_metadata(bytes: &mut [u8], metadata: &BTreeMap<String, String>) {
+    const PREFIX: &[u8] = b"{\"__metadata__\":";
+    let Ok(sorted) = serde_json::to_string(metadata) else {
+        return;
+    };
+    let start = 8 + PREFIX.len();
+    let end = start + sorted.len();
+    if bytes.get(8..start) != Some(PREFIX) || end > bytes.len() {
+        return;
+    }
+    let same = serde_json::from_slice::<BTreeMap<String, String>>(&bytes[start..end])
+        .is_ok_and(|m| &m == metadata);
+    if same {
+        bytes[start..end].copy_from_slice(sorted.as_bytes());
+    }
 }
 
 /// Write named tensors as safetensors, atomically.
@@ -608,6 +634,27 @@ mod tests {
         write_safetensors(&p, &m, Some(&meta)).unwrap();
         let (_, back) = read_safetensors_with_metadata(&p).unwrap();
         assert_eq!(back.get("epoch").map(String::as_str), Some("3"));
+    }
+
+    /// The same tensors and metadata encode to the same bytes every time,
+    /// the metadata in key order (`safetensors` alone writes it in the
+    /// random order of a `HashMap`).
+    #[test]
+    fn safetensors_metadata_is_written_in_key_order() {
+        let m = TensorMap::from([("w".to_string(), Tensor::scalar(1.0))]);
+        let meta: BTreeMap<String, String> = (0..8)
+            .map(|i| (format!("dlc.key{i}"), format!("value {i}")))
+            .collect();
+        let first = encode_safetensors(&m, Some(&meta)).unwrap();
+        for _ in 0..20 {
+            assert_eq!(encode_safetensors(&m, Some(&meta)).unwrap(), first);
+        }
+        let header = String::from_utf8_lossy(&first[8..]);
+        let at: Vec<usize> = meta
+            .keys()
+            .map(|k| header.find(k.as_str()).unwrap())
+            .collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{header}");
     }
 
     #[test]
