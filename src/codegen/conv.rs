@@ -911,6 +911,13 @@ pub struct DirectConv {
     /// channels (the packed weights' panel height) by `nv` f32x4 columns.
     pub mr: usize,
     pub nv: usize,
+    /// Rows `[lo, hi)` of the padded input that hold data; the others are
+    /// zeros. With dilation 1, a unit skips the kernel rows whose taps
+    /// would all read zero rows (a zero tap adds an exact `±0`), which are
+    /// many in an input gradient: lenet's second layer's reads dy with 4
+    /// zero rows above and below its 10, and 20 of its 70 (row, kernel
+    /// row) pairs read only zeros.
+    pub data_rows: (usize, usize),
     /// Elementwise ops applied to every output tile before its one store
     /// (a `conv2d` layer's bias and activation): `y` is written once, and
     /// each value rounds as in the separate elementwise kernel.
@@ -964,9 +971,25 @@ impl DirectConv {
             .as_ref()
             .map(|ep| epilogue_bases(kb, ep, ybase))
             .unwrap_or_default();
+        let skips_rows = s.dilation == 1 && s.data_rows != (0, s.hp);
         kb.for_range(start, end, 1, |k, u| {
             let n = k.b.ins().udiv_imm_u(u, s.oh as i64);
             let oh = k.b.ins().urem_imm_u(u, s.oh as i64);
+            // Kernel rows `[kh_lo, kh_hi)` whose taps read data rows:
+            // `data_rows.0 ≤ oh + kh < data_rows.1`.
+            let kh_rows = if skips_rows {
+                let zero = k.iconst(0);
+                let lo = k.iconst(s.data_rows.0 as i64);
+                let lo = k.b.ins().isub(lo, oh);
+                let lo = k.b.ins().smax(lo, zero);
+                let hi = k.iconst(s.data_rows.1 as i64);
+                let hi = k.b.ins().isub(hi, oh);
+                let kh = k.iconst(s.kh as i64);
+                let hi = k.b.ins().smin(hi, kh);
+                Some((lo, hi))
+            } else {
+                None
+            };
             let xs = k.addr(xbase, n, plane * s.c as i64 * 4);
             let xrow = k.addr(xs, oh, (s.wp * 4) as i64);
             let ys = k.addr(ybase, n, oplane * s.m as i64 * 4);
@@ -983,14 +1006,14 @@ impl DirectConv {
                     k.for_const(0, full, |k, q| {
                         let xq = k.addr(xrow, q, (nr * 4) as i64);
                         let yq = k.addr(yp, q, (nr * 4) as i64);
-                        direct_tile(k, &s, (xq, wp, yq), rows, nr, ep);
+                        direct_tile(k, &s, (xq, wp, yq), (rows, nr), kh_rows, ep);
                     });
                 }
                 let rem = s.ow % nr;
                 if rem > 0 {
                     let xq = k.b.ins().iadd_imm_s(xrow, (full * nr * 4) as i64);
                     let yq = k.b.ins().iadd_imm_s(yp, (full * nr * 4) as i64);
-                    direct_tile(k, &s, (xq, wp, yq), rows, rem, ep);
+                    direct_tile(k, &s, (xq, wp, yq), (rows, rem), kh_rows, ep);
                 }
             };
             let fp = s.m / s.mr;
@@ -1128,13 +1151,14 @@ type TileEp<'a> = (&'a NchwEpilogue, &'a [Value], Value, Value);
 
 /// One `rows × lanes` output tile (`lanes ≤ 4·nv`) at `yq`, reading the
 /// padded input at `xq` and the weight panel at `wp`: accumulate every
-/// tap over all input channels, run the epilogue, then store.
+/// tap over all input channels (of the kernel rows `kh_rows` only, where
+/// given), run the epilogue, then store.
 fn direct_tile(
     k: &mut Kb,
     s: &DirectConv,
     (xq, wp, yq): (Value, Value, Value),
-    rows: usize,
-    lanes: usize,
+    (rows, lanes): (usize, usize),
+    kh_rows: Option<(Value, Value)>,
     ep: Option<TileEp>,
 ) {
     let nvec = lanes.div_ceil(4);
@@ -1179,14 +1203,26 @@ fn direct_tile(
     // costs a register move per accumulator on the loop edge.
     let reach = s.c as i64 * plane + s.kh as i64 * row_bytes + s.kw as i64 * kw_bytes + 64;
     if s.r() <= DIRECT_UNROLL_TAPS && reach < i32::MAX as i64 {
-        let mut r = 0;
         for a in 0..s.kh {
-            for b in 0..s.kw {
-                for c in 0..s.c {
-                    let x_off = c as i64 * plane + a as i64 * row_bytes + b as i64 * kw_bytes;
-                    tap(k, xq, wp, (x_off, r as i64 * tap_bytes), r % 2 == 1);
-                    r += 1;
+            let row = |k: &mut Kb| {
+                for b in 0..s.kw {
+                    for c in 0..s.c {
+                        let r = (a * s.kw + b) * s.c + c;
+                        let x_off = c as i64 * plane + a as i64 * row_bytes + b as i64 * kw_bytes;
+                        tap(k, xq, wp, (x_off, r as i64 * tap_bytes), r % 2 == 1);
+                    }
                 }
+            };
+            match kh_rows {
+                Some((lo, hi)) => {
+                    let ge =
+                        k.b.ins()
+                            .icmp_imm_s(IntCC::SignedLessThanOrEqual, lo, a as i64);
+                    let lt = k.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, hi, a as i64);
+                    let inside = k.b.ins().band(ge, lt);
+                    k.if_then(inside, row);
+                }
+                None => row(k),
             }
         }
     } else {
@@ -1194,15 +1230,21 @@ fn direct_tile(
         // The tap pointers are loop-carried (bumped, not recomputed from
         // the loop counters), since address arithmetic is not hoisted out
         // of the loops.
-        let px_v = k.var(I64, xq);
-        let pw_v = k.var(I64, wp);
+        let (kh_lo, kh_hi) = match kh_rows {
+            Some(r) => r,
+            None => (k.iconst(0), k.iconst(s.kh as i64)),
+        };
+        let px0 = k.addr(xq, kh_lo, row_bytes);
+        let pw0 = k.addr(wp, kh_lo, (s.kw * s.c) as i64 * tap_bytes);
+        let px_v = k.var(I64, px0);
+        let pw_v = k.var(I64, pw0);
         let bump = |k: &mut Kb, v: Variable, by: i64| {
             let p = k.b.use_var(v);
             let p = k.b.ins().iadd_imm_s(p, by);
             k.b.def_var(v, p);
         };
         let pairs = s.c / 2;
-        k.for_const(0, s.kh, |k, _| {
+        k.for_range(kh_lo, kh_hi, 1, |k, _| {
             k.for_const(0, s.kw, |k, _| {
                 if pairs > 0 {
                     k.for_const(0, pairs, |k, _| {

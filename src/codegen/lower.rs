@@ -527,6 +527,10 @@ fn direct_steps(
         ow,
         mr,
         nv,
+        data_rows: (
+            off.0.clamp(0, hp as i64) as usize,
+            (off.0 + h as i64).clamp(0, hp as i64) as usize,
+        ),
         epilogue: None,
     };
     let (pad, pad_bytes) = padded_input(x, n * cin, h, w, hp, wp, off, conv.overread(), scratch);
