@@ -1040,20 +1040,6 @@ fn epilogue_bases(kb: &mut Kb, ep: &NchwEpilogue, out: Value) -> Vec<Value> {
         .collect()
 }
 
-/// A vector of `n ≤ 4` floats at byte offset `off` of `p`, lane by lane
-/// when fewer than 4 (at the right edge of unpadded operands).
-fn load_lanes(k: &mut Kb, p: Value, off: i32, n: usize) -> Value {
-    if n == 4 {
-        return k.load_v(p, off);
-    }
-    let mut v = k.vconst(0.0);
-    for l in 0..n {
-        let x = k.load_f(p, off + (l * 4) as i32);
-        v = k.b.ins().insertlane(v, x, l as u8);
-    }
-    v
-}
-
 /// The `Channel` and `Scalar` operands of an epilogue as vectors for
 /// channel `c` (`None` for the others).
 fn fixed_operands(k: &mut Kb, ep: &NchwEpilogue, bases: &[Value], c: Value) -> Vec<Option<Value>> {
@@ -1093,7 +1079,7 @@ fn epilogue_value(
                 (_, Some(v)) => *v,
                 (NchwInput::Full(_), None) => {
                     let q = k.b.ins().iadd(p, at);
-                    load_lanes(k, q, off, n)
+                    k.load_lanes(q, off, n)
                 }
                 _ => product,
             }]
@@ -1127,7 +1113,7 @@ fn plane_epilogue(
     };
     let one = |k: &mut Kb, at: Value, n: usize| {
         let p = k.b.ins().iadd(out, at);
-        let product = load_lanes(k, p, 0, n);
+        let product = k.load_lanes(p, 0, n);
         let y = epilogue_value(k, (ep, bases, &fixed), product, (at, 0, n));
         super::matmul::store_lanes(k, y, p, 0, n);
     };

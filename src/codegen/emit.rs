@@ -239,6 +239,20 @@ impl Kb<'_> {
     pub fn load_v(&mut self, addr: Value, off: i32) -> Value {
         self.b.ins().load(F32X4, flags(), addr, off)
     }
+    /// A vector of the `n ≤ 4` floats at byte offset `off` of `p`, lane by
+    /// lane when fewer than 4 (at the right edge of an unpadded operand;
+    /// the other lanes are 0).
+    pub fn load_lanes(&mut self, p: Value, off: i32, n: usize) -> Value {
+        if n == 4 {
+            return self.load_v(p, off);
+        }
+        let mut v = self.vconst(0.0);
+        for l in 0..n {
+            let x = self.load_f(p, off + (l * 4) as i32);
+            v = self.b.ins().insertlane(v, x, l as u8);
+        }
+        v
+    }
     /// A shuffle of the 32-bit lanes of `a` (lanes `0..4`) and `b`
     /// (`4..8`): lane `i` of the result is lane `lanes[i]` of the pair.
     pub fn shuffle32(&mut self, a: Value, b: Value, lanes: [u8; 4]) -> Value {

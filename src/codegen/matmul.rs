@@ -1080,15 +1080,7 @@ fn micro_kernel(
             // A vector at byte offset `off` of `p`, lane by lane at C's
             // narrow right edge (operands are not padded).
             let load = |k: &mut Kb, p: Value, off: i32, vc: (usize, usize)| {
-                if lanes(vc) == 4 {
-                    return k.load_v(p, off);
-                }
-                let mut v = k.vconst(0.0);
-                for l in 0..lanes(vc) {
-                    let s = k.load_f(p, off + (l * 4) as i32);
-                    v = k.b.ins().insertlane(v, s, l as u8);
-                }
-                v
+                k.load_lanes(p, off, lanes(vc))
             };
             for (i, vc) in vcols.iter().enumerate() {
                 let col = ((vc.0 * nr + vc.1 * 4) * 4) as i32;

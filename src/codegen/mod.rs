@@ -370,14 +370,6 @@ fn matmul_epilogues(
 ) -> HashMap<NodeIndex, NodeIndex> {
     let named: std::collections::HashSet<NodeIndex> =
         g.outputs.iter().map(|o| o.value.node).collect();
-    let elementwise = |n: NodeIndex| {
-        let node = g.node(n);
-        matches!(node.op, Op::Unary(_) | Op::Binary(_))
-            && node.outputs.len() == 1
-            && node.outputs[0].dtype == crate::tensor::DType::F32
-            && !interpret.contains(&node.op.name())
-            && !in_rows.contains(&n)
-    };
     let mut out = HashMap::new();
     for &mm in order {
         if !matches!(g.node(mm).op, Op::MatMul) || named.contains(&mm) {
@@ -389,48 +381,70 @@ fn matmul_epilogues(
             .inputs(mm)
             .first()
             .and_then(|a| g.ty(*a).shape.last().copied());
-        let readers: Vec<NodeIndex> = g
-            .graph
-            .edges_directed(mm, petgraph::Direction::Outgoing)
-            .map(|e| petgraph::visit::EdgeRef::target(&e))
-            .collect();
-        let [reader] = readers[..] else {
-            continue;
-        };
         // The shapes `lower::matmul` lowers (its product then never falls
         // back to a kernel that would read the unwritten product).
         let matrices = shape.len() >= 2
             && g.inputs(mm).len() == 2
             && g.inputs(mm).iter().all(|v| g.ty(*v).shape.len() >= 2);
-        let fits = matrices
-            && k.is_some_and(|k| k > 0)
-            && elementwise(reader)
-            && &g.node(reader).outputs[0].shape == shape;
-        if !fits {
+        if !(matrices && k.is_some_and(|k| k > 0)) {
             continue;
         }
-        let root = chains.get(&reader).copied().unwrap_or(reader);
-        let members: Vec<NodeIndex> = std::iter::once(root)
-            .chain(chains.iter().filter(|(_, r)| **r == root).map(|(m, _)| *m))
+        // One reader, counting each use (a reader of the product twice
+        // keeps its own kernel).
+        let readers: Vec<NodeIndex> = g
+            .graph
+            .edges_directed(mm, petgraph::Direction::Outgoing)
+            .map(|e| petgraph::visit::EdgeRef::target(&e))
             .collect();
         let n = shape.last().copied().unwrap_or(1);
-        let operands_fit = members.iter().all(|&m| {
-            g.inputs(m).iter().all(|v| {
-                let s = &g.ty(*v).shape;
-                members.contains(&v.node)
-                    || *v == product
-                    || s == shape
-                    || *s == [n]
-                    || crate::tensor::numel(s) == 1
-            })
-        });
+        let operand_ok = |s: &[usize]| s == shape || s == [n] || crate::tensor::numel(s) == 1;
+        let chain = (product, &readers[..], chains);
+        let Some(root) = epilogue_chain_root(g, chain, (interpret, in_rows), operand_ok) else {
+            continue;
+        };
         // One product per chain: a second (the sum of two matmuls, say)
         // keeps its own kernel and is read from its buffer.
-        if operands_fit && !out.values().any(|r| *r == root) {
+        if !out.values().any(|r| *r == root) {
             out.insert(mm, root);
         }
     }
     out
+}
+
+/// The root of the elementwise chain that can run in the epilogue of
+/// `product`'s kernel: `readers` (the product's) is one f32 elementwise op
+/// of the product's shape, neither interpreted nor in a row group, and
+/// every operand of its chain (`chains` maps members to roots) is a
+/// member, the product, or of a shape `operand_ok` accepts.
+fn epilogue_chain_root(
+    g: &Graph,
+    (product, readers, chains): (Value, &[NodeIndex], &HashMap<NodeIndex, NodeIndex>),
+    (interpret, in_rows): (&[&str], &std::collections::HashSet<NodeIndex>),
+    operand_ok: impl Fn(&[usize]) -> bool,
+) -> Option<NodeIndex> {
+    let [reader] = readers[..] else {
+        return None;
+    };
+    let node = g.node(reader);
+    let elementwise = matches!(node.op, Op::Unary(_) | Op::Binary(_))
+        && node.outputs.len() == 1
+        && node.outputs[0].dtype == crate::tensor::DType::F32
+        && node.outputs[0].shape == g.ty(product).shape
+        && !interpret.contains(&node.op.name())
+        && !in_rows.contains(&reader);
+    if !elementwise {
+        return None;
+    }
+    let root = chains.get(&reader).copied().unwrap_or(reader);
+    let members: Vec<NodeIndex> = std::iter::once(root)
+        .chain(chains.iter().filter(|(_, r)| **r == root).map(|(m, _)| *m))
+        .collect();
+    let operands_fit = members.iter().all(|&m| {
+        g.inputs(m)
+            .iter()
+            .all(|v| members.contains(&v.node) || *v == product || operand_ok(&g.ty(*v).shape))
+    });
+    operands_fit.then_some(root)
 }
 
 /// Whether `n`'s kernel can run an elementwise epilogue over its NCHW
@@ -486,39 +500,19 @@ fn nchw_epilogues(
         }
         let product = Value::new(host);
         let shape = &g.ty(product).shape;
+        // One reader (which may read the product more than once).
         let readers = g.users(host);
-        let [reader] = readers[..] else {
+        let operand_ok = |s: &[usize]| nchw_epilogue_input(s, shape).is_some();
+        let chain = (product, &readers[..], merged);
+        let Some(root) = epilogue_chain_root(g, chain, (interpret, in_rows), operand_ok) else {
             continue;
         };
-        let node = g.node(reader);
-        let elementwise = matches!(node.op, Op::Unary(_) | Op::Binary(_))
-            && node.outputs.len() == 1
-            && node.outputs[0].dtype == crate::tensor::DType::F32
-            && &node.outputs[0].shape == shape
-            && !interpret.contains(&node.op.name())
-            && !in_rows.contains(&reader);
-        if !elementwise {
-            continue;
-        }
-        let root = merged.get(&reader).copied().unwrap_or(reader);
-        let members: Vec<NodeIndex> = std::iter::once(root)
-            .chain(merged.iter().filter(|(_, r)| **r == root).map(|(m, _)| *m))
-            .collect();
-        let operands_fit = members.iter().all(|&m| {
-            g.inputs(m).iter().all(|v| {
-                members.contains(&v.node)
-                    || *v == product
-                    || nchw_epilogue_input(&g.ty(*v).shape, shape).is_some()
-            })
-        });
         // One product per chain (a matmul's, or another NCHW kernel's).
-        let taken = |r: NodeIndex| {
-            out.values().any(|x| *x == r)
-                || merged
-                    .iter()
-                    .any(|(m, x)| *x == r && matches!(g.node(*m).op, Op::MatMul))
-        };
-        if operands_fit && !taken(root) {
+        let taken = out.values().any(|x| *x == root)
+            || merged
+                .iter()
+                .any(|(m, x)| *x == root && matches!(g.node(*m).op, Op::MatMul));
+        if !taken {
             out.insert(host, root);
         }
     }
