@@ -14,6 +14,7 @@
 
 use super::emit::{flags, ro_flags, step_order, Kb, Loc};
 use super::kernel::{eval_program, EwInstr};
+use super::winograd::{WinoInput, WinoOutput, WinoWeights};
 use crate::ir::Conv2d;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I64};
@@ -619,6 +620,9 @@ pub enum ConvStep {
     PackW(PackW),
     Direct(DirectConv),
     GradFilter(DirectGradFilter),
+    WinoWeights(WinoWeights),
+    WinoInput(WinoInput),
+    WinoOutput(WinoOutput),
 }
 
 impl ConvStep {
@@ -629,6 +633,9 @@ impl ConvStep {
             ConvStep::PackW(s) => s.m.div_ceil(s.mr),
             ConvStep::Direct(s) => s.n * s.oh,
             ConvStep::GradFilter(s) => s.o.div_ceil(GF_MR) * s.c * s.kh,
+            ConvStep::WinoWeights(s) => s.units(),
+            ConvStep::WinoInput(s) => s.units(),
+            ConvStep::WinoOutput(s) => s.units(),
         }
     }
     pub fn unit_cost(&self) -> usize {
@@ -638,6 +645,9 @@ impl ConvStep {
             ConvStep::PackW(s) => s.mr * s.r(),
             ConvStep::Direct(s) => 2 * s.m * s.ow * s.r(),
             ConvStep::GradFilter(s) => 2 * GF_MR * s.kw * s.n * s.oh * s.ow,
+            ConvStep::WinoWeights(s) => s.unit_cost(),
+            ConvStep::WinoInput(s) => s.unit_cost(),
+            ConvStep::WinoOutput(s) => s.unit_cost(),
         }
     }
     pub fn emit(&self, kb: &mut Kb) {
@@ -647,6 +657,9 @@ impl ConvStep {
             ConvStep::PackW(s) => s.emit(kb),
             ConvStep::Direct(s) => s.emit(kb),
             ConvStep::GradFilter(s) => s.emit(kb),
+            ConvStep::WinoWeights(s) => s.emit(kb),
+            ConvStep::WinoInput(s) => s.emit(kb),
+            ConvStep::WinoOutput(s) => s.emit(kb),
         }
     }
 }
@@ -1030,7 +1043,7 @@ impl DirectConv {
 
 /// Each epilogue operand's base address; the result's own (`out`) for
 /// the product.
-fn epilogue_bases(kb: &mut Kb, ep: &NchwEpilogue, out: Value) -> Vec<Value> {
+pub(super) fn epilogue_bases(kb: &mut Kb, ep: &NchwEpilogue, out: Value) -> Vec<Value> {
     ep.ins
         .iter()
         .map(|i| match *i {
@@ -1042,7 +1055,12 @@ fn epilogue_bases(kb: &mut Kb, ep: &NchwEpilogue, out: Value) -> Vec<Value> {
 
 /// The `Channel` and `Scalar` operands of an epilogue as vectors for
 /// channel `c` (`None` for the others).
-fn fixed_operands(k: &mut Kb, ep: &NchwEpilogue, bases: &[Value], c: Value) -> Vec<Option<Value>> {
+pub(super) fn fixed_operands(
+    k: &mut Kb,
+    ep: &NchwEpilogue,
+    bases: &[Value],
+    c: Value,
+) -> Vec<Option<Value>> {
     ep.ins
         .iter()
         .zip(bases)
@@ -1063,7 +1081,7 @@ fn fixed_operands(k: &mut Kb, ep: &NchwEpilogue, bases: &[Value], c: Value) -> V
 /// The epilogue's value at byte offset `off` of the result, where the
 /// product is `product`, the `Full` operands are read at `at + off` of
 /// their bases, and `fixed` holds the others.
-fn epilogue_value(
+pub(super) fn epilogue_value(
     k: &mut Kb,
     (ep, bases, fixed): (&NchwEpilogue, &[Value], &[Option<Value>]),
     product: Value,

@@ -12,6 +12,7 @@ use super::kernel::{
 };
 use super::matmul::{Matmul, MmOperand};
 use super::reduce::{CrossEntropy, Hinge, Reduce, Softmax};
+use super::winograd::{self, WinoInput, WinoOutput, WinoWeights};
 use crate::ir::{Conv2d, Op, Pool2d, TensorType};
 use crate::tensor::numel;
 
@@ -108,7 +109,9 @@ pub fn lower(
             let g = Geom::conv(x[2], x[3], w[2], w[3], oshape[2], oshape[3], c);
             let (ckk, p) = (ch * g.kh * g.kw, g.oh * g.ow);
             let cols = align64(nb * ckk * p * 4);
-            if let Some(l) = direct_forward(ins[0].0, ins[1].0, out.0, x, w, oshape, c, scratch) {
+            if let Some(l) =
+                direct_forward(ins[0].0, ins[1].0, out.0, x, w, oshape, c, (scratch, split))
+            {
                 return Some(l);
             }
             let im = Step::Im2col(ConvStep::Im2col(Im2colRows {
@@ -152,9 +155,16 @@ pub fn lower(
         Op::ConvGradInput { conv, .. } => {
             let (dy, w) = (&ins[0].1.shape, &ins[1].1.shape);
             let (nb, o, ch) = (dy[0], w[0], w[1]);
-            if let Some(l) =
-                direct_grad_input(ins[0].0, ins[1].0, out.0, dy, w, oshape, conv, scratch)
-            {
+            if let Some(l) = direct_grad_input(
+                ins[0].0,
+                ins[1].0,
+                out.0,
+                dy,
+                w,
+                oshape,
+                conv,
+                (scratch, split),
+            ) {
                 return Some(l);
             }
             let g = Geom::conv(oshape[2], oshape[3], w[2], w[3], dy[2], dy[3], conv);
@@ -492,9 +502,10 @@ fn padded_input(
     (step, align64((planes * hp * wp + slack) * 4))
 }
 
-/// Steps of a stride-1 direct convolution of `x` `[n, cin, h, w]` (placed
-/// in its padded buffer at offset `off`) with the weights `pack` describes,
-/// into `y` `[n, pack.m, oh, ow]`.
+/// Steps of a stride-1 convolution of `x` `[n, cin, h, w]` (placed in its
+/// padded buffer at offset `off`) with the weights `pack` describes, into
+/// `y` `[n, pack.m, oh, ow]`: the direct kernel, or the Winograd kernels
+/// where they apply (`split`: the model runs on several threads).
 #[allow(clippy::too_many_arguments)]
 fn direct_steps(
     x: Loc,
@@ -504,9 +515,13 @@ fn direct_steps(
     y: Loc,
     (oh, ow): (usize, usize),
     dilation: usize,
-    scratch: usize,
+    (scratch, split): (usize, bool),
 ) -> Lowered {
     let (kh, kw) = (pack.kh, pack.kw);
+    if winograd::applies(kh, kw, dilation, cin, pack.m, oh, ow) {
+        let x = (x, (n, cin, h, w), off);
+        return winograd_steps(x, &pack, y, (oh, ow), (scratch, split));
+    }
     let (mr, nv) = direct_tile_shape(pack.m, ow);
     pack.mr = mr;
     let hp = oh + (kh - 1) * dilation;
@@ -547,6 +562,98 @@ fn direct_steps(
     }
 }
 
+/// The Winograd steps of [`direct_steps`] (see `codegen::winograd`): the
+/// padded input, `U` from the weights `w` describes, `V`, the 16 products
+/// `M[e] = U[e] @ V[e]`, and the output transform into `y`.
+fn winograd_steps(
+    (x, (n, cin, h, w), off): (Loc, (usize, usize, usize, usize), (i64, i64)),
+    wt: &PackW,
+    y: Loc,
+    (oh, ow): (usize, usize),
+    (scratch, split): (usize, bool),
+) -> Lowered {
+    let m = wt.m;
+    let (hp, wp) = (oh + 2, ow + 2);
+    let (th, tw) = (oh / 2, ow / 2);
+    let tiles = n * th * tw;
+    let pp = winograd::row_stride(tiles);
+    let (pad, pad_bytes) = padded_input(x, n * cin, h, w, hp, wp, off, 0, scratch);
+    let (u_bytes, v_bytes, m_bytes) = winograd::buffer_bytes(m, cin, tiles);
+    let u = scratch + pad_bytes;
+    let v = u + align64(u_bytes);
+    let prod = v + align64(v_bytes);
+    let mm_scratch = prod + align64(m_bytes);
+    let positions = winograd::TILE_POSITIONS;
+    let weights = WinoWeights {
+        src: wt.src,
+        dst: Loc::Arena(u),
+        m,
+        c: cin,
+        off: wt.off,
+        so: wt.so,
+        sc: wt.sc,
+        skh: wt.skh,
+        skw: wt.skw,
+    };
+    let input = WinoInput {
+        xp: Loc::Arena(scratch),
+        v: Loc::Arena(v),
+        n,
+        c: cin,
+        hp,
+        wp,
+        th,
+        tw,
+        pp,
+    };
+    let a = MmOperand {
+        loc: Loc::Arena(u),
+        off: 0,
+        batch_strides: vec![(m * cin) as i64],
+        rs: cin as i64,
+        cs: 1,
+    };
+    let b = MmOperand {
+        loc: Loc::Arena(v),
+        off: 0,
+        batch_strides: vec![(cin * pp) as i64],
+        rs: pp as i64,
+        cs: 1,
+    };
+    let (products, mm_bytes) = matmul_steps(
+        vec![positions],
+        (m, cin, pp),
+        a,
+        b,
+        Loc::Arena(prod),
+        mm_scratch,
+        split,
+    );
+    let output = WinoOutput {
+        mm: Loc::Arena(prod),
+        y,
+        n,
+        m,
+        oh,
+        ow,
+        th,
+        tw,
+        pp,
+        epilogue: None,
+    };
+    let mut steps = vec![
+        pad,
+        Step::Im2col(ConvStep::WinoWeights(weights)),
+        Step::Im2col(ConvStep::WinoInput(input)),
+    ];
+    steps.extend(products);
+    steps.push(Step::Im2col(ConvStep::WinoOutput(output)));
+    Lowered {
+        steps,
+        scratch_bytes: mm_scratch - scratch + mm_bytes,
+    }
+}
+
 /// The direct kernel applies to stride-1 convolutions with no empty dim.
 fn direct_ok(c: &Conv2d, dims: &[usize]) -> bool {
     c.stride == 1 && dims.iter().all(|&d| d > 0)
@@ -582,7 +689,7 @@ fn direct_forward(
     w: &[usize],
     y: &[usize],
     c: &Conv2d,
-    scratch: usize,
+    scratch: (usize, bool),
 ) -> Option<Lowered> {
     if !conv_runs_direct(c, x, w, y) {
         return None;
@@ -627,7 +734,7 @@ fn direct_grad_input(
     w: &[usize],
     dx: &[usize],
     c: &Conv2d,
-    scratch: usize,
+    scratch: (usize, bool),
 ) -> Option<Lowered> {
     if !conv_grad_input_runs_direct(c, dy, w, dx) {
         return None;

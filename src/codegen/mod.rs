@@ -28,6 +28,7 @@ pub mod reduce;
 pub mod rnn;
 pub mod rows;
 pub mod transpose;
+pub mod winograd;
 
 pub use crate::runtime::{JitModel, RuntimeError};
 pub use plan::MemoryPlan;
@@ -567,6 +568,7 @@ fn lower_nchw_epilogue(
     for step in &mut l.steps {
         match step {
             Step::Im2col(conv::ConvStep::Direct(d)) => d.epilogue = Some(epilogue.clone()),
+            Step::Im2col(conv::ConvStep::WinoOutput(d)) => d.epilogue = Some(epilogue.clone()),
             Step::Pool(p) => p.epilogue = Some(epilogue.clone()),
             _ => continue,
         }
@@ -1166,7 +1168,8 @@ fn compile_inner(
         // Or in its convolution's or pooling kernel's.
         let conv_epilogue = matches!(k, Planned::Jit(steps)
             if steps.iter().any(|s| matches!(s,
-                Step::Im2col(conv::ConvStep::Direct(d)) if d.epilogue.is_some())));
+                Step::Im2col(conv::ConvStep::Direct(d)) if d.epilogue.is_some())
+                || matches!(s, Step::Im2col(conv::ConvStep::WinoOutput(d)) if d.epilogue.is_some())));
         let pool_epilogue = matches!(k, Planned::Jit(steps)
             if steps.iter().any(|s| matches!(s, Step::Pool(p) if p.epilogue.is_some())));
         let row_program = matches!(k, Planned::Jit(steps)

@@ -1,0 +1,372 @@
+//! Winograd F(2 × 2, 3 × 3) convolutions: 3 × 3 stride-1 convolutions
+//! (forward and input gradient) as 16 matrix products of transformed
+//! tiles, 16 multiplies per 2 × 2 outputs and input channel instead of
+//! 36 (Lavin and Gray, "Fast Algorithms for Convolutional Neural
+//! Networks", 2015).
+//!
+//! With `d` a 4 × 4 tile of the zero-padded input, `g` a 3 × 3 kernel and
+//! `y` the 2 × 2 outputs the tile covers (cross-correlation):
+//!
+//! ```text
+//! y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A
+//! Bᵀ = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]
+//! G  = [1 0 0; ½ ½ ½; ½ -½ ½; 0 0 1]
+//! Aᵀ = [1 1 1 0; 0 1 -1 -1]
+//! ```
+//!
+//! The steps, each split over threads by a fixed partition:
+//! 1. [`WinoWeights`]: `U[e][o][c] = (G g_oc Gᵀ)[e]` for the 16 positions
+//!    `e = 4a + b` (`a` the tile row);
+//! 2. [`WinoInput`]: `V[e][c][p] = (Bᵀ d_cp B)[e]` for every tile `p`
+//!    (`(n, tile row, tile column)` in row-major order);
+//! 3. the matmul kernel: `M[e] = U[e] @ V[e]` (`[m, c] @ [c, p]`, a
+//!    batch of 16);
+//! 4. [`WinoOutput`]: `y = Aᵀ M A` per tile, then the kernel's
+//!    elementwise epilogue (a `conv2d` layer's bias and relu), one store.
+//!
+//! The transforms only add, subtract and halve (exact), and every output
+//! sums its terms in a fixed order whatever the partition, so results do
+//! not depend on the thread count. They differ from the direct kernel's
+//! in rounding: the transformed products carry the tile's other taps and
+//! cancel in the output transform (measured against the f64 interpreter
+//! in `tests/jit.rs`).
+//!
+//! Vectors hold four horizontally adjacent tiles: a tile row of the
+//! output must be a whole number of such groups (`ow` a multiple of 8),
+//! and `oh` even, so that no tile reaches past the output.
+
+use super::conv::{epilogue_bases, epilogue_value, fixed_operands, NchwEpilogue};
+use super::emit::{flags, Kb, Loc};
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{InstBuilder, Value};
+
+/// Positions of a transformed tile.
+pub const TILE_POSITIONS: usize = 16;
+
+/// Input and output channels from which a 3 × 3 convolution takes the
+/// Winograd kernels: with fewer, the 16 products are too thin (k or m
+/// below a register tile) to win back the transforms' memory passes.
+const MIN_CHANNELS: usize = 8;
+
+/// Whether a stride-1, dilation-1 convolution with a `kh × kw` kernel
+/// from `c` to `m` channels, `oh × ow` outputs, runs as Winograd.
+pub fn applies(
+    kh: usize,
+    kw: usize,
+    dilation: usize,
+    c: usize,
+    m: usize,
+    oh: usize,
+    ow: usize,
+) -> bool {
+    kh == 3
+        && kw == 3
+        && dilation == 1
+        && c >= MIN_CHANNELS
+        && m >= MIN_CHANNELS
+        && oh > 0
+        && oh.is_multiple_of(2)
+        && ow > 0
+        && ow.is_multiple_of(8)
+}
+
+/// Elements between rows of `V` and of `M`: the tile count plus one
+/// vector, so that neither is a multiple of 4 KiB (vgg's 4096 and 1024
+/// tiles would be): rows that far apart share L1 sets, and the matmul
+/// packs B rows at such strides rather than reading them in place. The
+/// extra columns of `V` are zeros.
+pub fn row_stride(tiles: usize) -> usize {
+    tiles + 4
+}
+
+/// `U[e][o][c]` from the 3 × 3 kernel of output channel `o` and input
+/// channel `c`, whose tap `(a, b)` is at element
+/// `off + o·so + c·sc + a·skh + b·skw` of `src` (a forward weight
+/// `[m, c, 3, 3]`, or an input gradient's transposed, flipped view).
+/// Work units are output channels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WinoWeights {
+    pub src: Loc,
+    pub dst: Loc,
+    pub m: usize,
+    pub c: usize,
+    pub off: i64,
+    pub so: i64,
+    pub sc: i64,
+    pub skh: i64,
+    pub skw: i64,
+}
+
+/// `(G x)` for the three taps of a kernel column or row: the four
+/// transformed values.
+fn g_transform(k: &mut Kb, x: [Value; 3]) -> [Value; 4] {
+    let half = k.fconst(0.5);
+    let s = k.b.ins().fadd(x[0], x[2]);
+    let p = k.b.ins().fadd(s, x[1]);
+    let m = k.b.ins().fsub(s, x[1]);
+    [x[0], k.b.ins().fmul(p, half), k.b.ins().fmul(m, half), x[2]]
+}
+
+impl WinoWeights {
+    pub fn units(&self) -> usize {
+        self.m
+    }
+
+    pub fn unit_cost(&self) -> usize {
+        self.c * 64
+    }
+
+    pub fn emit(&self, kb: &mut Kb) {
+        let src = kb.base(self.src);
+        let dst = kb.base(self.dst);
+        let (start, end) = (kb.start, kb.end);
+        let plane = (self.m * self.c * 4) as i64;
+        kb.for_range(start, end, 1, |k, o| {
+            let so = k.b.ins().imul_imm_s(o, self.so * 4);
+            let s0 = k.b.ins().iadd(src, so);
+            let s0 = k.b.ins().iadd_imm_s(s0, self.off * 4);
+            let d0 = k.addr(dst, o, (self.c * 4) as i64);
+            let zero = k.iconst(0);
+            let cn = k.iconst(self.c as i64);
+            k.for_range(zero, cn, 1, |k, c| {
+                let s = k.addr(s0, c, self.sc * 4);
+                let g: Vec<Vec<Value>> = (0..3)
+                    .map(|a| {
+                        (0..3)
+                            .map(|b| {
+                                let off = (a as i64 * self.skh + b as i64 * self.skw) * 4;
+                                k.load_f(s, off as i32)
+                            })
+                            .collect()
+                    })
+                    .collect();
+                // Rows first (`G g`), then the columns of the result.
+                let cols: Vec<[Value; 4]> = (0..3)
+                    .map(|b| g_transform(k, [g[0][b], g[1][b], g[2][b]]))
+                    .collect();
+                let d = k.addr(d0, c, 4);
+                for a in 0..4 {
+                    let u = g_transform(k, [cols[0][a], cols[1][a], cols[2][a]]);
+                    for (b, &v) in u.iter().enumerate() {
+                        let e = (4 * a + b) as i64;
+                        k.store_f(v, d, (e * plane) as i32);
+                    }
+                }
+            });
+        });
+    }
+}
+
+/// `Bᵀ x` over four rows (or the four column kinds of a row) of a tile.
+fn b_transform(k: &mut Kb, x: [Value; 4]) -> [Value; 4] {
+    [
+        k.b.ins().fsub(x[0], x[2]),
+        k.b.ins().fadd(x[1], x[2]),
+        k.b.ins().fsub(x[2], x[1]),
+        k.b.ins().fsub(x[1], x[3]),
+    ]
+}
+
+/// `V[e][c][p]` from the padded input `xp` (`n · c` planes of `hp × wp`):
+/// tile `(i, j)` of a plane is its rows `2i..2i + 4` and columns
+/// `2j..2j + 4`. Work units are `(n, c, tile row)`; each runs over its
+/// row's tiles four at a time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WinoInput {
+    pub xp: Loc,
+    pub v: Loc,
+    pub n: usize,
+    pub c: usize,
+    pub hp: usize,
+    pub wp: usize,
+    /// Tile rows and columns of a plane.
+    pub th: usize,
+    pub tw: usize,
+    /// Elements between rows of `V` ([`row_stride`]).
+    pub pp: usize,
+}
+
+impl WinoInput {
+    pub fn units(&self) -> usize {
+        self.n * self.c * self.th
+    }
+
+    pub fn unit_cost(&self) -> usize {
+        self.tw * 20
+    }
+
+    fn tiles(&self) -> usize {
+        self.n * self.th * self.tw
+    }
+
+    pub fn emit(&self, kb: &mut Kb) {
+        let xp = kb.base(self.xp);
+        let v = kb.base(self.v);
+        let (start, end) = (kb.start, kb.end);
+        let s = self.clone();
+        let eplane = (s.c * s.pp * 4) as i64;
+        kb.for_range(start, end, 1, |k, u| {
+            let (pl, i) = k.udiv_rem_const(u, s.th as u64, true);
+            let (n, c) = k.udiv_rem_const(pl, s.c as u64, true);
+            let src = k.addr(xp, pl, (s.hp * s.wp * 4) as i64);
+            let src = k.addr(src, i, (2 * s.wp * 4) as i64);
+            // The unit's first tile.
+            let p0 = k.b.ins().imul_imm_s(n, s.th as i64);
+            let p0 = k.b.ins().iadd(p0, i);
+            let p0 = k.b.ins().imul_imm_s(p0, s.tw as i64);
+            let dst = k.addr(v, c, (s.pp * 4) as i64);
+            let dst = k.addr(dst, p0, 4);
+            k.for_const(0, s.tw / 4, |k, q| {
+                let sq = k.addr(src, q, 32);
+                let dq = k.addr(dst, q, 16);
+                // Per tile row r, the four column kinds of four tiles:
+                // columns 2j, 2j + 1, 2j + 2, 2j + 3 of tiles j..j + 4.
+                let kinds: Vec<[Value; 4]> = (0..4)
+                    .map(|r| {
+                        let row = (r * s.wp * 4) as i32;
+                        let lo = k.load_v(sq, row);
+                        let hi = k.load_v(sq, row + 16);
+                        let lo2 = k.load_v(sq, row + 8);
+                        let hi2 = k.load_v(sq, row + 24);
+                        [
+                            k.shuffle32(lo, hi, [0, 2, 4, 6]),
+                            k.shuffle32(lo, hi, [1, 3, 5, 7]),
+                            k.shuffle32(lo2, hi2, [0, 2, 4, 6]),
+                            k.shuffle32(lo2, hi2, [1, 3, 5, 7]),
+                        ]
+                    })
+                    .collect();
+                // Down the rows (`Bᵀ d`), then along each result row.
+                let cols: Vec<[Value; 4]> = (0..4)
+                    .map(|kind| {
+                        b_transform(
+                            k,
+                            [
+                                kinds[0][kind],
+                                kinds[1][kind],
+                                kinds[2][kind],
+                                kinds[3][kind],
+                            ],
+                        )
+                    })
+                    .collect();
+                for a in 0..4 {
+                    let t = b_transform(k, [cols[0][a], cols[1][a], cols[2][a], cols[3][a]]);
+                    for (b, &x) in t.iter().enumerate() {
+                        let e = (4 * a + b) as i64;
+                        k.b.ins().store(flags(), x, dq, (e * eplane) as i32);
+                    }
+                }
+            });
+            // The unit holding the last tiles also zeroes the padding
+            // columns of its channel's rows.
+            let last = k.b.ins().iadd_imm_s(p0, s.tw as i64);
+            let is_last = k.b.ins().icmp_imm_s(IntCC::Equal, last, s.tiles() as i64);
+            k.if_then(is_last, |k| {
+                let z = k.vconst(0.0);
+                let tail = k.b.ins().iadd_imm_s(dst, (s.tw * 4) as i64);
+                for e in 0..TILE_POSITIONS as i64 {
+                    for l in (0..s.pp - s.tiles()).step_by(4) {
+                        k.b.ins()
+                            .store(flags(), z, tail, (e * eplane + (l * 4) as i64) as i32);
+                    }
+                }
+            });
+        });
+    }
+}
+
+/// `y [n, m, oh, ow]` from `M[e][o][p]`: per tile `Aᵀ M A`, then the
+/// epilogue. Work units are `(n, o, tile row)`, four tiles at a time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WinoOutput {
+    pub mm: Loc,
+    pub y: Loc,
+    pub n: usize,
+    pub m: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub th: usize,
+    pub tw: usize,
+    pub pp: usize,
+    pub epilogue: Option<NchwEpilogue>,
+}
+
+/// `Aᵀ x` for four values along a tile row or column: the two outputs.
+fn a_transform(k: &mut Kb, x: [Value; 4]) -> [Value; 2] {
+    let s = k.b.ins().fadd(x[0], x[1]);
+    let d = k.b.ins().fsub(x[1], x[2]);
+    [k.b.ins().fadd(s, x[2]), k.b.ins().fsub(d, x[3])]
+}
+
+impl WinoOutput {
+    pub fn units(&self) -> usize {
+        self.n * self.m * self.th
+    }
+
+    pub fn unit_cost(&self) -> usize {
+        self.tw * 20
+    }
+
+    pub fn emit(&self, kb: &mut Kb) {
+        let mm = kb.base(self.mm);
+        let y = kb.base(self.y);
+        let (start, end) = (kb.start, kb.end);
+        let s = self.clone();
+        let eplane = (s.m * s.pp * 4) as i64;
+        let ep_bases = s
+            .epilogue
+            .as_ref()
+            .map(|ep| epilogue_bases(kb, ep, y))
+            .unwrap_or_default();
+        kb.for_range(start, end, 1, |k, u| {
+            let (pl, i) = k.udiv_rem_const(u, s.th as u64, true);
+            let (n, o) = k.udiv_rem_const(pl, s.m as u64, true);
+            let p0 = k.b.ins().imul_imm_s(n, s.th as i64);
+            let p0 = k.b.ins().iadd(p0, i);
+            let p0 = k.b.ins().imul_imm_s(p0, s.tw as i64);
+            let src = k.addr(mm, o, (s.pp * 4) as i64);
+            let src = k.addr(src, p0, 4);
+            let row0 = k.addr(y, pl, (s.oh * s.ow * 4) as i64);
+            let row0 = k.addr(row0, i, (2 * s.ow * 4) as i64);
+            let fixed = s
+                .epilogue
+                .as_ref()
+                .map(|ep| fixed_operands(k, ep, &ep_bases, o));
+            k.for_const(0, s.tw / 4, |k, q| {
+                let sq = k.addr(src, q, 16);
+                let yq = k.addr(row0, q, 32);
+                let m: Vec<Value> = (0..TILE_POSITIONS as i64)
+                    .map(|e| k.load_v(sq, (e * eplane) as i32))
+                    .collect();
+                // Along each row (`M A`), then down the two columns.
+                let rows: Vec<[Value; 2]> = (0..4)
+                    .map(|a| a_transform(k, [m[4 * a], m[4 * a + 1], m[4 * a + 2], m[4 * a + 3]]))
+                    .collect();
+                let col0 = a_transform(k, [rows[0][0], rows[1][0], rows[2][0], rows[3][0]]);
+                let col1 = a_transform(k, [rows[0][1], rows[1][1], rows[2][1], rows[3][1]]);
+                // Output row r of the four tiles: their even columns in
+                // `col0[r]`, odd ones in `col1[r]`, interleaved.
+                for r in 0..2 {
+                    let lo = k.shuffle32(col0[r], col1[r], [0, 4, 1, 5]);
+                    let hi = k.shuffle32(col0[r], col1[r], [2, 6, 3, 7]);
+                    for (h, mut val) in [lo, hi].into_iter().enumerate() {
+                        let off = (r * s.ow * 4 + h * 16) as i32;
+                        if let (Some(ep), Some(fixed)) = (s.epilogue.as_ref(), fixed.as_ref()) {
+                            let at = k.b.ins().isub(yq, y);
+                            val = epilogue_value(k, (ep, &ep_bases, fixed), val, (at, off, 4));
+                        }
+                        k.b.ins().store(flags(), val, yq, off);
+                    }
+                }
+            });
+        });
+    }
+}
+
+/// Bytes of the Winograd buffers `U`, `V` and `M`.
+pub fn buffer_bytes(m: usize, c: usize, tiles: usize) -> (usize, usize, usize) {
+    let pp = row_stride(tiles);
+    let f = 4 * TILE_POSITIONS;
+    (f * m * c, f * c * pp, f * m * pp)
+}
