@@ -71,12 +71,18 @@ pub fn applies(
 }
 
 /// Elements between rows of `V` and of `M`: the tile count plus one
-/// vector, so that neither is a multiple of 4 KiB (vgg's 4096 and 1024
-/// tiles would be): rows that far apart share L1 sets, and the matmul
-/// packs B rows at such strides rather than reading them in place. The
-/// extra columns of `V` are zeros.
+/// vector (two where one would make 4 KiB), so that rows are never a
+/// multiple of 4 KiB apart (vgg's 4096 and 1024 tiles would be): rows
+/// that far apart share L1 sets, and the matmul packs B rows at such
+/// strides rather than reading them in place. The extra columns of `V`
+/// are zeros.
 pub fn row_stride(tiles: usize) -> usize {
-    tiles + 4
+    let s = tiles + 4;
+    if s.is_multiple_of(1024) {
+        s + 4
+    } else {
+        s
+    }
 }
 
 /// `U[e][o][c]` from the 3 × 3 kernel of output channel `o` and input
@@ -369,4 +375,35 @@ pub fn buffer_bytes(m: usize, c: usize, tiles: usize) -> (usize, usize, usize) {
     let pp = row_stride(tiles);
     let f = 4 * TILE_POSITIONS;
     (f * m * c, f * c * pp, f * m * pp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn winograd_takes_wide_3x3_layers_whose_tiles_fill_whole_vectors() {
+        // vgg's layers after the first: 32 → 32 at 32 × 32, 32 → 64 and
+        // 64 → 64 at 16 × 16.
+        assert!(applies(3, 3, 1, 32, 32, 32, 32));
+        assert!(applies(3, 3, 1, 32, 64, 16, 16));
+        assert!(applies(3, 3, 1, 64, 64, 16, 16));
+        // vgg's first layer has 3 input channels; lenet's kernels are 5 × 5.
+        assert!(!applies(3, 3, 1, 3, 32, 32, 32));
+        assert!(!applies(5, 5, 1, 6, 16, 10, 10));
+        // Dilated, an odd output height, a width not a multiple of 8.
+        assert!(!applies(3, 3, 2, 16, 16, 16, 16));
+        assert!(!applies(3, 3, 1, 16, 16, 15, 16));
+        assert!(!applies(3, 3, 1, 16, 16, 16, 12));
+        assert!(!applies(3, 3, 1, 16, 8, 0, 16));
+    }
+
+    #[test]
+    fn transformed_rows_are_never_a_multiple_of_4_kib_apart() {
+        for tiles in [4, 256, 1024, 4096, 1020, 16384] {
+            let stride = row_stride(tiles) * 4;
+            assert!(!stride.is_multiple_of(4096), "{tiles} tiles");
+            assert!(row_stride(tiles) >= tiles && row_stride(tiles).is_multiple_of(4));
+        }
+    }
 }
