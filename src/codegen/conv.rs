@@ -14,7 +14,7 @@
 
 use super::emit::{flags, ro_flags, step_order, Kb, Loc};
 use super::kernel::{eval_program, EwInstr};
-use super::winograd::{WinoInput, WinoOutput, WinoWeights};
+use super::winograd::{WinoGradDy, WinoGradOut, WinoInput, WinoOutput, WinoWeights};
 use crate::ir::Conv2d;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I64};
@@ -623,6 +623,8 @@ pub enum ConvStep {
     WinoWeights(WinoWeights),
     WinoInput(WinoInput),
     WinoOutput(WinoOutput),
+    WinoGradDy(WinoGradDy),
+    WinoGradOut(WinoGradOut),
 }
 
 impl ConvStep {
@@ -636,6 +638,8 @@ impl ConvStep {
             ConvStep::WinoWeights(s) => s.units(),
             ConvStep::WinoInput(s) => s.units(),
             ConvStep::WinoOutput(s) => s.units(),
+            ConvStep::WinoGradDy(s) => s.units(),
+            ConvStep::WinoGradOut(s) => s.units(),
         }
     }
     pub fn unit_cost(&self) -> usize {
@@ -648,6 +652,8 @@ impl ConvStep {
             ConvStep::WinoWeights(s) => s.unit_cost(),
             ConvStep::WinoInput(s) => s.unit_cost(),
             ConvStep::WinoOutput(s) => s.unit_cost(),
+            ConvStep::WinoGradDy(s) => s.unit_cost(),
+            ConvStep::WinoGradOut(s) => s.unit_cost(),
         }
     }
     pub fn emit(&self, kb: &mut Kb) {
@@ -660,6 +666,8 @@ impl ConvStep {
             ConvStep::WinoWeights(s) => s.emit(kb),
             ConvStep::WinoInput(s) => s.emit(kb),
             ConvStep::WinoOutput(s) => s.emit(kb),
+            ConvStep::WinoGradDy(s) => s.emit(kb),
+            ConvStep::WinoGradOut(s) => s.emit(kb),
         }
     }
 }

@@ -12,7 +12,7 @@ use super::kernel::{
 };
 use super::matmul::{Matmul, MmOperand};
 use super::reduce::{CrossEntropy, Hinge, Reduce, Softmax};
-use super::winograd::{self, WinoInput, WinoOutput, WinoWeights};
+use super::winograd::{self, WinoGradDy, WinoGradOut, WinoInput, WinoOutput, WinoWeights};
 use crate::ir::{Conv2d, Op, Pool2d, TensorType};
 use crate::tensor::numel;
 
@@ -210,6 +210,11 @@ pub fn lower(
             let (x, dy) = (&ins[0].1.shape, &ins[1].1.shape);
             let (nb, ch, o) = (x[0], x[1], dy[1]);
             let g = Geom::conv(x[2], x[3], oshape[2], oshape[3], dy[2], dy[3], conv);
+            if let Some(l) =
+                winograd_grad_filter(ins[0].0, ins[1].0, out.0, x, dy, &g, (scratch, split))
+            {
+                return Some(l);
+            }
             if let Some(l) = direct_grad_filter(ins[0].0, ins[1].0, out.0, x, dy, &g, scratch) {
                 return Some(l);
             }
@@ -652,6 +657,110 @@ fn winograd_steps(
         steps,
         scratch_bytes: mm_scratch - scratch + mm_bytes,
     }
+}
+
+/// The filter gradient of a convolution the Winograd kernels run (see
+/// `codegen::winograd`): `V` from the padded input as in the forward,
+/// `dy` transposed to `[n, oh, ow, m]` and transformed to `Sᵀ`, the 16
+/// products `DW[e] = V[e] @ Sᵀ[e]` (`[c, tiles] @ [tiles, m]`, each a sum
+/// over every tile of the batch in order), and `dw = Gᵀ DW G`.
+fn winograd_grad_filter(
+    x_loc: Loc,
+    dy_loc: Loc,
+    dw_loc: Loc,
+    x: &[usize],
+    dy: &[usize],
+    g: &Geom,
+    (scratch, split): (usize, bool),
+) -> Option<Lowered> {
+    let (n, cin, m) = (x[0], x[1], dy[1]);
+    let (oh, ow) = (g.oh, g.ow);
+    if g.stride != 1 || !winograd::applies(g.kh, g.kw, g.dilation, cin, m, oh, ow) {
+        return None;
+    }
+    let (hp, wp) = (oh + 2, ow + 2);
+    let (th, tw) = (oh / 2, ow / 2);
+    let tiles = n * th * tw;
+    let pp = winograd::row_stride(tiles);
+    let positions = winograd::TILE_POSITIONS;
+    let off = (g.pad_top as i64, g.pad_left as i64);
+    let (pad, pad_bytes) = padded_input(x_loc, n * cin, x[2], x[3], hp, wp, off, 0, scratch);
+    let v = scratch + pad_bytes;
+    let dyt = v + align64(positions * cin * pp * 4);
+    let st = dyt + align64(n * oh * ow * m * 4);
+    let dw_t = st + align64(positions * pp * m * 4);
+    let mm_scratch = dw_t + align64(positions * cin * m * 4);
+    let input = WinoInput {
+        xp: Loc::Arena(scratch),
+        v: Loc::Arena(v),
+        n,
+        c: cin,
+        hp,
+        wp,
+        th,
+        tw,
+        pp,
+    };
+    let plane = oh * ow;
+    let transpose = copy(
+        &[n, plane, m],
+        dy_loc,
+        0,
+        vec![(m * plane) as i64, 1, plane as i64],
+        Loc::Arena(dyt),
+        0,
+        vec![(plane * m) as i64, m as i64, 1],
+    );
+    let dy_tiles = WinoGradDy {
+        dyt: Loc::Arena(dyt),
+        st: Loc::Arena(st),
+        n,
+        m,
+        ow,
+        th,
+        tw,
+        pp,
+    };
+    let a = MmOperand {
+        loc: Loc::Arena(v),
+        off: 0,
+        batch_strides: vec![(cin * pp) as i64],
+        rs: pp as i64,
+        cs: 1,
+    };
+    let b = MmOperand {
+        loc: Loc::Arena(st),
+        off: 0,
+        batch_strides: vec![(pp * m) as i64],
+        rs: m as i64,
+        cs: 1,
+    };
+    let (products, mm_bytes) = matmul_steps(
+        vec![positions],
+        (cin, pp, m),
+        a,
+        b,
+        Loc::Arena(dw_t),
+        mm_scratch,
+        split,
+    );
+    let mut steps = vec![
+        pad,
+        Step::Im2col(ConvStep::WinoInput(input)),
+        transpose,
+        Step::Im2col(ConvStep::WinoGradDy(dy_tiles)),
+    ];
+    steps.extend(products);
+    steps.push(Step::Im2col(ConvStep::WinoGradOut(WinoGradOut {
+        dw_t: Loc::Arena(dw_t),
+        dw: dw_loc,
+        m,
+        c: cin,
+    })));
+    Some(Lowered {
+        steps,
+        scratch_bytes: mm_scratch - scratch + mm_bytes,
+    })
 }
 
 /// The direct kernel applies to stride-1 convolutions with no empty dim.

@@ -1,8 +1,8 @@
 //! Winograd F(2 × 2, 3 × 3) convolutions: 3 × 3 stride-1 convolutions
-//! (forward and input gradient) as 16 matrix products of transformed
-//! tiles, 16 multiplies per 2 × 2 outputs and input channel instead of
-//! 36 (Lavin and Gray, "Fast Algorithms for Convolutional Neural
-//! Networks", 2015).
+//! (forward, input gradient and filter gradient) as 16 matrix products of
+//! transformed tiles, 16 multiplies per 2 × 2 outputs and input channel
+//! instead of 36 (Lavin and Gray, "Fast Algorithms for Convolutional
+//! Neural Networks", 2015).
 //!
 //! With `d` a 4 × 4 tile of the zero-padded input, `g` a 3 × 3 kernel and
 //! `y` the 2 × 2 outputs the tile covers (cross-correlation):
@@ -24,12 +24,18 @@
 //! 4. [`WinoOutput`]: `y = Aᵀ M A` per tile, then the kernel's
 //!    elementwise epilogue (a `conv2d` layer's bias and relu), one store.
 //!
+//! The filter gradient is the same algorithm transposed (F(3 × 3, 2 × 2)):
+//! `dw = Gᵀ [Σ_p (A dy_p Aᵀ) ⊙ (Bᵀ d_p B)] G` over all tiles `p`, with
+//! `dy_p` the 2 × 2 of `dy` a tile covers ([`WinoGradDy`], [`WinoGradOut`]).
+//!
 //! The transforms only add, subtract and halve (exact), and every output
 //! sums its terms in a fixed order whatever the partition, so results do
 //! not depend on the thread count. They differ from the direct kernel's
 //! in rounding: the transformed products carry the tile's other taps and
-//! cancel in the output transform (measured against the f64 interpreter
-//! in `tests/jit.rs`).
+//! cancel in the output transform. Against the f64 interpreter on random
+//! inputs in [-1, 1] (`tests/jit.rs`): forward and input gradient within
+//! 1e-5, the filter gradient, a sum over every tile of the batch, within
+//! 1e-4 (1e-5 in all but a few cancelling weights).
 //!
 //! Vectors hold four horizontally adjacent tiles: a tile row of the
 //! output must be a whole number of such groups (`ow` a multiple of 8),
@@ -363,6 +369,168 @@ impl WinoOutput {
                             val = epilogue_value(k, (ep, &ep_bases, fixed), val, (at, off, 4));
                         }
                         k.b.ins().store(flags(), val, yq, off);
+                    }
+                }
+            });
+        });
+    }
+}
+
+/// `Sᵀ[e][p][o] = (A g Aᵀ)[e]` for the 2 × 2 tile `g` of `dy` that tile
+/// `p` covers, read from `dy` transposed to `[n, oh, ow, m]` (`dyt`), four
+/// output channels per vector: the filter gradient's 16 products then
+/// reduce over tiles with `Sᵀ[e]` as a plain row-major B operand.
+/// `A = [1 0; 1 1; 1 -1; 0 -1]` (F(3, 2), the transpose of the forward
+/// algorithm). Rows `p` past the last tile are zeros. Work units are
+/// `(n, tile row)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WinoGradDy {
+    pub dyt: Loc,
+    pub st: Loc,
+    pub n: usize,
+    pub m: usize,
+    pub ow: usize,
+    pub th: usize,
+    pub tw: usize,
+    pub pp: usize,
+}
+
+/// `A x` for the two values of a tile row or column: the four transformed.
+fn a_expand(k: &mut Kb, x: [Value; 2]) -> [Value; 4] {
+    [
+        x[0],
+        k.b.ins().fadd(x[0], x[1]),
+        k.b.ins().fsub(x[0], x[1]),
+        k.b.ins().fneg(x[1]),
+    ]
+}
+
+impl WinoGradDy {
+    pub fn units(&self) -> usize {
+        self.n * self.th
+    }
+
+    pub fn unit_cost(&self) -> usize {
+        self.tw * self.m * 12
+    }
+
+    pub fn emit(&self, kb: &mut Kb) {
+        let dyt = kb.base(self.dyt);
+        let st = kb.base(self.st);
+        let (start, end) = (kb.start, kb.end);
+        let s = self.clone();
+        let m = s.m;
+        let eplane = (s.pp * m * 4) as i64;
+        let pix = (m * 4) as i64;
+        let tiles = s.n * s.th * s.tw;
+        kb.for_range(start, end, 1, |k, u| {
+            // Unit `u` is image row pair `u`: tiles `u·tw..`, dy rows 2u, 2u + 1.
+            let src = k.addr(dyt, u, 2 * (s.ow as i64) * pix);
+            let p0 = k.b.ins().imul_imm_s(u, s.tw as i64);
+            let dst = k.addr(st, p0, pix);
+            k.for_const(0, s.tw, |k, j| {
+                let sj = k.addr(src, j, 2 * pix);
+                let dj = k.addr(dst, j, pix);
+                for o in (0..m).step_by(4) {
+                    let lanes = (m - o).min(4);
+                    let off = (o * 4) as i32;
+                    let g = |k: &mut Kb, r: usize, c: usize| {
+                        let at = off + (r as i64 * s.ow as i64 * pix + c as i64 * pix) as i32;
+                        k.load_lanes(sj, at, lanes)
+                    };
+                    let rows: Vec<[Value; 4]> = (0..2)
+                        .map(|r| {
+                            let (a, b) = (g(k, r, 0), g(k, r, 1));
+                            a_expand(k, [a, b])
+                        })
+                        .collect();
+                    for b in 0..4 {
+                        let col = a_expand(k, [rows[0][b], rows[1][b]]);
+                        for (a, &v) in col.iter().enumerate() {
+                            let e = (4 * a + b) as i64;
+                            super::matmul::store_lanes(k, v, dj, (e * eplane) as i32 + off, lanes);
+                        }
+                    }
+                }
+            });
+            // The unit holding the last tiles zeroes the padding rows.
+            let last = k.b.ins().iadd_imm_s(p0, s.tw as i64);
+            let is_last = k.b.ins().icmp_imm_s(IntCC::Equal, last, tiles as i64);
+            k.if_then(is_last, |k| {
+                let z = k.fconst(0.0);
+                let tail = k.b.ins().iadd_imm_s(dst, s.tw as i64 * pix);
+                let n = k.iconst(((s.pp - tiles) * m) as i64);
+                for e in 0..TILE_POSITIONS as i64 {
+                    let base = k.b.ins().iadd_imm_s(tail, e * eplane);
+                    let zero = k.iconst(0);
+                    k.for_range(zero, n, 1, |k, i| {
+                        let a = k.addr(base, i, 4);
+                        k.store_f(z, a, 0);
+                    });
+                }
+            });
+        });
+    }
+}
+
+/// The filter gradient `dw [m, c, 3, 3]` from the 16 products
+/// `DW[e][c][o] = Σ_p V[e][c][p] · Sᵀ[e][p][o]`: `dw_oc = Gᵀ DW_oc G` with
+/// `Gᵀ = [1 ½ ½ 0; 0 ½ -½ 0; 0 ½ ½ 1]`. Work units are output channels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WinoGradOut {
+    pub dw_t: Loc,
+    pub dw: Loc,
+    pub m: usize,
+    pub c: usize,
+}
+
+/// `Gᵀ x` for four values: the three kernel taps.
+fn g_reduce(k: &mut Kb, x: [Value; 4]) -> [Value; 3] {
+    let half = k.fconst(0.5);
+    let s = k.b.ins().fadd(x[1], x[2]);
+    let d = k.b.ins().fsub(x[1], x[2]);
+    let hs = k.b.ins().fmul(s, half);
+    [
+        k.b.ins().fadd(x[0], hs),
+        k.b.ins().fmul(d, half),
+        k.b.ins().fadd(hs, x[3]),
+    ]
+}
+
+impl WinoGradOut {
+    pub fn units(&self) -> usize {
+        self.m
+    }
+
+    pub fn unit_cost(&self) -> usize {
+        self.c * 48
+    }
+
+    pub fn emit(&self, kb: &mut Kb) {
+        let src = kb.base(self.dw_t);
+        let dst = kb.base(self.dw);
+        let (start, end) = (kb.start, kb.end);
+        let (m, c) = (self.m, self.c);
+        let eplane = (c * m * 4) as i64;
+        kb.for_range(start, end, 1, |k, o| {
+            let s0 = k.addr(src, o, 4);
+            let d0 = k.addr(dst, o, (c * 9 * 4) as i64);
+            let zero = k.iconst(0);
+            let cn = k.iconst(c as i64);
+            k.for_range(zero, cn, 1, |k, ci| {
+                let s = k.addr(s0, ci, (m * 4) as i64);
+                let x: Vec<Value> = (0..TILE_POSITIONS as i64)
+                    .map(|e| k.load_f(s, (e * eplane) as i32))
+                    .collect();
+                // Along each row, then down the three columns.
+                let rows: Vec<[Value; 3]> = (0..4)
+                    .map(|a| g_reduce(k, [x[4 * a], x[4 * a + 1], x[4 * a + 2], x[4 * a + 3]]))
+                    .collect();
+                let d = k.addr(d0, ci, 9 * 4);
+                for b in 0..3 {
+                    let col = g_reduce(k, [rows[0][b], rows[1][b], rows[2][b], rows[3][b]]);
+                    for (a, &v) in col.iter().enumerate() {
+                        k.store_f(v, d, ((3 * a + b) * 4) as i32);
                     }
                 }
             });
