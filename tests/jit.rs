@@ -2030,8 +2030,8 @@ fn convolutions_on_random_shapes_match_interpreter() {
 }
 
 /// 3 × 3 stride-1 convolutions on random shapes that take the Winograd
-/// kernels (`codegen::winograd`: 8–23 channels in and out, an even output
-/// height, an output width a multiple of 8, pads up to 2 on each side),
+/// kernels (`codegen::winograd`: 8–23 channels in and out, outputs up to
+/// 12 × 30, half of them tiled exactly, pads up to 2 on each side),
 /// forward with a bias and relu epilogue, the input gradient (Winograd
 /// too where its own output qualifies) with a relu-gradient mask, and the
 /// filter gradient, against the f64 interpreter within 1e-5 on 1, 2 and 3
@@ -2039,21 +2039,32 @@ fn convolutions_on_random_shapes_match_interpreter() {
 /// fails it (checked for the forward's and the filter gradient's).
 #[test]
 fn winograd_convolutions_on_random_shapes_match_interpreter() {
+    use dlc::codegen::winograd;
     use dlc::ir::Conv2d;
     let mut rng = Rng(99);
-    for _ in 0..16 {
+    let mut done = 0;
+    for _ in 0..40 {
         let n = 1 + rng.below(3);
         let c = 8 + rng.below(16);
         let m = 8 + rng.below(16);
         let pad = [rng.below(3), rng.below(3), rng.below(3), rng.below(3)];
-        let oh = 2 * (1 + rng.below(6));
-        let ow = 8 * (1 + rng.below(3));
+        // Half the draws tile exactly (which the filter gradient needs).
+        let (oh, ow) = if rng.below(2) == 0 {
+            (2 * (1 + rng.below(6)), 8 * (1 + rng.below(3)))
+        } else {
+            (1 + rng.below(12), 1 + rng.below(30))
+        };
         // Input sizes that give those outputs: o = i + pads - 2.
-        let h = oh + 2 - pad[0] - pad[2];
-        let w = ow + 2 - pad[1] - pad[3];
-        if h == 0 || w == 0 {
+        let (Some(h), Some(w)) = (
+            (oh + 2).checked_sub(pad[0] + pad[2]),
+            (ow + 2).checked_sub(pad[1] + pad[3]),
+        ) else {
+            continue;
+        };
+        if h == 0 || w == 0 || !winograd::applies(3, 3, 1, c, m, oh, ow) {
             continue;
         }
+        done += 1;
         let conv = Conv2d {
             stride: 1,
             dilation: 1,
@@ -2110,6 +2121,7 @@ fn winograd_convolutions_on_random_shapes_match_interpreter() {
         gf.out("dw", dw);
         gf.check_tol(1e-4, 1e-4);
     }
+    assert!(done >= 25, "only {done} shapes take the Winograd kernels");
 }
 
 /// Pooling on random shapes (windows up to 4, strides up to 3, any

@@ -578,8 +578,7 @@ fn winograd_steps(
     (scratch, split): (usize, bool),
 ) -> Lowered {
     let m = wt.m;
-    let (hp, wp) = (oh + 2, ow + 2);
-    let (th, tw) = (oh / 2, ow / 2);
+    let winograd::Tiling { th, tw, hp, wp } = winograd::Tiling::of(oh, ow);
     let tiles = n * th * tw;
     let pp = winograd::row_stride(tiles);
     let (pad, pad_bytes) = padded_input(x, n * cin, h, w, hp, wp, off, 0, scratch);
@@ -675,11 +674,11 @@ fn winograd_grad_filter(
 ) -> Option<Lowered> {
     let (n, cin, m) = (x[0], x[1], dy[1]);
     let (oh, ow) = (g.oh, g.ow);
-    if g.stride != 1 || !winograd::applies(g.kh, g.kw, g.dilation, cin, m, oh, ow) {
+    let exact = winograd::applies_to_filter_gradient(g.kh, g.kw, g.dilation, cin, m, oh, ow);
+    if g.stride != 1 || !exact {
         return None;
     }
-    let (hp, wp) = (oh + 2, ow + 2);
-    let (th, tw) = (oh / 2, ow / 2);
+    let winograd::Tiling { th, tw, hp, wp } = winograd::Tiling::of(oh, ow);
     let tiles = n * th * tw;
     let pp = winograd::row_stride(tiles);
     let positions = winograd::TILE_POSITIONS;

@@ -37,12 +37,16 @@
 //! 1e-5, the filter gradient, a sum over every tile of the batch, within
 //! 1e-4 (1e-5 in all but a few cancelling weights).
 //!
-//! Vectors hold four horizontally adjacent tiles: a tile row of the
-//! output must be a whole number of such groups (`ow` a multiple of 8),
-//! and `oh` even, so that no tile reaches past the output.
+//! Vectors hold four horizontally adjacent tiles. A plane's tile rows
+//! are padded to whole vectors and its last tile row and column may
+//! reach past the output ([`Tiling`]): their inputs are the padded
+//! copy's zeros, and the output transform stores only what lies inside
+//! `y`. The filter gradient, whose products sum over every tile, takes
+//! exact tilings only ([`applies_to_filter_gradient`]).
 
 use super::conv::{epilogue_bases, epilogue_value, fixed_operands, NchwEpilogue};
 use super::emit::{flags, Kb, Loc};
+use super::matmul::store_lanes;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{InstBuilder, Value};
 
@@ -54,8 +58,37 @@ pub const TILE_POSITIONS: usize = 16;
 /// below a register tile) to win back the transforms' memory passes.
 const MIN_CHANNELS: usize = 8;
 
-/// Whether a stride-1, dilation-1 convolution with a `kh × kw` kernel
-/// from `c` to `m` channels, `oh × ow` outputs, runs as Winograd.
+/// How an `oh × ow` output plane is cut into 2 × 2 tiles: `th` tile rows
+/// of `tw` tiles (a multiple of 4, one vector per four), read from a
+/// zero-padded input plane of `hp × wp`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tiling {
+    pub th: usize,
+    pub tw: usize,
+    pub hp: usize,
+    pub wp: usize,
+}
+
+impl Tiling {
+    pub fn of(oh: usize, ow: usize) -> Tiling {
+        let th = oh.div_ceil(2);
+        let tw = ow.div_ceil(2).next_multiple_of(4);
+        Tiling {
+            th,
+            tw,
+            hp: 2 * th + 2,
+            wp: 2 * tw + 2,
+        }
+    }
+}
+
+/// Whether a stride-1 convolution (or input gradient) with a `kh × kw`
+/// kernel and dilation `dilation`, from `c` to `m` channels, `oh × ow`
+/// outputs, runs as Winograd: 3 × 3 undilated kernels, enough channels,
+/// and tile rows that padding to whole vectors lengthens by at most a
+/// third (ow 28's 14 tiles become 16; ow 10's 5 would become 8 and stay
+/// direct).
+#[allow(clippy::too_many_arguments)]
 pub fn applies(
     kh: usize,
     kw: usize,
@@ -65,15 +98,30 @@ pub fn applies(
     oh: usize,
     ow: usize,
 ) -> bool {
+    let tiles = ow.div_ceil(2);
     kh == 3
         && kw == 3
         && dilation == 1
         && c >= MIN_CHANNELS
         && m >= MIN_CHANNELS
         && oh > 0
-        && oh.is_multiple_of(2)
         && ow > 0
-        && ow.is_multiple_of(8)
+        && 3 * Tiling::of(oh, ow).tw <= 4 * tiles
+}
+
+/// Whether the filter gradient of such a convolution runs as Winograd:
+/// also its tiles exactly cover `dy` (`oh` even, `ow` a multiple of 8), so
+/// that no tile sums values from outside it.
+pub fn applies_to_filter_gradient(
+    kh: usize,
+    kw: usize,
+    dilation: usize,
+    c: usize,
+    m: usize,
+    oh: usize,
+    ow: usize,
+) -> bool {
+    applies(kh, kw, dilation, c, m, oh, ow) && oh.is_multiple_of(2) && ow.is_multiple_of(8)
 }
 
 /// Elements between rows of `V` and of `M`: the tile count plus one
@@ -345,7 +393,9 @@ impl WinoOutput {
                 .epilogue
                 .as_ref()
                 .map(|ep| fixed_operands(k, ep, &ep_bases, o));
-            k.for_const(0, s.tw / 4, |k, q| {
+            // Groups of four tiles whose eight columns all lie in `y`,
+            // then the group the right edge cuts, if any.
+            let group = |k: &mut Kb, q: Value, cols: usize| {
                 let sq = k.addr(src, q, 16);
                 let yq = k.addr(row0, q, 32);
                 let m: Vec<Value> = (0..TILE_POSITIONS as i64)
@@ -359,19 +409,41 @@ impl WinoOutput {
                 let col1 = a_transform(k, [rows[0][1], rows[1][1], rows[2][1], rows[3][1]]);
                 // Output row r of the four tiles: their even columns in
                 // `col0[r]`, odd ones in `col1[r]`, interleaved.
-                for r in 0..2 {
+                let out_row = |k: &mut Kb, r: usize| {
                     let lo = k.shuffle32(col0[r], col1[r], [0, 4, 1, 5]);
                     let hi = k.shuffle32(col0[r], col1[r], [2, 6, 3, 7]);
                     for (h, mut val) in [lo, hi].into_iter().enumerate() {
+                        let lanes = cols.saturating_sub(4 * h).min(4);
+                        if lanes == 0 {
+                            continue;
+                        }
                         let off = (r * s.ow * 4 + h * 16) as i32;
                         if let (Some(ep), Some(fixed)) = (s.epilogue.as_ref(), fixed.as_ref()) {
                             let at = k.b.ins().isub(yq, y);
-                            val = epilogue_value(k, (ep, &ep_bases, fixed), val, (at, off, 4));
+                            val = epilogue_value(k, (ep, &ep_bases, fixed), val, (at, off, lanes));
                         }
-                        k.b.ins().store(flags(), val, yq, off);
+                        store_lanes(k, val, yq, off, lanes);
                     }
+                };
+                out_row(k, 0);
+                if s.oh.is_multiple_of(2) {
+                    out_row(k, 1);
+                } else {
+                    // The last tile row's second row lies below `y`.
+                    let inside =
+                        k.b.ins()
+                            .icmp_imm_s(IntCC::SignedLessThan, i, (s.th - 1) as i64);
+                    k.if_then(inside, |k| out_row(k, 1));
                 }
-            });
+            };
+            let full = s.ow / 8;
+            if full > 0 {
+                k.for_const(0, full, |k, q| group(k, q, 8));
+            }
+            if !s.ow.is_multiple_of(8) {
+                let q = k.iconst(full as i64);
+                group(k, q, s.ow % 8);
+            }
         });
     }
 }
@@ -448,7 +520,7 @@ impl WinoGradDy {
                         let col = a_expand(k, [rows[0][b], rows[1][b]]);
                         for (a, &v) in col.iter().enumerate() {
                             let e = (4 * a + b) as i64;
-                            super::matmul::store_lanes(k, v, dj, (e * eplane) as i32 + off, lanes);
+                            store_lanes(k, v, dj, (e * eplane) as i32 + off, lanes);
                         }
                     }
                 }
@@ -559,11 +631,30 @@ mod tests {
         // vgg's first layer has 3 input channels; lenet's kernels are 5 × 5.
         assert!(!applies(3, 3, 1, 3, 32, 32, 32));
         assert!(!applies(5, 5, 1, 6, 16, 10, 10));
-        // Dilated, an odd output height, a width not a multiple of 8.
+        // Dilated; empty.
         assert!(!applies(3, 3, 2, 16, 16, 16, 16));
-        assert!(!applies(3, 3, 1, 16, 16, 15, 16));
-        assert!(!applies(3, 3, 1, 16, 16, 16, 12));
         assert!(!applies(3, 3, 1, 16, 8, 0, 16));
+        // Odd heights and widths whose tile rows pad to whole vectors by
+        // at most a third (28 columns: 14 tiles in 16; 13: 7 in 8; 6: 3
+        // in 4), not those that would pad more (10 columns: 5 in 8; 2).
+        assert!(applies(3, 3, 1, 16, 16, 15, 28));
+        assert!(applies(3, 3, 1, 16, 16, 7, 13));
+        assert!(applies(3, 3, 1, 16, 16, 7, 6));
+        assert!(!applies(3, 3, 1, 16, 16, 16, 10));
+        assert!(!applies(3, 3, 1, 16, 16, 16, 2));
+        // The filter gradient takes exact tilings only.
+        assert!(applies_to_filter_gradient(3, 3, 1, 32, 32, 32, 32));
+        assert!(!applies_to_filter_gradient(3, 3, 1, 16, 16, 15, 16));
+        assert!(!applies_to_filter_gradient(3, 3, 1, 16, 16, 16, 28));
+        assert_eq!(
+            Tiling::of(15, 28),
+            Tiling {
+                th: 8,
+                tw: 16,
+                hp: 18,
+                wp: 34
+            }
+        );
     }
 
     #[test]
