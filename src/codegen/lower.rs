@@ -660,7 +660,8 @@ fn winograd_steps(
 
 /// The filter gradient of a convolution the Winograd kernels run (see
 /// `codegen::winograd`): `V` from the padded input as in the forward,
-/// `dy` transposed to `[n, oh, ow, m]` and transformed to `Sᵀ`, the 16
+/// `dy` transposed to `[n, h, w, m]` (zeros where the tiles reach past
+/// it) and transformed to `Sᵀ`, the 16
 /// products `DW[e] = V[e] @ Sᵀ[e]` (`[c, tiles] @ [tiles, m]`, each a sum
 /// over every tile of the batch in order), and `dw = Gᵀ DW G`.
 fn winograd_grad_filter(
@@ -674,8 +675,7 @@ fn winograd_grad_filter(
 ) -> Option<Lowered> {
     let (n, cin, m) = (x[0], x[1], dy[1]);
     let (oh, ow) = (g.oh, g.ow);
-    let exact = winograd::applies_to_filter_gradient(g.kh, g.kw, g.dilation, cin, m, oh, ow);
-    if g.stride != 1 || !exact {
+    if g.stride != 1 || !winograd::applies(g.kh, g.kw, g.dilation, cin, m, oh, ow) {
         return None;
     }
     let winograd::Tiling { th, tw, hp, wp } = winograd::Tiling::of(oh, ow);
@@ -685,8 +685,11 @@ fn winograd_grad_filter(
     let off = (g.pad_top as i64, g.pad_left as i64);
     let (pad, pad_bytes) = padded_input(x_loc, n * cin, x[2], x[3], hp, wp, off, 0, scratch);
     let v = scratch + pad_bytes;
+    // `dy` as `[n, 2·th, 2·tw, m]`, zeros past `oh × ow`.
+    let (hd, wd) = (2 * th, 2 * tw);
+    let dyt_len = n * hd * wd * m;
     let dyt = v + align64(positions * cin * pp * 4);
-    let st = dyt + align64(n * oh * ow * m * 4);
+    let st = dyt + align64(dyt_len * 4);
     let dw_t = st + align64(positions * pp * m * 4);
     let mm_scratch = dw_t + align64(positions * cin * m * 4);
     let input = WinoInput {
@@ -702,20 +705,21 @@ fn winograd_grad_filter(
     };
     let plane = oh * ow;
     let transpose = copy(
-        &[n, plane, m],
+        &[n, oh, ow, m],
         dy_loc,
         0,
-        vec![(m * plane) as i64, 1, plane as i64],
+        vec![(m * plane) as i64, ow as i64, 1, plane as i64],
         Loc::Arena(dyt),
         0,
-        vec![(plane * m) as i64, m as i64, 1],
+        vec![(hd * wd * m) as i64, (wd * m) as i64, m as i64, 1],
     );
+    let clear = (hd, wd) != (oh, ow);
     let dy_tiles = WinoGradDy {
         dyt: Loc::Arena(dyt),
         st: Loc::Arena(st),
         n,
         m,
-        ow,
+        wd,
         th,
         tw,
         pp,
@@ -743,12 +747,17 @@ fn winograd_grad_filter(
         mm_scratch,
         split,
     );
-    let mut steps = vec![
-        pad,
-        Step::Im2col(ConvStep::WinoInput(input)),
-        transpose,
-        Step::Im2col(ConvStep::WinoGradDy(dy_tiles)),
-    ];
+    let mut steps = vec![pad, Step::Im2col(ConvStep::WinoInput(input))];
+    if clear {
+        steps.push(Step::Fill(Fill {
+            dst: Loc::Arena(dyt),
+            off: 0,
+            n: dyt_len,
+            bits: 0,
+        }));
+    }
+    steps.push(transpose);
+    steps.push(Step::Im2col(ConvStep::WinoGradDy(dy_tiles)));
     steps.extend(products);
     steps.push(Step::Im2col(ConvStep::WinoGradOut(WinoGradOut {
         dw_t: Loc::Arena(dw_t),

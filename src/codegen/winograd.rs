@@ -41,8 +41,8 @@
 //! are padded to whole vectors and its last tile row and column may
 //! reach past the output ([`Tiling`]): their inputs are the padded
 //! copy's zeros, and the output transform stores only what lies inside
-//! `y`. The filter gradient, whose products sum over every tile, takes
-//! exact tilings only ([`applies_to_filter_gradient`]).
+//! `y`; the filter gradient reads `dy` from a copy that is zero where the
+//! tiles extend past it, so that those positions add nothing.
 
 use super::conv::{epilogue_bases, epilogue_value, fixed_operands, NchwEpilogue};
 use super::emit::{flags, Kb, Loc};
@@ -107,21 +107,6 @@ pub fn applies(
         && oh > 0
         && ow > 0
         && 3 * Tiling::of(oh, ow).tw <= 4 * tiles
-}
-
-/// Whether the filter gradient of such a convolution runs as Winograd:
-/// also its tiles exactly cover `dy` (`oh` even, `ow` a multiple of 8), so
-/// that no tile sums values from outside it.
-pub fn applies_to_filter_gradient(
-    kh: usize,
-    kw: usize,
-    dilation: usize,
-    c: usize,
-    m: usize,
-    oh: usize,
-    ow: usize,
-) -> bool {
-    applies(kh, kw, dilation, c, m, oh, ow) && oh.is_multiple_of(2) && ow.is_multiple_of(8)
 }
 
 /// Elements between rows of `V` and of `M`: the tile count plus one
@@ -449,7 +434,8 @@ impl WinoOutput {
 }
 
 /// `Sᵀ[e][p][o] = (A g Aᵀ)[e]` for the 2 × 2 tile `g` of `dy` that tile
-/// `p` covers, read from `dy` transposed to `[n, oh, ow, m]` (`dyt`), four
+/// `p` covers, read from `dy` transposed to `[n, 2·th, wd, m]` (`dyt`,
+/// zeros where it extends past `dy`), four
 /// output channels per vector: the filter gradient's 16 products then
 /// reduce over tiles with `Sᵀ[e]` as a plain row-major B operand.
 /// `A = [1 0; 1 1; 1 -1; 0 -1]` (F(3, 2), the transpose of the forward
@@ -461,7 +447,8 @@ pub struct WinoGradDy {
     pub st: Loc,
     pub n: usize,
     pub m: usize,
-    pub ow: usize,
+    /// Pixels per row of `dyt`: two per tile.
+    pub wd: usize,
     pub th: usize,
     pub tw: usize,
     pub pp: usize,
@@ -497,7 +484,7 @@ impl WinoGradDy {
         let tiles = s.n * s.th * s.tw;
         kb.for_range(start, end, 1, |k, u| {
             // Unit `u` is image row pair `u`: tiles `u·tw..`, dy rows 2u, 2u + 1.
-            let src = k.addr(dyt, u, 2 * (s.ow as i64) * pix);
+            let src = k.addr(dyt, u, 2 * (s.wd as i64) * pix);
             let p0 = k.b.ins().imul_imm_s(u, s.tw as i64);
             let dst = k.addr(st, p0, pix);
             k.for_const(0, s.tw, |k, j| {
@@ -507,7 +494,7 @@ impl WinoGradDy {
                     let lanes = (m - o).min(4);
                     let off = (o * 4) as i32;
                     let g = |k: &mut Kb, r: usize, c: usize| {
-                        let at = off + (r as i64 * s.ow as i64 * pix + c as i64 * pix) as i32;
+                        let at = off + (r as i64 * s.wd as i64 * pix + c as i64 * pix) as i32;
                         k.load_lanes(sj, at, lanes)
                     };
                     let rows: Vec<[Value; 4]> = (0..2)
@@ -642,10 +629,6 @@ mod tests {
         assert!(applies(3, 3, 1, 16, 16, 7, 6));
         assert!(!applies(3, 3, 1, 16, 16, 16, 10));
         assert!(!applies(3, 3, 1, 16, 16, 16, 2));
-        // The filter gradient takes exact tilings only.
-        assert!(applies_to_filter_gradient(3, 3, 1, 32, 32, 32, 32));
-        assert!(!applies_to_filter_gradient(3, 3, 1, 16, 16, 15, 16));
-        assert!(!applies_to_filter_gradient(3, 3, 1, 16, 16, 16, 28));
         assert_eq!(
             Tiling::of(15, 28),
             Tiling {

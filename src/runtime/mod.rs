@@ -225,6 +225,17 @@ impl JitModel {
         self.threads
     }
 
+    /// Fill every 32-bit word of the arena with `bits` (a NaN in tests):
+    /// no kernel may read scratch or a buffer it has not written first, so
+    /// results must not change. Zeroed fresh memory would hide such reads.
+    #[doc(hidden)]
+    pub fn poison_arena(&self, bits: u32) {
+        let word = u128::from(bits);
+        let pattern = word | word << 32 | word << 64 | word << 96;
+        let mut guard = self.arena.lock().unwrap_or_else(|e| e.into_inner());
+        guard.lines.buf.fill(pattern);
+    }
+
     /// Run the graph: every input/param/state leaf fed by name; returns every
     /// graph output by name (as `interp::run_f32`).
     pub fn run(
