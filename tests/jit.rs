@@ -1526,7 +1526,9 @@ fn elementwise_chains_run_in_the_conv_epilogue() {
         (&[1, 2, 9, 8], &[5, 2, 3, 3], 2, 0),
         (&[2, 6, 14, 14], &[16, 6, 5, 5], 1, 3),
         (&[1, 3, 7, 9], &[4, 3, 3, 3], 2, 3),
-        // The Winograd kernels' output transform (`codegen::winograd`).
+        // The Winograd kernels' output transform (`codegen::winograd`),
+        // the first with two groups of images (4 and 1, 2 MiB each).
+        (&[5, 64, 32, 32], &[64, 64, 3, 3], 1, 0),
         (&[2, 8, 6, 16], &[12, 8, 3, 3], 1, 0),
         (&[1, 9, 4, 8], &[8, 9, 3, 3], 1, 1),
         (&[2, 12, 6, 16], &[8, 12, 3, 3], 1, 3),

@@ -578,11 +578,11 @@ fn winograd_steps(
     (scratch, split): (usize, bool),
 ) -> Lowered {
     let m = wt.m;
-    let winograd::Tiling { th, tw, hp, wp } = winograd::Tiling::of(oh, ow);
-    let tiles = n * th * tw;
-    let pp = winograd::row_stride(tiles);
+    let tiling = winograd::Tiling::of(oh, ow);
+    let winograd::Tiling { th, tw, hp, wp } = tiling;
     let (pad, pad_bytes) = padded_input(x, n * cin, h, w, hp, wp, off, 0, scratch);
-    let (u_bytes, v_bytes, m_bytes) = winograd::buffer_bytes(m, cin, tiles);
+    let group = winograd::group_images(n, cin, m, tiling);
+    let (u_bytes, v_bytes, m_bytes) = winograd::buffer_bytes(m, cin, group * th * tw);
     let u = scratch + pad_bytes;
     let v = u + align64(u_bytes);
     let prod = v + align64(v_bytes);
@@ -599,59 +599,64 @@ fn winograd_steps(
         skh: wt.skh,
         skw: wt.skw,
     };
-    let input = WinoInput {
-        xp: Loc::Arena(scratch),
-        v: Loc::Arena(v),
-        n,
-        c: cin,
-        hp,
-        wp,
-        th,
-        tw,
-        pp,
-    };
-    let a = MmOperand {
-        loc: Loc::Arena(u),
-        off: 0,
-        batch_strides: vec![(m * cin) as i64],
-        rs: cin as i64,
-        cs: 1,
-    };
-    let b = MmOperand {
-        loc: Loc::Arena(v),
-        off: 0,
-        batch_strides: vec![(cin * pp) as i64],
-        rs: pp as i64,
-        cs: 1,
-    };
-    let (products, mm_bytes) = matmul_steps(
-        vec![positions],
-        (m, cin, pp),
-        a,
-        b,
-        Loc::Arena(prod),
-        mm_scratch,
-        split,
-    );
-    let output = WinoOutput {
-        mm: Loc::Arena(prod),
-        y,
-        n,
-        m,
-        oh,
-        ow,
-        th,
-        tw,
-        pp,
-        epilogue: None,
-    };
-    let mut steps = vec![
-        pad,
-        Step::Im2col(ConvStep::WinoWeights(weights)),
-        Step::Im2col(ConvStep::WinoInput(input)),
-    ];
-    steps.extend(products);
-    steps.push(Step::Im2col(ConvStep::WinoOutput(output)));
+    let mut steps = vec![pad, Step::Im2col(ConvStep::WinoWeights(weights))];
+    let mut mm_bytes = 0;
+    // A group of images at a time, through the same `V` and `M`.
+    for n0 in (0..n).step_by(group) {
+        let gn = group.min(n - n0);
+        let pp = winograd::row_stride(gn * th * tw);
+        let input = WinoInput {
+            xp: Loc::Arena(scratch + n0 * cin * hp * wp * 4),
+            v: Loc::Arena(v),
+            n: gn,
+            c: cin,
+            hp,
+            wp,
+            th,
+            tw,
+            pp,
+        };
+        let a = MmOperand {
+            loc: Loc::Arena(u),
+            off: 0,
+            batch_strides: vec![(m * cin) as i64],
+            rs: cin as i64,
+            cs: 1,
+        };
+        let b = MmOperand {
+            loc: Loc::Arena(v),
+            off: 0,
+            batch_strides: vec![(cin * pp) as i64],
+            rs: pp as i64,
+            cs: 1,
+        };
+        let (products, bytes) = matmul_steps(
+            vec![positions],
+            (m, cin, pp),
+            a,
+            b,
+            Loc::Arena(prod),
+            mm_scratch,
+            split,
+        );
+        mm_bytes = mm_bytes.max(bytes);
+        let output = WinoOutput {
+            mm: Loc::Arena(prod),
+            y,
+            n0,
+            n: gn,
+            m,
+            oh,
+            ow,
+            th,
+            tw,
+            pp,
+            epilogue: None,
+        };
+        steps.push(Step::Im2col(ConvStep::WinoInput(input)));
+        steps.extend(products);
+        steps.push(Step::Im2col(ConvStep::WinoOutput(output)));
+    }
     Lowered {
         steps,
         scratch_bytes: mm_scratch - scratch + mm_bytes,
