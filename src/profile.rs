@@ -193,6 +193,12 @@ impl Profile {
                 gf
             );
         }
+        let _ = writeln!(
+            s,
+            "GFLOP/s counts each op's FLOPs as the textbook algorithm does them \
+             (a convolution: 2 per output per window tap), so a Winograd \
+             convolution, which does fewer, can show more than the peak."
+        );
         s
     }
 }
