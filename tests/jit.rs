@@ -764,13 +764,13 @@ fn conv_and_its_gradients_match_interpreter() {
                 pad: [0, 0, 0, 0],
             },
         ),
-        // 3 × 3 layers with 8 or more channels in and out run as
+        // 3 × 3 layers with 24 or more channels in and out run as
         // Winograd (`codegen::winograd`), forward and input gradient;
         // with pad 0 the input gradient's 18 columns take the direct
         // kernel.
         (
-            &[2, 8, 6, 16],
-            &[9, 8, 3, 3],
+            &[2, 24, 6, 16],
+            &[25, 24, 3, 3],
             Conv2d {
                 stride: 1,
                 dilation: 1,
@@ -778,8 +778,8 @@ fn conv_and_its_gradients_match_interpreter() {
             },
         ),
         (
-            &[1, 10, 10, 18],
-            &[8, 10, 3, 3],
+            &[1, 24, 10, 18],
+            &[24, 24, 3, 3],
             Conv2d {
                 stride: 1,
                 dilation: 1,
@@ -1529,9 +1529,9 @@ fn elementwise_chains_run_in_the_conv_epilogue() {
         // The Winograd kernels' output transform (`codegen::winograd`),
         // the first with two groups of images (4 and 1, 2 MiB each).
         (&[5, 64, 32, 32], &[64, 64, 3, 3], 1, 0),
-        (&[2, 8, 6, 16], &[12, 8, 3, 3], 1, 0),
-        (&[1, 9, 4, 8], &[8, 9, 3, 3], 1, 1),
-        (&[2, 12, 6, 16], &[8, 12, 3, 3], 1, 3),
+        (&[2, 24, 6, 16], &[28, 24, 3, 3], 1, 0),
+        (&[1, 25, 4, 8], &[24, 25, 3, 3], 1, 1),
+        (&[2, 28, 6, 16], &[24, 28, 3, 3], 1, 3),
     ];
     for &(xs, ws, stride, chain) in cases {
         let conv = Conv2d {
@@ -2034,7 +2034,7 @@ fn convolutions_on_random_shapes_match_interpreter() {
 }
 
 /// 3 × 3 stride-1 convolutions on random shapes that take the Winograd
-/// kernels (`codegen::winograd`: 8–23 channels in and out, outputs up to
+/// kernels (`codegen::winograd`: 24–39 channels in and out, outputs up to
 /// 12 × 30, half of them tiled exactly, pads up to 2 on each side),
 /// forward with a bias and relu epilogue, the input gradient (Winograd
 /// too where its own output qualifies) with a relu-gradient mask, and the
@@ -2049,8 +2049,8 @@ fn winograd_convolutions_on_random_shapes_match_interpreter() {
     let mut done = 0;
     for _ in 0..40 {
         let n = 1 + rng.below(3);
-        let c = 8 + rng.below(16);
-        let m = 8 + rng.below(16);
+        let c = 24 + rng.below(16);
+        let m = 24 + rng.below(16);
         let pad = [rng.below(3), rng.below(3), rng.below(3), rng.below(3)];
         // Half the draws tile exactly.
         let (oh, ow) = if rng.below(2) == 0 {
