@@ -203,6 +203,8 @@ fn compile_prints_a_summary_and_json_stats() {
         assert!(v.get(key).is_some(), "missing {key} in {json}");
     }
     assert!(v["ops_before"].as_u64().unwrap() > 0);
+    // What the compiled model allocates, scratch included.
+    assert!(v["jit_arena_bytes"].as_u64().unwrap() > 0, "{json}");
     let train = ok(&dlc(&[
         &"compile", &src, &"--dim", &"N=4", &"--train", &"--stats", &"json",
     ]));

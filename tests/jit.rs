@@ -2039,8 +2039,9 @@ fn convolutions_on_random_shapes_match_interpreter() {
 /// forward with a bias and relu epilogue, the input gradient (Winograd
 /// too where its own output qualifies) with a relu-gradient mask, and the
 /// filter gradient, against the f64 interpreter within 1e-5 on 1, 2 and 3
-/// threads, bitwise equal across them. A transform with one sign wrong
-/// fails it (checked for the forward's and the filter gradient's).
+/// threads, bitwise equal across them, and a filter gradient over two
+/// groups of images. A transform with one sign wrong fails it (checked
+/// for the forward's and the filter gradient's).
 #[test]
 fn winograd_convolutions_on_random_shapes_match_interpreter() {
     use dlc::codegen::winograd;
@@ -2126,6 +2127,25 @@ fn winograd_convolutions_on_random_shapes_match_interpreter() {
         gf.check_tol(1e-4, 1e-4);
     }
     assert!(done >= 25, "only {done} shapes take the Winograd kernels");
+    // Two groups of images (4 and 1, of 2 MiB each: `winograd::group_images`),
+    // whose filter-gradient products are summed group by group.
+    let conv = Conv2d {
+        stride: 1,
+        dilation: 1,
+        pad: [1, 1, 1, 1],
+    };
+    let mut gf = Case::new();
+    let x = gf.input("x", rand_f32(&mut rng, &[5, 64, 32, 32], 1.0));
+    let dy = gf.input("dy", rand_f32(&mut rng, &[5, 64, 32, 32], 1.0));
+    let dw = gf.op(
+        Op::ConvGradFilter {
+            conv,
+            kernel_hw: [3, 3],
+        },
+        &[x, dy],
+    );
+    gf.out("dw", dw);
+    gf.check_tol(1e-4, 1e-4);
 }
 
 /// Pooling on random shapes (windows up to 4, strides up to 3, any

@@ -245,6 +245,10 @@ fn compile(a: CompileArgs) -> Result<(), Failure> {
             "arena_bytes": plan.arena_bytes,
             "naive_bytes": plan.naive_bytes,
             "interpreted_kernels": jit.interpreted_kernels(),
+            // What the compiled model allocates: the values' arena plus
+            // every kernel's scratch (padded copies, packed panels,
+            // Winograd's transformed tiles).
+            "jit_arena_bytes": jit.arena_bytes(),
             "compile_ms": compile_ms,
         })
         .to_string()

@@ -666,9 +666,9 @@ fn winograd_steps(
 /// The filter gradient of a convolution the Winograd kernels run (see
 /// `codegen::winograd`): `V` from the padded input as in the forward,
 /// `dy` transposed to `[n, h, w, m]` (zeros where the tiles reach past
-/// it) and transformed to `Sᵀ`, the 16
-/// products `DW[e] = V[e] @ Sᵀ[e]` (`[c, tiles] @ [tiles, m]`, each a sum
-/// over every tile of the batch in order), and `dw = Gᵀ DW G`.
+/// it) and transformed to `Sᵀ`, the 16 products `DW[e] = V[e] @ Sᵀ[e]`
+/// (`[c, tiles] @ [tiles, m]`, each a sum over the tiles of a group of
+/// images, in order), and `dw = Gᵀ (Σ_groups DW) G`.
 fn winograd_grad_filter(
     x_loc: Loc,
     dy_loc: Loc,
@@ -683,77 +683,28 @@ fn winograd_grad_filter(
     if g.stride != 1 || !winograd::applies(g.kh, g.kw, g.dilation, cin, m, oh, ow) {
         return None;
     }
-    let winograd::Tiling { th, tw, hp, wp } = winograd::Tiling::of(oh, ow);
-    let tiles = n * th * tw;
-    let pp = winograd::row_stride(tiles);
+    let tiling = winograd::Tiling::of(oh, ow);
+    let winograd::Tiling { th, tw, hp, wp } = tiling;
     let positions = winograd::TILE_POSITIONS;
     let off = (g.pad_top as i64, g.pad_left as i64);
     let (pad, pad_bytes) = padded_input(x_loc, n * cin, x[2], x[3], hp, wp, off, 0, scratch);
+    // A group of images at a time through the same `V`, `dyt` and `Sᵀ`,
+    // each group's 16 products into a slice of `DW` of their own, which
+    // the last step sums in group order.
+    let group = winograd::group_images(n, cin, m, tiling);
+    let groups = n.div_ceil(group);
+    let pp = winograd::row_stride(group * th * tw);
     let v = scratch + pad_bytes;
     // `dy` as `[n, 2·th, 2·tw, m]`, zeros past `oh × ow`.
     let (hd, wd) = (2 * th, 2 * tw);
-    let dyt_len = n * hd * wd * m;
+    let dyt_len = group * hd * wd * m;
     let dyt = v + align64(positions * cin * pp * 4);
     let st = dyt + align64(dyt_len * 4);
     let dw_t = st + align64(positions * pp * m * 4);
-    let mm_scratch = dw_t + align64(positions * cin * m * 4);
-    let input = WinoInput {
-        xp: Loc::Arena(scratch),
-        v: Loc::Arena(v),
-        n,
-        c: cin,
-        hp,
-        wp,
-        th,
-        tw,
-        pp,
-    };
-    let plane = oh * ow;
-    let transpose = copy(
-        &[n, oh, ow, m],
-        dy_loc,
-        0,
-        vec![(m * plane) as i64, ow as i64, 1, plane as i64],
-        Loc::Arena(dyt),
-        0,
-        vec![(hd * wd * m) as i64, (wd * m) as i64, m as i64, 1],
-    );
-    let clear = (hd, wd) != (oh, ow);
-    let dy_tiles = WinoGradDy {
-        dyt: Loc::Arena(dyt),
-        st: Loc::Arena(st),
-        n,
-        m,
-        wd,
-        th,
-        tw,
-        pp,
-    };
-    let a = MmOperand {
-        loc: Loc::Arena(v),
-        off: 0,
-        batch_strides: vec![(cin * pp) as i64],
-        rs: pp as i64,
-        cs: 1,
-    };
-    let b = MmOperand {
-        loc: Loc::Arena(st),
-        off: 0,
-        batch_strides: vec![(pp * m) as i64],
-        rs: m as i64,
-        cs: 1,
-    };
-    let (products, mm_bytes) = matmul_steps(
-        vec![positions],
-        (cin, pp, m),
-        a,
-        b,
-        Loc::Arena(dw_t),
-        mm_scratch,
-        split,
-    );
-    let mut steps = vec![pad, Step::Im2col(ConvStep::WinoInput(input))];
-    if clear {
+    let dw_group = positions * cin * m;
+    let mm_scratch = dw_t + align64(groups * dw_group * 4);
+    let mut steps = vec![pad];
+    if (hd, wd) != (oh, ow) {
         steps.push(Step::Fill(Fill {
             dst: Loc::Arena(dyt),
             off: 0,
@@ -761,14 +712,73 @@ fn winograd_grad_filter(
             bits: 0,
         }));
     }
-    steps.push(transpose);
-    steps.push(Step::Im2col(ConvStep::WinoGradDy(dy_tiles)));
-    steps.extend(products);
+    let mut mm_bytes = 0;
+    let plane = oh * ow;
+    for (gi, n0) in (0..n).step_by(group).enumerate() {
+        let gn = group.min(n - n0);
+        let pp = winograd::row_stride(gn * th * tw);
+        steps.push(Step::Im2col(ConvStep::WinoInput(WinoInput {
+            xp: Loc::Arena(scratch + n0 * cin * hp * wp * 4),
+            v: Loc::Arena(v),
+            n: gn,
+            c: cin,
+            hp,
+            wp,
+            th,
+            tw,
+            pp,
+        })));
+        steps.push(copy(
+            &[gn, oh, ow, m],
+            dy_loc,
+            n0 * m * plane,
+            vec![(m * plane) as i64, ow as i64, 1, plane as i64],
+            Loc::Arena(dyt),
+            0,
+            vec![(hd * wd * m) as i64, (wd * m) as i64, m as i64, 1],
+        ));
+        steps.push(Step::Im2col(ConvStep::WinoGradDy(WinoGradDy {
+            dyt: Loc::Arena(dyt),
+            st: Loc::Arena(st),
+            n: gn,
+            m,
+            wd,
+            th,
+            tw,
+            pp,
+        })));
+        let a = MmOperand {
+            loc: Loc::Arena(v),
+            off: 0,
+            batch_strides: vec![(cin * pp) as i64],
+            rs: pp as i64,
+            cs: 1,
+        };
+        let b = MmOperand {
+            loc: Loc::Arena(st),
+            off: 0,
+            batch_strides: vec![(pp * m) as i64],
+            rs: m as i64,
+            cs: 1,
+        };
+        let (products, bytes) = matmul_steps(
+            vec![positions],
+            (cin, pp, m),
+            a,
+            b,
+            Loc::Arena(dw_t + gi * dw_group * 4),
+            mm_scratch,
+            split,
+        );
+        mm_bytes = mm_bytes.max(bytes);
+        steps.extend(products);
+    }
     steps.push(Step::Im2col(ConvStep::WinoGradOut(WinoGradOut {
         dw_t: Loc::Arena(dw_t),
         dw: dw_loc,
         m,
         c: cin,
+        groups,
     })));
     Some(Lowered {
         steps,

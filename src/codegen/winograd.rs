@@ -48,7 +48,9 @@ use super::conv::{epilogue_bases, epilogue_value, fixed_operands, NchwEpilogue};
 use super::emit::{flags, Kb, Loc};
 use super::matmul::store_lanes;
 use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::F32;
 use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_frontend::Variable;
 
 /// Positions of a transformed tile.
 pub const TILE_POSITIONS: usize = 16;
@@ -538,8 +540,9 @@ impl WinoGradDy {
     }
 }
 
-/// The filter gradient `dw [m, c, 3, 3]` from the 16 products
-/// `DW[e][c][o] = Σ_p V[e][c][p] · Sᵀ[e][p][o]`: `dw_oc = Gᵀ DW_oc G` with
+/// The filter gradient `dw [m, c, 3, 3]` from the 16 products of each
+/// group of images, `DW[g][e][c][o] = Σ_p V[e][c][p] · Sᵀ[e][p][o]`:
+/// `dw_oc = Gᵀ (Σ_g DW[g]_oc) G`, the groups summed in order, with
 /// `Gᵀ = [1 ½ ½ 0; 0 ½ -½ 0; 0 ½ ½ 1]`. Work units are output channels.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WinoGradOut {
@@ -547,6 +550,7 @@ pub struct WinoGradOut {
     pub dw: Loc,
     pub m: usize,
     pub c: usize,
+    pub groups: usize,
 }
 
 /// `Gᵀ x` for four values: the three kernel taps.
@@ -568,7 +572,7 @@ impl WinoGradOut {
     }
 
     pub fn unit_cost(&self) -> usize {
-        self.c * 48
+        self.c * (32 + 16 * self.groups)
     }
 
     pub fn emit(&self, kb: &mut Kb) {
@@ -584,9 +588,25 @@ impl WinoGradOut {
             let cn = k.iconst(c as i64);
             k.for_range(zero, cn, 1, |k, ci| {
                 let s = k.addr(s0, ci, (m * 4) as i64);
-                let x: Vec<Value> = (0..TILE_POSITIONS as i64)
-                    .map(|e| k.load_f(s, (e * eplane) as i32))
+                // The first group's products, plus the others' in order.
+                let sums: Vec<Variable> = (0..TILE_POSITIONS as i64)
+                    .map(|e| {
+                        let x = k.load_f(s, (e * eplane) as i32);
+                        k.var(F32, x)
+                    })
                     .collect();
+                if self.groups > 1 {
+                    k.for_const(1, self.groups, |k, g| {
+                        let sg = k.addr(s, g, TILE_POSITIONS as i64 * eplane);
+                        for (e, &sum) in sums.iter().enumerate() {
+                            let y = k.load_f(sg, (e as i64 * eplane) as i32);
+                            let x = k.b.use_var(sum);
+                            let x = k.b.ins().fadd(x, y);
+                            k.b.def_var(sum, x);
+                        }
+                    });
+                }
+                let x: Vec<Value> = sums.iter().map(|&v| k.b.use_var(v)).collect();
                 // Along each row, then down the three columns.
                 let rows: Vec<[Value; 3]> = (0..4)
                     .map(|a| g_reduce(k, [x[4 * a], x[4 * a + 1], x[4 * a + 2], x[4 * a + 3]]))
@@ -603,9 +623,9 @@ impl WinoGradOut {
     }
 }
 
-/// Bytes of `V` and `M` for one group of images in the forward (and
-/// input-gradient) steps, which run a group at a time through the same
-/// buffers: their scratch no longer grows with the batch (vgg's second
+/// Bytes of `V` and `M` (or, for the filter gradient, `V` and `Sᵀ`) for
+/// one group of images: the steps run a group at a time through the same
+/// buffers, so their scratch does not grow with the batch (vgg's second
 /// layer needed 17 MB for 16 images, a batch of 128 would need 136).
 /// Groups small enough to stay in L2 between the steps were not faster:
 /// on vgg's forward, alternated in one process, 2 MiB groups took 5%
