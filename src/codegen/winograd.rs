@@ -14,7 +14,8 @@
 //! Aᵀ = [1 1 1 0; 0 1 -1 -1]
 //! ```
 //!
-//! The steps, each split over threads by a fixed partition:
+//! The steps, each split over threads by a fixed partition (2–4 run once
+//! per group of images, [`group_images`]):
 //! 1. [`WinoWeights`]: `U[e][o][c] = (G g_oc Gᵀ)[e]` for the 16 positions
 //!    `e = 4a + b` (`a` the tile row);
 //! 2. [`WinoInput`]: `V[e][c][p] = (Bᵀ d_cp B)[e]` for every tile `p`
@@ -112,6 +113,15 @@ pub fn applies(
         && oh > 0
         && ow > 0
         && 3 * Tiling::of(oh, ow).tw <= 4 * tiles
+        && offsets_fit(c.max(m), Tiling::of(oh, ow))
+}
+
+/// Whether the transformed buffers of one image, whose 16 positions the
+/// kernels reach at constant byte offsets, stay within an `i32` offset
+/// (a group holds one image, or as many as [`GROUP_BYTES`] allow).
+fn offsets_fit(channels: usize, t: Tiling) -> bool {
+    let one_image = 4 * TILE_POSITIONS * channels * row_stride(t.th * t.tw);
+    one_image.max(GROUP_BYTES) <= i32::MAX as usize / 2
 }
 
 /// Elements between rows of `V` and of `M`: the tile count plus one
@@ -672,6 +682,9 @@ mod tests {
         assert!(applies(3, 3, 1, 24, 24, 7, 6));
         assert!(!applies(3, 3, 1, 24, 24, 16, 10));
         assert!(!applies(3, 3, 1, 24, 24, 16, 2));
+        // Transformed images too large for the kernels' constant offsets.
+        assert!(applies(3, 3, 1, 512, 512, 224, 224));
+        assert!(!applies(3, 3, 1, 2048, 2048, 224, 224));
         assert_eq!(
             Tiling::of(15, 28),
             Tiling {
