@@ -157,6 +157,12 @@ pub struct WinoWeights {
     pub skw: i64,
 }
 
+/// Column `j` of the first `R` rows of `m`: the second pass of a 2-D
+/// transform takes the first pass's results down a column.
+fn column<const R: usize, const C: usize>(m: &[[Value; C]], j: usize) -> [Value; R] {
+    std::array::from_fn(|i| m[i][j])
+}
+
 /// `(G x)` for the three taps of a kernel column or row: the four
 /// transformed values.
 fn g_transform(k: &mut Kb, x: [Value; 3]) -> [Value; 4] {
@@ -206,7 +212,7 @@ impl WinoWeights {
                     .collect();
                 let d = k.addr(d0, c, 4);
                 for a in 0..4 {
-                    let u = g_transform(k, [cols[0][a], cols[1][a], cols[2][a]]);
+                    let u = g_transform(k, column(&cols, a));
                     for (b, &v) in u.iter().enumerate() {
                         let e = (4 * a + b) as i64;
                         k.store_f(v, d, (e * plane) as i32);
@@ -311,7 +317,7 @@ impl WinoInput {
                     })
                     .collect();
                 for a in 0..4 {
-                    let t = b_transform(k, [cols[0][a], cols[1][a], cols[2][a], cols[3][a]]);
+                    let t = b_transform(k, column(&cols, a));
                     for (b, &x) in t.iter().enumerate() {
                         let e = (4 * a + b) as i64;
                         k.b.ins().store(flags(), x, dq, (e * eplane) as i32);
@@ -408,8 +414,8 @@ impl WinoOutput {
                 let rows: Vec<[Value; 2]> = (0..4)
                     .map(|a| a_transform(k, [m[4 * a], m[4 * a + 1], m[4 * a + 2], m[4 * a + 3]]))
                     .collect();
-                let col0 = a_transform(k, [rows[0][0], rows[1][0], rows[2][0], rows[3][0]]);
-                let col1 = a_transform(k, [rows[0][1], rows[1][1], rows[2][1], rows[3][1]]);
+                let col0 = a_transform(k, column(&rows, 0));
+                let col1 = a_transform(k, column(&rows, 1));
                 // Output row r of the four tiles: their even columns in
                 // `col0[r]`, odd ones in `col1[r]`, interleaved.
                 let out_row = |k: &mut Kb, r: usize| {
@@ -522,7 +528,7 @@ impl WinoGradDy {
                         })
                         .collect();
                     for b in 0..4 {
-                        let col = a_expand(k, [rows[0][b], rows[1][b]]);
+                        let col = a_expand(k, column(&rows, b));
                         for (a, &v) in col.iter().enumerate() {
                             let e = (4 * a + b) as i64;
                             store_lanes(k, v, dj, (e * eplane) as i32 + off, lanes);
@@ -623,7 +629,7 @@ impl WinoGradOut {
                     .collect();
                 let d = k.addr(d0, ci, 9 * 4);
                 for b in 0..3 {
-                    let col = g_reduce(k, [rows[0][b], rows[1][b], rows[2][b], rows[3][b]]);
+                    let col = g_reduce(k, column(&rows, b));
                     for (a, &v) in col.iter().enumerate() {
                         k.store_f(v, d, ((3 * a + b) * 4) as i32);
                     }
