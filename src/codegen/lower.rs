@@ -567,6 +567,40 @@ fn direct_steps(
     }
 }
 
+/// A batch of row-major matrices in the arena at byte offset `at`, as a
+/// matmul operand: rows `rs` elements apart, matrices `batch` apart.
+fn arena_batch(at: usize, rs: usize, batch: usize) -> MmOperand {
+    MmOperand {
+        loc: Loc::Arena(at),
+        off: 0,
+        batch_strides: vec![batch as i64],
+        rs: rs as i64,
+        cs: 1,
+    }
+}
+
+/// The input transform of images `n0..n0 + gn` (see
+/// `codegen::winograd::WinoInput`), from the padded copy at `xp` into `V`
+/// at `v`, whose rows are `pp` tiles apart.
+fn winograd_input(
+    (xp, n0, gn, cin): (usize, usize, usize, usize),
+    t: winograd::Tiling,
+    v: usize,
+    pp: usize,
+) -> Step {
+    Step::Im2col(ConvStep::WinoInput(WinoInput {
+        xp: Loc::Arena(xp + n0 * cin * t.hp * t.wp * 4),
+        v: Loc::Arena(v),
+        n: gn,
+        c: cin,
+        hp: t.hp,
+        wp: t.wp,
+        th: t.th,
+        tw: t.tw,
+        pp,
+    }))
+}
+
 /// The Winograd steps of [`direct_steps`] (see `codegen::winograd`): the
 /// padded input, `U` from the weights `w` describes, `V`, the 16 products
 /// `M[e] = U[e] @ V[e]`, and the output transform into `y`.
@@ -605,36 +639,11 @@ fn winograd_steps(
     for n0 in (0..n).step_by(group) {
         let gn = group.min(n - n0);
         let pp = winograd::row_stride(gn * th * tw);
-        let input = WinoInput {
-            xp: Loc::Arena(scratch + n0 * cin * hp * wp * 4),
-            v: Loc::Arena(v),
-            n: gn,
-            c: cin,
-            hp,
-            wp,
-            th,
-            tw,
-            pp,
-        };
-        let a = MmOperand {
-            loc: Loc::Arena(u),
-            off: 0,
-            batch_strides: vec![(m * cin) as i64],
-            rs: cin as i64,
-            cs: 1,
-        };
-        let b = MmOperand {
-            loc: Loc::Arena(v),
-            off: 0,
-            batch_strides: vec![(cin * pp) as i64],
-            rs: pp as i64,
-            cs: 1,
-        };
         let (products, bytes) = matmul_steps(
             vec![positions],
             (m, cin, pp),
-            a,
-            b,
+            arena_batch(u, cin, m * cin),
+            arena_batch(v, pp, cin * pp),
             Loc::Arena(prod),
             mm_scratch,
             split,
@@ -653,7 +662,7 @@ fn winograd_steps(
             pp,
             epilogue: None,
         };
-        steps.push(Step::Im2col(ConvStep::WinoInput(input)));
+        steps.push(winograd_input((scratch, n0, gn, cin), tiling, v, pp));
         steps.extend(products);
         steps.push(Step::Im2col(ConvStep::WinoOutput(output)));
     }
@@ -717,17 +726,7 @@ fn winograd_grad_filter(
     for (gi, n0) in (0..n).step_by(group).enumerate() {
         let gn = group.min(n - n0);
         let pp = winograd::row_stride(gn * th * tw);
-        steps.push(Step::Im2col(ConvStep::WinoInput(WinoInput {
-            xp: Loc::Arena(scratch + n0 * cin * hp * wp * 4),
-            v: Loc::Arena(v),
-            n: gn,
-            c: cin,
-            hp,
-            wp,
-            th,
-            tw,
-            pp,
-        })));
+        steps.push(winograd_input((scratch, n0, gn, cin), tiling, v, pp));
         steps.push(copy(
             &[gn, oh, ow, m],
             dy_loc,
@@ -747,25 +746,11 @@ fn winograd_grad_filter(
             tw,
             pp,
         })));
-        let a = MmOperand {
-            loc: Loc::Arena(v),
-            off: 0,
-            batch_strides: vec![(cin * pp) as i64],
-            rs: pp as i64,
-            cs: 1,
-        };
-        let b = MmOperand {
-            loc: Loc::Arena(st),
-            off: 0,
-            batch_strides: vec![(pp * m) as i64],
-            rs: m as i64,
-            cs: 1,
-        };
         let (products, bytes) = matmul_steps(
             vec![positions],
             (cin, pp, m),
-            a,
-            b,
+            arena_batch(v, pp, cin * pp),
+            arena_batch(st, m, pp * m),
             Loc::Arena(dw_t + gi * dw_group * 4),
             mm_scratch,
             split,
