@@ -2113,18 +2113,8 @@ fn winograd_convolutions_on_random_shapes_match_interpreter() {
         // tile, which cancel in its output transform: within the 1e-4 of
         // a gradient (a weight summing to 0.18 from terms of ±0.3 was off
         // by 1.7e-5).
-        let mut gf = Case::new();
-        let x = gf.input("x", cs.feeds["x"].clone());
-        let dy = gf.input("dy", cs.feeds["dy"].clone());
-        let dw = gf.op(
-            Op::ConvGradFilter {
-                conv,
-                kernel_hw: [3, 3],
-            },
-            &[x, dy],
-        );
-        gf.out("dw", dw);
-        gf.check_tol(1e-4, 1e-4);
+        let (x, dy) = (cs.feeds["x"].clone(), cs.feeds["dy"].clone());
+        filter_gradient_case(x, dy, conv).check_tol(1e-4, 1e-4);
     }
     assert!(done >= 25, "only {done} shapes take the Winograd kernels");
     // Two groups of images (4 and 1, of 2 MiB each: `winograd::group_images`),
@@ -2134,18 +2124,26 @@ fn winograd_convolutions_on_random_shapes_match_interpreter() {
         dilation: 1,
         pad: [1, 1, 1, 1],
     };
-    let mut gf = Case::new();
-    let x = gf.input("x", rand_f32(&mut rng, &[5, 64, 32, 32], 1.0));
-    let dy = gf.input("dy", rand_f32(&mut rng, &[5, 64, 32, 32], 1.0));
-    let dw = gf.op(
+    let x = rand_f32(&mut rng, &[5, 64, 32, 32], 1.0);
+    let dy = rand_f32(&mut rng, &[5, 64, 32, 32], 1.0);
+    filter_gradient_case(x, dy, conv).check_tol(1e-4, 1e-4);
+}
+
+/// The 3 × 3 filter gradient of a convolution, from `x` and `dy`, as its
+/// only output `dw`.
+fn filter_gradient_case(x: Tensor, dy: Tensor, conv: dlc::ir::Conv2d) -> Case {
+    let mut c = Case::new();
+    let x = c.input("x", x);
+    let dy = c.input("dy", dy);
+    let dw = c.op(
         Op::ConvGradFilter {
             conv,
             kernel_hw: [3, 3],
         },
         &[x, dy],
     );
-    gf.out("dw", dw);
-    gf.check_tol(1e-4, 1e-4);
+    c.out("dw", dw);
+    c
 }
 
 /// Pooling on random shapes (windows up to 4, strides up to 3, any
