@@ -1991,34 +1991,7 @@ fn convolutions_on_random_shapes_match_interpreter() {
         if oh < 1 || ow < 1 {
             continue;
         }
-        let xs = [n, c, h, w];
-        let ws = [m, c, kh, kw];
-        let mut cs = Case::new();
-        let x = cs.input("x", rand_f32(&mut rng, &xs, 1.0));
-        let wv = cs.input("w", rand_f32(&mut rng, &ws, 1.0));
-        let b = cs.input("b", rand_f32(&mut rng, &[m], 1.0));
-        let y = cs.op(Op::Conv(conv), &[x, wv]);
-        let ys = cs.g.ty(y).shape.clone();
-        let b = cs.op(
-            Op::Reshape {
-                shape: vec![m, 1, 1],
-            },
-            &[b],
-        );
-        let z = cs.op(Op::Binary(BinaryOp::Add), &[y, b]);
-        let r = cs.op(Op::Unary(UnaryOp::Relu), &[z]);
-        cs.out("y", r);
-        let dy = cs.input("dy", rand_f32(&mut rng, &ys, 1.0));
-        let dx = cs.op(
-            Op::ConvGradInput {
-                conv,
-                input_hw: [h, w],
-            },
-            &[dy, wv],
-        );
-        let mask = cs.op(Op::Unary(UnaryOp::Step), &[x]);
-        let dxm = cs.op(Op::Binary(BinaryOp::Mul), &[dx, mask]);
-        cs.out("dx", dxm);
+        let (mut cs, [x, dy, _]) = conv_layer_case(&mut rng, [n, c, h, w], [m, c, kh, kw], conv);
         let dw = cs.op(
             Op::ConvGradFilter {
                 conv,
@@ -2076,32 +2049,8 @@ fn winograd_convolutions_on_random_shapes_match_interpreter() {
             pad,
         };
         let (xs, ws) = ([n, c, h, w], [m, c, 3, 3]);
-        let mut cs = Case::new();
-        let x = cs.input("x", rand_f32(&mut rng, &xs, 1.0));
-        let wv = cs.input("w", rand_f32(&mut rng, &ws, 1.0));
-        let b = cs.input("b", rand_f32(&mut rng, &[m], 1.0));
-        let y = cs.op(Op::Conv(conv), &[x, wv]);
+        let (cs, [_, _, y]) = conv_layer_case(&mut rng, xs, ws, conv);
         assert_eq!(cs.g.ty(y).shape, [n, m, oh, ow]);
-        let b = cs.op(
-            Op::Reshape {
-                shape: vec![m, 1, 1],
-            },
-            &[b],
-        );
-        let z = cs.op(Op::Binary(BinaryOp::Add), &[y, b]);
-        let r = cs.op(Op::Unary(UnaryOp::Relu), &[z]);
-        cs.out("y", r);
-        let dy = cs.input("dy", rand_f32(&mut rng, &[n, m, oh, ow], 1.0));
-        let dx = cs.op(
-            Op::ConvGradInput {
-                conv,
-                input_hw: [h, w],
-            },
-            &[dy, wv],
-        );
-        let mask = cs.op(Op::Unary(UnaryOp::Step), &[x]);
-        let dxm = cs.op(Op::Binary(BinaryOp::Mul), &[dx, mask]);
-        cs.out("dx", dxm);
         cs.check_tol(1e-5, 1e-5);
         let labels = cs.labels();
         assert_eq!(
@@ -2127,6 +2076,46 @@ fn winograd_convolutions_on_random_shapes_match_interpreter() {
     let x = rand_f32(&mut rng, &[5, 64, 32, 32], 1.0);
     let dy = rand_f32(&mut rng, &[5, 64, 32, 32], 1.0);
     filter_gradient_case(x, dy, conv).check_tol(1e-4, 1e-4);
+}
+
+/// A `conv2d` layer and its input gradient on random data: outputs `y =
+/// relu(conv(x, w) + b)` and `dx = conv_grad_input(dy, w) · step(x)`, the
+/// chains their kernels' epilogues run. Returns the case and its `x`,
+/// `dy` and the convolution's result.
+fn conv_layer_case(
+    rng: &mut Rng,
+    xs: [usize; 4],
+    ws: [usize; 4],
+    conv: dlc::ir::Conv2d,
+) -> (Case, [Value; 3]) {
+    let m = ws[0];
+    let mut cs = Case::new();
+    let x = cs.input("x", rand_f32(rng, &xs, 1.0));
+    let wv = cs.input("w", rand_f32(rng, &ws, 1.0));
+    let b = cs.input("b", rand_f32(rng, &[m], 1.0));
+    let y = cs.op(Op::Conv(conv), &[x, wv]);
+    let ys = cs.g.ty(y).shape.clone();
+    let b = cs.op(
+        Op::Reshape {
+            shape: vec![m, 1, 1],
+        },
+        &[b],
+    );
+    let z = cs.op(Op::Binary(BinaryOp::Add), &[y, b]);
+    let r = cs.op(Op::Unary(UnaryOp::Relu), &[z]);
+    cs.out("y", r);
+    let dy = cs.input("dy", rand_f32(rng, &ys, 1.0));
+    let dx = cs.op(
+        Op::ConvGradInput {
+            conv,
+            input_hw: [xs[2], xs[3]],
+        },
+        &[dy, wv],
+    );
+    let mask = cs.op(Op::Unary(UnaryOp::Step), &[x]);
+    let dxm = cs.op(Op::Binary(BinaryOp::Mul), &[dx, mask]);
+    cs.out("dx", dxm);
+    (cs, [x, dy, y])
 }
 
 /// The 3 × 3 filter gradient of a convolution, from `x` and `dy`, as its
