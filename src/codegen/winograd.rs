@@ -113,15 +113,18 @@ pub fn applies(
         && oh > 0
         && ow > 0
         && 3 * Tiling::of(oh, ow).tw <= 4 * tiles
-        && offsets_fit(c.max(m), Tiling::of(oh, ow))
+        && offsets_fit(c, m, Tiling::of(oh, ow))
 }
 
-/// Whether the transformed buffers of one image, whose 16 positions the
-/// kernels reach at constant byte offsets, stay within an `i32` offset
-/// (a group holds one image, or as many as [`GROUP_BYTES`] allow).
-fn offsets_fit(channels: usize, t: Tiling) -> bool {
-    let one_image = 4 * TILE_POSITIONS * channels * row_stride(t.th * t.tw);
-    one_image.max(GROUP_BYTES) <= i32::MAX as usize / 2
+/// Whether the transformed weights and the transformed buffers of one
+/// image, whose 16 positions the kernels reach at constant byte offsets,
+/// stay within an `i32` offset (a group holds one image, or as many as
+/// [`GROUP_BYTES`] allow).
+fn offsets_fit(c: usize, m: usize, t: Tiling) -> bool {
+    let bytes = 4 * TILE_POSITIONS;
+    let one_image = bytes * c.max(m) * row_stride(t.th * t.tw);
+    let weights = bytes.saturating_mul(c).saturating_mul(m);
+    one_image.max(weights).max(GROUP_BYTES) <= i32::MAX as usize / 2
 }
 
 /// Elements between rows of `V` and of `M`: the tile count plus one
@@ -688,9 +691,11 @@ mod tests {
         assert!(applies(3, 3, 1, 24, 24, 7, 6));
         assert!(!applies(3, 3, 1, 24, 24, 16, 10));
         assert!(!applies(3, 3, 1, 24, 24, 16, 2));
-        // Transformed images too large for the kernels' constant offsets.
+        // Transformed images or weights too large for the kernels'
+        // constant offsets.
         assert!(applies(3, 3, 1, 512, 512, 224, 224));
         assert!(!applies(3, 3, 1, 2048, 2048, 224, 224));
+        assert!(!applies(3, 3, 1, 4096, 4096, 2, 8));
         assert_eq!(
             Tiling::of(15, 28),
             Tiling {
