@@ -10,7 +10,9 @@
 //! pooling runs directly, one (n, c) plane per work unit; a 2 × 2 max
 //! pool at stride 2 computes four outputs per vector inside the input
 //! (lenet's pools, forward and gradient, 2.2–2.8× faster than one output
-//! at a time).
+//! at a time). 3 × 3 stride-1 layers with 24 or more channels in and out
+//! take the Winograd kernels of `winograd.rs` instead (all three
+//! directions), which reuse this module's epilogue helpers.
 
 use super::emit::{flags, ro_flags, step_order, Kb, Loc};
 use super::kernel::{eval_program, EwInstr};
