@@ -691,7 +691,7 @@ pub struct PadCopy {
 }
 
 /// Zero `n` floats from byte address `p`.
-fn zero_run(k: &mut Kb, p: Value, n: usize) {
+pub(super) fn zero_run(k: &mut Kb, p: Value, n: usize) {
     if n == 0 {
         return;
     }

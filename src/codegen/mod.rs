@@ -537,9 +537,9 @@ fn nchw_epilogue_input(s: &[usize], y: &[usize]) -> Option<fn(Loc) -> conv::Nchw
 }
 
 /// The kernel of a chain root whose chain reads the NCHW result `product`
-/// merged into it (see `nchw_epilogues`): the direct convolution or the
-/// pooling kernel writing the root's result, with the chain program over
-/// `inputs` as its epilogue.
+/// merged into it (see `nchw_epilogues`): the direct convolution, the
+/// Winograd output transform or the pooling kernel writing the root's
+/// result, with the chain program over `inputs` as its epilogue.
 fn lower_nchw_epilogue(
     g: &Graph,
     root: NodeIndex,

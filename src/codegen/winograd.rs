@@ -45,7 +45,7 @@
 //! `y`; the filter gradient reads `dy` from a copy that is zero where the
 //! tiles extend past it, so that those positions add nothing.
 
-use super::conv::{epilogue_bases, epilogue_value, fixed_operands, NchwEpilogue};
+use super::conv::{epilogue_bases, epilogue_value, fixed_operands, zero_run, NchwEpilogue};
 use super::emit::{flags, Kb, Loc};
 use super::matmul::store_lanes;
 use cranelift_codegen::ir::condcodes::IntCC;
@@ -332,13 +332,9 @@ impl WinoInput {
             let last = k.b.ins().iadd_imm_s(p0, s.tw as i64);
             let is_last = k.b.ins().icmp_imm_s(IntCC::Equal, last, s.tiles() as i64);
             k.if_then(is_last, |k| {
-                let z = k.vconst(0.0);
-                let tail = k.b.ins().iadd_imm_s(dst, (s.tw * 4) as i64);
                 for e in 0..TILE_POSITIONS as i64 {
-                    for l in (0..s.pp - s.tiles()).step_by(4) {
-                        k.b.ins()
-                            .store(flags(), z, tail, (e * eplane + (l * 4) as i64) as i32);
-                    }
+                    let tail = k.b.ins().iadd_imm_s(dst, e * eplane + (s.tw * 4) as i64);
+                    zero_run(k, tail, s.pp - s.tiles());
                 }
             });
         });
@@ -543,16 +539,9 @@ impl WinoGradDy {
             let last = k.b.ins().iadd_imm_s(p0, s.tw as i64);
             let is_last = k.b.ins().icmp_imm_s(IntCC::Equal, last, tiles as i64);
             k.if_then(is_last, |k| {
-                let z = k.fconst(0.0);
-                let tail = k.b.ins().iadd_imm_s(dst, s.tw as i64 * pix);
-                let n = k.iconst(((s.pp - tiles) * m) as i64);
                 for e in 0..TILE_POSITIONS as i64 {
-                    let base = k.b.ins().iadd_imm_s(tail, e * eplane);
-                    let zero = k.iconst(0);
-                    k.for_range(zero, n, 1, |k, i| {
-                        let a = k.addr(base, i, 4);
-                        k.store_f(z, a, 0);
-                    });
+                    let tail = k.b.ins().iadd_imm_s(dst, e * eplane + s.tw as i64 * pix);
+                    zero_run(k, tail, (s.pp - tiles) * m);
                 }
             });
         });
