@@ -1843,6 +1843,9 @@ fn row_programs_match_interpreter() {
         }
         c.out("y", y);
         c.out("sd", sd);
+        // A reduction inside the group that is also a named output: the
+        // row kernel stores it like any member read outside.
+        c.out("var", var);
         // Backward: dx = (g - expand(mean(g)) - xhat·expand(mean(g·xhat))) / sd.
         let g = bin(&mut c, BinaryOp::Mul, dy, gamma);
         let gx = bin(&mut c, BinaryOp::Mul, g, xhat);

@@ -573,8 +573,10 @@ impl RowProgram {
                     let a: Vec<ClValue> = args.iter().map(|a| st.vals[a]).collect();
                     ew_scalar(k, op, &a)
                 }
-                // Sums are finished by the pass that accumulates them.
-                RowOp::Sum { .. } | RowOp::Splat(_) => continue,
+                // Sums are finished by the pass that accumulates them (the
+                // one before this), but stored here like the others.
+                RowOp::Sum { .. } => st.vals[&RowArg::Node(i)],
+                RowOp::Splat(_) => continue,
             };
             st.vals.insert(RowArg::Node(i), v);
             if let Some(o) = outs[i] {
