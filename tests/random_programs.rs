@@ -448,12 +448,15 @@ impl Program {
             1 => {
                 let mut t = s.clone();
                 t[r - 2] = s[r - 1];
-                self.bind(format!("transpose({a}) @ {a}"), t);
+                // Divided by the contracted size: a gram matrix's entries
+                // grow with it, and a softmax over large values saturates
+                // into a function too ill-conditioned to compare.
+                self.bind(format!("transpose({a}) @ {a} / {}.0", s[r - 2]), t);
             }
             2 => {
                 let mut t = s.clone();
                 t[r - 1] = s[r - 2];
-                self.bind(format!("{a} @ transpose({a})"), t);
+                self.bind(format!("{a} @ transpose({a}) / {}.0", s[r - 1]), t);
             }
             3 => {
                 // 1-D operands, as NumPy: a vector on the right drops the
@@ -507,7 +510,13 @@ impl Program {
         let (h, w) = (s[2], s[3]);
         match rng.range(0, 4) {
             0 | 1 => {
-                let c = rng.range(1, 6);
+                // Up to 28 channels in big programs: 3 × 3 layers with 24
+                // or more in and out take the Winograd kernels.
+                let c = if self.big {
+                    rng.range(1, 28)
+                } else {
+                    rng.range(1, 6)
+                };
                 let k = rng.range(1, 3.min(h.min(w)));
                 let d = if k > 1 && rng.chance(25) { 2 } else { 1 };
                 let span = d * (k - 1) + 1;
@@ -579,11 +588,24 @@ impl Program {
                 );
             }
             _ => {
-                let causal = rng.chance(50);
-                self.bind(
-                    format!("attention({a}, {a}, tanh({a}), causal={causal})"),
-                    s,
-                );
+                // Cross attention where another sequence has the same batch
+                // and width (any length), else self attention.
+                let other = |v: &Val| {
+                    v.shape.len() == 3 && v.shape[0] == s[0] && v.shape[2] == s[2] && v.name != a
+                };
+                match self.operand(rng, other) {
+                    Some(j) => {
+                        let b = self.vals[j].name.clone();
+                        self.bind(format!("attention({a}, {b}, tanh({b}))"), s);
+                    }
+                    None => {
+                        let causal = rng.chance(50);
+                        self.bind(
+                            format!("attention({a}, {a}, tanh({a}), causal={causal})"),
+                            s,
+                        );
+                    }
+                }
             }
         }
         true
@@ -827,7 +849,9 @@ fn evaluate(
     Ok([fwd, grads, s.checkpoint()])
 }
 
-/// SGD with momentum, or Adam with a large epsilon. Adam's first steps
+/// SGD with momentum, or Adam with a large epsilon, at a small rate: a
+/// random program's gradients can be large, and a step far into a region
+/// where they explode compares rounding noise. Adam's first steps
 /// move every weight by about ±lr whatever its gradient's size (`m̂ /
 /// sqrt(v̂)` is the gradient's sign), so with the usual epsilon a gradient
 /// that is zero up to rounding (a key bias's) would move by ±lr either
@@ -835,12 +859,12 @@ fn evaluate(
 fn optimizer(seed: u64) -> Optimizer {
     if seed.is_multiple_of(2) {
         Optimizer::Sgd {
-            lr: 0.1,
+            lr: 0.01,
             momentum: 0.9,
         }
     } else {
         Optimizer::Adam {
-            lr: 0.05,
+            lr: 0.01,
             beta1: 0.9,
             beta2: 0.999,
             eps: 0.5,
