@@ -3,7 +3,8 @@
 //! layers and losses) compiled through the whole pipeline — expansion,
 //! fusion, the memory plan, reverse-mode AD and the JIT — and checked
 //! against the interpreter on the same source: forward outputs, the loss
-//! and every parameter gradient, and two optimizer steps. The JIT must also be
+//! and every parameter gradient, and two optimizer steps (SGD or Adam, with
+//! or without an L1/L2 penalty). The JIT must also be
 //! bitwise identical on 1, 2 and 3 threads.
 //!
 //! The per-op tests check each kernel on its own; compositions are where a
@@ -14,7 +15,7 @@
 //! for bugs); a failure prints the program's source and seed.
 
 use dlc::api::{Backend, Compiler, TensorMap};
-use dlc::model::Optimizer;
+use dlc::model::{Optimizer, Regularizer};
 use dlc::tensor::Tensor;
 
 struct Rng(u64);
@@ -821,7 +822,7 @@ fn bits(m: &TensorMap) -> Vec<(String, Vec<u32>)> {
 fn evaluate(
     src: &str,
     inputs: &TensorMap,
-    optimizer: Optimizer,
+    (optimizer, regularizer): (Optimizer, Option<Regularizer>),
     backend: Backend,
     threads: usize,
 ) -> Result<[TensorMap; 3], String> {
@@ -842,7 +843,7 @@ fn evaluate(
     }
     let fwd = s.run(inputs).map_err(|e| format!("run: {e}"))?;
     let grads = s.gradients(inputs).map_err(|e| format!("gradients: {e}"))?;
-    s.set_optimizer(optimizer, None);
+    s.set_optimizer(optimizer, regularizer);
     for _ in 0..2 {
         s.train_step(inputs).map_err(|e| format!("train: {e}"))?;
     }
@@ -872,9 +873,18 @@ fn optimizer(seed: u64) -> Optimizer {
     }
 }
 
+/// No penalty, or an L2 or L1 one (over the parameters of rank 2 or more).
+fn regularizer(seed: u64) -> Option<Regularizer> {
+    match (seed / 2) % 3 {
+        0 => None,
+        1 => Some(Regularizer::L2(0.01)),
+        _ => Some(Regularizer::L1(0.01)),
+    }
+}
+
 fn check(seed: u64) -> Result<(), String> {
     let (src, inputs) = generate(seed);
-    let opt = optimizer(seed);
+    let opt = (optimizer(seed), regularizer(seed));
     let want = evaluate(&src, &inputs, opt.clone(), Backend::Interp, 1)?;
     let mut first: Option<[TensorMap; 3]> = None;
     for threads in [1, 2, 3] {
