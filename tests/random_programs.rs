@@ -735,7 +735,7 @@ fn generate(seed: u64) -> (String, TensorMap) {
             used: false,
         });
     }
-    let statements = rng.range(3, 10);
+    let statements = if rng.chance(20) { rng.range(10, 20) } else { rng.range(3, 10) };
     let mut made = 0;
     let mut tries = 0;
     while made < statements && tries < 100 {
