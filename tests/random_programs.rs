@@ -70,6 +70,26 @@ struct Program {
     big: bool,
 }
 
+/// Unary forms, kept to ranges where what follows stays well-conditioned.
+const UNARY_FORMS: [&str; 8] = [
+    "relu(#)",
+    "sigmoid(#)",
+    "tanh(#)",
+    "abs(#)",
+    "-#",
+    "exp(tanh(#))",
+    "log(sigmoid(#) + 0.5)",
+    "sqrt(sigmoid(#) + 0.1)",
+];
+
+/// Forms with scalar literals (broadcast `f32[]` operands).
+const SCALAR_FORMS: [&str; 4] = [
+    "# * 0.5 + 1.0",
+    "maximum(#, 0.25)",
+    "2.0 - # / 3.0",
+    "minimum(0.5, # * #)",
+];
+
 fn dims(s: &[usize]) -> String {
     let d: Vec<String> = s.iter().map(|d| d.to_string()).collect();
     format!("[{}]", d.join(", "))
@@ -112,7 +132,11 @@ impl Program {
 
     /// An existing value, preferring recent and unused ones so that chains
     /// grow long.
-    fn operand(&mut self, rng: &mut Rng, ok: impl Fn(&Val) -> bool) -> Option<usize> {
+    fn operand(
+        &mut self,
+        rng: &mut Rng,
+        ok: impl Fn(&Val) -> bool,
+    ) -> Option<(String, Vec<usize>)> {
         let cands: Vec<usize> = (0..self.vals.len())
             .filter(|&i| ok(&self.vals[i]))
             .collect();
@@ -129,8 +153,9 @@ impl Program {
         } else {
             *rng.pick(&cands)
         };
-        self.vals[i].used = true;
-        Some(i)
+        let v = &mut self.vals[i];
+        v.used = true;
+        Some((v.name.clone(), v.shape.clone()))
     }
 
     fn bind(&mut self, expr: String, shape: Vec<usize>) {
@@ -170,7 +195,7 @@ impl Program {
 
     fn op(&mut self, rng: &mut Rng) -> bool {
         match rng.range(0, 21) {
-            0..=2 => self.unary(rng),
+            0..=2 => self.same_shape(rng, &UNARY_FORMS),
             3..=5 => self.binary(rng),
             6 => self.reduce(rng),
             7 => self.softmax(rng),
@@ -183,47 +208,35 @@ impl Program {
             16 | 17 => self.sequence(rng),
             18 => self.labelled_loss(rng),
             19 => self.embedding(rng),
-            _ => self.scalar_ops(rng),
+            _ => self.same_shape(rng, &SCALAR_FORMS),
         }
     }
 
-    fn unary(&mut self, rng: &mut Rng) -> bool {
-        let Some(i) = self.operand(rng, |_| true) else {
+    /// One of `forms` (`#` stands for the operand), all of its shape.
+    fn same_shape(&mut self, rng: &mut Rng, forms: &[&str]) -> bool {
+        let Some((a, s)) = self.operand(rng, |_| true) else {
             return false;
         };
-        let a = self.vals[i].name.clone();
-        let expr = match rng.range(0, 7) {
-            0 => format!("relu({a})"),
-            1 => format!("sigmoid({a})"),
-            2 => format!("tanh({a})"),
-            3 => format!("abs({a})"),
-            4 => format!("-{a}"),
-            5 => format!("exp(tanh({a}))"),
-            6 => format!("log(sigmoid({a}) + 0.5)"),
-            _ => format!("sqrt(sigmoid({a}) + 0.1)"),
-        };
-        let s = self.vals[i].shape.clone();
-        self.bind(expr, s);
+        let form = rng.pick(forms);
+        self.bind(form.replace('#', &a), s);
         true
     }
 
     fn binary(&mut self, rng: &mut Rng) -> bool {
-        let Some(i) = self.operand(rng, |_| true) else {
+        let Some((a, sa)) = self.operand(rng, |_| true) else {
             return false;
         };
-        let sa = self.vals[i].shape.clone();
-        let a = self.vals[i].name.clone();
         // The other operand: a value of a compatible shape, else a
         // parameter of a broadcastable one.
-        let j = if rng.chance(60) {
+        let other = if rng.chance(60) {
             self.operand(rng, |v| {
                 broadcast(&sa, &v.shape).is_some() && v.shape.len() <= sa.len()
             })
         } else {
             None
         };
-        let (b, sb) = match j {
-            Some(j) => (self.vals[j].name.clone(), self.vals[j].shape.clone()),
+        let (b, sb) = match other {
+            Some(b) => b,
             None => {
                 let r = rng.range(0, sa.len());
                 let mut s: Vec<usize> = sa[sa.len() - r..].to_vec();
@@ -252,27 +265,10 @@ impl Program {
         true
     }
 
-    fn scalar_ops(&mut self, rng: &mut Rng) -> bool {
-        let Some(i) = self.operand(rng, |_| true) else {
-            return false;
-        };
-        let a = self.vals[i].name.clone();
-        let expr = match rng.range(0, 3) {
-            0 => format!("{a} * 0.5 + 1.0"),
-            1 => format!("maximum({a}, 0.25)"),
-            2 => format!("2.0 - {a} / 3.0"),
-            _ => format!("minimum(0.5, {a} * {a})"),
-        };
-        let s = self.vals[i].shape.clone();
-        self.bind(expr, s);
-        true
-    }
-
     fn reduce(&mut self, rng: &mut Rng) -> bool {
-        let Some(i) = self.operand(rng, |v| v.shape.len() >= 2) else {
+        let Some((a, s)) = self.operand(rng, |v| v.shape.len() >= 2) else {
             return false;
         };
-        let (a, s) = (self.vals[i].name.clone(), self.vals[i].shape.clone());
         let op = rng.pick(&["sum", "mean", "max"]).to_string();
         let keep = rng.chance(40);
         let mut axes = vec![rng.range(0, s.len() - 1)];
@@ -305,10 +301,9 @@ impl Program {
     }
 
     fn softmax(&mut self, rng: &mut Rng) -> bool {
-        let Some(i) = self.operand(rng, |v| !v.shape.is_empty()) else {
+        let Some((a, s)) = self.operand(rng, |v| !v.shape.is_empty()) else {
             return false;
         };
-        let (a, s) = (self.vals[i].name.clone(), self.vals[i].shape.clone());
         let f = rng.pick(&["softmax", "log_softmax"]);
         let expr = if rng.chance(50) {
             format!("{f}({a})")
@@ -320,10 +315,9 @@ impl Program {
     }
 
     fn layout(&mut self, rng: &mut Rng) -> bool {
-        let Some(i) = self.operand(rng, |v| v.shape.len() >= 2) else {
+        let Some((a, s)) = self.operand(rng, |v| v.shape.len() >= 2) else {
             return false;
         };
-        let (a, s) = (self.vals[i].name.clone(), self.vals[i].shape.clone());
         match rng.range(0, 3) {
             0 => {
                 let mut t = s.clone();
@@ -373,10 +367,9 @@ impl Program {
     }
 
     fn concat_or_slice(&mut self, rng: &mut Rng) -> bool {
-        let Some(i) = self.operand(rng, |v| !v.shape.is_empty()) else {
+        let Some((a, s)) = self.operand(rng, |v| !v.shape.is_empty()) else {
             return false;
         };
-        let (a, s) = (self.vals[i].name.clone(), self.vals[i].shape.clone());
         let axis = rng.range(0, s.len() - 1);
         if rng.chance(50) {
             // Another value equal but along the axis, else a function of a.
@@ -386,7 +379,7 @@ impl Program {
                     && v.name != a
             };
             let (b, bn) = match self.operand(rng, same) {
-                Some(j) => (self.vals[j].name.clone(), self.vals[j].shape[axis]),
+                Some((b, sb)) => (b, sb[axis]),
                 None => (format!("tanh({a})"), s[axis]),
             };
             let mut t = s.clone();
@@ -418,10 +411,10 @@ impl Program {
     }
 
     fn dense(&mut self, rng: &mut Rng) -> bool {
-        let Some(i) = self.operand(rng, |v| !v.shape.is_empty() && v.shape.len() <= 4) else {
+        let Some((a, mut s)) = self.operand(rng, |v| !v.shape.is_empty() && v.shape.len() <= 4)
+        else {
             return false;
         };
-        let (a, mut s) = (self.vals[i].name.clone(), self.vals[i].shape.clone());
         let units = if self.big {
             rng.range(1, 40)
         } else {
@@ -434,10 +427,9 @@ impl Program {
     }
 
     fn matmul(&mut self, rng: &mut Rng) -> bool {
-        let Some(i) = self.operand(rng, |v| v.shape.len() >= 2) else {
+        let Some((a, s)) = self.operand(rng, |v| v.shape.len() >= 2) else {
             return false;
         };
-        let (a, s) = (self.vals[i].name.clone(), self.vals[i].shape.clone());
         let r = s.len();
         match rng.range(0, 4) {
             0 => {
@@ -498,21 +490,19 @@ impl Program {
     }
 
     fn layer_norm(&mut self, rng: &mut Rng) -> bool {
-        let Some(i) = self.operand(rng, |v| {
+        let Some((a, s)) = self.operand(rng, |v| {
             !v.shape.is_empty() && v.shape[v.shape.len() - 1] > 1
         }) else {
             return false;
         };
-        let (a, s) = (self.vals[i].name.clone(), self.vals[i].shape.clone());
         self.bind(format!("{a} |> layer_norm"), s);
         true
     }
 
     fn image(&mut self, rng: &mut Rng) -> bool {
-        let Some(i) = self.operand(rng, |v| v.shape.len() == 4) else {
+        let Some((a, s)) = self.operand(rng, |v| v.shape.len() == 4) else {
             return false;
         };
-        let (a, s) = (self.vals[i].name.clone(), self.vals[i].shape.clone());
         let (h, w) = (s[2], s[3]);
         match rng.range(0, 4) {
             0 | 1 => {
@@ -570,10 +560,9 @@ impl Program {
     }
 
     fn sequence(&mut self, rng: &mut Rng) -> bool {
-        let Some(i) = self.operand(rng, |v| v.shape.len() == 3) else {
+        let Some((a, s)) = self.operand(rng, |v| v.shape.len() == 3) else {
             return false;
         };
-        let (a, s) = (self.vals[i].name.clone(), self.vals[i].shape.clone());
         match rng.range(0, 4) {
             0 => {
                 let h = rng.range(1, 9);
@@ -600,8 +589,7 @@ impl Program {
                     v.shape.len() == 3 && v.shape[0] == s[0] && v.shape[2] == s[2] && v.name != a
                 };
                 match self.operand(rng, other) {
-                    Some(j) => {
-                        let b = self.vals[j].name.clone();
+                    Some((b, _)) => {
                         self.bind(format!("attention({a}, {b}, tanh({b}))"), s);
                     }
                     None => {
@@ -619,24 +607,21 @@ impl Program {
 
     fn labelled_loss(&mut self, rng: &mut Rng) -> bool {
         if rng.chance(30) {
-            let Some(i) = self.operand(rng, |v| !v.shape.is_empty()) else {
+            let Some((a, s)) = self.operand(rng, |v| !v.shape.is_empty()) else {
                 return false;
             };
-            let s = self.vals[i].shape.clone();
-            let a = self.vals[i].name.clone();
             let j = self.operand(rng, |v| v.shape == s && v.name != a);
             let b = match j {
-                Some(j) => self.vals[j].name.clone(),
+                Some((b, _)) => b,
                 None => format!("sigmoid({a})"),
             };
             self.terms.push(format!("mse({a}, {b})"));
             return true;
         }
         let n = self.n;
-        let Some(i) = self.operand(rng, |v| v.shape.len() == 2 && v.shape[0] == n) else {
+        let Some((a, s)) = self.operand(rng, |v| v.shape.len() == 2 && v.shape[0] == n) else {
             return false;
         };
-        let (a, s) = (self.vals[i].name.clone(), self.vals[i].shape.clone());
         self.classes = Some(self.classes.map_or(s[1], |c| c.min(s[1])));
         let f = if rng.chance(70) {
             "cross_entropy"
