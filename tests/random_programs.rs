@@ -689,9 +689,15 @@ impl Program {
 /// A random program and inputs for it.
 fn generate(seed: u64) -> (String, TensorMap) {
     let mut rng = Rng::new(seed);
-    let big = rng.chance(15);
+    // 15% big, of which a fifth huge: batches large enough that even
+    // elementwise and row kernels split over threads (no images there,
+    // which the interpreter would take seconds over).
+    let size = rng.range(0, 99);
+    let (big, huge) = (size < 15, size < 3);
     let mut p = Program {
-        n: if big {
+        n: if huge {
+            rng.range(16, 64)
+        } else if big {
             rng.range(1, 9)
         } else {
             rng.range(1, 4)
@@ -704,7 +710,7 @@ fn generate(seed: u64) -> (String, TensorMap) {
     let mut shapes: Vec<Vec<usize>> = Vec::new();
     let scale = if big { 4 } else { 1 };
     for _ in 0..families {
-        let s = match rng.range(0, 2) {
+        let s = match rng.range(0, if huge { 1 } else { 2 }) {
             0 => vec![n, rng.range(1, 12 * scale)],
             1 => vec![n, rng.range(1, 6 * scale.min(2)), rng.range(1, 8 * scale)],
             _ => vec![
