@@ -708,10 +708,18 @@ fn generate(seed: u64) -> (String, TensorMap) {
     let n = p.n;
     let families = rng.range(1, 3);
     let mut shapes: Vec<Vec<usize>> = Vec::new();
-    let scale = if big { 4 } else { 1 };
+    // Huge inputs reach the 64k element operations from which a kernel
+    // takes two chunks (`Step::grain`).
+    let scale = if huge {
+        16
+    } else if big {
+        4
+    } else {
+        1
+    };
     for _ in 0..families {
         let s = match rng.range(0, if huge { 1 } else { 2 }) {
-            0 => vec![n, rng.range(1, 12 * scale)],
+            0 => vec![n, rng.range(1, 12 * scale * scale.min(8))],
             1 => vec![n, rng.range(1, 6 * scale.min(2)), rng.range(1, 8 * scale)],
             _ => vec![
                 n,
