@@ -26,6 +26,10 @@ pub struct Reduce {
 /// Output elements per work unit when reducing over outer axes.
 const COLS: usize = 64;
 
+/// Elements per block of a long contiguous line's sum: each block's sum
+/// (sixteen lanes of 64 terms) is added to the running total in order.
+const SUM_BLOCK: usize = 1024;
+
 impl Reduce {
     /// When the kept axes end in the source's contiguous axis and the
     /// reduction runs over outer axes (a bias gradient: `sum` over the
@@ -86,10 +90,26 @@ impl Reduce {
                     let zero = k.iconst(0);
                     let nv = k.iconst(n as i64);
                     if inner_contig && stride == 1 && n >= 8 && op != ReduceOp::Max {
-                        let h = line_sum_contiguous(k, ptr, n);
-                        let o = k.b.use_var(acc);
-                        let s = k.b.ins().fadd(o, h);
-                        k.b.def_var(acc, s);
+                        // Long lines (a whole tensor's, once its axes are
+                        // merged) in blocks: each lane of one long line
+                        // would add thousands of terms to one f32, which
+                        // lost 2e-5 of a 67k-element sum.
+                        let add = |k: &mut Kb, p: Value, len: usize| {
+                            let h = line_sum_contiguous(k, p, len);
+                            let o = k.b.use_var(acc);
+                            let s = k.b.ins().fadd(o, h);
+                            k.b.def_var(acc, s);
+                        };
+                        let blocks = n / SUM_BLOCK;
+                        for_count(k, blocks, |k, b| {
+                            let a = k.addr(ptr, b, (4 * SUM_BLOCK) as i64);
+                            add(k, a, SUM_BLOCK);
+                        });
+                        let rest = n - blocks * SUM_BLOCK;
+                        if rest > 0 {
+                            let a = k.b.ins().iadd_imm_s(ptr, (4 * blocks * SUM_BLOCK) as i64);
+                            add(k, a, rest);
+                        }
                     } else {
                         k.for_range(zero, nv, 1, |k, i| {
                             let a = k.addr(ptr, i, 4 * stride);
