@@ -668,17 +668,9 @@ fn conv_micro_kernel_loops_keep_accumulators_in_place() {
         10,
     );
 
-    let mut c = Case::new();
-    let x = c.input("x", rand_f32(&mut rng, &[1, 4, 6, 16], 1.0));
-    let dy = c.input("dy", rand_f32(&mut rng, &[1, 6, 6, 16], 1.0));
-    let dw = c.op(
-        Op::ConvGradFilter {
-            conv,
-            kernel_hw: [3, 3],
-        },
-        &[x, dy],
-    );
-    c.out("dw", dw);
+    let x = rand_f32(&mut rng, &[1, 4, 6, 16], 1.0);
+    let dy = rand_f32(&mut rng, &[1, 6, 6, 16], 1.0);
+    let c = filter_gradient_case(x, dy, conv);
     // Each dy vector feeds three FMAs: two copies per row and group.
     check_fma_loop(
         &codegen::emit_asm(&c.g, &JitOptions::default()).expect("disassembles"),
