@@ -26,9 +26,17 @@ pub struct Reduce {
 /// Output elements per work unit when reducing over outer axes.
 const COLS: usize = 64;
 
-/// Elements per block of a long contiguous line's sum: each block's sum
-/// (sixteen lanes of 64 terms) is added to the running total in order.
-const SUM_BLOCK: usize = 1024;
+/// Elements per block of a long line's sum: each block's sum (sixteen
+/// lanes of 64 terms here; four lanes of 256 in row programs and softmax
+/// rows) is added to the running total in order. One f32 accumulator per
+/// lane over a whole row of 131k elements drifts by 2e-6 relative; blocks
+/// keep each partial sum short.
+pub(crate) const SUM_BLOCK: usize = 1024;
+
+/// Rows per block of a column reduction (see [`Reduce::column_block`]):
+/// each output adds one term per row, so its running sums get as many
+/// terms per block as a row's lane in a block of [`SUM_BLOCK`].
+const COLUMN_SUM_BLOCK: usize = SUM_BLOCK / 4;
 
 impl Reduce {
     /// When the kept axes end in the source's contiguous axis and the
@@ -187,14 +195,25 @@ impl Reduce {
             ReduceOp::Max => f32::NEG_INFINITY,
             _ => 0.0,
         };
-        let (iv, is) = (k.vconst(init), k.fconst(init));
-        for v in 0..width / 4 {
-            k.b.ins()
-                .store(super::emit::flags(), iv, d, (16 * v) as i32);
-        }
-        for j in width / 4 * 4..width {
-            k.store_f(is, d, (4 * j) as i32);
-        }
+        fill(k, d, width, init);
+        // Rows `0..n` of a line (`row_bytes` apart from `line`) folded into
+        // the `width` accumulators at `acc`, `PASS_ROWS` rows per pass.
+        let fold = |k: &mut Kb, (line, n, row_bytes): (Value, usize, i64), acc: Value| {
+            for_count(k, n / PASS_ROWS, |k, pass| {
+                let q = k.addr(line, pass, PASS_ROWS as i64 * row_bytes);
+                add_rows(k, op, (q, PASS_ROWS, row_bytes), acc, width);
+            });
+            let rest = n % PASS_ROWS;
+            if rest > 0 {
+                let q = k.b.ins().iadd_imm_s(line, (n - rest) as i64 * row_bytes);
+                add_rows(k, op, (q, rest, row_bytes), acc, width);
+            }
+        };
+        // Lines longer than `COLUMN_SUM_BLOCK` rows are summed a block at a
+        // time into a buffer, each block's sums then added to the outputs.
+        let line_len = self.red_dims.last().copied().unwrap_or(1);
+        let block_buf = (op != ReduceOp::Max && line_len > COLUMN_SUM_BLOCK)
+            .then(|| k.stack_buf((4 * COLS) as u32));
         nest(
             k,
             p,
@@ -202,14 +221,22 @@ impl Reduce {
             &self.red_strides,
             &mut |k, line, n, stride| {
                 let row_bytes = 4 * stride;
-                for_count(k, n / PASS_ROWS, |k, pass| {
-                    let q = k.addr(line, pass, PASS_ROWS as i64 * row_bytes);
-                    add_rows(k, op, (q, PASS_ROWS, row_bytes), d, width);
+                let Some(buf) = block_buf else {
+                    return fold(k, (line, n, row_bytes), d);
+                };
+                let block = |k: &mut Kb, q: Value, rows: usize| {
+                    fill(k, buf, width, 0.0);
+                    fold(k, (q, rows, row_bytes), buf);
+                    add_rows(k, op, (buf, 1, 0), d, width);
+                };
+                for_count(k, n / COLUMN_SUM_BLOCK, |k, b| {
+                    let q = k.addr(line, b, COLUMN_SUM_BLOCK as i64 * row_bytes);
+                    block(k, q, COLUMN_SUM_BLOCK);
                 });
-                let rest = n % PASS_ROWS;
+                let rest = n % COLUMN_SUM_BLOCK;
                 if rest > 0 {
                     let q = k.b.ins().iadd_imm_s(line, (n - rest) as i64 * row_bytes);
-                    add_rows(k, op, (q, rest, row_bytes), d, width);
+                    block(k, q, rest);
                 }
             },
         );
@@ -227,6 +254,17 @@ impl Reduce {
                 k.store_f(y, d, (4 * j) as i32);
             }
         }
+    }
+}
+
+/// `width` f32s at `d` set to `value`.
+fn fill(k: &mut Kb, d: Value, width: usize, value: f32) {
+    let (v, s) = (k.vconst(value), k.fconst(value));
+    for i in 0..width / 4 {
+        k.b.ins().store(super::emit::flags(), v, d, (16 * i) as i32);
+    }
+    for j in width / 4 * 4..width {
+        k.store_f(s, d, (4 * j) as i32);
     }
 }
 
@@ -677,9 +715,8 @@ fn line_sum_exp_and_max(
     let next_max = k.var(F32X4, ninf);
     let zero = k.iconst(0);
     let nv = k.iconst(n as i64);
-    // A line shorter than a block (ten classes) has no block loop.
-    if n >= width {
-        k.for_blocks(zero, nv, width as i64, |k, i| {
+    let blocks = |k: &mut Kb, lo: Value, hi: Value| {
+        k.for_blocks(lo, hi, width as i64, |k, i| {
             if let Some(q) = next {
                 let a = k.addr(q, i, 4);
                 let o = k.b.use_var(next_max);
@@ -693,6 +730,28 @@ fn line_sum_exp_and_max(
             let s = k.b.ins().fadd(o, t);
             k.b.def_var(acc, s);
         });
+    };
+    // A long line sums in blocks of `SUM_BLOCK` (each from zero, then
+    // added to `total`); what follows the last whole one goes to `acc`.
+    let total = (n > SUM_BLOCK).then(|| {
+        let total = k.var(F32X4, v0);
+        for_count(k, n / SUM_BLOCK, |k, b| {
+            k.b.def_var(acc, v0);
+            let lo = k.b.ins().imul_imm_s(b, SUM_BLOCK as i64);
+            let hi = k.b.ins().iadd_imm_s(lo, SUM_BLOCK as i64);
+            blocks(k, lo, hi);
+            let (a, t) = (k.b.use_var(acc), k.b.use_var(total));
+            let s = k.b.ins().fadd(t, a);
+            k.b.def_var(total, s);
+        });
+        k.b.def_var(acc, v0);
+        let lo = k.iconst((n / SUM_BLOCK * SUM_BLOCK) as i64);
+        blocks(k, lo, nv);
+        total
+    });
+    // A line shorter than a block (ten classes) has no block loop.
+    if total.is_none() && n >= width {
+        blocks(k, zero, nv);
     }
     let done = n / width * width;
     let rest = (n - done) / 4;
@@ -704,8 +763,12 @@ fn line_sum_exp_and_max(
         let s = k.b.ins().fadd(o, t);
         k.b.def_var(acc, s);
     }
-    let total = k.b.use_var(acc);
-    let mut total = hsum(k, total);
+    let mut sum = k.b.use_var(acc);
+    if let Some(total) = total {
+        let t = k.b.use_var(total);
+        sum = k.b.ins().fadd(t, sum);
+    }
+    let mut total = hsum(k, sum);
     let tail = n / 4 * 4..n;
     if !tail.is_empty() {
         // The last elements as lanes of one vector; unused lanes repeat

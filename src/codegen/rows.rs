@@ -17,7 +17,7 @@
 
 use super::emit::{Kb, Loc};
 use super::kernel::{ew_scalar, ew_vec, EwOp};
-use super::reduce::hsum;
+use super::reduce::{hsum, SUM_BLOCK};
 use crate::ir::{Graph, Op, ReduceOp, Value};
 use crate::tensor::{numel, DType};
 use cranelift_codegen::ir::types::{F32, F32X4};
@@ -655,7 +655,42 @@ impl RowProgram {
                 }
             }
         };
-        let from = k.for_blocks(lo, hi, 4, |k, j| accumulate(k, j, true));
+        let from = if self.d > SUM_BLOCK {
+            // A long row sums in blocks (see `SUM_BLOCK`): each block's
+            // lanes start from zero and are added to the running totals.
+            let totals: Vec<Vec<_>> = vacc
+                .iter()
+                .map(|row| row.iter().map(|_| k.var(F32X4, zero_v)).collect())
+                .collect();
+            let block = |k: &mut Kb, lo: ClValue, hi: ClValue| {
+                for &acc in vacc.iter().flatten() {
+                    k.b.def_var(acc, zero_v);
+                }
+                let from = k.for_blocks(lo, hi, 4, |k, j| accumulate(k, j, true));
+                for (&acc, &total) in vacc.iter().flatten().zip(totals.iter().flatten()) {
+                    let (a, t) = (k.b.use_var(acc), k.b.use_var(total));
+                    let sum = k.b.ins().fadd(t, a);
+                    k.b.def_var(total, sum);
+                }
+                from
+            };
+            let whole = self.d / SUM_BLOCK;
+            let n = k.iconst(whole as i64);
+            k.for_range(lo, n, 1, |k, b| {
+                let lo = k.b.ins().imul_imm_s(b, SUM_BLOCK as i64);
+                let hi = k.b.ins().iadd_imm_s(lo, SUM_BLOCK as i64);
+                block(k, lo, hi);
+            });
+            let rest = k.iconst((whole * SUM_BLOCK) as i64);
+            let from = block(k, rest, hi);
+            for (&acc, &total) in vacc.iter().flatten().zip(totals.iter().flatten()) {
+                let t = k.b.use_var(total);
+                k.b.def_var(acc, t);
+            }
+            from
+        } else {
+            k.for_blocks(lo, hi, 4, |k, j| accumulate(k, j, true))
+        };
         if !self.d.is_multiple_of(4) {
             k.for_range(from, hi, 1, |k, j| accumulate(k, j, false));
         }
