@@ -1323,6 +1323,9 @@ fn tile_epilogue(
 pub const GF_MR: usize = 3;
 /// Kernel columns accumulated at once by the filter-gradient kernel.
 const GF_KWC: usize = 3;
+/// Terms a filter-gradient lane adds to one running sum before it is
+/// added to the total (see [`gf_tile`]), as `reduce::SUM_BLOCK`'s rows.
+const GF_BLOCK_TERMS: usize = 256;
 /// Kernel widths up to which the filter gradient takes the direct kernel,
 /// whose code holds one tile per `GF_KWC` columns: a 2000-wide kernel made
 /// 137 000 instructions and took seconds and gigabytes to compile. Wider
@@ -1448,6 +1451,30 @@ fn gf_tile(
             }
         }
     };
+    // Long sums in blocks: every `block_rows` rows of `(n, i)`, the
+    // accumulators are added to totals on the stack and start again from
+    // zero, so that no lane adds more than about `GF_BLOCK_TERMS` terms
+    // to one running f32 (a 65k-term sum over 64 images of 32 × 32 was
+    // 8.5e-5 off the f64 sum in one chain per lane).
+    let block_rows = (GF_BLOCK_TERMS / s.ow.div_ceil(4)).max(1);
+    let blocked = s.n * s.oh > block_rows;
+    let totals = blocked.then(|| {
+        let buf = k.stack_buf((rows * cols * 16) as u32);
+        for t in 0..rows * cols {
+            k.b.ins().store(flags(), zero_v, buf, (16 * t) as i32);
+        }
+        let zero = k.iconst(0);
+        (buf, k.var(I64, zero))
+    });
+    let flush = |k: &mut Kb, buf: Value| {
+        for (t, &var) in accs.iter().flatten().enumerate() {
+            let acc = k.b.use_var(var);
+            let sum = k.load_v(buf, (16 * t) as i32);
+            let sum = k.b.ins().fadd(sum, acc);
+            k.b.ins().store(flags(), sum, buf, (16 * t) as i32);
+            k.b.def_var(var, zero_v);
+        }
+    };
     let (pairs, odd) = (full / 2, full % 2 == 1);
     k.for_const(0, s.n, |k, n| {
         let xn = k.addr(xc, n, (s.c * s.hp * s.wp * 4) as i64);
@@ -1479,12 +1506,29 @@ fn gf_tile(
                 let off = if odd { 16 } else { 0 };
                 step(k, d, x, off, tail, false);
             }
+            if let Some((buf, count)) = totals {
+                let c = k.b.use_var(count);
+                let c = k.b.ins().iadd_imm_s(c, 1);
+                k.b.def_var(count, c);
+                let full = k.b.ins().icmp_imm_s(IntCC::Equal, c, block_rows as i64);
+                k.if_then(full, |k| {
+                    flush(k, buf);
+                    let zero = k.iconst(0);
+                    k.b.def_var(count, zero);
+                });
+            }
         });
     });
+    if let Some((buf, _)) = totals {
+        flush(k, buf);
+    }
     let kk = (s.c * s.kh * s.kw * 4) as i64;
     for (i, acc) in accs.iter().enumerate() {
         for (j, var) in acc.iter().enumerate() {
-            let v = k.b.use_var(*var);
+            let v = match totals {
+                Some((buf, _)) => k.load_v(buf, (16 * (i * cols + j)) as i32),
+                None => k.b.use_var(*var),
+            };
             let l: Vec<Value> = (0..4).map(|l| k.b.ins().extractlane(v, l as u8)).collect();
             let a = k.b.ins().fadd(l[0], l[1]);
             let b = k.b.ins().fadd(l[2], l[3]);
