@@ -970,8 +970,9 @@ fn micro_kernel(
         .collect();
     // After the first k block, the block's sums are added to C: each
     // accumulator starts from zero, so an element's k terms are summed in
-    // runs of at most one block's depth (a 32k-term weight gradient, one
-    // f32 chain per element, drifts by 1e-5 relative).
+    // runs of at most one block's depth (with one f32 chain per element,
+    // a product over 40,000 positive terms was 1.05e-4 off the f64 sums;
+    // 7.7e-7 in blocks).
     let add_c = |k: &mut Kb| {
         for (r, acc) in accs.iter().enumerate() {
             for (vc, var) in vcols.iter().zip(acc) {

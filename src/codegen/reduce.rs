@@ -28,9 +28,9 @@ const COLS: usize = 64;
 
 /// Elements per block of a long line's sum: each block's sum (sixteen
 /// lanes of 64 terms here; four lanes of 256 in row programs and softmax
-/// rows) is added to the running total in order. One f32 accumulator per
-/// lane over a whole row of 131k elements drifts by 2e-6 relative; blocks
-/// keep each partial sum short.
+/// rows) is added to the running total in order, so that no running f32
+/// adds more than a few hundred terms (one per lane over a whole
+/// 40,000-wide row of positive terms was 4.5e-5 off the f64 sum).
 pub(crate) const SUM_BLOCK: usize = 1024;
 
 /// Rows per block of a column reduction (see [`Reduce::column_block`]):
