@@ -631,7 +631,6 @@ impl RowProgram {
             .iter()
             .map(|_| sums.iter().map(|_| k.var(F32, zero_s)).collect())
             .collect();
-        let lo = k.iconst(0);
         let hi = k.iconst(self.d as i64);
         let accumulate = |k: &mut Kb, j: ClValue, vector: bool| {
             // Byte offset of the column, formed once for every row read.
@@ -655,42 +654,13 @@ impl RowProgram {
                 }
             }
         };
-        let from = if self.d > SUM_BLOCK {
-            // A long row sums in blocks (see `SUM_BLOCK`): each block's
-            // lanes start from zero and are added to the running totals.
-            let totals: Vec<Vec<_>> = vacc
-                .iter()
-                .map(|row| row.iter().map(|_| k.var(F32X4, zero_v)).collect())
-                .collect();
-            let block = |k: &mut Kb, lo: ClValue, hi: ClValue| {
-                for &acc in vacc.iter().flatten() {
-                    k.b.def_var(acc, zero_v);
-                }
-                let from = k.for_blocks(lo, hi, 4, |k, j| accumulate(k, j, true));
-                for (&acc, &total) in vacc.iter().flatten().zip(totals.iter().flatten()) {
-                    let (a, t) = (k.b.use_var(acc), k.b.use_var(total));
-                    let sum = k.b.ins().fadd(t, a);
-                    k.b.def_var(total, sum);
-                }
-                from
-            };
-            let whole = self.d / SUM_BLOCK;
-            let n = k.iconst(whole as i64);
-            k.for_range(lo, n, 1, |k, b| {
-                let lo = k.b.ins().imul_imm_s(b, SUM_BLOCK as i64);
-                let hi = k.b.ins().iadd_imm_s(lo, SUM_BLOCK as i64);
-                block(k, lo, hi);
-            });
-            let rest = k.iconst((whole * SUM_BLOCK) as i64);
-            let from = block(k, rest, hi);
-            for (&acc, &total) in vacc.iter().flatten().zip(totals.iter().flatten()) {
-                let t = k.b.use_var(total);
-                k.b.def_var(acc, t);
-            }
-            from
-        } else {
-            k.for_blocks(lo, hi, 4, |k, j| accumulate(k, j, true))
-        };
+        // Long rows sum in blocks (see `Kb::sum_in_blocks`).
+        let whole = self.d / 4 * 4;
+        let vaccs: Vec<_> = vacc.iter().flatten().copied().collect();
+        k.sum_in_blocks(whole, SUM_BLOCK, (&vaccs, zero_v), |k, lo, hi| {
+            k.for_blocks(lo, hi, 4, |k, j| accumulate(k, j, true));
+        });
+        let from = k.iconst(whole as i64);
         if !self.d.is_multiple_of(4) {
             k.for_range(from, hi, 1, |k, j| accumulate(k, j, false));
         }
