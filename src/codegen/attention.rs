@@ -204,7 +204,7 @@ impl Attn {
                 4,
             ))
         }));
-        let iota = iota(kb);
+        let iota = kb.lane_indices();
         let tab = consts_base(kb);
         let nblk = self.rows().div_ceil(R) as i64;
         let (start, end) = (kb.start, kb.end);
@@ -570,22 +570,6 @@ fn exp_pass(
     (s, d)
 }
 
-/// `[0, 1, 2, 3]` as i32 lanes.
-fn iota(k: &mut Kb) -> Value {
-    let z = k.b.ins().iconst(I32, 0);
-    let mut v = k.b.ins().splat(I32X4, z);
-    for i in 1..4u8 {
-        let x = k.b.ins().iconst(I32, i as i64);
-        v = k.b.ins().insertlane(v, x, i);
-    }
-    v
-}
-
-fn splat_i(k: &mut Kb, x: Value) -> Value {
-    let x = k.b.ins().ireduce(I32, x);
-    k.b.ins().splat(I32X4, x)
-}
-
 /// `min(r0 + r, n − 1)` for each of the unit's rows: rows past the end
 /// repeat the last one, so every load stays in bounds, and are not stored.
 fn clamped_rows(k: &mut Kb, r0: Value, n: usize) -> [Value; R] {
@@ -799,7 +783,7 @@ fn score_tile(
                 k.if_else(
                     needs,
                     |k| {
-                        let cv = splat_i(k, c);
+                        let cv = k.splat_i32(c);
                         let c0v = k.b.ins().iadd(cv, iota);
                         let four = k.b.ins().iconst(I32, 4);
                         let four = k.b.ins().splat(I32X4, four);
@@ -807,9 +791,9 @@ fn score_tile(
                         let ninf = k.vconst(f32::NEG_INFINITY);
                         for (r, row) in acc.iter().enumerate() {
                             let lo = m.lo.at(k, r);
-                            let lo = splat_i(k, lo);
+                            let lo = k.splat_i32(lo);
                             let hi = m.hi.at(k, r);
-                            let hi = splat_i(k, hi);
+                            let hi = k.splat_i32(hi);
                             for (h, col) in [c0v, c1v].into_iter().enumerate() {
                                 let a = k.b.ins().icmp(IntCC::SignedLessThan, col, lo);
                                 let bb = k.b.ins().icmp(IntCC::SignedGreaterThan, col, hi);

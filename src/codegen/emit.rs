@@ -10,7 +10,7 @@
 
 use cranelift_codegen::cursor::{Cursor, FuncCursor};
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I32, I64, I8X16};
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64, I8X16};
 use cranelift_codegen::ir::{
     AbiParam, Block, ConstantData, Endianness, Function, Inst, InstBuilder, MemFlagsData,
     Signature, StackSlotData, StackSlotKind, Type, UserFuncName, Value,
@@ -399,6 +399,23 @@ impl Kb<'_> {
             let t = self.b.use_var(total);
             self.b.def_var(acc, t);
         }
+    }
+
+    /// `[0, 1, 2, 3]`: the index of each i32 lane.
+    pub fn lane_indices(&mut self) -> Value {
+        let zero = self.b.ins().iconst(I32, 0);
+        let mut v = self.b.ins().splat(I32X4, zero);
+        for l in 1..4u8 {
+            let x = self.b.ins().iconst(I32, l as i64);
+            v = self.b.ins().insertlane(v, x, l);
+        }
+        v
+    }
+
+    /// An i64 index in every i32 lane.
+    pub fn splat_i32(&mut self, x: Value) -> Value {
+        let x = self.b.ins().ireduce(I32, x);
+        self.b.ins().splat(I32X4, x)
     }
 
     /// A variable of `init`'s type, set to it.

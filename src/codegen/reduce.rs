@@ -7,7 +7,7 @@ use super::kernel::{ew_scalar, EwOp};
 use super::math::{EXP_P, MAGIC};
 use crate::ir::{ReduceOp, UnaryOp};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
+use cranelift_codegen::ir::types::{F32, F32X4, I32X4, I64};
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
 
 /// Reduce a strided source over `red_dims` for every output element
@@ -1070,8 +1070,7 @@ impl Hinge {
         let zero_v = k.vconst(0.0);
         let one_v = k.vconst(1.0);
         let sy_v = k.b.ins().splat(F32X4, sy);
-        let label32 = k.b.ins().ireduce(I32, label);
-        let label_v = k.b.ins().splat(I32X4, label32);
+        let label_v = k.splat_i32(label);
         let acc = k.var(F32X4, zero_v);
         let whole = self.c / 4 * 4;
         k.sum_in_blocks(whole, SUM_BLOCK, (&[acc], zero_v), |k, lo, hi| {
@@ -1082,8 +1081,7 @@ impl Hinge {
                 let m = k.b.ins().fsub(m, sy_v);
                 let le = k.vcmp(FloatCC::LessThanOrEqual, m, zero_v);
                 let m = k.vsel(le, zero_v, m);
-                let j32 = k.b.ins().ireduce(I32, j);
-                let j_v = k.b.ins().splat(I32X4, j32);
+                let j_v = k.splat_i32(j);
                 let cols = k.b.ins().iadd(j_v, iota);
                 let is_label = k.b.ins().icmp(IntCC::Equal, cols, label_v);
                 let m = k.vsel(is_label, zero_v, m);
@@ -1124,7 +1122,7 @@ impl Hinge {
                 // off the f64 sum).
                 let z = kb.fconst(0.0);
                 let total = kb.var(F32, z);
-                let iota = lane_indices(kb);
+                let iota = kb.lane_indices();
                 kb.sum_in_blocks(self.n, COLUMN_SUM_BLOCK, (&[total], z), |k, lo, hi| {
                     k.for_range(lo, hi, 1, |k, r| {
                         let (sp, label, sy) = self.row(k, scores, labels, r);
@@ -1178,17 +1176,6 @@ impl Hinge {
             }
         }
     }
-}
-
-/// `[0, 1, 2, 3]`, the index of each lane.
-fn lane_indices(k: &mut Kb) -> Value {
-    let zero = k.b.ins().iconst(I32, 0);
-    let mut v = k.b.ins().splat(I32X4, zero);
-    for l in 1..4u8 {
-        let x = k.b.ins().iconst(I32, l as i64);
-        v = k.b.ins().insertlane(v, x, l);
-    }
-    v
 }
 
 /// Row `r` of a `[n, c]` score matrix and its label, widened to i64. A label
