@@ -361,22 +361,25 @@ fn clamped_tanh(seed: u64, shape: &[usize]) -> Tensor {
 /// sums 2.4e-4 then 4.8e-7.
 #[test]
 fn long_rows_and_columns_are_summed_in_blocks() {
-    let wide = [3usize, 40_003];
-    let x_wide = clamped_tanh(12, &wide);
-    // A row program: `sum(x * x, axis=1)`.
-    let mut c = Case::new();
-    let x = c.input("x", x_wide.clone());
-    let sq = c.op(Op::Binary(BinaryOp::Mul), &[x, x]);
-    let y = c.op(
-        Op::Reduce {
+    // `sum(x, axis)`, of `x * x` with `square`.
+    let check_sum = |x: Tensor, axis: usize, square: bool| {
+        let mut c = Case::new();
+        let mut v = c.input("x", x);
+        if square {
+            v = c.op(Op::Binary(BinaryOp::Mul), &[v, v]);
+        }
+        let reduce = Op::Reduce {
             op: ReduceOp::Sum,
-            axes: vec![1],
+            axes: vec![axis],
             keepdims: false,
-        },
-        &[sq],
-    );
-    c.out("y", y);
-    c.check_tol(1e-6, 0.0);
+        };
+        let y = c.op(reduce, &[v]);
+        c.out("y", y);
+        c.check_tol(1e-6, 0.0);
+    };
+    let x_wide = clamped_tanh(12, &[3, 40_003]);
+    // A row program.
+    check_sum(x_wide.clone(), 1, true);
     for log in [false, true] {
         let mut c = Case::new();
         let x = c.input("x", x_wide.clone());
@@ -392,19 +395,7 @@ fn long_rows_and_columns_are_summed_in_blocks() {
         c.check_tol(if log { 2e-7 } else { 5e-7 }, 0.0);
     }
     // Sums over the 40,000 rows of each column (a bias gradient's shape).
-    let tall = [40_003usize, 13];
-    let mut c = Case::new();
-    let x = c.input("x", clamped_tanh(13, &tall));
-    let y = c.op(
-        Op::Reduce {
-            op: ReduceOp::Sum,
-            axes: vec![0],
-            keepdims: false,
-        },
-        &[x],
-    );
-    c.out("y", y);
-    c.check_tol(1e-6, 0.0);
+    check_sum(clamped_tanh(13, &[40_003, 13]), 0, false);
 }
 
 /// A product over a deep k sums each k block from zero and adds it to C:
