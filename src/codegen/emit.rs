@@ -358,9 +358,10 @@ impl Kb<'_> {
     /// A long sum in blocks: `body(k, lo, hi)` adds the terms `lo..hi` to
     /// the running sums `accs`, called for `0..n` in blocks of `block`,
     /// each block's sums starting from `zero` and then added to totals in
-    /// order; the totals end in `accs`. No running sum then adds more than
-    /// one block's terms (one per lane over a 40,000-term row drifted by
-    /// 4.5e-5). Up to `block` terms, one call over `0..n`, as without it.
+    /// order; the totals end in `accs`, which hold `zero` on entry. No
+    /// running sum then adds more than one block's terms (one per lane over
+    /// a 40,000-term row drifted by 4.5e-5). Up to `block` terms, one call
+    /// over `0..n`, as without it.
     pub fn sum_in_blocks(
         &mut self,
         n: usize,
