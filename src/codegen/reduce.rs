@@ -108,16 +108,7 @@ impl Reduce {
                             let s = k.b.ins().fadd(o, h);
                             k.b.def_var(acc, s);
                         };
-                        let blocks = n / SUM_BLOCK;
-                        for_count(k, blocks, |k, b| {
-                            let a = k.addr(ptr, b, (4 * SUM_BLOCK) as i64);
-                            add(k, a, SUM_BLOCK);
-                        });
-                        let rest = n - blocks * SUM_BLOCK;
-                        if rest > 0 {
-                            let a = k.b.ins().iadd_imm_s(ptr, (4 * blocks * SUM_BLOCK) as i64);
-                            add(k, a, rest);
-                        }
+                        for_chunks(k, (ptr, n, 4), SUM_BLOCK, add);
                     } else {
                         k.for_range(zero, nv, 1, |k, i| {
                             let a = k.addr(ptr, i, 4 * stride);
@@ -199,15 +190,9 @@ impl Reduce {
         // Rows `0..n` of a line (`row_bytes` apart from `line`) folded into
         // the `width` accumulators at `acc`, `PASS_ROWS` rows per pass.
         let fold = |k: &mut Kb, (line, n, row_bytes): (Value, usize, i64), acc: Value| {
-            for_count(k, n / PASS_ROWS, |k, pass| {
-                let q = k.addr(line, pass, PASS_ROWS as i64 * row_bytes);
-                add_rows(k, op, (q, PASS_ROWS, row_bytes), acc, width);
+            for_chunks(k, (line, n, row_bytes), PASS_ROWS, |k, q, rows| {
+                add_rows(k, op, (q, rows, row_bytes), acc, width)
             });
-            let rest = n % PASS_ROWS;
-            if rest > 0 {
-                let q = k.b.ins().iadd_imm_s(line, (n - rest) as i64 * row_bytes);
-                add_rows(k, op, (q, rest, row_bytes), acc, width);
-            }
         };
         // Lines longer than `COLUMN_SUM_BLOCK` rows are summed a block at a
         // time into a buffer, each block's sums then added to the outputs.
@@ -224,20 +209,11 @@ impl Reduce {
                 let Some(buf) = block_buf else {
                     return fold(k, (line, n, row_bytes), d);
                 };
-                let block = |k: &mut Kb, q: Value, rows: usize| {
+                for_chunks(k, (line, n, row_bytes), COLUMN_SUM_BLOCK, |k, q, rows| {
                     fill(k, buf, width, 0.0);
                     fold(k, (q, rows, row_bytes), buf);
                     add_rows(k, op, (buf, 1, 0), d, width);
-                };
-                for_count(k, n / COLUMN_SUM_BLOCK, |k, b| {
-                    let q = k.addr(line, b, COLUMN_SUM_BLOCK as i64 * row_bytes);
-                    block(k, q, COLUMN_SUM_BLOCK);
                 });
-                let rest = n % COLUMN_SUM_BLOCK;
-                if rest > 0 {
-                    let q = k.b.ins().iadd_imm_s(line, (n - rest) as i64 * row_bytes);
-                    block(k, q, rest);
-                }
             },
         );
         if op == ReduceOp::Mean {
@@ -484,6 +460,26 @@ fn finish_max(k: &mut Kb, acc: Value, p: Value, n: usize) -> Value {
         m = k.b.ins().fmax(m, x);
     }
     m
+}
+
+/// `body(k, q, len)` over the `n` items from `p`, `item_bytes` apart, in
+/// chunks: a loop over the whole chunks of `chunk` items, then the rest
+/// (`len` is known when emitting).
+fn for_chunks(
+    k: &mut Kb,
+    (p, n, item_bytes): (Value, usize, i64),
+    chunk: usize,
+    body: impl Fn(&mut Kb, Value, usize),
+) {
+    for_count(k, n / chunk, |k, c| {
+        let q = k.addr(p, c, chunk as i64 * item_bytes);
+        body(k, q, chunk);
+    });
+    let rest = n % chunk;
+    if rest > 0 {
+        let q = k.b.ins().iadd_imm_s(p, (n - rest) as i64 * item_bytes);
+        body(k, q, rest);
+    }
 }
 
 /// `for b in 0..count` with `count` known when emitting, tested at the
